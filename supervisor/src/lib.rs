@@ -1,1 +1,50 @@
+//! plugvisor: a process-isolated plugin supervisor.
+//!
+//! Plugins are executables that serve the `plugvisor.v1.Plugin` gRPC service
+//! on a Unix socket. The supervisor discovers them from manifests, starts each
+//! as a child process, checks its handshake and socket peer, initializes it,
+//! routes calls to it, and restarts it with backoff when it crashes.
+//!
+//! # Layout
+//!
+//! - [`manifest`], [`config`], [`units`]: what to run, parsed strictly.
+//! - [`process`]: spawning, pidfds, reaping (every OS effect of a child).
+//! - [`instance`]: one child's start (handshake, connect, Initialize) and stop.
+//! - [`policy`]: the restart policy as pure functions of time.
+//! - [`supervisor`]: the per-plugin state machine, events and call routing.
+//! - [`control`]: the daemon's gRPC control API; [`cli`]: the `plugvisor` binary.
+//! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets.
+//!
+//! # Embedding
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use plugvisor::{Supervisor, SupervisorOptions, manifest::Manifest};
+//! let supervisor = Supervisor::new(SupervisorOptions::new("/tmp/plugvisor-demo"))?;
+//! let manifest = Manifest::load("plugins/echo/plugin.yaml".as_ref())?;
+//! supervisor.add(manifest, &Default::default())?;
+//! let reply = supervisor
+//!     .call("echo", "upper", "hi".into(), Default::default(), None)
+//!     .await?;
+//! assert_eq!(&reply.payload[..], b"HI");
+//! supervisor.shutdown().await;
+//! # Ok(()) }
+//! ```
 
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod error;
+pub mod instance;
+pub mod logs;
+pub mod manifest;
+pub mod notify;
+pub mod policy;
+pub mod process;
+pub mod supervisor;
+pub mod transport;
+pub mod units;
+
+pub use error::Error;
+pub use supervisor::{Event, ExitReason, PluginInfo, PluginState, Supervisor, SupervisorOptions};

@@ -1,0 +1,477 @@
+//! The `plugvisor` command line: the daemon (`run`), offline validation
+//! (`check`), and client verbs that talk to a running daemon over its control
+//! socket. Exit codes: 0 ok, 1 error, 2 usage.
+
+use crate::config::{Config, LogFormat};
+use crate::control;
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use plugvisor_proto as pb;
+use prost::bytes::Bytes;
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "plugvisor",
+    version,
+    about = "A process-isolated plugin supervisor"
+)]
+pub struct Cli {
+    /// Control socket of the daemon (default: <runtime_dir>/control.sock).
+    #[arg(long, global = true, env = "PLUGVISOR_CONTROL", value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Supervisor config file (plugvisor.yaml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Plugins directory (overrides the config's plugins_dir).
+    #[arg(long, value_name = "DIR")]
+    pub plugins_dir: Option<PathBuf>,
+    /// Runtime directory for sockets (overrides the config's runtime_dir).
+    #[arg(long, value_name = "DIR")]
+    pub runtime_dir: Option<PathBuf>,
+    /// Treat any plugin error as fatal.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: supervise the plugins and serve the control socket.
+    Run(ConfigArgs),
+    /// Validate the config and every manifest offline; exit 1 on errors.
+    Check(ConfigArgs),
+    /// List plugins.
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one plugin's status and recent events.
+    Inspect {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a plugin's output.
+    Logs {
+        name: String,
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+        /// Number of past lines (0: all kept).
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show state transitions.
+    Events {
+        /// Only this plugin.
+        name: Option<String>,
+        /// Keep printing new events.
+        #[arg(short, long)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a stopped or failed plugin.
+    Start { name: String },
+    /// Stop a plugin gracefully.
+    Stop { name: String },
+    /// Restart a plugin (clears `failed`).
+    Restart { name: String },
+    /// Call a plugin's method and print the reply.
+    Call {
+        name: String,
+        method: String,
+        /// The payload as a string.
+        #[arg(long, conflicts_with = "data_file")]
+        data: Option<String>,
+        /// Read the payload from a file.
+        #[arg(long, value_name = "FILE")]
+        data_file: Option<PathBuf>,
+        /// `-`: read the payload from standard input.
+        #[arg(value_name = "-")]
+        stdin: Option<String>,
+        /// Deadline, e.g. `5s` (default: the plugin's timeouts.call).
+        #[arg(long, value_parser = crate::units::parse_duration)]
+        timeout: Option<Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the version.
+    Version,
+}
+
+/// Loads the config file (if any) and applies the command-line overrides.
+pub fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = &args.plugins_dir {
+        config.plugins_dir = dir.clone();
+    }
+    if let Some(dir) = &args.runtime_dir {
+        config.runtime_dir = dir.clone();
+    }
+    if args.strict {
+        config.strict = true;
+    }
+    Ok(config)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PLUGVISOR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main(cli: Cli) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("plugvisor: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("plugvisor: {e:#}");
+            1
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    let control_path = || match &cli.control {
+        Some(p) => p.clone(),
+        None => control::resolve(None),
+    };
+    match &cli.command {
+        Command::Run(args) => {
+            let mut config = load_config(args)?;
+            if let Some(control) = &cli.control {
+                config.control_socket = Some(control.clone());
+            }
+            init_logging(config.log_format);
+            crate::daemon::run(config, shutdown_signal()).await?;
+            Ok(0)
+        }
+        Command::Check(args) => check(args),
+        Command::Version => {
+            println!("plugvisor {}", env!("CARGO_PKG_VERSION"));
+            Ok(0)
+        }
+        Command::Ps { json } => {
+            let mut client = control::connect(&control_path()).await?;
+            let list = client.list(pb::ListRequest {}).await?.into_inner();
+            if *json {
+                let rows: Vec<_> = list.plugins.iter().map(status_json).collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print_table(&list.plugins);
+            }
+            Ok(0)
+        }
+        Command::Inspect { name, json } => {
+            let mut client = control::connect(&control_path()).await?;
+            let r = client
+                .inspect(pb::InspectRequest { name: name.clone() })
+                .await?
+                .into_inner();
+            let status = r.status.unwrap_or_default();
+            if *json {
+                let mut v = status_json(&status);
+                v["history"] = r.history.iter().map(event_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("name:       {}", status.name);
+                println!("version:    {}", status.version);
+                println!("state:      {} ({})", status.state, status.reason);
+                println!("pid:        {}", dash(status.pid));
+                println!("restarts:   {}", status.restarts);
+                println!("last exit:  {}", or_dash(&status.last_exit));
+                println!("uptime:     {}s", status.uptime_secs);
+                println!("executable: {}", status.executable);
+                println!("methods:    {}", status.methods.join(", "));
+                println!("events:");
+                for e in &r.history {
+                    println!("  {}", event_line(e));
+                }
+            }
+            Ok(0)
+        }
+        Command::Logs {
+            name,
+            follow,
+            tail,
+            json,
+        } => {
+            let mut client = control::connect(&control_path()).await?;
+            let mut stream = client
+                .logs(pb::LogsRequest {
+                    plugin: name.clone(),
+                    tail: *tail,
+                    follow: *follow,
+                })
+                .await?
+                .into_inner();
+            let mut out = std::io::stdout();
+            while let Some(line) = stream.message().await? {
+                if *json {
+                    let v = serde_json::json!({"time_ms": line.time_ms, "instance": line.instance, "stream": line.stream, "line": line.line});
+                    writeln!(out, "{v}")?;
+                } else {
+                    writeln!(out, "{} {} {}", line.instance, line.stream, line.line)?;
+                }
+                out.flush()?;
+            }
+            Ok(0)
+        }
+        Command::Events { name, follow, json } => {
+            let mut client = control::connect(&control_path()).await?;
+            let mut stream = client
+                .events(pb::EventsRequest {
+                    plugin: name.clone().unwrap_or_default(),
+                    follow: *follow,
+                })
+                .await?
+                .into_inner();
+            let mut out = std::io::stdout();
+            while let Some(e) = stream.message().await? {
+                if *json {
+                    writeln!(out, "{}", event_json(&e))?;
+                } else {
+                    writeln!(out, "{}", event_line(&e))?;
+                }
+                out.flush()?;
+            }
+            Ok(0)
+        }
+        Command::Start { name } | Command::Stop { name } | Command::Restart { name } => {
+            let mut client = control::connect(&control_path()).await?;
+            let request = pb::PluginRequest { name: name.clone() };
+            let (verb, response) = match &cli.command {
+                Command::Start { .. } => ("started", client.start(request).await?),
+                Command::Stop { .. } => ("stopped", client.stop(request).await?),
+                _ => ("restarted", client.restart(request).await?),
+            };
+            let status = response.into_inner().status.unwrap_or_default();
+            println!("{name}: {verb} (now {})", status.state);
+            Ok(0)
+        }
+        Command::Call {
+            name,
+            method,
+            data,
+            data_file,
+            stdin,
+            timeout,
+            json,
+        } => {
+            let payload = match (data, data_file, stdin.as_deref()) {
+                (Some(d), None, None) => Bytes::from(d.clone()),
+                (None, Some(f), None) => Bytes::from(
+                    std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?,
+                ),
+                (None, None, Some("-")) => {
+                    let mut buf = Vec::new();
+                    std::io::stdin().read_to_end(&mut buf)?;
+                    Bytes::from(buf)
+                }
+                (None, None, None) => Bytes::new(),
+                (_, _, Some(other)) if other != "-" => {
+                    return usage(&format!(
+                        "unexpected argument `{other}`; use `-` to read the payload from stdin"
+                    ));
+                }
+                _ => return usage("give the payload once: --data, --data-file or -"),
+            };
+            let mut client = control::connect(&control_path()).await?;
+            let reply = client
+                .call(pb::CallRequest {
+                    plugin: name.clone(),
+                    method: method.clone(),
+                    payload,
+                    metadata: Default::default(),
+                    timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
+                })
+                .await;
+            let reply = match reply {
+                Ok(r) => r.into_inner(),
+                Err(status) => bail!("{name}.{method}: {:?}: {}", status.code(), status.message()),
+            };
+            let mut out = std::io::stdout();
+            if *json {
+                let v = serde_json::json!({
+                    "payload": String::from_utf8_lossy(&reply.payload),
+                    "metadata": reply.metadata,
+                });
+                writeln!(out, "{v}")?;
+            } else {
+                out.write_all(&reply.payload)?;
+                if out.is_terminal() && !reply.payload.ends_with(b"\n") {
+                    writeln!(out)?;
+                }
+            }
+            out.flush()?;
+            Ok(0)
+        }
+    }
+}
+
+fn usage(message: &str) -> anyhow::Result<i32> {
+    eprintln!("plugvisor: {message}");
+    Ok(2)
+}
+
+/// `plugvisor check`: validates the config and every manifest without
+/// starting anything.
+fn check(args: &ConfigArgs) -> anyhow::Result<i32> {
+    let config = load_config(args)?;
+    let discovery = crate::manifest::discover(&config.plugins_dir)?;
+    for m in &discovery.manifests {
+        println!("ok    {} {} ({})", m.name, m.version, m.path.display());
+    }
+    for e in &discovery.errors {
+        println!("error {e}");
+    }
+    for name in config.plugins.keys() {
+        if !discovery.manifests.iter().any(|m| &m.name == name) {
+            println!(
+                "warn  the supervisor config has settings for `{name}`, but no such plugin is in {}",
+                config.plugins_dir.display()
+            );
+        }
+    }
+    println!("{discovery}");
+    Ok(if discovery.errors.is_empty() { 0 } else { 1 })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot listen for SIGTERM/SIGINT; stop the daemon with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn status_json(s: &pb::PluginStatus) -> serde_json::Value {
+    serde_json::json!({
+        "name": s.name,
+        "version": s.version,
+        "state": s.state,
+        "reason": s.reason,
+        "pid": (s.pid != 0).then_some(s.pid),
+        "restarts": s.restarts,
+        "last_exit": (!s.last_exit.is_empty()).then_some(&s.last_exit),
+        "uptime_secs": s.uptime_secs,
+        "executable": s.executable,
+        "methods": s.methods,
+    })
+}
+
+fn event_json(e: &pb::Event) -> serde_json::Value {
+    serde_json::json!({
+        "time_ms": e.time_ms,
+        "plugin": e.plugin,
+        "instance": e.instance,
+        "state": e.state,
+        "reason": e.reason,
+    })
+}
+
+fn event_line(e: &pb::Event) -> String {
+    let secs = e.time_ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    format!(
+        "{h:02}:{m:02}:{s:02}.{:03} {:<12} {:<13} {}",
+        e.time_ms % 1000,
+        e.plugin,
+        e.state,
+        e.reason
+    )
+}
+
+fn dash(n: u32) -> String {
+    if n == 0 { "-".into() } else { n.to_string() }
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() { "-" } else { s }
+}
+
+fn print_table(plugins: &[pb::PluginStatus]) {
+    let rows: Vec<[String; 7]> = plugins
+        .iter()
+        .map(|p| {
+            [
+                p.name.clone(),
+                p.version.clone(),
+                p.state.clone(),
+                dash(p.pid),
+                p.restarts.to_string(),
+                if p.uptime_secs > 0 {
+                    format!("{}s", p.uptime_secs)
+                } else {
+                    "-".into()
+                },
+                or_dash(&p.last_exit).to_string(),
+            ]
+        })
+        .collect();
+    let header = [
+        "NAME",
+        "VERSION",
+        "STATE",
+        "PID",
+        "RESTARTS",
+        "UPTIME",
+        "LAST EXIT",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

@@ -1,0 +1,405 @@
+//! The daemon's control API (`plugvisor.v1.Control`) on a Unix socket.
+//!
+//! The socket is created with mode 0660, and every request is checked against
+//! the caller's SO_PEERCRED credentials: root, the daemon's own user, and the
+//! configured uids and gids are allowed; anyone else gets PERMISSION_DENIED.
+
+use crate::supervisor::{Event, PluginInfo, Supervisor};
+use plugvisor_proto as pb;
+use plugvisor_proto::control_server::{Control, ControlServer};
+use prost::bytes::Bytes;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::{Duration, UNIX_EPOCH};
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Who may use the control socket, besides root and the daemon's own user.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+}
+
+impl Access {
+    /// Checks the credentials tonic recorded for the connection.
+    fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let cred = request
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .and_then(|info| info.peer_cred);
+        let Some(cred) = cred else {
+            return Err(Status::permission_denied(
+                "the control socket could not read the caller's credentials",
+            ));
+        };
+        let own = nix::unistd::geteuid().as_raw();
+        if cred.uid() == 0
+            || cred.uid() == own
+            || self.uids.contains(&cred.uid())
+            || self.gids.contains(&cred.gid())
+        {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "uid {} gid {} may not use this control socket; allow it with control_uids or control_gids in the supervisor config",
+                cred.uid(),
+                cred.gid()
+            )))
+        }
+    }
+}
+
+/// Serves the control API.
+pub struct ControlService {
+    supervisor: Supervisor,
+    access: Access,
+    /// Ends follow streams when the daemon stops, so shutdown does not wait on them.
+    cancel: CancellationToken,
+}
+
+fn millis(t: std::time::SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The wire form of a plugin's status.
+pub fn status_of(info: &PluginInfo) -> pb::PluginStatus {
+    pb::PluginStatus {
+        name: info.name.clone(),
+        version: info.version.clone(),
+        state: info.state.to_string(),
+        pid: info.pid.map_or(0, |p| p as u32),
+        restarts: info.restarts,
+        last_exit: info.last_exit.clone().unwrap_or_default(),
+        uptime_secs: info.ready_for.map_or(0, |d| d.as_secs()),
+        executable: info.exec.display().to_string(),
+        methods: info.methods.clone(),
+        reason: info.reason.clone(),
+    }
+}
+
+fn event_of(e: &Event) -> pb::Event {
+    pb::Event {
+        time_ms: millis(e.time),
+        plugin: e.plugin.clone(),
+        instance: e.instance.clone(),
+        state: e.state.to_string(),
+        reason: e.reason.clone(),
+    }
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        self.access.check(&request)?;
+        let plugins = self.supervisor.list().iter().map(status_of).collect();
+        Ok(Response::new(pb::ListResponse { plugins }))
+    }
+
+    async fn inspect(
+        &self,
+        request: Request<pb::InspectRequest>,
+    ) -> Result<Response<pb::InspectResponse>, Status> {
+        self.access.check(&request)?;
+        let name = &request.get_ref().name;
+        let info = self.supervisor.info(name)?;
+        let history = self
+            .supervisor
+            .history(name)?
+            .iter()
+            .map(event_of)
+            .collect();
+        Ok(Response::new(pb::InspectResponse {
+            status: Some(status_of(&info)),
+            history,
+        }))
+    }
+
+    async fn call(
+        &self,
+        request: Request<pb::CallRequest>,
+    ) -> Result<Response<pb::CallResponse>, Status> {
+        self.access.check(&request)?;
+        let r = request.into_inner();
+        let timeout = (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms));
+        let reply = self
+            .supervisor
+            .call(&r.plugin, &r.method, r.payload, r.metadata, timeout)
+            .await?;
+        Ok(Response::new(pb::CallResponse {
+            payload: reply.payload,
+            metadata: reply.metadata,
+        }))
+    }
+
+    type CallStreamStream = BoxStream<pb::CallChunk>;
+
+    async fn call_stream(
+        &self,
+        request: Request<Streaming<pb::CallChunk>>,
+    ) -> Result<Response<Self::CallStreamStream>, Status> {
+        self.access.check(&request)?;
+        let mut input = request.into_inner();
+        let first = input.message().await?.ok_or_else(|| {
+            Status::invalid_argument("empty stream: the first chunk must name plugin and method")
+        })?;
+        if first.plugin.is_empty() || first.method.is_empty() {
+            return Err(Status::invalid_argument(
+                "the first chunk must name the plugin and the method",
+            ));
+        }
+        let head = tokio_stream::once(first.data.clone()).filter(|d: &Bytes| !d.is_empty());
+        // A broken client stream ends the upload; the plugin sees end of input.
+        let rest = input.map_while(|chunk| chunk.ok().map(|c| c.data));
+        let output = self
+            .supervisor
+            .call_stream(
+                &first.plugin,
+                &first.method,
+                Default::default(),
+                head.chain(rest),
+                None,
+            )
+            .await?;
+        let output = output.map(|data| {
+            data.map(|data| pb::CallChunk {
+                data,
+                ..Default::default()
+            })
+            .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(output)))
+    }
+
+    type EventsStream = BoxStream<pb::Event>;
+
+    async fn events(
+        &self,
+        request: Request<pb::EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        self.access.check(&request)?;
+        let r = request.into_inner();
+        // Subscribe before reading history so nothing falls in between.
+        let mut live = self.supervisor.events();
+        let mut past: Vec<Event> = if r.plugin.is_empty() {
+            let mut all = Vec::new();
+            for info in self.supervisor.list() {
+                all.extend(self.supervisor.history(&info.name)?);
+            }
+            all
+        } else {
+            self.supervisor.history(&r.plugin)?
+        };
+        past.sort_by_key(|e| e.time);
+        let last_seen = past
+            .last()
+            .map(|e| (e.time, e.plugin.clone(), e.reason.clone()));
+        let cancel = self.cancel.clone();
+        let stream = async_stream::stream! {
+            for e in &past {
+                yield Ok(event_of(e));
+            }
+            if !r.follow {
+                return;
+            }
+            loop {
+                let next = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    next = live.recv() => next,
+                };
+                match next {
+                    Ok(e) => {
+                        if !r.plugin.is_empty() && e.plugin != r.plugin {
+                            continue;
+                        }
+                        if let Some((t, p, why)) = &last_seen
+                            && e.time <= *t && (&e.plugin, &e.reason) == (p, why) {
+                            continue;
+                        }
+                        yield Ok(event_of(&e));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        yield Err(Status::data_loss(format!("{n} events were dropped: the reader was too slow")));
+                        break;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type LogsStream = BoxStream<pb::LogLine>;
+
+    async fn logs(
+        &self,
+        request: Request<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        self.access.check(&request)?;
+        let r = request.into_inner();
+        let buffer = self.supervisor.logs(&r.plugin)?;
+        let mut live = buffer.subscribe();
+        let tail = buffer.tail(if r.tail == 0 {
+            usize::MAX
+        } else {
+            r.tail as usize
+        });
+        let cancel = self.cancel.clone();
+        let line_of = |l: &crate::logs::LogLine| pb::LogLine {
+            time_ms: millis(l.time),
+            instance: l.instance.clone(),
+            stream: l.stream.to_string(),
+            line: l.line.clone(),
+        };
+        let stream = async_stream::stream! {
+            for l in &tail {
+                yield Ok(line_of(l));
+            }
+            if !r.follow {
+                return;
+            }
+            loop {
+                let next = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    next = live.recv() => next,
+                };
+                match next {
+                    Ok(l) => yield Ok(line_of(&l)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        yield Ok(pb::LogLine {
+                            line: format!("[plugvisor: {n} lines dropped: the reader was too slow]"),
+                            ..Default::default()
+                        });
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn start(
+        &self,
+        request: Request<pb::PluginRequest>,
+    ) -> Result<Response<pb::CommandResponse>, Status> {
+        self.access.check(&request)?;
+        let name = &request.get_ref().name;
+        self.supervisor.start(name).await?;
+        self.command_response(name)
+    }
+
+    async fn stop(
+        &self,
+        request: Request<pb::PluginRequest>,
+    ) -> Result<Response<pb::CommandResponse>, Status> {
+        self.access.check(&request)?;
+        let name = &request.get_ref().name;
+        self.supervisor.stop(name).await?;
+        self.command_response(name)
+    }
+
+    async fn restart(
+        &self,
+        request: Request<pb::PluginRequest>,
+    ) -> Result<Response<pb::CommandResponse>, Status> {
+        self.access.check(&request)?;
+        let name = &request.get_ref().name;
+        self.supervisor.restart(name).await?;
+        self.command_response(name)
+    }
+}
+
+impl ControlService {
+    fn command_response(&self, name: &str) -> Result<Response<pb::CommandResponse>, Status> {
+        let info = self.supervisor.info(name)?;
+        Ok(Response::new(pb::CommandResponse {
+            status: Some(status_of(&info)),
+        }))
+    }
+}
+
+/// Binds the control socket: refuses to take over a socket another daemon
+/// still answers on, removes a stale one, and sets mode 0660.
+pub async fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "cannot create the directory of the control socket {}",
+                path.display()
+            )
+        })?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "another plugvisor daemon is already listening on {}; stop it or choose another --control path",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| {
+            format!("cannot remove the stale control socket {}", path.display())
+        })?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set mode 0660 on {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves the control API on `listener` until `cancel` fires.
+pub async fn serve(
+    supervisor: Supervisor,
+    listener: tokio::net::UnixListener,
+    access: Access,
+    cancel: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let service = ControlService {
+        supervisor,
+        access,
+        cancel: cancel.clone(),
+    };
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(crate::transport::STREAM_WINDOW)
+        .initial_connection_window_size(crate::transport::CONNECTION_WINDOW)
+        .add_service(
+            ControlServer::new(service)
+                .max_decoding_message_size(crate::transport::MAX_MESSAGE)
+                .max_encoding_message_size(crate::transport::MAX_MESSAGE),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            cancel.cancelled_owned(),
+        )
+        .await
+}
+
+/// A client of a daemon's control socket.
+pub async fn connect(
+    path: &Path,
+) -> anyhow::Result<pb::control_client::ControlClient<tonic::transport::Channel>> {
+    let channel = crate::transport::connect_unix(path).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the plugvisor daemon at {}: {e}\nStart one with `plugvisor run --plugins-dir DIR`, or point --control (or PLUGVISOR_CONTROL) at its socket.",
+            path.display()
+        )
+    })?;
+    Ok(pb::control_client::ControlClient::new(channel)
+        .max_decoding_message_size(crate::transport::MAX_MESSAGE)
+        .max_encoding_message_size(crate::transport::MAX_MESSAGE))
+}
+
+/// The path a socket should be looked for at.
+pub fn resolve(path: Option<PathBuf>) -> PathBuf {
+    path.unwrap_or_else(crate::config::default_control_socket)
+}

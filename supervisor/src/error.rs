@@ -1,0 +1,57 @@
+//! The errors a caller of the supervisor sees, and their one mapping to gRPC
+//! status codes.
+
+use std::time::Duration;
+
+/// Why a call or a command did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no plugin named `{0}`; `plugvisor ps` lists the plugins")]
+    UnknownPlugin(String),
+    #[error("plugin `{plugin}` is {state}: {reason}")]
+    NotRunning {
+        plugin: String,
+        state: String,
+        reason: String,
+    },
+    #[error("plugin `{plugin}` was not ready within {}ms ({reason})", waited.as_millis())]
+    NotReady {
+        plugin: String,
+        waited: Duration,
+        reason: String,
+    },
+    #[error("plugin `{plugin}` instance `{instance}` went away during the call: {reason}")]
+    Lost {
+        plugin: String,
+        instance: String,
+        reason: String,
+    },
+    #[error("call to `{plugin}` method `{method}` did not finish within {}ms", timeout.as_millis())]
+    Timeout {
+        plugin: String,
+        method: String,
+        timeout: Duration,
+    },
+    /// The plugin answered with an error status: passed on unchanged.
+    #[error("{0}")]
+    Plugin(tonic::Status),
+    #[error("the supervisor is shutting down")]
+    ShuttingDown,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> tonic::Status {
+        match e {
+            Error::Plugin(status) => status,
+            Error::UnknownPlugin(_) => tonic::Status::not_found(e.to_string()),
+            Error::Timeout { .. } => tonic::Status::deadline_exceeded(e.to_string()),
+            Error::Invalid(_) => tonic::Status::invalid_argument(e.to_string()),
+            Error::NotRunning { .. }
+            | Error::NotReady { .. }
+            | Error::Lost { .. }
+            | Error::ShuttingDown => tonic::Status::unavailable(e.to_string()),
+        }
+    }
+}

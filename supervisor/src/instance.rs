@@ -1,0 +1,407 @@
+//! One started child of a plugin: spawn, handshake, connect, Initialize, and
+//! a graceful stop. The supervision loop in [`crate::supervisor`] decides when;
+//! this module knows how.
+
+use crate::logs::{LineReader, LogBuffer, LogLine};
+use crate::manifest::Manifest;
+use crate::process::{Child, ExitStatus, ProcessManager, SpawnSpec};
+use plugvisor_proto::handshake::{self, Handshake};
+use plugvisor_proto::plugin_client::PluginClient;
+use plugvisor_proto::{InitializeRequest, InitializeResponse, RestoredState, ShutdownRequest};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+/// PATH given to every plugin; nothing else of the supervisor's environment is.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Socket paths longer than this do not fit in `sockaddr_un`.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Why a start failed. Each becomes the exit reason of the attempt.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot prepare the socket directory {path}: {reason}")]
+    SocketDir { path: PathBuf, reason: String },
+    #[error("cannot start {exec}: {reason}")]
+    Spawn { exec: PathBuf, reason: String },
+    #[error("{status} before the handshake{}", last_output(.output))]
+    ExitedEarly {
+        status: ExitStatus,
+        output: Vec<String>,
+    },
+    #[error("no handshake within {}ms{}", .timeout.as_millis(), last_output(.output))]
+    StartTimeout {
+        timeout: Duration,
+        output: Vec<String>,
+    },
+    #[error("handshake error: {0}")]
+    Handshake(String),
+    #[error("cannot connect to the plugin's socket: {0}")]
+    Connect(String),
+    #[error("Initialize did not answer within {}ms", .0.as_millis())]
+    InitializeTimeout(Duration),
+    #[error("Initialize failed: {0}")]
+    InitializeFailed(String),
+}
+
+fn last_output(lines: &[String]) -> String {
+    if lines.is_empty() {
+        "; the plugin printed nothing".to_string()
+    } else {
+        format!("; last output: {}", lines.join(" | "))
+    }
+}
+
+/// A child that has handshaken and been connected to, not yet initialized.
+pub struct Instance {
+    /// `<plugin>-<replica>-<start number>`, unique per start.
+    pub id: String,
+    pub child: Child,
+    pub client: PluginClient<Channel>,
+    /// The 0700 directory holding the socket; removed on drop.
+    pub socket_dir: PathBuf,
+    pub spawned_at: Instant,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.socket_dir);
+    }
+}
+
+/// What the supervisor hands a start: who, where, and its log buffer.
+pub struct StartContext<'a> {
+    pub manifest: &'a Manifest,
+    pub instance_id: String,
+    pub runtime_dir: &'a Path,
+    pub env: Vec<(String, String)>,
+    pub logs: Arc<LogBuffer>,
+    pub processes: &'a ProcessManager,
+    pub tasks: &'a tokio_util::task::TaskTracker,
+}
+
+/// Prepares `<runtime_dir>/plugins/<instance>/` with mode 0700.
+fn socket_dir(runtime_dir: &Path, instance_id: &str) -> Result<PathBuf, StartError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = runtime_dir.join("plugins").join(instance_id);
+    let fail = |reason: String| StartError::SocketDir {
+        path: dir.clone(),
+        reason,
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| fail(e.to_string()))?;
+    // `recursive` applies the mode to every created level; make sure of the leaf.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(dir)
+}
+
+/// Spawns the plugin and waits for its handshake, then connects. On failure
+/// the child's whole process group is killed and reaped before returning.
+pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
+    let m = ctx.manifest;
+    let dir = socket_dir(ctx.runtime_dir, &ctx.instance_id)?;
+    let socket = dir.join("plugin.sock");
+    if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(StartError::SocketDir {
+            path: socket.clone(),
+            reason: format!(
+                "the socket path is {} bytes, over the {MAX_SOCKET_PATH}-byte limit of Unix sockets; choose a shorter runtime_dir",
+                socket.as_os_str().len()
+            ),
+        });
+    }
+    let mut env: Vec<(OsString, OsString)> = vec![
+        ("PATH".into(), DEFAULT_PATH.into()),
+        (handshake::ENV_SOCKET.into(), socket.clone().into()),
+        (handshake::ENV_NAME.into(), m.name.clone().into()),
+        (
+            "PLUGVISOR_INSTANCE_ID".into(),
+            ctx.instance_id.clone().into(),
+        ),
+        (
+            handshake::ENV_PROTOCOL_VERSIONS.into(),
+            handshake::PROTOCOL_VERSION.to_string().into(),
+        ),
+        (
+            handshake::ENV_MAGIC_COOKIE.into(),
+            handshake::MAGIC_COOKIE_VALUE.into(),
+        ),
+    ];
+    env.extend(ctx.env.iter().map(|(k, v)| (k.into(), v.into())));
+    let spec = SpawnSpec {
+        program: m.exec.clone(),
+        args: m.args.clone(),
+        env,
+        cwd: m.dir.clone(),
+    };
+    let spawned_at = Instant::now();
+    let mut child = match ctx.processes.spawn(&spec).await {
+        Ok(child) => child,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(StartError::Spawn {
+                exec: m.exec.clone(),
+                reason: e.to_string(),
+            });
+        }
+    };
+    let (handshake_tx, handshake_rx) = oneshot::channel();
+    forward_output(&ctx, &mut child, handshake_tx);
+    let instance_id = ctx.instance_id.clone();
+    let result = await_handshake(&ctx, &child, &socket, handshake_rx).await;
+    let result = match result {
+        Ok(()) => {
+            let remaining = m.timeouts.start.0.saturating_sub(spawned_at.elapsed());
+            match tokio::time::timeout(
+                remaining.max(Duration::from_millis(100)),
+                crate::transport::connect_plugin(&socket, child.pid()),
+            )
+            .await
+            {
+                Ok(Ok(channel)) => Ok(channel),
+                Ok(Err(e)) => Err(StartError::Connect(e.to_string())),
+                Err(_) => Err(StartError::Connect(format!(
+                    "no connection within the start timeout to {}",
+                    socket.display()
+                ))),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(channel) => Ok(Instance {
+            id: instance_id,
+            client: PluginClient::new(channel)
+                .max_decoding_message_size(crate::transport::MAX_MESSAGE)
+                .max_encoding_message_size(crate::transport::MAX_MESSAGE),
+            child,
+            socket_dir: dir,
+            spawned_at,
+        }),
+        Err(e) => {
+            kill_and_reap(&child).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e)
+        }
+    }
+}
+
+/// Starts the tasks that read the child's stdout and stderr. The first valid
+/// handshake line on stdout goes to `handshake`; every other line is log output.
+fn forward_output(
+    ctx: &StartContext<'_>,
+    child: &mut Child,
+    handshake: oneshot::Sender<Result<Handshake, String>>,
+) {
+    let plugin = ctx.manifest.name.clone();
+    if let Some(stdout) = child.stdout.take() {
+        let (plugin, instance, logs) = (plugin.clone(), ctx.instance_id.clone(), ctx.logs.clone());
+        ctx.tasks.spawn(async move {
+            let mut reader = LineReader::new(stdout);
+            let mut handshake = Some(handshake);
+            while let Some(line) = reader.next_line().await {
+                if handshake.is_some() {
+                    match Handshake::parse(&line) {
+                        Ok(h) => {
+                            if let Some(tx) = handshake.take() {
+                                let _ = tx.send(Ok(h));
+                            }
+                            continue;
+                        }
+                        Err(handshake::HandshakeError::Malformed(why)) => {
+                            if let Some(tx) = handshake.take() {
+                                let _ = tx.send(Err(why));
+                            }
+                        }
+                        Err(handshake::HandshakeError::NotAHandshake) => {}
+                    }
+                }
+                record(&plugin, &logs, &instance, "stdout", line);
+            }
+        });
+    }
+    if let Some(stderr) = child.stderr.take() {
+        let (instance, logs) = (ctx.instance_id.clone(), ctx.logs.clone());
+        ctx.tasks.spawn(async move {
+            let mut reader = LineReader::new(stderr);
+            while let Some(line) = reader.next_line().await {
+                record(&plugin, &logs, &instance, "stderr", line);
+            }
+        });
+    }
+}
+
+fn record(plugin: &str, logs: &LogBuffer, instance: &str, stream: &'static str, line: String) {
+    let line = LogLine {
+        time: std::time::SystemTime::now(),
+        instance: instance.to_string(),
+        stream,
+        line,
+    };
+    crate::logs::emit(plugin, &line);
+    logs.push(line);
+}
+
+/// The last few lines this instance printed, for error messages.
+fn recent_output(logs: &LogBuffer, instance: &str) -> Vec<String> {
+    let mut lines: Vec<String> = logs
+        .tail(64)
+        .into_iter()
+        .filter(|l| l.instance == instance)
+        .map(|l| format!("`{}`", l.line))
+        .collect();
+    lines.drain(..lines.len().saturating_sub(3));
+    lines
+}
+
+async fn await_handshake(
+    ctx: &StartContext<'_>,
+    child: &Child,
+    socket: &Path,
+    handshake: oneshot::Receiver<Result<Handshake, String>>,
+) -> Result<(), StartError> {
+    let timeout = ctx.manifest.timeouts.start.0;
+    let line = tokio::select! {
+        biased;
+        line = handshake => line,
+        status = child.wait() => {
+            // Output may still be in flight; give the readers a moment to
+            // drain what the child printed before it died.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            return Err(StartError::ExitedEarly {
+                status,
+                output: recent_output(&ctx.logs, &ctx.instance_id),
+            });
+        }
+        _ = tokio::time::sleep(timeout) => {
+            return Err(StartError::StartTimeout {
+                timeout,
+                output: recent_output(&ctx.logs, &ctx.instance_id),
+            });
+        }
+    };
+    let handshake = match line {
+        Ok(Ok(h)) => h,
+        Ok(Err(why)) => return Err(StartError::Handshake(why)),
+        Err(_) => {
+            let status = child.wait().await;
+            return Err(StartError::ExitedEarly {
+                status,
+                output: recent_output(&ctx.logs, &ctx.instance_id),
+            });
+        }
+    };
+    if handshake.protocol_version != handshake::PROTOCOL_VERSION {
+        return Err(StartError::Handshake(format!(
+            "`{handshake}` announces protocol version {}, but this supervisor speaks {}",
+            handshake.protocol_version,
+            handshake::PROTOCOL_VERSION
+        )));
+    }
+    if handshake.network != handshake::NETWORK_UNIX {
+        return Err(StartError::Handshake(format!(
+            "`{handshake}` announces network `{}`; only `unix` is supported",
+            handshake.network
+        )));
+    }
+    if Path::new(&handshake.address) != socket {
+        return Err(StartError::Handshake(format!(
+            "`{handshake}` announces socket {}, but the plugin was told to listen on {}",
+            handshake.address,
+            socket.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Calls Initialize with the merged config and any restored state.
+pub async fn initialize(
+    instance: &mut Instance,
+    manifest: &Manifest,
+    config: &serde_json::Map<String, serde_json::Value>,
+    restored: Option<RestoredState>,
+) -> Result<InitializeResponse, StartError> {
+    let request = InitializeRequest {
+        plugin_name: manifest.name.clone(),
+        instance_id: instance.id.clone(),
+        config_json: serde_json::Value::Object(config.clone()).to_string(),
+        protocol_version: handshake::PROTOCOL_VERSION,
+        restored_state: restored,
+    };
+    let timeout = manifest.timeouts.initialize.0;
+    let mut request = tonic::Request::new(request);
+    request.set_timeout(timeout);
+    tokio::select! {
+        result = instance.client.initialize(request) => match result {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => Err(StartError::InitializeFailed(format!(
+                "{:?}: {}",
+                status.code(),
+                status.message()
+            ))),
+        },
+        _ = tokio::time::sleep(timeout) => Err(StartError::InitializeTimeout(timeout)),
+        status = instance.child.wait() => Err(StartError::InitializeFailed(format!("the plugin {status} during Initialize"))),
+    }
+}
+
+/// Kills the child's whole process group and waits for the child.
+pub async fn kill_and_reap(child: &Child) -> ExitStatus {
+    let _ = child.signal_group(libc::SIGKILL);
+    let _ = child.signal(libc::SIGKILL);
+    let status = child.wait().await;
+    // Stragglers that were forked after the first kill.
+    let _ = child.signal_group(libc::SIGKILL);
+    status
+}
+
+/// Stops an instance: the Shutdown RPC (drain) gets the first half of
+/// `timeout`, SIGTERM to the process group the second half, then SIGKILL.
+/// Whatever is left of the process group afterwards is killed too.
+pub async fn stop(instance: &mut Instance, timeout: Duration) -> ExitStatus {
+    let half = timeout / 2;
+    let child = &instance.child;
+    if let Some(status) = child.try_status() {
+        let _ = child.signal_group(libc::SIGKILL);
+        return status;
+    }
+    let mut request = tonic::Request::new(ShutdownRequest {
+        deadline_ms: half.as_millis() as u64,
+    });
+    request.set_timeout(half);
+    let mut client = instance.client.clone();
+    let drained = tokio::time::timeout(half, async {
+        let _ = client.shutdown(request).await;
+        child.wait().await
+    })
+    .await;
+    let status = match drained {
+        Ok(status) => status,
+        Err(_) => {
+            let _ = child.signal(libc::SIGTERM);
+            let _ = child.signal_group(libc::SIGTERM);
+            match tokio::time::timeout(timeout - half, child.wait()).await {
+                Ok(status) => status,
+                Err(_) => {
+                    tracing::warn!(
+                        instance = %instance.id,
+                        "did not stop within {}ms of Shutdown and SIGTERM; sending SIGKILL",
+                        timeout.as_millis()
+                    );
+                    kill_and_reap(child).await
+                }
+            }
+        }
+    };
+    let _ = child.signal_group(libc::SIGKILL);
+    status
+}
