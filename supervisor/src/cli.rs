@@ -106,8 +106,32 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Plugin state: `state export NAME` prints what ExportState returns.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
+    /// Probe a plugin's HealthCheck now.
+    Health {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Write the plugin's exported state to stdout (or --out FILE).
+    Export {
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Print {"state_version": N, "state": "<utf-8 or lossy text>"}.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Loads the config file (if any) and applies the command-line overrides.
@@ -178,6 +202,49 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Check(args) => check(args),
+        Command::State {
+            command: StateCommand::Export { name, out, json },
+        } => {
+            let mut client = control::connect(&control_path()).await?;
+            let state = client
+                .export_state(pb::PluginRequest { name: name.clone() })
+                .await?
+                .into_inner();
+            if *json {
+                let v = serde_json::json!({
+                    "state_version": state.state_version,
+                    "state": String::from_utf8_lossy(&state.state),
+                });
+                println!("{v}");
+            } else if let Some(path) = out {
+                std::fs::write(path, &state.state)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                eprintln!(
+                    "{name}: {} bytes, state version {}",
+                    state.state.len(),
+                    state.state_version
+                );
+            } else {
+                std::io::stdout().write_all(&state.state)?;
+            }
+            Ok(0)
+        }
+        Command::Health { name, json } => {
+            let mut client = control::connect(&control_path()).await?;
+            let h = client
+                .health(pb::PluginRequest { name: name.clone() })
+                .await?
+                .into_inner();
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::json!({"status": h.status, "message": h.message})
+                );
+            } else {
+                println!("{name}: {} {}", h.status, h.message);
+            }
+            Ok(if h.status == "SERVING" { 0 } else { 1 })
+        }
         Command::Version => {
             println!("plugvisor {}", env!("CARGO_PKG_VERSION"));
             Ok(0)

@@ -315,6 +315,33 @@ impl Control for ControlService {
         self.supervisor.restart(name).await?;
         self.command_response(name)
     }
+
+    async fn export_state(
+        &self,
+        request: Request<pb::PluginRequest>,
+    ) -> Result<Response<pb::ExportStateResponse>, Status> {
+        self.access.check(&request)?;
+        let state = self
+            .supervisor
+            .export_state(&request.get_ref().name, None)
+            .await?;
+        Ok(Response::new(state))
+    }
+
+    async fn health(
+        &self,
+        request: Request<pb::PluginRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        self.access.check(&request)?;
+        let (status, message) = self
+            .supervisor
+            .health_check(&request.get_ref().name)
+            .await?;
+        Ok(Response::new(pb::HealthResponse {
+            status: status.as_str_name().to_string(),
+            message,
+        }))
+    }
 }
 
 impl ControlService {

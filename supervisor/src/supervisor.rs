@@ -11,7 +11,7 @@ use crate::logs::LogBuffer;
 use crate::manifest::Manifest;
 use crate::policy::{Decision, Jitter, RestartTracker};
 use crate::process::{ExitStatus, ProcessManager, wait_exit};
-use plugvisor_proto::health_check_response::Status as Health;
+pub use plugvisor_proto::health_check_response::Status as Health;
 use plugvisor_proto::plugin_client::PluginClient;
 use plugvisor_proto::{Chunk, HandleRequest, HandleResponse, HealthCheckRequest};
 use prost::bytes::Bytes;
@@ -501,6 +501,44 @@ impl Supervisor {
                 .map(|c| c.data)
                 .map_err(|status| call_error(status, &plugin, &instance))
         }))
+    }
+
+    /// Asks the plugin's ready instance for its state (ExportState).
+    pub async fn export_state(
+        &self,
+        plugin: &str,
+        timeout: Option<Duration>,
+    ) -> Result<plugvisor_proto::ExportStateResponse, Error> {
+        let slot = self.slot(plugin)?;
+        let timeout = timeout.unwrap_or(slot.call_timeout);
+        let deadline = Instant::now() + timeout;
+        let ready = ready_instance(&slot, deadline, timeout).await?;
+        let mut client = ready.client.clone();
+        let mut request = tonic::Request::new(plugvisor_proto::ExportStateRequest {});
+        request.set_timeout(timeout);
+        match tokio::time::timeout_at(deadline.into(), client.export_state(request)).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(call_error(status, plugin, &ready.id)),
+            Err(_) => Err(Error::Timeout {
+                plugin: plugin.to_string(),
+                method: "ExportState".into(),
+                timeout,
+            }),
+        }
+    }
+
+    /// Probes the plugin's HealthCheck now, as the supervisor's own probes do.
+    pub async fn health_check(&self, plugin: &str) -> Result<(Health, String), Error> {
+        let slot = self.slot(plugin)?;
+        let timeout = lock(&slot.status).manifest.health.timeout.0;
+        let ready = ready_instance(&slot, Instant::now() + timeout, timeout).await?;
+        probe(&ready.client, timeout)
+            .await
+            .map_err(|reason| Error::Lost {
+                plugin: plugin.to_string(),
+                instance: ready.id.clone(),
+                reason,
+            })
     }
 
     async fn command(
@@ -1006,7 +1044,7 @@ async fn watch_ready(
                 None => return RunEnd::Cancelled,
             },
             _ = probes.tick() => {
-                match probe(instance, manifest.health.timeout.0).await {
+                match probe(&instance.client, manifest.health.timeout.0).await {
                     Ok((Health::Serving, _)) => {
                         failures = 0;
                         if degraded {
@@ -1056,8 +1094,11 @@ fn health_failure(
     })
 }
 
-async fn probe(instance: &Instance, timeout: Duration) -> Result<(Health, String), String> {
-    let mut client = instance.client.clone();
+async fn probe(
+    client: &PluginClient<Channel>,
+    timeout: Duration,
+) -> Result<(Health, String), String> {
+    let mut client = client.clone();
     let mut request = tonic::Request::new(HealthCheckRequest {});
     request.set_timeout(timeout);
     match tokio::time::timeout(timeout, client.health_check(request)).await {
