@@ -1,0 +1,388 @@
+//! The test plugin's methods. Each exists to provoke or observe one
+//! behaviour of the supervisor (crash handling, limits, hygiene, state).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use plugvisor_sdk::{
+    ByteStream, Health, InitContext, Plugin, Request, Response, StateSnapshot, Status, async_trait,
+    unknown_method,
+};
+
+/// Format of the exported state: the counter as decimal text.
+pub const STATE_VERSION: u32 = 1;
+/// Exit code of `crash` when the payload names none.
+const DEFAULT_CRASH_CODE: i32 = 3;
+const MIB: usize = 1024 * 1024;
+/// Page size for touching `alloc`ated memory; 4 KiB is the smallest in use.
+const PAGE: usize = 4096;
+
+/// Behaviour chosen on the command line that the plugin itself acts on.
+#[derive(Debug, Default, Clone)]
+pub struct Faults {
+    /// `--init-sleep-ms`: how long `Initialize` sleeps first.
+    pub init_sleep: Duration,
+    /// `--init-fail`: `Initialize` fails with FAILED_PRECONDITION.
+    pub init_fail: bool,
+}
+
+#[derive(Debug)]
+pub struct TestPlugin {
+    faults: Faults,
+    /// From `--double-fork`, for the `grandchild` method.
+    grandchild: Option<i32>,
+    /// Handle calls this process has served (before the current one).
+    calls: AtomicU64,
+    /// The exported, restored counter that `incr` raises and `state` reads.
+    counter: AtomicU64,
+    /// What `HealthCheck` reports; changed by `set_health`.
+    health: Mutex<Health>,
+    /// The config from `Initialize`; `None` before it.
+    config: Mutex<Option<serde_json::Value>>,
+    /// Memory from `alloc`, kept so it stays resident.
+    hoard: Mutex<Vec<Vec<u8>>>,
+}
+
+/// Locks `m`, ignoring poisoning: every critical section here is a single
+/// assignment or push, so the data is consistent even after a panic.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn text(req: &Request) -> Result<&str, Status> {
+    std::str::from_utf8(&req.payload)
+        .map(str::trim)
+        .map_err(|e| Status::invalid_argument(format!("{}: payload is not UTF-8: {e}", req.method)))
+}
+
+/// Parses the payload as a number, `default` when empty.
+fn number<T: std::str::FromStr>(req: &Request, default: Option<T>) -> Result<T, Status> {
+    let t = text(req)?;
+    match (t.is_empty(), default) {
+        (true, Some(d)) => Ok(d),
+        _ => t.parse().map_err(|_| {
+            Status::invalid_argument(format!("{}: payload `{t}` is not a number", req.method))
+        }),
+    }
+}
+
+fn json(value: serde_json::Value) -> Result<Response, Status> {
+    Ok(Response::new(value.to_string()))
+}
+
+/// Open file descriptors and what they point at, from `/proc/self/fd`,
+/// without the descriptor used to read that directory.
+fn open_fds() -> Result<BTreeMap<i32, String>, Status> {
+    let fd_dir = "/proc/self/fd";
+    let own_dir = format!("/proc/{}/fd", std::process::id());
+    let entries = std::fs::read_dir(fd_dir)
+        .map_err(|e| Status::internal(format!("reading {fd_dir}: {e}")))?;
+    let mut fds = BTreeMap::new();
+    for entry in entries.flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        // Already closed again (a racing thread) reads as an error: skip it.
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        if target != own_dir {
+            fds.insert(fd, target);
+        }
+    }
+    Ok(fds)
+}
+
+impl TestPlugin {
+    pub fn new(faults: Faults, grandchild: Option<i32>) -> Self {
+        TestPlugin {
+            faults,
+            grandchild,
+            calls: AtomicU64::new(0),
+            counter: AtomicU64::new(0),
+            health: Mutex::new(Health::Serving),
+            config: Mutex::new(None),
+            hoard: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn alloc(&self, req: &Request) -> Result<Response, Status> {
+        let mib: usize = number(req, None)?;
+        let mut block = vec![0u8; mib * MIB];
+        // The zeroed allocation is lazily mapped; writing one byte per page
+        // makes the kernel back (and charge) every page.
+        for i in (0..block.len()).step_by(PAGE) {
+            block[i] = 1;
+        }
+        let mut hoard = lock(&self.hoard);
+        hoard.push(block);
+        let total: usize = hoard.iter().map(Vec::len).sum();
+        Ok(Response::new(format!("{}", total / MIB)))
+    }
+
+    fn set_health(&self, req: &Request) -> Result<Response, Status> {
+        let health = match text(req)? {
+            "SERVING" => Health::Serving,
+            "NOT_SERVING" => Health::NotServing("set by set_health".into()),
+            "DEGRADED" => Health::Degraded("set by set_health".into()),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "set_health: expected SERVING, NOT_SERVING or DEGRADED, got `{other}`"
+                )));
+            }
+        };
+        *lock(&self.health) = health;
+        Ok(Response::empty())
+    }
+}
+
+#[async_trait]
+impl Plugin for TestPlugin {
+    fn version(&self) -> &str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn methods(&self) -> Vec<String> {
+        [
+            "echo",
+            "crash",
+            "abort",
+            "sleep",
+            "pid",
+            "grandchild",
+            "config",
+            "env",
+            "fds",
+            "fd_targets",
+            "set_health",
+            "alloc",
+            "count",
+            "incr",
+            "state",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    fn state_version(&self) -> u32 {
+        STATE_VERSION
+    }
+
+    async fn initialize(&self, ctx: InitContext) -> Result<(), Status> {
+        if !self.faults.init_sleep.is_zero() {
+            tokio::time::sleep(self.faults.init_sleep).await;
+        }
+        if self.faults.init_fail {
+            return Err(Status::failed_precondition(
+                "testplugin: Initialize fails because --init-fail was given",
+            ));
+        }
+        if let Some(restored) = ctx.restored_state {
+            if restored.state_version != STATE_VERSION {
+                return Err(Status::failed_precondition(format!(
+                    "testplugin: restored state has version {}, expected {STATE_VERSION}",
+                    restored.state_version
+                )));
+            }
+            let text = String::from_utf8_lossy(&restored.state);
+            let n = text.trim().parse().map_err(|_| {
+                Status::failed_precondition(format!(
+                    "testplugin: restored state `{text}` is not a counter"
+                ))
+            })?;
+            self.counter.store(n, Ordering::SeqCst);
+        }
+        *lock(&self.config) = Some(ctx.config);
+        Ok(())
+    }
+
+    async fn handle(&self, req: Request) -> Result<Response, Status> {
+        let served_before = self.calls.fetch_add(1, Ordering::SeqCst);
+        match req.method.as_str() {
+            "echo" => Ok(Response::new(req.payload)),
+            "crash" => {
+                let code = number(&req, Some(DEFAULT_CRASH_CODE))?;
+                eprintln!("testplugin: crashing with exit code {code} as asked");
+                std::process::exit(code)
+            }
+            "abort" => {
+                eprintln!("testplugin: aborting (SIGABRT) as asked");
+                std::process::abort()
+            }
+            "sleep" => {
+                let ms = number(&req, Some(0))?;
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(Response::new("slept"))
+            }
+            "pid" => Ok(Response::new(std::process::id().to_string())),
+            "grandchild" => match self.grandchild {
+                Some(pid) => Ok(Response::new(pid.to_string())),
+                None => Err(Status::not_found(
+                    "grandchild: no grandchild; start with --double-fork",
+                )),
+            },
+            "config" => match &*lock(&self.config) {
+                Some(config) => Ok(Response::new(config.to_string())),
+                None => Err(Status::failed_precondition(
+                    "config: Initialize has not been called",
+                )),
+            },
+            "env" => {
+                let env: serde_json::Map<String, serde_json::Value> = std::env::vars_os()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string_lossy().into_owned(),
+                            v.to_string_lossy().into_owned().into(),
+                        )
+                    })
+                    .collect();
+                json(env.into())
+            }
+            "fds" => json(open_fds()?.into_keys().collect::<Vec<_>>().into()),
+            "fd_targets" => json(
+                open_fds()?
+                    .into_iter()
+                    .map(|(fd, target)| (fd.to_string(), target.into()))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into(),
+            ),
+            "set_health" => self.set_health(&req),
+            "alloc" => self.alloc(&req),
+            "count" => Ok(Response::new(served_before.to_string())),
+            "incr" => {
+                let by = number(&req, Some(1))?;
+                let now = self.counter.fetch_add(by, Ordering::SeqCst) + by;
+                Ok(Response::new(now.to_string()).state_changed())
+            }
+            "state" => Ok(Response::new(
+                self.counter.load(Ordering::SeqCst).to_string(),
+            )),
+            other => Err(unknown_method(other)),
+        }
+    }
+
+    async fn handle_stream(
+        &self,
+        _method: &str,
+        _metadata: HashMap<String, String>,
+        input: ByteStream,
+    ) -> Result<ByteStream, Status> {
+        Ok(input)
+    }
+
+    async fn health(&self) -> Health {
+        lock(&self.health).clone()
+    }
+
+    async fn export_state(&self) -> Result<StateSnapshot, Status> {
+        Ok(StateSnapshot::new(
+            self.counter.load(Ordering::SeqCst).to_string(),
+            STATE_VERSION,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plugvisor_sdk::Code;
+    use plugvisor_sdk::testing::Harness;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn counts_calls_and_keeps_its_counter_across_restarts() {
+        let mut h = Harness::start(TestPlugin::new(Faults::default(), None))
+            .await
+            .unwrap();
+        h.initialize(json!({"k": "v"})).await.unwrap();
+        assert_eq!(h.call("config", "").await.unwrap(), r#"{"k":"v"}"#);
+        h.call("echo", "x").await.unwrap();
+        assert_eq!(h.call("count", "").await.unwrap(), "2");
+        assert_eq!(h.call("incr", "").await.unwrap(), "1");
+        assert_eq!(h.call("incr", "4").await.unwrap(), "5");
+
+        let mut h = h
+            .restart_with_state(TestPlugin::new(Faults::default(), None))
+            .await;
+        h.initialize(json!({})).await.unwrap();
+        assert_eq!(h.call("state", "").await.unwrap(), "5");
+        assert_eq!(h.call("count", "").await.unwrap(), "1");
+        h.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn reports_and_changes_health() {
+        let mut h = Harness::start(TestPlugin::new(Faults::default(), None))
+            .await
+            .unwrap();
+        assert_eq!(h.health().await.unwrap(), Health::Serving);
+        h.call("set_health", "DEGRADED").await.unwrap();
+        assert!(matches!(h.health().await.unwrap(), Health::Degraded(_)));
+        h.call("set_health", "NOT_SERVING").await.unwrap();
+        assert!(matches!(h.health().await.unwrap(), Health::NotServing(_)));
+        let err = h.call("set_health", "sick").await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        h.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn observes_its_process() {
+        let mut h = Harness::start(TestPlugin::new(Faults::default(), Some(42)))
+            .await
+            .unwrap();
+        assert_eq!(
+            h.call("pid", "").await.unwrap(),
+            std::process::id().to_string()
+        );
+        assert_eq!(h.call("grandchild", "").await.unwrap(), "42");
+        let fds: Vec<i32> = serde_json::from_slice(&h.call("fds", "").await.unwrap()).unwrap();
+        assert!(fds.contains(&0) && fds.contains(&2), "{fds:?}");
+        let env: BTreeMap<String, String> =
+            serde_json::from_slice(&h.call("env", "").await.unwrap()).unwrap();
+        assert_eq!(env.get("PATH"), std::env::var("PATH").ok().as_ref());
+        assert_eq!(h.call("alloc", "2").await.unwrap(), "2");
+        assert_eq!(h.call("sleep", "10").await.unwrap(), "slept");
+        assert_eq!(h.stream("anything", ["a", "b"]).await.unwrap(), ["a", "b"]);
+        h.shutdown().await.unwrap();
+
+        let mut h = Harness::start(TestPlugin::new(Faults::default(), None))
+            .await
+            .unwrap();
+        assert_eq!(
+            h.call("grandchild", "").await.unwrap_err().code(),
+            Code::NotFound
+        );
+        h.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn init_faults() {
+        let faults = Faults {
+            init_fail: true,
+            init_sleep: Duration::from_millis(20),
+        };
+        let mut h = Harness::start(TestPlugin::new(faults, None)).await.unwrap();
+        let started = std::time::Instant::now();
+        let err = h.initialize(json!({})).await.unwrap_err();
+        assert!(started.elapsed() >= Duration::from_millis(20));
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        h.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn refuses_state_of_another_version() {
+        let mut h = Harness::start(TestPlugin::new(Faults::default(), None))
+            .await
+            .unwrap();
+        let err = h
+            .initialize_with_state(json!({}), Some(StateSnapshot::new("3", 2)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        assert!(err.message().contains("version 2"), "{}", err.message());
+        h.shutdown().await.unwrap();
+    }
+}
