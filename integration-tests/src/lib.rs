@@ -1,1 +1,283 @@
+//! Support for plugvisor's end-to-end tests: locating the built binaries,
+//! writing plugins directories, running the real daemon, and waiting on
+//! conditions with deadlines (never sleeping and hoping).
 
+use plugvisor::manifest::Manifest;
+use plugvisor::{Event, PluginState, Supervisor, SupervisorOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A binary built by this workspace (`target/<profile>/<name>`), found next
+/// to the running test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    let mut dir = exe.parent().expect("the test executable has a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("deps has a parent");
+    }
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built; run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// A temporary plugins directory plus runtime dir, with short paths so that
+/// socket paths stay under the Unix limit.
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        let dir = tempfile::Builder::new()
+            .prefix("pv")
+            .tempdir_in("/tmp")
+            .expect("a temp dir in /tmp");
+        std::fs::create_dir_all(dir.path().join("plugins")).expect("plugins dir");
+        Sandbox { dir }
+    }
+
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.dir.path().join("plugins")
+    }
+
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// Writes `<plugins>/<name>/plugin.yaml` running `exec` with `extra` YAML
+    /// appended (e.g. `args: [--junk, "3"]`).
+    pub fn plugin(&self, name: &str, exec: &Path, extra: &str) -> PathBuf {
+        let dir = self.plugins_dir().join(name);
+        std::fs::create_dir_all(&dir).expect("plugin dir");
+        let path = dir.join("plugin.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "name: {name}\nversion: 1.0.0\nexec: {}\n{extra}\n",
+                exec.display()
+            ),
+        )
+        .expect("write manifest");
+        path
+    }
+
+    /// Writes a manifest and loads it.
+    pub fn manifest(&self, name: &str, exec: &Path, extra: &str) -> Manifest {
+        Manifest::load(&self.plugin(name, exec, extra)).expect("valid manifest")
+    }
+
+    /// An embedded supervisor whose sockets live in this sandbox.
+    pub fn supervisor(&self) -> Supervisor {
+        Supervisor::new(SupervisorOptions::new(self.runtime_dir())).expect("supervisor starts")
+    }
+}
+
+/// Polls `condition` every 5 ms until it holds or `timeout` passes.
+pub async fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Blocking [`wait_until`] for tests without a runtime.
+pub fn wait_until_blocking(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits for the next event of `plugin` that satisfies `matches`.
+pub async fn next_event(
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    plugin: &str,
+    timeout: Duration,
+    mut matches: impl FnMut(&Event) -> bool,
+) -> Event {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no matching event for `{plugin}` within {timeout:?}"))
+            .expect("event stream open");
+        if event.plugin == plugin && matches(&event) {
+            return event;
+        }
+    }
+}
+
+/// Waits for `plugin` to reach `state`.
+pub async fn wait_state(
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    plugin: &str,
+    state: PluginState,
+    timeout: Duration,
+) -> Event {
+    next_event(events, plugin, timeout, |e| e.state == state).await
+}
+
+/// True when no process `pid` runs (it does not exist or is a zombie).
+pub fn is_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    }
+}
+
+/// The real `plugvisor` daemon, started on a sandbox and killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub control: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `plugvisor run` on the sandbox's plugins dir and waits until
+    /// its control socket answers.
+    pub fn start(sandbox: &Sandbox, extra_args: &[&str]) -> Daemon {
+        let control = sandbox.dir.path().join("ctl.sock");
+        let log = sandbox.dir.path().join("daemon.log");
+        let log_file = std::fs::File::create(&log).expect("daemon log");
+        let child = Command::new(bin("plugvisor"))
+            .arg("--control")
+            .arg(&control)
+            .arg("run")
+            .arg("--plugins-dir")
+            .arg(sandbox.plugins_dir())
+            .arg("--runtime-dir")
+            .arg(sandbox.runtime_dir())
+            .args(extra_args)
+            .env("PLUGVISOR_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("the daemon starts");
+        let mut daemon = Daemon {
+            child,
+            control,
+            log,
+        };
+        let control = daemon.control.clone();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&control).is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("the daemon exited with {status}:\n{}", daemon.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not listen within 10s:\n{}",
+                daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        daemon
+    }
+
+    /// Runs a CLI verb against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("plugvisor"))
+            .arg("--control")
+            .arg(&self.control)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("the CLI runs")
+    }
+
+    /// Runs a CLI verb and returns its stdout, asserting exit code 0.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "plugvisor {args:?} failed with {}: {}\ndaemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// `ps --json`, parsed.
+    pub fn ps(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.cli_ok(&["ps", "--json"])).expect("ps --json is JSON")
+    }
+
+    /// The `ps --json` row of one plugin.
+    pub fn plugin(&self, name: &str) -> serde_json::Value {
+        self.ps()
+            .into_iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("`{name}` is not in ps"))
+    }
+
+    /// Waits until `name` is ready.
+    pub fn wait_ready(&self, name: &str) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        wait_until_blocking(Duration::from_secs(15), &format!("{name} ready"), || {
+            last = self.plugin(name);
+            last["state"] == "ready"
+        });
+        last
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends `signal` and waits for the daemon to exit (10 s at most).
+    pub fn stop_with(&mut self, signal: i32) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own, not yet reaped, child.
+        unsafe { libc::kill(self.pid(), signal) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not exit within 10s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -147,6 +147,8 @@ struct RawManifest {
     health: HealthSpec,
     #[serde(default)]
     timeouts: Timeouts,
+    #[serde(default)]
+    idempotent: Vec<String>,
 }
 
 /// A validated manifest.
@@ -167,6 +169,10 @@ pub struct Manifest {
     pub restart: RestartSpec,
     pub health: HealthSpec,
     pub timeouts: Timeouts,
+    /// Methods safe to send again: a call to one of these that loses its
+    /// instance mid-flight is retried on the next ready instance (within its
+    /// deadline). Every other call is sent at most once.
+    pub idempotent: Vec<String>,
 }
 
 /// Checks a plugin name: `[a-z0-9][a-z0-9_-]{0,62}`.
@@ -248,6 +254,9 @@ impl Manifest {
         if raw.health.failure_threshold == 0 {
             return Err(err("health.failure_threshold", "must be at least 1".into()));
         }
+        if let Some(empty) = raw.idempotent.iter().find(|m| m.trim().is_empty()) {
+            return Err(err("idempotent", format!("`{empty}` is not a method name")));
+        }
         for (field, value) in [
             ("timeouts.start", raw.timeouts.start),
             ("timeouts.initialize", raw.timeouts.initialize),
@@ -270,6 +279,7 @@ impl Manifest {
             restart: raw.restart,
             health: raw.health,
             timeouts: raw.timeouts,
+            idempotent: raw.idempotent,
         })
     }
 

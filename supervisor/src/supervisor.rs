@@ -238,6 +238,8 @@ struct Slot {
     config: serde_json::Map<String, serde_json::Value>,
     env: Vec<(String, String)>,
     call_timeout: Duration,
+    /// Methods that may be sent again after their instance died mid-call.
+    idempotent: std::collections::HashSet<String>,
     status: Mutex<SlotStatus>,
     route: watch::Sender<Route>,
     commands: mpsc::UnboundedSender<Command>,
@@ -349,6 +351,7 @@ impl Supervisor {
             config,
             env: env.into_iter().collect(),
             call_timeout: manifest.timeouts.call.0,
+            idempotent: manifest.idempotent.iter().cloned().collect(),
             status: Mutex::new(SlotStatus {
                 manifest: Arc::new(manifest),
                 state: PluginState::Starting,
@@ -432,29 +435,50 @@ impl Supervisor {
         &self,
         plugin: &str,
         method: &str,
-        payload: Bytes,
-        metadata: HashMap<String, String>,
+        mut payload: Bytes,
+        mut metadata: HashMap<String, String>,
         timeout: Option<Duration>,
     ) -> Result<HandleResponse, Error> {
         let slot = self.slot(plugin)?;
         let timeout = timeout.unwrap_or(slot.call_timeout);
         let deadline = Instant::now() + timeout;
-        let ready = ready_instance(&slot, deadline, timeout).await?;
-        let mut client = ready.client.clone();
-        let mut request = tonic::Request::new(HandleRequest {
-            method: method.to_string(),
-            payload,
-            metadata,
-        });
-        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
-        match tokio::time::timeout_at(deadline.into(), client.handle(request)).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(call_error(status, plugin, &ready.id)),
-            Err(_) => Err(Error::Timeout {
-                plugin: plugin.to_string(),
+        let retry = slot.idempotent.contains(method);
+        let mut lost_instance: Option<String> = None;
+        loop {
+            let ready = match &lost_instance {
+                None => ready_instance(&slot, deadline, timeout).await?,
+                Some(lost) => next_instance(&slot, lost, deadline, timeout).await?,
+            };
+            let mut client = ready.client.clone();
+            // Only a call that may be sent again keeps a copy of its input.
+            let (payload, metadata) = if retry {
+                (payload.clone(), metadata.clone())
+            } else {
+                (std::mem::take(&mut payload), std::mem::take(&mut metadata))
+            };
+            let mut request = tonic::Request::new(HandleRequest {
                 method: method.to_string(),
-                timeout,
-            }),
+                payload,
+                metadata,
+            });
+            request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+            let result = tokio::time::timeout_at(deadline.into(), client.handle(request)).await;
+            return match result {
+                Ok(Ok(response)) => Ok(response.into_inner()),
+                Ok(Err(status)) => match call_error(status, plugin, &ready.id) {
+                    Error::Lost { .. } if retry => {
+                        tracing::debug!(plugin, method, instance = %ready.id, "instance lost mid-call; retrying the idempotent method");
+                        lost_instance = Some(ready.id.clone());
+                        continue;
+                    }
+                    e => Err(e),
+                },
+                Err(_) => Err(Error::Timeout {
+                    plugin: plugin.to_string(),
+                    method: method.to_string(),
+                    timeout,
+                }),
+            };
         }
     }
 
@@ -649,6 +673,33 @@ async fn ready_instance(
                     plugin: slot.name.clone(),
                     waited: timeout,
                     reason: format!("{}: {}", st.state, st.reason),
+                });
+            }
+        }
+    }
+}
+
+/// A ready instance other than `lost`, waiting for one until `deadline`.
+async fn next_instance(
+    slot: &Slot,
+    lost: &str,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Arc<ReadyInstance>, Error> {
+    let mut rx = slot.route.subscribe();
+    loop {
+        let still_lost = matches!(&*rx.borrow_and_update(), Route::Ready(r) if r.id == lost);
+        if !still_lost {
+            return ready_instance(slot, deadline, timeout).await;
+        }
+        match tokio::time::timeout_at(deadline.into(), rx.changed()).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(_)) => return Err(Error::ShuttingDown),
+            Err(_) => {
+                return Err(Error::NotReady {
+                    plugin: slot.name.clone(),
+                    waited: timeout,
+                    reason: format!("instance `{lost}` was lost and none replaced it"),
                 });
             }
         }

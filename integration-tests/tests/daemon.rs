@@ -1,0 +1,372 @@
+//! The real `plugvisor` daemon and CLI, end to end: plugins started from a
+//! plugins directory, CLI verbs over the control socket, clean shutdown, and
+//! no plugin process outliving the daemon.
+
+use plugvisor_integration_tests::{Daemon, Sandbox, bin, is_gone, wait_until_blocking};
+use std::time::Duration;
+
+const SECS_10: Duration = Duration::from_secs(10);
+
+fn sandbox_with_examples() -> Sandbox {
+    let sandbox = Sandbox::new();
+    sandbox.plugin("echo", &bin("echo-plugin"), "config: {greeting: hello}");
+    sandbox.plugin("kv", &bin("kv-plugin"), "");
+    sandbox.plugin(
+        "tp",
+        &bin("testplugin"),
+        "args: [--double-fork]\nrestart: {initial_backoff: 20ms}",
+    );
+    sandbox
+}
+
+#[test]
+fn call_through_the_daemon_prints_the_reply() {
+    let sandbox = sandbox_with_examples();
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("echo");
+    assert_eq!(
+        daemon.cli_ok(&["call", "echo", "upper", "--data", "hi"]),
+        "HI"
+    );
+    let file = sandbox.dir.path().join("payload");
+    std::fs::write(&file, "from a file").unwrap();
+    assert_eq!(
+        daemon.cli_ok(&[
+            "call",
+            "echo",
+            "echo",
+            "--data-file",
+            file.to_str().unwrap()
+        ]),
+        "from a file"
+    );
+    // kv keeps what it is told.
+    daemon.wait_ready("kv");
+    daemon.cli_ok(&["call", "kv", "set", "--data", "colour=blue"]);
+    assert_eq!(
+        daemon.cli_ok(&["call", "kv", "get", "--data", "colour"]),
+        "blue"
+    );
+    let state = daemon.cli_ok(&["state", "export", "kv", "--json"]);
+    assert!(state.contains("colour"), "{state}");
+
+    // A plugin's error reaches the CLI, which exits 1.
+    let out = daemon.cli(&["call", "kv", "get", "--data", "absent"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NotFound"),
+        "{out:?}"
+    );
+    let out = daemon.cli(&["call", "nosuch", "echo"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no plugin named `nosuch`"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn ps_lists_plugins_as_a_table_and_as_json() {
+    let sandbox = sandbox_with_examples();
+    let daemon = Daemon::start(&sandbox, &[]);
+    for name in ["echo", "kv", "tp"] {
+        daemon.wait_ready(name);
+    }
+    let rows = daemon.ps();
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        for key in ["name", "version", "state", "pid", "restarts"] {
+            assert!(row.get(key).is_some(), "`{key}` missing in {row}");
+        }
+        assert_eq!(row["state"], "ready");
+        assert!(row["pid"].as_u64().unwrap() > 0);
+        assert_eq!(row["restarts"], 0);
+    }
+    let table = daemon.cli_ok(&["ps"]);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("echo ") && l.contains("ready")),
+        "{table}"
+    );
+    let inspect = daemon.cli_ok(&["inspect", "echo"]);
+    assert!(inspect.contains("state:      ready"), "{inspect}");
+    assert!(inspect.contains("upper"), "lists methods: {inspect}");
+    let health = daemon.cli_ok(&["health", "echo"]);
+    assert!(health.contains("SERVING"), "{health}");
+}
+
+#[test]
+fn a_killed_plugin_comes_back_and_events_tell_why() {
+    let sandbox = sandbox_with_examples();
+    let daemon = Daemon::start(&sandbox, &[]);
+    let before = daemon.wait_ready("tp");
+    let pid = before["pid"].as_i64().unwrap() as i32;
+    // SAFETY: signals a plugin process of the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_until_blocking(SECS_10, "tp to restart", || {
+        let row = daemon.plugin("tp");
+        row["state"] == "ready" && row["pid"].as_i64() != Some(pid as i64)
+    });
+    let row = daemon.plugin("tp");
+    assert_eq!(row["restarts"], 1);
+    assert_eq!(row["last_exit"], "killed by SIGKILL");
+    let events = daemon.cli_ok(&["events", "tp", "--json"]);
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("\"backoff\"") && l.contains("killed by SIGKILL")),
+        "{events}"
+    );
+}
+
+#[test]
+fn sigterm_stops_every_plugin_and_its_descendants() {
+    let sandbox = sandbox_with_examples();
+    let mut daemon = Daemon::start(&sandbox, &[]);
+    for name in ["echo", "kv", "tp"] {
+        daemon.wait_ready(name);
+    }
+    let pids: Vec<i32> = daemon
+        .ps()
+        .iter()
+        .map(|r| r["pid"].as_i64().unwrap() as i32)
+        .collect();
+    let grandchild: i32 = daemon
+        .cli_ok(&["call", "tp", "grandchild"])
+        .parse()
+        .unwrap();
+    assert!(!is_gone(grandchild));
+    let status = daemon.stop_with(libc::SIGTERM);
+    assert!(
+        status.success(),
+        "the daemon exits 0 on SIGTERM: {status}\n{}",
+        daemon.log_text()
+    );
+    for pid in pids.iter().chain([&grandchild]) {
+        wait_until_blocking(SECS_10, &format!("pid {pid} to be gone"), || is_gone(*pid));
+    }
+    let log = daemon.log_text();
+    assert!(
+        log.contains("Shutdown requested; draining"),
+        "plugins drained: {log}"
+    );
+    assert!(!daemon.control.exists(), "the control socket is removed");
+}
+
+#[test]
+fn sigkill_to_the_daemon_takes_its_plugins_down_within_a_second() {
+    let sandbox = sandbox_with_examples();
+    let mut daemon = Daemon::start(&sandbox, &[]);
+    for name in ["echo", "kv", "tp"] {
+        daemon.wait_ready(name);
+    }
+    let pids: Vec<i32> = daemon
+        .ps()
+        .iter()
+        .map(|r| r["pid"].as_i64().unwrap() as i32)
+        .collect();
+    daemon.stop_with(libc::SIGKILL);
+    for pid in pids {
+        wait_until_blocking(
+            Duration::from_secs(1),
+            &format!("plugin pid {pid} to die"),
+            || is_gone(pid),
+        );
+    }
+}
+
+#[test]
+fn a_bad_manifest_does_not_stop_the_good_plugins() {
+    let sandbox = sandbox_with_examples();
+    let bad = sandbox.plugins_dir().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(
+        bad.join("plugin.yaml"),
+        "name: bad\nversion: 1.0.0\nexec: ./x\nrestart: {policy: sometimes}\n",
+    )
+    .unwrap();
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("echo");
+    assert_eq!(daemon.ps().len(), 3);
+    let log = daemon.log_text();
+    assert!(
+        log.contains("bad/plugin.yaml") && log.contains("sometimes"),
+        "{log}"
+    );
+}
+
+#[test]
+fn strict_mode_refuses_to_start_with_a_bad_manifest() {
+    let sandbox = sandbox_with_examples();
+    std::fs::create_dir_all(sandbox.plugins_dir().join("bad")).unwrap();
+    std::fs::write(sandbox.plugins_dir().join("bad/plugin.yaml"), "name: [").unwrap();
+    let out = std::process::Command::new(bin("plugvisor"))
+        .arg("--control")
+        .arg(sandbox.dir.path().join("ctl.sock"))
+        .args(["run", "--strict", "--plugins-dir"])
+        .arg(sandbox.plugins_dir())
+        .arg("--runtime-dir")
+        .arg(sandbox.runtime_dir())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("strict"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn check_validates_offline_and_exits_1_on_errors() {
+    let sandbox = sandbox_with_examples();
+    let run = |dir: &std::path::Path| {
+        std::process::Command::new(bin("plugvisor"))
+            .args(["check", "--plugins-dir"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let out = run(&sandbox.plugins_dir());
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 plugin(s), 0 error(s)"));
+    std::fs::create_dir_all(sandbox.plugins_dir().join("bad")).unwrap();
+    std::fs::write(
+        sandbox.plugins_dir().join("bad/plugin.yaml"),
+        "name: bad\nversion: 1.0\nexec: ./x\n",
+    )
+    .unwrap();
+    let out = run(&sandbox.plugins_dir());
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("bad/plugin.yaml: field `version`"), "{text}");
+}
+
+#[test]
+fn cli_without_a_daemon_says_where_it_looked() {
+    let sandbox = Sandbox::new();
+    let socket = sandbox.dir.path().join("nobody.sock");
+    let out = std::process::Command::new(bin("plugvisor"))
+        .arg("--control")
+        .arg(&socket)
+        .arg("ps")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(socket.to_str().unwrap()), "{err}");
+    assert!(err.contains("plugvisor run"), "{err}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = std::process::Command::new(bin("plugvisor"))
+        .args(["frobnicate"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = std::process::Command::new(bin("plugvisor"))
+        .args(["call"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// Zombie children of `pid` (its threads' children in state Z).
+fn zombie_children(pid: i32) -> Vec<i32> {
+    let mut zombies = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for child in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<i32>().ok())
+        {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            if stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+            {
+                zombies.push(child);
+            }
+        }
+    }
+    zombies
+}
+
+#[test]
+fn no_zombie_after_100_crash_restart_cycles() {
+    let sandbox = Sandbox::new();
+    // Each start double-forks a grandchild (orphaned to the daemon, the
+    // subreaper, when its parent exits) and then exits with code 1.
+    sandbox.plugin(
+        "crashy",
+        &bin("testplugin"),
+        "args: [--double-fork, --exit-immediately, \"1\"]\nrestart: {initial_backoff: 1ms, max_backoff: 2ms, jitter: 0.0, max_restarts: 100000, window: 1s}",
+    );
+    let daemon = Daemon::start(&sandbox, &[]);
+    wait_until_blocking(Duration::from_secs(60), "100 restarts", || {
+        daemon.plugin("crashy")["restarts"].as_u64().unwrap_or(0) >= 100
+    });
+    daemon.cli_ok(&["stop", "crashy"]);
+    // Everything that exited has been reaped: the daemon has no zombie child
+    // once the sweeper has run (it runs on SIGCHLD and every second).
+    wait_until_blocking(Duration::from_secs(5), "no zombie children", || {
+        zombie_children(daemon.pid()).is_empty()
+    });
+}
+
+#[test]
+fn events_follow_sees_a_crash_as_it_happens() {
+    let sandbox = sandbox_with_examples();
+    let daemon = Daemon::start(&sandbox, &[]);
+    let pid = daemon.wait_ready("tp")["pid"].as_i64().unwrap() as i32;
+    let mut follower = std::process::Command::new(bin("plugvisor"))
+        .arg("--control")
+        .arg(&daemon.control)
+        .args(["events", "tp", "-f", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The past comes first: the follower is attached once `ready` shows.
+    let deadline = std::time::Instant::now() + SECS_10;
+    loop {
+        let line = rx
+            .recv_timeout(deadline - std::time::Instant::now())
+            .expect("history arrives");
+        if line.contains("\"ready\"") {
+            break;
+        }
+    }
+    // SAFETY: signals a plugin process of the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + SECS_10;
+    let seen = loop {
+        let line = rx
+            .recv_timeout(deadline - std::time::Instant::now())
+            .expect("the crash is streamed");
+        if line.contains("\"backoff\"") {
+            break line;
+        }
+    };
+    assert!(seen.contains("killed by SIGKILL"), "{seen}");
+    let _ = follower.kill();
+    let _ = follower.wait();
+    reader.join().unwrap();
+}
