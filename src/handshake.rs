@@ -11,6 +11,9 @@ use std::fmt;
 pub const ENV_SOCKET: &str = "PLUGVISOR_PLUGIN_SOCKET";
 /// Environment variable naming the plugin, as the supervisor knows it.
 pub const ENV_NAME: &str = "PLUGVISOR_PLUGIN_NAME";
+/// Environment variable naming this started instance (`<plugin>-<replica>-<n>`),
+/// the same id Initialize carries.
+pub const ENV_INSTANCE_ID: &str = "PLUGVISOR_INSTANCE_ID";
 /// Environment variable listing the protocol versions the supervisor speaks,
 /// comma separated (e.g. `1`).
 pub const ENV_PROTOCOL_VERSIONS: &str = "PLUGVISOR_PROTOCOL_VERSIONS";

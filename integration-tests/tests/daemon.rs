@@ -370,3 +370,64 @@ fn events_follow_sees_a_crash_as_it_happens() {
     let _ = follower.wait();
     reader.join().unwrap();
 }
+
+/// The Python example's launcher, when its virtualenv exists.
+fn python_echo() -> Option<std::path::PathBuf> {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()?
+        .to_path_buf();
+    let launcher = repo.join("examples/python-echo/python-echo");
+    if !repo.join(".venv/bin/python3").exists() {
+        eprintln!("SKIP: the Python virtualenv is missing (run scripts/setup-python.sh)");
+        return None;
+    }
+    Some(launcher)
+}
+
+#[test]
+fn the_python_plugin_runs_beside_the_rust_ones_and_comes_back_after_a_kill() {
+    let Some(launcher) = python_echo() else {
+        return;
+    };
+    let sandbox = sandbox_with_examples();
+    sandbox.plugin(
+        "python-echo",
+        &launcher,
+        "timeouts: {start: 20s}\nrestart: {initial_backoff: 20ms}",
+    );
+    let daemon = Daemon::start(&sandbox, &[]);
+    let row = daemon.wait_ready("python-echo");
+    daemon.wait_ready("echo");
+    assert_eq!(
+        daemon.cli_ok(&["call", "python-echo", "upper", "--data", "from python"]),
+        "FROM PYTHON"
+    );
+    assert_eq!(
+        daemon.cli_ok(&["call", "echo", "upper", "--data", "from rust"]),
+        "FROM RUST"
+    );
+    let out = daemon.cli(&["call", "python-echo", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Unimplemented"),
+        "{out:?}"
+    );
+    let pid = row["pid"].as_i64().unwrap() as i32;
+    // SAFETY: signals a plugin process of the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_until_blocking(Duration::from_secs(30), "python-echo to restart", || {
+        let row = daemon.plugin("python-echo");
+        row["state"] == "ready" && row["pid"].as_i64() != Some(pid as i64)
+    });
+    assert_eq!(
+        daemon.cli_ok(&["call", "python-echo", "echo", "--data", "again"]),
+        "again"
+    );
+    assert_eq!(
+        daemon.plugin("python-echo")["last_exit"],
+        "killed by SIGKILL"
+    );
+    // Its stderr lines are captured with the plugin's name.
+    let logs = daemon.cli_ok(&["logs", "python-echo", "--tail", "50"]);
+    assert!(!logs.is_empty(), "the python plugin's output is captured");
+}

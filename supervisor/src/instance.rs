@@ -124,7 +124,7 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
         (handshake::ENV_SOCKET.into(), socket.clone().into()),
         (handshake::ENV_NAME.into(), m.name.clone().into()),
         (
-            "PLUGVISOR_INSTANCE_ID".into(),
+            handshake::ENV_INSTANCE_ID.into(),
             ctx.instance_id.clone().into(),
         ),
         (

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Builds plugvisor and the example plugins, prepares the Python example's
+# virtualenv, and runs the daemon on examples/plugins in the foreground.
+# In another shell: `target/release/plugvisor ps`, `... call echo upper --data hi`.
+# Extra arguments are passed to `plugvisor run`.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+cargo build --release -p plugvisor -p plugvisor-example-echo -p plugvisor-example-kv
+scripts/setup-python.sh
+exec target/release/plugvisor run --plugins-dir examples/plugins "$@"
