@@ -34,6 +34,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let mut options = SupervisorOptions::new(&config.runtime_dir);
     options.subreaper = true;
+    options.state_dir = Some(config.state_dir.clone());
     let supervisor = Supervisor::new(options).context("cannot start the supervisor")?;
     let mut started = 0;
     for manifest in discovery.manifests {

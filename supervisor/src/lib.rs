@@ -42,6 +42,7 @@ pub mod manifest;
 pub mod notify;
 pub mod policy;
 pub mod process;
+pub mod state;
 pub mod supervisor;
 pub mod transport;
 pub mod units;

@@ -129,6 +129,27 @@ impl Default for Timeouts {
     }
 }
 
+/// `state:` — snapshots of what the plugin's ExportState returns.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateSpec {
+    /// How often a ready plugin's state is snapshotted; `0s` turns periodic
+    /// snapshots off (a graceful stop still takes one).
+    pub snapshot_interval: HumanDuration,
+    /// Snapshot after every call that reports `state_changed`, before the
+    /// caller gets its reply: no acknowledged change is ever lost.
+    pub snapshot_on_change: bool,
+}
+
+impl Default for StateSpec {
+    fn default() -> Self {
+        StateSpec {
+            snapshot_interval: HumanDuration(Duration::from_secs(30)),
+            snapshot_on_change: false,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawManifest {
@@ -149,6 +170,8 @@ struct RawManifest {
     timeouts: Timeouts,
     #[serde(default)]
     idempotent: Vec<String>,
+    #[serde(default)]
+    state: StateSpec,
 }
 
 /// A validated manifest.
@@ -173,6 +196,7 @@ pub struct Manifest {
     /// instance mid-flight is retried on the next ready instance (within its
     /// deadline). Every other call is sent at most once.
     pub idempotent: Vec<String>,
+    pub state: StateSpec,
 }
 
 /// Checks a plugin name: `[a-z0-9][a-z0-9_-]{0,62}`.
@@ -280,6 +304,7 @@ impl Manifest {
             health: raw.health,
             timeouts: raw.timeouts,
             idempotent: raw.idempotent,
+            state: raw.state,
         })
     }
 

@@ -11,6 +11,7 @@ use crate::logs::LogBuffer;
 use crate::manifest::Manifest;
 use crate::policy::{Decision, Jitter, RestartTracker};
 use crate::process::{ExitStatus, ProcessManager, wait_exit};
+use crate::state::SnapshotStore;
 pub use plugvisor_proto::health_check_response::Status as Health;
 use plugvisor_proto::plugin_client::PluginClient;
 use plugvisor_proto::{Chunk, HandleRequest, HandleResponse, HealthCheckRequest};
@@ -179,6 +180,8 @@ pub struct SupervisorOptions {
     pub history: usize,
     /// Output lines kept per plugin.
     pub log_lines: usize,
+    /// Where plugin state snapshots are kept; `None` keeps none.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl SupervisorOptions {
@@ -189,6 +192,7 @@ impl SupervisorOptions {
             proc_root: PathBuf::from("/proc"),
             history: 256,
             log_lines: 2000,
+            state_dir: None,
         }
     }
 }
@@ -244,6 +248,11 @@ struct Slot {
     route: watch::Sender<Route>,
     commands: mpsc::UnboundedSender<Command>,
     logs: Arc<LogBuffer>,
+    /// Snapshot store, when the supervisor has a state dir.
+    snapshots: Option<SnapshotStore>,
+    /// Serialises snapshot writes, so they land in export order.
+    snapshot_lock: tokio::sync::Mutex<()>,
+    snapshot_on_change: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -346,6 +355,7 @@ impl Supervisor {
         env.extend(overrides.env.clone());
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let name = manifest.name.clone();
+        let snapshot_on_change = manifest.state.snapshot_on_change;
         let slot = Arc::new(Slot {
             name: name.clone(),
             config,
@@ -367,6 +377,14 @@ impl Supervisor {
             route: watch::channel(Route::Pending).0,
             commands,
             logs: Arc::new(LogBuffer::new(self.shared.opts.log_lines)),
+            snapshots: self
+                .shared
+                .opts
+                .state_dir
+                .as_deref()
+                .map(|dir| SnapshotStore::new(dir, &name)),
+            snapshot_lock: tokio::sync::Mutex::new(()),
+            snapshot_on_change,
         });
         slots.insert(name, slot.clone());
         drop(slots);
@@ -464,7 +482,19 @@ impl Supervisor {
             request.set_timeout(deadline.saturating_duration_since(Instant::now()));
             let result = tokio::time::timeout_at(deadline.into(), client.handle(request)).await;
             return match result {
-                Ok(Ok(response)) => Ok(response.into_inner()),
+                Ok(Ok(response)) => {
+                    let response = response.into_inner();
+                    if response.state_changed && slot.snapshot_on_change {
+                        snapshot(&slot, &ready.client, &ready.id)
+                            .await
+                            .map_err(|why| Error::Lost {
+                                plugin: plugin.to_string(),
+                                instance: ready.id.clone(),
+                                reason: format!("the call succeeded but its state could not be snapshotted: {why}"),
+                            })?;
+                    }
+                    Ok(response)
+                }
                 Ok(Err(status)) => match call_error(status, plugin, &ready.id) {
                     Error::Lost { .. } if retry => {
                         tracing::debug!(plugin, method, instance = %ready.id, "instance lost mid-call; retrying the idempotent method");
@@ -677,6 +707,71 @@ async fn ready_instance(
             }
         }
     }
+}
+
+/// Exports the instance's state and writes it as the plugin's newest
+/// snapshot. Returns the snapshot's sequence number (`None` without a store).
+async fn snapshot(
+    slot: &Slot,
+    client: &PluginClient<Channel>,
+    instance: &str,
+) -> Result<Option<u64>, String> {
+    let Some(store) = &slot.snapshots else {
+        return Ok(None);
+    };
+    let _order = slot.snapshot_lock.lock().await;
+    let mut client = client.clone();
+    let mut request = tonic::Request::new(plugvisor_proto::ExportStateRequest {});
+    request.set_timeout(slot.call_timeout);
+    let state = tokio::time::timeout(slot.call_timeout, client.export_state(request))
+        .await
+        .map_err(|_| {
+            format!(
+                "ExportState did not answer within {}ms",
+                slot.call_timeout.as_millis()
+            )
+        })?
+        .map_err(|s| format!("ExportState failed: {:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    let store = store.clone();
+    let seq = tokio::task::spawn_blocking(move || store.write(&state.state, state.state_version))
+        .await
+        .map_err(|e| format!("the snapshot writer failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+    tracing::debug!(plugin = %slot.name, instance, seq, "state snapshot written");
+    Ok(Some(seq))
+}
+
+/// The newest good snapshot as Initialize's restored state, and a note for
+/// the event trail (which snapshot, and any newer ones found corrupt).
+async fn restored_state(slot: &Slot) -> (Option<plugvisor_proto::RestoredState>, String) {
+    let Some(store) = slot.snapshots.clone() else {
+        return (None, String::new());
+    };
+    let loaded = tokio::task::spawn_blocking(move || store.load())
+        .await
+        .unwrap_or_default();
+    let mut note = match &loaded.snapshot {
+        Some(s) => format!(
+            "; restoring snapshot #{} ({} bytes, state version {})",
+            s.seq,
+            s.state.len(),
+            s.state_version
+        ),
+        None => String::new(),
+    };
+    if !loaded.skipped.is_empty() {
+        tracing::warn!(plugin = %slot.name, "skipped corrupt snapshots: {}", loaded.skipped.join("; "));
+        note.push_str(&format!(
+            "; skipped corrupt snapshot(s): {}",
+            loaded.skipped.join("; ")
+        ));
+    }
+    let restored = loaded.snapshot.map(|s| plugvisor_proto::RestoredState {
+        state: s.state.into(),
+        state_version: s.state_version,
+    });
+    (restored, note)
 }
 
 /// A ready instance other than `lost`, waiting for one until `deadline`.
@@ -928,17 +1023,18 @@ async fn start_and_run(
         st.instance = instance_id.to_string();
         st.pid = Some(instance.child.pid());
     }
+    let (restored, note) = restored_state(slot).await;
     shared.transition(
         slot,
         PluginState::Initializing,
         instance_id,
         format!(
-            "handshake done in {}ms; calling Initialize",
+            "handshake done in {}ms; calling Initialize{note}",
             instance.spawned_at.elapsed().as_millis()
         ),
     );
     let init = tokio::select! {
-        r = instance::initialize(&mut instance, manifest, &slot.config, None) => r,
+        r = instance::initialize(&mut instance, manifest, &slot.config, restored) => r,
         _ = shared.cancel.cancelled() => {
             instance::kill_and_reap(&instance.child).await;
             return Ok(Outcome::Decided(Next::Exit));
@@ -1052,6 +1148,11 @@ async fn stop_instance(
         }
     });
     shared.transition(slot, PluginState::Stopping, &instance.id, why.to_string());
+    if instance.child.try_status().is_none()
+        && let Err(e) = snapshot(slot, &instance.client, &instance.id).await
+    {
+        tracing::warn!(plugin = %slot.name, instance = %instance.id, "no snapshot at stop: {e}");
+    }
     let status = instance::stop(instance, manifest.timeouts.stop.0).await;
     {
         let mut st = lock(&slot.status);
@@ -1081,6 +1182,14 @@ async fn watch_ready(
     probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failures = 0u32;
     let mut degraded = false;
+    // Periodic snapshots; a zero interval (or no store) never ticks.
+    let every = manifest.state.snapshot_interval.0;
+    let periodic = slot.snapshots.is_some() && !every.is_zero();
+    let mut snapshots = tokio::time::interval_at(
+        tokio::time::Instant::now() + every.max(Duration::from_millis(1)),
+        every.max(Duration::from_millis(1)),
+    );
+    snapshots.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let exited = wait_exit(exit);
     tokio::pin!(exited);
     loop {
@@ -1094,6 +1203,11 @@ async fn watch_ready(
                 Some(Command::Restart(reply)) => return RunEnd::Restart(reply),
                 None => return RunEnd::Cancelled,
             },
+            _ = snapshots.tick(), if periodic => {
+                if let Err(e) = snapshot(slot, &instance.client, &instance.id).await {
+                    tracing::warn!(plugin = %slot.name, instance = %instance.id, "periodic snapshot failed: {e}");
+                }
+            }
             _ = probes.tick() => {
                 match probe(&instance.client, manifest.health.timeout.0).await {
                     Ok((Health::Serving, _)) => {

@@ -1,0 +1,236 @@
+//! State that survives: snapshots of a real plugin's exported state, taken
+//! per call, periodically and at graceful stop, restored after a crash or a
+//! supervisor restart, with corrupt snapshots skipped.
+
+use plugvisor::{PluginState, Supervisor, SupervisorOptions};
+use plugvisor_integration_tests::{Sandbox, bin, is_gone, wait_state, wait_until};
+use prost::bytes::Bytes;
+use std::path::Path;
+use std::time::Duration;
+
+const SECS_10: Duration = Duration::from_secs(10);
+
+fn supervisor(sandbox: &Sandbox, state_dir: &Path) -> Supervisor {
+    let mut options = SupervisorOptions::new(sandbox.runtime_dir());
+    options.state_dir = Some(state_dir.to_path_buf());
+    Supervisor::new(options).expect("supervisor starts")
+}
+
+async fn call(sup: &Supervisor, method: &str, payload: &str) -> Result<Bytes, plugvisor::Error> {
+    sup.call(
+        "kv",
+        method,
+        Bytes::from(payload.to_string()),
+        Default::default(),
+        Some(SECS_10),
+    )
+    .await
+    .map(|r| r.payload)
+}
+
+async fn kill_and_wait_back(sup: &Supervisor) {
+    let mut events = sup.events();
+    let pid = sup.info("kv").unwrap().pid.unwrap();
+    // SAFETY: signals the plugin process this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_state(&mut events, "kv", PluginState::Ready, SECS_10).await;
+    assert!(is_gone(pid));
+}
+
+#[tokio::test]
+async fn with_per_call_snapshots_no_acknowledged_write_is_lost_to_sigkill() {
+    let sandbox = Sandbox::new();
+    let state_dir = sandbox.dir.path().join("state");
+    let sup = supervisor(&sandbox, &state_dir);
+    sup.add(
+        sandbox.manifest(
+            "kv",
+            &bin("kv-plugin"),
+            "state: {snapshot_on_change: true, snapshot_interval: 0s}\nrestart: {initial_backoff: 10ms}",
+        ),
+        &Default::default(),
+    )
+    .unwrap();
+    sup.wait_ready("kv", SECS_10).await.unwrap();
+    for i in 0..50 {
+        call(&sup, "set", &format!("key{i}=value{i}"))
+            .await
+            .unwrap();
+    }
+    kill_and_wait_back(&sup).await;
+    for i in 0..50 {
+        let value = call(&sup, "get", &format!("key{i}")).await.unwrap();
+        assert_eq!(value, format!("value{i}").as_bytes(), "key{i} survived");
+    }
+    let history = sup.history("kv").unwrap();
+    assert!(
+        history.iter().any(
+            |e| e.state == PluginState::Initializing && e.reason.contains("restoring snapshot")
+        ),
+        "{history:#?}"
+    );
+    sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn periodic_snapshots_cover_writes_older_than_the_interval() {
+    let sandbox = Sandbox::new();
+    let state_dir = sandbox.dir.path().join("state");
+    let sup = supervisor(&sandbox, &state_dir);
+    sup.add(
+        sandbox.manifest(
+            "kv",
+            &bin("kv-plugin"),
+            "state: {snapshot_interval: 50ms}\nrestart: {initial_backoff: 10ms}",
+        ),
+        &Default::default(),
+    )
+    .unwrap();
+    sup.wait_ready("kv", SECS_10).await.unwrap();
+    call(&sup, "set", "colour=blue").await.unwrap();
+    // Wait for a snapshot holding the write, then crash.
+    let store = plugvisor::state::SnapshotStore::new(&state_dir, "kv");
+    wait_until(SECS_10, "a snapshot with the write", || {
+        store
+            .load()
+            .snapshot
+            .is_some_and(|s| String::from_utf8_lossy(&s.state).contains("blue"))
+    })
+    .await;
+    kill_and_wait_back(&sup).await;
+    assert_eq!(
+        call(&sup, "get", "colour").await.unwrap(),
+        "blue".as_bytes()
+    );
+    sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_graceful_stop_snapshots_and_a_new_supervisor_restores() {
+    let sandbox = Sandbox::new();
+    let state_dir = sandbox.dir.path().join("state");
+    let manifest = sandbox.manifest("kv", &bin("kv-plugin"), "state: {snapshot_interval: 0s}");
+    let sup = supervisor(&sandbox, &state_dir);
+    sup.add(manifest.clone(), &Default::default()).unwrap();
+    sup.wait_ready("kv", SECS_10).await.unwrap();
+    call(&sup, "set", "a=1").await.unwrap();
+    call(&sup, "set", "b=2").await.unwrap();
+    sup.shutdown().await;
+
+    let sup = supervisor(&sandbox, &state_dir);
+    sup.add(manifest, &Default::default()).unwrap();
+    sup.wait_ready("kv", SECS_10).await.unwrap();
+    assert_eq!(call(&sup, "get", "a").await.unwrap(), "1".as_bytes());
+    assert_eq!(call(&sup, "get", "b").await.unwrap(), "2".as_bytes());
+    sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_latest_snapshot_falls_back_to_the_previous_and_says_so() {
+    let sandbox = Sandbox::new();
+    let state_dir = sandbox.dir.path().join("state");
+    let sup = supervisor(&sandbox, &state_dir);
+    let mut events = sup.events();
+    sup.add(
+        sandbox.manifest(
+            "kv",
+            &bin("kv-plugin"),
+            "state: {snapshot_on_change: true, snapshot_interval: 0s}\nrestart: {initial_backoff: 1s, jitter: 0.0}",
+        ),
+        &Default::default(),
+    )
+    .unwrap();
+    wait_state(&mut events, "kv", PluginState::Ready, SECS_10).await;
+    call(&sup, "set", "first=1").await.unwrap();
+    call(&sup, "set", "second=2").await.unwrap();
+    let pid = sup.info("kv").unwrap().pid.unwrap();
+    // SAFETY: signals the plugin process this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // During the 1s backoff, corrupt the newest snapshot file.
+    wait_state(&mut events, "kv", PluginState::Backoff, SECS_10).await;
+    let mut snaps: Vec<_> = std::fs::read_dir(state_dir.join("kv"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "snap"))
+        .collect();
+    snaps.sort();
+    let newest = snaps.last().unwrap().clone();
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&newest, bytes).unwrap();
+
+    let init = wait_state(&mut events, "kv", PluginState::Initializing, SECS_10).await;
+    assert!(
+        init.reason.contains("skipped corrupt snapshot"),
+        "{}",
+        init.reason
+    );
+    assert!(init.reason.contains("checksum mismatch"), "{}", init.reason);
+    wait_state(&mut events, "kv", PluginState::Ready, SECS_10).await;
+    assert_eq!(call(&sup, "get", "first").await.unwrap(), "1".as_bytes());
+    assert!(
+        call(&sup, "get", "second").await.is_err(),
+        "the corrupt snapshot's write is not restored"
+    );
+    sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_full_disk_during_a_snapshot_keeps_the_previous_one() {
+    let sandbox = Sandbox::new();
+    let state_dir = sandbox.dir.path().join("state");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let size = "size=64k";
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", size, "tmpfs"])
+        .arg(&state_dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIP: cannot mount a small tmpfs to fill (needs root and mount)");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&state_dir);
+    let sup = supervisor(&sandbox, &state_dir);
+    sup.add(
+        sandbox.manifest(
+            "kv",
+            &bin("kv-plugin"),
+            "state: {snapshot_on_change: true, snapshot_interval: 0s}",
+        ),
+        &Default::default(),
+    )
+    .unwrap();
+    sup.wait_ready("kv", SECS_10).await.unwrap();
+    call(&sup, "set", "small=ok").await.unwrap();
+    // A value bigger than the whole filesystem: the snapshot cannot be written,
+    // and the caller is told its change is not durable.
+    let big = format!("big={}", "x".repeat(128 * 1024));
+    let err = call(&sup, "set", &big).await.unwrap_err();
+    assert!(
+        err.to_string().contains("could not be snapshotted"),
+        "{err}"
+    );
+    let store = plugvisor::state::SnapshotStore::new(&state_dir, "kv");
+    let snapshot = store
+        .load()
+        .snapshot
+        .expect("the previous snapshot is intact");
+    assert!(String::from_utf8_lossy(&snapshot.state).contains("small"));
+    assert!(!String::from_utf8_lossy(&snapshot.state).contains("xxxx"));
+    let leftovers = std::fs::read_dir(state_dir.join("kv"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .count();
+    assert_eq!(leftovers, 0, "no temp file is left behind");
+    sup.shutdown().await;
+}
