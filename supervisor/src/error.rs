@@ -35,6 +35,14 @@ pub enum Error {
     /// The plugin answered with an error status: passed on unchanged.
     #[error("{0}")]
     Plugin(tonic::Status),
+    #[error("plugin `{plugin}` is overloaded: {in_flight} calls in flight and {queued} queued; retry later")]
+    Overloaded {
+        plugin: String,
+        in_flight: usize,
+        queued: usize,
+    },
+    #[error("upgrade of `{plugin}` failed and was rolled back: {reason}")]
+    UpgradeFailed { plugin: String, reason: String },
     #[error("the supervisor is shutting down")]
     ShuttingDown,
     #[error("{0}")]
@@ -48,6 +56,8 @@ impl From<Error> for tonic::Status {
             Error::UnknownPlugin(_) => tonic::Status::not_found(e.to_string()),
             Error::Timeout { .. } => tonic::Status::deadline_exceeded(e.to_string()),
             Error::Invalid(_) => tonic::Status::invalid_argument(e.to_string()),
+            Error::Overloaded { .. } => tonic::Status::resource_exhausted(e.to_string()),
+            Error::UpgradeFailed { .. } => tonic::Status::failed_precondition(e.to_string()),
             Error::NotRunning { .. }
             | Error::NotReady { .. }
             | Error::Lost { .. }

@@ -343,6 +343,12 @@ pub async fn initialize(
     tokio::select! {
         result = instance.client.initialize(request) => match result {
             Ok(response) => Ok(response.into_inner()),
+            // The request's own deadline (grpc-timeout) may fire first.
+            Err(status) if matches!(status.code(), tonic::Code::Cancelled | tonic::Code::DeadlineExceeded)
+                && status.message().contains("Timeout expired") =>
+            {
+                Err(StartError::InitializeTimeout(timeout))
+            }
             Err(status) => Err(StartError::InitializeFailed(format!(
                 "{:?}: {}",
                 status.code(),

@@ -31,6 +31,7 @@
 //! # Ok(()) }
 //! ```
 
+mod actor;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -42,10 +43,13 @@ pub mod manifest;
 pub mod notify;
 pub mod policy;
 pub mod process;
+mod routing;
 pub mod state;
 pub mod supervisor;
 pub mod transport;
 pub mod units;
 
 pub use error::Error;
-pub use supervisor::{Event, ExitReason, PluginInfo, PluginState, Supervisor, SupervisorOptions};
+pub use supervisor::{
+    Event, ExitReason, PluginInfo, PluginState, ReplicaInfo, Supervisor, SupervisorOptions,
+};

@@ -150,6 +150,42 @@ impl Default for StateSpec {
     }
 }
 
+/// `calls:` — backpressure: how many calls a plugin takes at once (across
+/// its replicas) and how many may wait for a slot.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallLimits {
+    pub max_in_flight: usize,
+    /// Beyond this many waiting calls, new ones get RESOURCE_EXHAUSTED.
+    pub max_queue: usize,
+}
+
+impl Default for CallLimits {
+    fn default() -> Self {
+        CallLimits {
+            max_in_flight: 1024,
+            max_queue: 1024,
+        }
+    }
+}
+
+/// `upgrade:` — how a new version takes over from a running one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpgradeSpec {
+    /// After the switch the old instance stays up this long; if the new one
+    /// exits or fails a health check meanwhile, calls go back to the old one.
+    pub probation: HumanDuration,
+}
+
+impl Default for UpgradeSpec {
+    fn default() -> Self {
+        UpgradeSpec {
+            probation: HumanDuration(Duration::from_secs(2)),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawManifest {
@@ -172,6 +208,16 @@ struct RawManifest {
     idempotent: Vec<String>,
     #[serde(default)]
     state: StateSpec,
+    #[serde(default = "one")]
+    replicas: u32,
+    #[serde(default)]
+    calls: CallLimits,
+    #[serde(default)]
+    upgrade: UpgradeSpec,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// A validated manifest.
@@ -197,6 +243,10 @@ pub struct Manifest {
     /// deadline). Every other call is sent at most once.
     pub idempotent: Vec<String>,
     pub state: StateSpec,
+    /// Identical children; calls go to the least-loaded ready one.
+    pub replicas: u32,
+    pub calls: CallLimits,
+    pub upgrade: UpgradeSpec,
 }
 
 /// Checks a plugin name: `[a-z0-9][a-z0-9_-]{0,62}`.
@@ -278,6 +328,15 @@ impl Manifest {
         if raw.health.failure_threshold == 0 {
             return Err(err("health.failure_threshold", "must be at least 1".into()));
         }
+        if !(1..=64).contains(&raw.replicas) {
+            return Err(err(
+                "replicas",
+                format!("{} is out of range; expected 1 to 64", raw.replicas),
+            ));
+        }
+        if raw.calls.max_in_flight == 0 {
+            return Err(err("calls.max_in_flight", "must be at least 1".into()));
+        }
         if let Some(empty) = raw.idempotent.iter().find(|m| m.trim().is_empty()) {
             return Err(err("idempotent", format!("`{empty}` is not a method name")));
         }
@@ -305,6 +364,9 @@ impl Manifest {
             timeouts: raw.timeouts,
             idempotent: raw.idempotent,
             state: raw.state,
+            replicas: raw.replicas,
+            calls: raw.calls,
+            upgrade: raw.upgrade,
         })
     }
 

@@ -286,14 +286,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SnapshotStore::new(dir.path(), "kv");
         store.write(b"good", 1).unwrap();
-        // Make the rename target unusable: a directory where the file goes.
-        std::fs::create_dir(store.path(2)).unwrap();
+        // Make the temp file unwritable: a directory where it goes.
+        let blocker = store.dir().join(".state.00000000000000000002.tmp");
+        std::fs::create_dir(&blocker).unwrap();
         let err = store.write(b"lost", 1).unwrap_err();
         assert!(
             err.to_string().contains("state.00000000000000000002.snap"),
             "{err}"
         );
-        std::fs::remove_dir(store.path(2)).unwrap();
+        std::fs::remove_dir(&blocker).unwrap();
         assert_eq!(store.load().snapshot.unwrap().state, b"good");
         let leftovers: Vec<_> = std::fs::read_dir(store.dir())
             .unwrap()

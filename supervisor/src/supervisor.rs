@@ -1,32 +1,38 @@
-//! The supervisor: one actor task per plugin runs its state machine
-//! (`starting → initializing → ready ⇄ degraded → stopping → stopped`, with
-//! `backoff` between restarts and `failed` when it gives up), and calls are
-//! routed to the plugin's ready instance through a watch channel, so a call
-//! made while a plugin restarts waits for it up to the call's deadline.
+//! The supervisor: its public API, the state it shares with the per-replica
+//! actors ([`crate::actor`]), and the call paths.
+//!
+//! Each plugin has `replicas` actors, each running one child through the
+//! state machine `starting → initializing → ready ⇄ degraded → stopping →
+//! stopped`, with `backoff` between restarts and `failed` when it gives up.
+//! Calls are admitted through the plugin's bounded [`Admission`], routed to
+//! the least-loaded ready instance ([`crate::routing`]), and wait for a
+//! restarting plugin up to their deadline.
 
+use crate::actor::{self, Command};
 use crate::config::{PluginOverride, merge_json};
 use crate::error::Error;
-use crate::instance::{self, Instance, StartContext, StartError};
+use crate::instance::StartError;
 use crate::logs::LogBuffer;
 use crate::manifest::Manifest;
-use crate::policy::{Decision, Jitter, RestartTracker};
-use crate::process::{ExitStatus, ProcessManager, wait_exit};
+use crate::process::{ExitStatus, ProcessManager};
+use crate::routing::{Admission, InFlight, Routes};
 use crate::state::SnapshotStore;
-pub use plugvisor_proto::health_check_response::Status as Health;
 use plugvisor_proto::plugin_client::PluginClient;
-use plugvisor_proto::{Chunk, HandleRequest, HandleResponse, HealthCheckRequest};
+use plugvisor_proto::{Chunk, HandleRequest, HandleResponse};
 use prost::bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
 
-/// Where a plugin is in its life.
+pub use plugvisor_proto::health_check_response::Status as Health;
+
+/// Where a plugin (or one replica of it) is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PluginState {
     Starting,
@@ -82,7 +88,7 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
-    fn from_status(status: ExitStatus) -> Self {
+    pub(crate) fn from_status(status: ExitStatus) -> Self {
         match status {
             ExitStatus::Exited(code) => ExitReason::Exited(code),
             ExitStatus::Signaled {
@@ -111,7 +117,7 @@ impl ExitReason {
     }
 
     /// Exited with code 0 on its own.
-    fn is_clean(&self) -> bool {
+    pub(crate) fn is_clean(&self) -> bool {
         matches!(self, ExitReason::Exited(0))
     }
 }
@@ -143,13 +149,27 @@ impl std::fmt::Display for ExitReason {
 pub struct Event {
     pub time: SystemTime,
     pub plugin: String,
-    /// The instance concerned; empty when there is none.
+    /// The instance concerned (`<plugin>-<replica>-<start>`); empty when none.
     pub instance: String,
     pub state: PluginState,
     pub reason: String,
 }
 
-/// A point-in-time view of one plugin, for `ps` and `inspect`.
+/// A point-in-time view of one replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaInfo {
+    pub state: PluginState,
+    pub reason: String,
+    pub instance: String,
+    pub pid: Option<i32>,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    pub ready_for: Option<Duration>,
+}
+
+/// A point-in-time view of one plugin, for `ps` and `inspect`. With one
+/// replica the top-level fields are that replica's; with several, `state`
+/// summarises them (ready when all are, degraded when some are up).
 #[derive(Debug, Clone)]
 pub struct PluginInfo {
     pub name: String,
@@ -159,11 +179,13 @@ pub struct PluginInfo {
     pub reason: String,
     pub instance: String,
     pub pid: Option<i32>,
+    /// Restarts of all replicas.
     pub restarts: u32,
     pub last_exit: Option<String>,
     pub ready_for: Option<Duration>,
     pub exec: PathBuf,
     pub methods: Vec<String>,
+    pub replicas: Vec<ReplicaInfo>,
 }
 
 /// Settings of the supervisor itself.
@@ -197,84 +219,93 @@ impl SupervisorOptions {
     }
 }
 
-/// A ready instance that calls can go to.
-struct ReadyInstance {
-    id: String,
-    client: PluginClient<Channel>,
-}
-
-/// What a call sees of a plugin.
-#[derive(Clone)]
-enum Route {
-    Ready(Arc<ReadyInstance>),
-    /// Starting, restarting or in backoff: calls wait.
-    Pending,
-    /// Stopped or failed: calls fail at once.
-    Down {
-        state: PluginState,
-        reason: String,
-    },
-}
-
-enum Command {
-    Start(oneshot::Sender<()>),
-    Stop(oneshot::Sender<()>),
-    Restart(oneshot::Sender<()>),
+/// Status of one replica, updated by its actor.
+#[derive(Debug, Clone)]
+pub(crate) struct ReplicaStatus {
+    pub state: PluginState,
+    pub reason: String,
+    pub instance: String,
+    pub pid: Option<i32>,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    pub ready_since: Option<Instant>,
 }
 
 /// Mutable status of a plugin, behind one lock.
-struct SlotStatus {
-    manifest: Arc<Manifest>,
-    state: PluginState,
-    reason: String,
-    instance: String,
-    pid: Option<i32>,
-    restarts: u32,
-    last_exit: Option<String>,
-    ready_since: Option<Instant>,
-    methods: Vec<String>,
-    history: VecDeque<Event>,
+pub(crate) struct SlotStatus {
+    /// The manifest the plugin runs now (an upgrade replaces it).
+    pub manifest: Arc<Manifest>,
+    pub methods: Vec<String>,
+    pub replicas: Vec<ReplicaStatus>,
+    pub history: VecDeque<Event>,
 }
 
-struct Slot {
-    name: String,
-    /// Manifest config with the supervisor config's overrides merged in.
-    config: serde_json::Map<String, serde_json::Value>,
-    env: Vec<(String, String)>,
-    call_timeout: Duration,
-    /// Methods that may be sent again after their instance died mid-call.
-    idempotent: std::collections::HashSet<String>,
-    status: Mutex<SlotStatus>,
-    route: watch::Sender<Route>,
-    commands: mpsc::UnboundedSender<Command>,
-    logs: Arc<LogBuffer>,
-    /// Snapshot store, when the supervisor has a state dir.
-    snapshots: Option<SnapshotStore>,
+/// One supervised plugin.
+pub(crate) struct Slot {
+    pub name: String,
+    /// The supervisor config's settings for this plugin, merged over each
+    /// manifest it runs.
+    pub overrides: PluginOverride,
+    pub status: Mutex<SlotStatus>,
+    pub routes: Routes,
+    pub admission: Admission,
+    /// One command channel per replica actor.
+    pub commands: Vec<mpsc::UnboundedSender<Command>>,
+    pub logs: Arc<LogBuffer>,
+    /// One snapshot store per replica, when the supervisor has a state dir.
+    pub snapshots: Vec<Option<SnapshotStore>>,
     /// Serialises snapshot writes, so they land in export order.
-    snapshot_lock: tokio::sync::Mutex<()>,
-    snapshot_on_change: bool,
+    pub snapshot_lock: tokio::sync::Mutex<()>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+impl Slot {
+    pub fn manifest(&self) -> Arc<Manifest> {
+        lock(&self.status).manifest.clone()
+    }
+
+    /// The config sent in Initialize: the manifest's, with overrides merged.
+    pub fn config_for(&self, manifest: &Manifest) -> serde_json::Map<String, serde_json::Value> {
+        let mut config = manifest.config.clone();
+        merge_json(&mut config, &self.overrides.config);
+        config
+    }
+
+    /// The manifest's environment with the overrides' on top.
+    pub fn env_for(&self, manifest: &Manifest) -> Vec<(String, String)> {
+        let mut env = manifest.env.clone();
+        env.extend(self.overrides.env.clone());
+        env.into_iter().collect()
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Status updates are single assignments; a panic elsewhere cannot leave
     // them half-done, so a poisoned lock is still usable.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-struct Shared {
-    opts: SupervisorOptions,
-    processes: ProcessManager,
+pub(crate) struct Shared {
+    pub opts: SupervisorOptions,
+    pub processes: ProcessManager,
     slots: RwLock<BTreeMap<String, Arc<Slot>>>,
     events: broadcast::Sender<Event>,
-    cancel: CancellationToken,
-    /// Plugin actors and the orphan sweeper: awaited on shutdown.
+    pub cancel: CancellationToken,
+    /// Replica actors and the orphan sweeper: awaited on shutdown.
     actors: TaskTracker,
     /// Output readers and exit waiters: end with their children.
-    io_tasks: TaskTracker,
+    pub io_tasks: TaskTracker,
 }
 
 impl Shared {
-    fn transition(&self, slot: &Slot, state: PluginState, instance: &str, reason: String) {
+    /// Records a replica's transition: status, bounded history, log, event.
+    pub fn transition(
+        &self,
+        slot: &Slot,
+        replica: usize,
+        state: PluginState,
+        instance: &str,
+        reason: String,
+    ) {
         let event = Event {
             time: SystemTime::now(),
             plugin: slot.name.clone(),
@@ -284,8 +315,9 @@ impl Shared {
         };
         {
             let mut st = lock(&slot.status);
-            st.state = state;
-            st.reason = reason.clone();
+            let r = &mut st.replicas[replica];
+            r.state = state;
+            r.reason = reason.clone();
             if st.history.len() >= self.opts.history {
                 st.history.pop_front();
             }
@@ -336,8 +368,8 @@ impl Supervisor {
         Ok(Supervisor { shared })
     }
 
-    /// Adds a plugin and starts it. The supervisor config's `overrides` are
-    /// merged over the manifest.
+    /// Adds a plugin and starts its replicas. The supervisor config's
+    /// `overrides` are merged over the manifest.
     pub fn add(&self, manifest: Manifest, overrides: &PluginOverride) -> Result<(), Error> {
         if self.shared.cancel.is_cancelled() {
             return Err(Error::ShuttingDown);
@@ -349,48 +381,70 @@ impl Supervisor {
                 manifest.name
             )));
         }
-        let mut config = manifest.config.clone();
-        merge_json(&mut config, &overrides.config);
-        let mut env = manifest.env.clone();
-        env.extend(overrides.env.clone());
-        let (commands, commands_rx) = mpsc::unbounded_channel();
         let name = manifest.name.clone();
-        let snapshot_on_change = manifest.state.snapshot_on_change;
+        let replicas = manifest.replicas as usize;
+        let mut commands = Vec::with_capacity(replicas);
+        let mut receivers = Vec::with_capacity(replicas);
+        for _ in 0..replicas {
+            let (tx, rx) = mpsc::unbounded_channel();
+            commands.push(tx);
+            receivers.push(rx);
+        }
+        let snapshots = (0..replicas)
+            .map(|replica| {
+                self.shared.opts.state_dir.as_deref().map(|dir| {
+                    // Replica 0 keeps the plain name, so going from one
+                    // replica to several keeps the existing snapshots.
+                    let key = if replica == 0 {
+                        name.clone()
+                    } else {
+                        format!("{name}@{replica}")
+                    };
+                    SnapshotStore::new(dir, &key)
+                })
+            })
+            .collect();
         let slot = Arc::new(Slot {
             name: name.clone(),
-            config,
-            env: env.into_iter().collect(),
-            call_timeout: manifest.timeouts.call.0,
-            idempotent: manifest.idempotent.iter().cloned().collect(),
+            overrides: overrides.clone(),
+            routes: Routes::new(&name, replicas),
+            admission: Admission::new(
+                &name,
+                manifest.calls.max_in_flight,
+                manifest.calls.max_queue,
+            ),
             status: Mutex::new(SlotStatus {
                 manifest: Arc::new(manifest),
-                state: PluginState::Starting,
-                reason: "added".into(),
-                instance: String::new(),
-                pid: None,
-                restarts: 0,
-                last_exit: None,
-                ready_since: None,
                 methods: Vec::new(),
+                replicas: vec![
+                    ReplicaStatus {
+                        state: PluginState::Starting,
+                        reason: "added".into(),
+                        instance: String::new(),
+                        pid: None,
+                        restarts: 0,
+                        last_exit: None,
+                        ready_since: None,
+                    };
+                    replicas
+                ],
                 history: VecDeque::new(),
             }),
-            route: watch::channel(Route::Pending).0,
             commands,
             logs: Arc::new(LogBuffer::new(self.shared.opts.log_lines)),
-            snapshots: self
-                .shared
-                .opts
-                .state_dir
-                .as_deref()
-                .map(|dir| SnapshotStore::new(dir, &name)),
+            snapshots,
             snapshot_lock: tokio::sync::Mutex::new(()),
-            snapshot_on_change,
         });
         slots.insert(name, slot.clone());
         drop(slots);
-        self.shared
-            .actors
-            .spawn(run_plugin(self.shared.clone(), slot, commands_rx));
+        for (replica, rx) in receivers.into_iter().enumerate() {
+            self.shared.actors.spawn(actor::run_replica(
+                self.shared.clone(),
+                slot.clone(),
+                replica,
+                rx,
+            ));
+        }
         Ok(())
     }
 
@@ -439,16 +493,17 @@ impl Supervisor {
         Ok(self.slot(name)?.logs.clone())
     }
 
-    /// Waits until the plugin is ready (or degraded), up to `timeout`.
+    /// Waits until some replica of the plugin is ready (or degraded).
     pub async fn wait_ready(&self, name: &str, timeout: Duration) -> Result<(), Error> {
         let slot = self.slot(name)?;
-        ready_instance(&slot, Instant::now() + timeout, timeout).await?;
+        pick(&slot, Instant::now() + timeout, timeout, None).await?;
         Ok(())
     }
 
     /// Calls `method` on a plugin. Waits for a restarting plugin up to the
     /// deadline (`timeout`, else the manifest's `timeouts.call`). A call is
-    /// sent once: it is never retried on another instance.
+    /// sent once, unless its method is listed as idempotent in the manifest:
+    /// then it is sent again if its instance dies during the call.
     pub async fn call(
         &self,
         plugin: &str,
@@ -458,22 +513,21 @@ impl Supervisor {
         timeout: Option<Duration>,
     ) -> Result<HandleResponse, Error> {
         let slot = self.slot(plugin)?;
-        let timeout = timeout.unwrap_or(slot.call_timeout);
+        let manifest = slot.manifest();
+        let timeout = timeout.unwrap_or(manifest.timeouts.call.0);
         let deadline = Instant::now() + timeout;
-        let retry = slot.idempotent.contains(method);
-        let mut lost_instance: Option<String> = None;
+        let _permit = slot.admission.admit(deadline, timeout).await?;
+        let retry = manifest.idempotent.iter().any(|m| m == method);
+        let mut lost: Option<String> = None;
         loop {
-            let ready = match &lost_instance {
-                None => ready_instance(&slot, deadline, timeout).await?,
-                Some(lost) => next_instance(&slot, lost, deadline, timeout).await?,
-            };
-            let mut client = ready.client.clone();
+            let ready = pick(&slot, deadline, timeout, lost.as_deref()).await?;
             // Only a call that may be sent again keeps a copy of its input.
             let (payload, metadata) = if retry {
                 (payload.clone(), metadata.clone())
             } else {
                 (std::mem::take(&mut payload), std::mem::take(&mut metadata))
             };
+            let mut client = ready.client.clone();
             let mut request = tonic::Request::new(HandleRequest {
                 method: method.to_string(),
                 payload,
@@ -484,21 +538,23 @@ impl Supervisor {
             return match result {
                 Ok(Ok(response)) => {
                     let response = response.into_inner();
-                    if response.state_changed && slot.snapshot_on_change {
-                        snapshot(&slot, &ready.client, &ready.id)
+                    if response.state_changed && manifest.state.snapshot_on_change {
+                        actor::snapshot(&slot, ready.replica, &ready.client, &ready.id)
                             .await
                             .map_err(|why| Error::Lost {
                                 plugin: plugin.to_string(),
                                 instance: ready.id.clone(),
-                                reason: format!("the call succeeded but its state could not be snapshotted: {why}"),
+                                reason: format!(
+                                    "the call succeeded but its state could not be snapshotted: {why}"
+                                ),
                             })?;
                     }
                     Ok(response)
                 }
                 Ok(Err(status)) => match call_error(status, plugin, &ready.id) {
                     Error::Lost { .. } if retry => {
-                        tracing::debug!(plugin, method, instance = %ready.id, "instance lost mid-call; retrying the idempotent method");
-                        lost_instance = Some(ready.id.clone());
+                        tracing::debug!(plugin, method, instance = %ready.id, "instance lost mid-call; sending the idempotent call again");
+                        lost = Some(ready.id.clone());
                         continue;
                     }
                     e => Err(e),
@@ -527,9 +583,9 @@ impl Supervisor {
         S: tokio_stream::Stream<Item = Bytes> + Send + 'static,
     {
         let slot = self.slot(plugin)?;
-        let timeout = timeout.unwrap_or(slot.call_timeout);
+        let timeout = timeout.unwrap_or(slot.manifest().timeouts.call.0);
         let deadline = Instant::now() + timeout;
-        let ready = ready_instance(&slot, deadline, timeout).await?;
+        let ready = pick(&slot, deadline, timeout, None).await?;
         let mut client = ready.client.clone();
         let first = Chunk {
             method: method.to_string(),
@@ -549,24 +605,24 @@ impl Supervisor {
             })?
             .map_err(|status| call_error(status, plugin, &ready.id))?;
         let plugin = plugin.to_string();
-        let instance = ready.id.clone();
+        // The stream keeps its instance counted as busy until it ends.
         Ok(response.into_inner().map(move |chunk| {
             chunk
                 .map(|c| c.data)
-                .map_err(|status| call_error(status, &plugin, &instance))
+                .map_err(|status| call_error(status, &plugin, &ready.id))
         }))
     }
 
-    /// Asks the plugin's ready instance for its state (ExportState).
+    /// Asks a ready instance of the plugin for its state (ExportState).
     pub async fn export_state(
         &self,
         plugin: &str,
         timeout: Option<Duration>,
     ) -> Result<plugvisor_proto::ExportStateResponse, Error> {
         let slot = self.slot(plugin)?;
-        let timeout = timeout.unwrap_or(slot.call_timeout);
+        let timeout = timeout.unwrap_or(slot.manifest().timeouts.call.0);
         let deadline = Instant::now() + timeout;
-        let ready = ready_instance(&slot, deadline, timeout).await?;
+        let ready = pick(&slot, deadline, timeout, None).await?;
         let mut client = ready.client.clone();
         let mut request = tonic::Request::new(plugvisor_proto::ExportStateRequest {});
         request.set_timeout(timeout);
@@ -581,12 +637,13 @@ impl Supervisor {
         }
     }
 
-    /// Probes the plugin's HealthCheck now, as the supervisor's own probes do.
+    /// Probes a ready instance's HealthCheck now, as the supervisor's own
+    /// probes do.
     pub async fn health_check(&self, plugin: &str) -> Result<(Health, String), Error> {
         let slot = self.slot(plugin)?;
-        let timeout = lock(&slot.status).manifest.health.timeout.0;
-        let ready = ready_instance(&slot, Instant::now() + timeout, timeout).await?;
-        probe(&ready.client, timeout)
+        let timeout = slot.manifest().health.timeout.0;
+        let ready = pick(&slot, Instant::now() + timeout, timeout, None).await?;
+        actor::probe(&ready.client, timeout)
             .await
             .map_err(|reason| Error::Lost {
                 plugin: plugin.to_string(),
@@ -595,33 +652,73 @@ impl Supervisor {
             })
     }
 
-    async fn command(
+    /// Sends a command to every replica and waits for each to answer, one
+    /// replica after the other (so a rolling restart keeps the others up).
+    async fn command<T>(
         &self,
         name: &str,
-        make: fn(oneshot::Sender<()>) -> Command,
-    ) -> Result<(), Error> {
+        make: impl Fn(oneshot::Sender<T>) -> Command,
+    ) -> Result<Vec<T>, Error> {
         let slot = self.slot(name)?;
-        let (tx, rx) = oneshot::channel();
-        slot.commands
-            .send(make(tx))
-            .map_err(|_| Error::ShuttingDown)?;
-        rx.await.map_err(|_| Error::ShuttingDown)
+        let mut answers = Vec::with_capacity(slot.commands.len());
+        for commands in &slot.commands {
+            let (tx, rx) = oneshot::channel();
+            commands.send(make(tx)).map_err(|_| Error::ShuttingDown)?;
+            answers.push(rx.await.map_err(|_| Error::ShuttingDown)?);
+        }
+        Ok(answers)
     }
 
     /// Stops a plugin gracefully; it stays stopped until started.
     pub async fn stop(&self, name: &str) -> Result<(), Error> {
-        self.command(name, Command::Stop).await
+        self.command(name, Command::Stop).await.map(drop)
     }
 
     /// Starts a stopped or failed plugin (no-op when running).
     pub async fn start(&self, name: &str) -> Result<(), Error> {
-        self.command(name, Command::Start).await
+        self.command(name, Command::Start).await.map(drop)
     }
 
     /// Stops the plugin if it runs, clears its restart history (and a
-    /// `failed` state), and starts it again. Returns once the new start began.
+    /// `failed` state), and starts it again, one replica at a time. Returns
+    /// once each replica's new start began.
     pub async fn restart(&self, name: &str) -> Result<(), Error> {
-        self.command(name, Command::Restart).await
+        self.command(name, Command::Restart).await.map(drop)
+    }
+
+    /// Replaces a running plugin with `manifest` (a new version or binary)
+    /// without dropping calls, one replica at a time: the new instance starts
+    /// with the old one's freshly exported state, calls switch to it once it
+    /// is ready, and the old one is drained and stopped after the probation
+    /// window. If the new one fails to start, initialize or stay healthy
+    /// meanwhile, calls stay on (or go back to) the old one and the error
+    /// says why.
+    pub async fn upgrade(&self, name: &str, manifest: Manifest) -> Result<(), Error> {
+        let slot = self.slot(name)?;
+        if manifest.name != slot.name {
+            return Err(Error::Invalid(format!(
+                "the manifest is for `{}`, not `{name}`",
+                manifest.name
+            )));
+        }
+        if manifest.replicas as usize != slot.commands.len() {
+            return Err(Error::Invalid(format!(
+                "an upgrade cannot change replicas ({} to {}); restart the supervisor with the new manifest",
+                slot.commands.len(),
+                manifest.replicas
+            )));
+        }
+        let manifest = Arc::new(manifest);
+        let answers = self
+            .command(name, |reply| Command::Upgrade(manifest.clone(), reply))
+            .await?;
+        match answers.into_iter().find_map(Result::err) {
+            Some(why) => Err(Error::UpgradeFailed {
+                plugin: name.to_string(),
+                reason: why,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Stops every plugin gracefully (in parallel) and waits for all of them.
@@ -636,26 +733,80 @@ impl Supervisor {
     }
 }
 
+/// A ready instance of `slot`, waiting for one until `deadline`.
+async fn pick(
+    slot: &Slot,
+    deadline: Instant,
+    timeout: Duration,
+    avoid: Option<&str>,
+) -> Result<InFlight, Error> {
+    slot.routes
+        .pick(deadline, timeout, avoid, || {
+            let st = lock(&slot.status);
+            let states: Vec<String> = st
+                .replicas
+                .iter()
+                .map(|r| format!("{}: {}", r.state, r.reason))
+                .collect();
+            states.join("; ")
+        })
+        .await
+}
+
 fn info_of(slot: &Slot) -> PluginInfo {
     let st = lock(&slot.status);
+    let replicas: Vec<ReplicaInfo> = st
+        .replicas
+        .iter()
+        .map(|r| ReplicaInfo {
+            state: r.state,
+            reason: r.reason.clone(),
+            instance: r.instance.clone(),
+            pid: r.pid,
+            restarts: r.restarts,
+            last_exit: r.last_exit.clone(),
+            ready_for: r.ready_since.map(|t| t.elapsed()),
+        })
+        .collect();
+    let first = &replicas[0];
+    let (state, reason) = if replicas.len() == 1 {
+        (first.state, first.reason.clone())
+    } else {
+        let up = replicas.iter().filter(|r| r.state.is_up()).count();
+        let all_ready = replicas.iter().all(|r| r.state == PluginState::Ready);
+        if all_ready {
+            (
+                PluginState::Ready,
+                format!("{up}/{} replicas ready", replicas.len()),
+            )
+        } else if up > 0 {
+            (
+                PluginState::Degraded,
+                format!("{up}/{} replicas up", replicas.len()),
+            )
+        } else {
+            (first.state, first.reason.clone())
+        }
+    };
     PluginInfo {
         name: slot.name.clone(),
         version: st.manifest.version.to_string(),
-        state: st.state,
-        reason: st.reason.clone(),
-        instance: st.instance.clone(),
-        pid: st.pid,
-        restarts: st.restarts,
-        last_exit: st.last_exit.clone(),
-        ready_for: st.ready_since.map(|t| t.elapsed()),
+        state,
+        reason,
+        instance: first.instance.clone(),
+        pid: first.pid,
+        restarts: replicas.iter().map(|r| r.restarts).sum(),
+        last_exit: replicas.iter().find_map(|r| r.last_exit.clone()),
+        ready_for: first.ready_for,
         exec: st.manifest.exec.clone(),
         methods: st.methods.clone(),
+        replicas,
     }
 }
 
 /// Maps a failed call's status: the plugin's own statuses pass unchanged;
 /// transport failures (the child died mid-call) become [`Error::Lost`].
-fn call_error(status: tonic::Status, plugin: &str, instance: &str) -> Error {
+pub(crate) fn call_error(status: tonic::Status, plugin: &str, instance: &str) -> Error {
     if let Some(mut cause) = std::error::Error::source(&status) {
         // The innermost cause says what happened ("broken pipe", "connection
         // reset"); the layers above it only repeat "transport error".
@@ -672,606 +823,5 @@ fn call_error(status: tonic::Status, plugin: &str, instance: &str) -> Error {
     }
 }
 
-/// The plugin's ready instance, waiting for one until `deadline`.
-async fn ready_instance(
-    slot: &Slot,
-    deadline: Instant,
-    timeout: Duration,
-) -> Result<Arc<ReadyInstance>, Error> {
-    if let Route::Ready(r) = &*slot.route.borrow() {
-        return Ok(r.clone());
-    }
-    let mut rx = slot.route.subscribe();
-    loop {
-        match &*rx.borrow_and_update() {
-            Route::Ready(r) => return Ok(r.clone()),
-            Route::Down { state, reason } => {
-                return Err(Error::NotRunning {
-                    plugin: slot.name.clone(),
-                    state: state.to_string(),
-                    reason: reason.clone(),
-                });
-            }
-            Route::Pending => {}
-        }
-        match tokio::time::timeout_at(deadline.into(), rx.changed()).await {
-            Ok(Ok(())) => continue,
-            Ok(Err(_)) => return Err(Error::ShuttingDown),
-            Err(_) => {
-                let st = lock(&slot.status);
-                return Err(Error::NotReady {
-                    plugin: slot.name.clone(),
-                    waited: timeout,
-                    reason: format!("{}: {}", st.state, st.reason),
-                });
-            }
-        }
-    }
-}
-
-/// Exports the instance's state and writes it as the plugin's newest
-/// snapshot. Returns the snapshot's sequence number (`None` without a store).
-async fn snapshot(
-    slot: &Slot,
-    client: &PluginClient<Channel>,
-    instance: &str,
-) -> Result<Option<u64>, String> {
-    let Some(store) = &slot.snapshots else {
-        return Ok(None);
-    };
-    let _order = slot.snapshot_lock.lock().await;
-    let mut client = client.clone();
-    let mut request = tonic::Request::new(plugvisor_proto::ExportStateRequest {});
-    request.set_timeout(slot.call_timeout);
-    let state = tokio::time::timeout(slot.call_timeout, client.export_state(request))
-        .await
-        .map_err(|_| {
-            format!(
-                "ExportState did not answer within {}ms",
-                slot.call_timeout.as_millis()
-            )
-        })?
-        .map_err(|s| format!("ExportState failed: {:?}: {}", s.code(), s.message()))?
-        .into_inner();
-    let store = store.clone();
-    let seq = tokio::task::spawn_blocking(move || store.write(&state.state, state.state_version))
-        .await
-        .map_err(|e| format!("the snapshot writer failed: {e}"))?
-        .map_err(|e| e.to_string())?;
-    tracing::debug!(plugin = %slot.name, instance, seq, "state snapshot written");
-    Ok(Some(seq))
-}
-
-/// The newest good snapshot as Initialize's restored state, and a note for
-/// the event trail (which snapshot, and any newer ones found corrupt).
-async fn restored_state(slot: &Slot) -> (Option<plugvisor_proto::RestoredState>, String) {
-    let Some(store) = slot.snapshots.clone() else {
-        return (None, String::new());
-    };
-    let loaded = tokio::task::spawn_blocking(move || store.load())
-        .await
-        .unwrap_or_default();
-    let mut note = match &loaded.snapshot {
-        Some(s) => format!(
-            "; restoring snapshot #{} ({} bytes, state version {})",
-            s.seq,
-            s.state.len(),
-            s.state_version
-        ),
-        None => String::new(),
-    };
-    if !loaded.skipped.is_empty() {
-        tracing::warn!(plugin = %slot.name, "skipped corrupt snapshots: {}", loaded.skipped.join("; "));
-        note.push_str(&format!(
-            "; skipped corrupt snapshot(s): {}",
-            loaded.skipped.join("; ")
-        ));
-    }
-    let restored = loaded.snapshot.map(|s| plugvisor_proto::RestoredState {
-        state: s.state.into(),
-        state_version: s.state_version,
-    });
-    (restored, note)
-}
-
-/// A ready instance other than `lost`, waiting for one until `deadline`.
-async fn next_instance(
-    slot: &Slot,
-    lost: &str,
-    deadline: Instant,
-    timeout: Duration,
-) -> Result<Arc<ReadyInstance>, Error> {
-    let mut rx = slot.route.subscribe();
-    loop {
-        let still_lost = matches!(&*rx.borrow_and_update(), Route::Ready(r) if r.id == lost);
-        if !still_lost {
-            return ready_instance(slot, deadline, timeout).await;
-        }
-        match tokio::time::timeout_at(deadline.into(), rx.changed()).await {
-            Ok(Ok(())) => continue,
-            Ok(Err(_)) => return Err(Error::ShuttingDown),
-            Err(_) => {
-                return Err(Error::NotReady {
-                    plugin: slot.name.clone(),
-                    waited: timeout,
-                    reason: format!("instance `{lost}` was lost and none replaced it"),
-                });
-            }
-        }
-    }
-}
-
-/// How a ready instance's run ended.
-enum RunEnd {
-    Exited(ExitStatus),
-    HealthFailed(String),
-    Stop(oneshot::Sender<()>),
-    Restart(oneshot::Sender<()>),
-    Cancelled,
-}
-
-/// What to do after an instance is gone.
-enum Next {
-    /// Start again now.
-    Start,
-    /// Stay down until an operator starts it.
-    Idle,
-    /// The supervisor is shutting down.
-    Exit,
-}
-
-/// The actor of one plugin: starts it, watches it, restarts it.
-async fn run_plugin(
-    shared: Arc<Shared>,
-    slot: Arc<Slot>,
-    mut commands: mpsc::UnboundedReceiver<Command>,
-) {
-    let manifest = lock(&slot.status).manifest.clone();
-    let mut tracker = RestartTracker::new(manifest.restart.clone());
-    let mut jitter = Jitter::from_entropy();
-    let mut starts: u64 = 0;
-    let mut next = Next::Start;
-    loop {
-        match next {
-            Next::Exit => break,
-            Next::Idle => {
-                next = idle(&shared, &slot, &mut commands, &mut tracker).await;
-                continue;
-            }
-            Next::Start => {}
-        }
-        starts += 1;
-        let instance_id = format!("{}-0-{starts}", slot.name);
-        let (reason, ready_since) =
-            match start_and_run(&shared, &slot, &manifest, &instance_id, &mut commands).await {
-                Ok(Outcome::Gone {
-                    reason,
-                    ready_since,
-                }) => (reason, ready_since),
-                Ok(Outcome::Decided(n)) => {
-                    next = n;
-                    if matches!(next, Next::Start) {
-                        tracker.clear();
-                    }
-                    continue;
-                }
-                Err(e) => (ExitReason::Start(e), None),
-            };
-        {
-            let mut st = lock(&slot.status);
-            st.last_exit = Some(reason.to_string());
-            st.pid = None;
-            st.ready_since = None;
-        }
-        slot.route.send_replace(Route::Pending);
-        next = match tracker.on_exit(
-            Instant::now(),
-            reason.is_clean(),
-            ready_since,
-            jitter.sample(),
-        ) {
-            Decision::Restart { delay, attempt } => {
-                lock(&slot.status).restarts += 1;
-                shared.transition(
-                    &slot,
-                    PluginState::Backoff,
-                    &instance_id,
-                    format!(
-                        "{reason} ({}); restart #{attempt} in {}ms",
-                        reason.kind(),
-                        delay.as_millis()
-                    ),
-                );
-                backoff(&shared, &slot, delay, &mut commands, &mut tracker).await
-            }
-            Decision::Stop { reason: why } => {
-                stopped(
-                    &shared,
-                    &slot,
-                    &instance_id,
-                    PluginState::Stopped,
-                    format!("{reason}; {why}"),
-                );
-                Next::Idle
-            }
-            Decision::GiveUp { reason: why } => {
-                stopped(
-                    &shared,
-                    &slot,
-                    &instance_id,
-                    PluginState::Failed,
-                    format!(
-                        "{reason}; giving up: {why}; `plugvisor restart {}` starts it again",
-                        slot.name
-                    ),
-                );
-                Next::Idle
-            }
-        };
-    }
-    slot.route.send_replace(Route::Down {
-        state: PluginState::Stopped,
-        reason: "the supervisor has shut down".into(),
-    });
-}
-
-fn stopped(shared: &Shared, slot: &Slot, instance: &str, state: PluginState, reason: String) {
-    slot.route.send_replace(Route::Down {
-        state,
-        reason: reason.clone(),
-    });
-    shared.transition(slot, state, instance, reason);
-}
-
-/// Waits out a backoff delay; an operator's stop or restart cuts it short.
-async fn backoff(
-    shared: &Shared,
-    slot: &Slot,
-    delay: Duration,
-    commands: &mut mpsc::UnboundedReceiver<Command>,
-    tracker: &mut RestartTracker,
-) -> Next {
-    let sleep = tokio::time::sleep(delay);
-    tokio::pin!(sleep);
-    loop {
-        tokio::select! {
-            _ = &mut sleep => return Next::Start,
-            _ = shared.cancel.cancelled() => return Next::Exit,
-            cmd = commands.recv() => match cmd {
-                Some(Command::Start(reply)) => { let _ = reply.send(()); }
-                Some(Command::Restart(reply)) => {
-                    tracker.clear();
-                    let _ = reply.send(());
-                    return Next::Start;
-                }
-                Some(Command::Stop(reply)) => {
-                    stopped(shared, slot, "", PluginState::Stopped, "stopped by request".into());
-                    let _ = reply.send(());
-                    return Next::Idle;
-                }
-                None => return Next::Exit,
-            }
-        }
-    }
-}
-
-/// Down (stopped or failed): waits for an operator's start or restart.
-async fn idle(
-    shared: &Shared,
-    slot: &Slot,
-    commands: &mut mpsc::UnboundedReceiver<Command>,
-    tracker: &mut RestartTracker,
-) -> Next {
-    loop {
-        tokio::select! {
-            _ = shared.cancel.cancelled() => return Next::Exit,
-            cmd = commands.recv() => match cmd {
-                Some(Command::Start(reply) | Command::Restart(reply)) => {
-                    tracker.clear();
-                    slot.route.send_replace(Route::Pending);
-                    let _ = reply.send(());
-                    return Next::Start;
-                }
-                Some(Command::Stop(reply)) => { let _ = reply.send(()); }
-                None => return Next::Exit,
-            }
-        }
-    }
-}
-
-enum Outcome {
-    /// The instance is gone on its own (crash, failed health checks).
-    Gone {
-        reason: ExitReason,
-        ready_since: Option<Instant>,
-    },
-    /// Stopped on request or by shutdown; what follows is decided.
-    Decided(Next),
-}
-
-/// Starts one instance, serves calls through it until it ends.
-async fn start_and_run(
-    shared: &Shared,
-    slot: &Slot,
-    manifest: &Manifest,
-    instance_id: &str,
-    commands: &mut mpsc::UnboundedReceiver<Command>,
-) -> Result<Outcome, StartError> {
-    shared.transition(
-        slot,
-        PluginState::Starting,
-        instance_id,
-        format!("spawning {}", manifest.exec.display()),
-    );
-    let ctx = StartContext {
-        manifest,
-        instance_id: instance_id.to_string(),
-        runtime_dir: &shared.opts.runtime_dir,
-        env: slot.env.clone(),
-        logs: slot.logs.clone(),
-        processes: &shared.processes,
-        tasks: &shared.io_tasks,
-    };
-    // Dropping a start in progress (on shutdown) kills its child: see
-    // `Child`'s Drop.
-    let mut instance = tokio::select! {
-        r = instance::spawn(ctx) => r?,
-        _ = shared.cancel.cancelled() => return Ok(Outcome::Decided(Next::Exit)),
-    };
-    {
-        let mut st = lock(&slot.status);
-        st.instance = instance_id.to_string();
-        st.pid = Some(instance.child.pid());
-    }
-    let (restored, note) = restored_state(slot).await;
-    shared.transition(
-        slot,
-        PluginState::Initializing,
-        instance_id,
-        format!(
-            "handshake done in {}ms; calling Initialize{note}",
-            instance.spawned_at.elapsed().as_millis()
-        ),
-    );
-    let init = tokio::select! {
-        r = instance::initialize(&mut instance, manifest, &slot.config, restored) => r,
-        _ = shared.cancel.cancelled() => {
-            instance::kill_and_reap(&instance.child).await;
-            return Ok(Outcome::Decided(Next::Exit));
-        }
-    };
-    let info = match init {
-        Ok(info) => info,
-        Err(e) => {
-            instance::kill_and_reap(&instance.child).await;
-            return Err(e);
-        }
-    };
-    let ready_since = Instant::now();
-    {
-        let mut st = lock(&slot.status);
-        st.methods = info.methods.clone();
-        st.ready_since = Some(ready_since);
-    }
-    slot.route
-        .send_replace(Route::Ready(Arc::new(ReadyInstance {
-            id: instance_id.to_string(),
-            client: instance.client.clone(),
-        })));
-    shared.transition(
-        slot,
-        PluginState::Ready,
-        instance_id,
-        format!(
-            "ready in {}ms (pid {}, {} {})",
-            instance.spawned_at.elapsed().as_millis(),
-            instance.child.pid(),
-            if info.name.is_empty() {
-                &slot.name
-            } else {
-                &info.name
-            },
-            info.version
-        ),
-    );
-    let end = watch_ready(shared, slot, manifest, &mut instance, commands).await;
-    match end {
-        RunEnd::Exited(status) => Ok(Outcome::Gone {
-            reason: ExitReason::from_status(status),
-            ready_since: Some(ready_since),
-        }),
-        RunEnd::HealthFailed(why) => {
-            slot.route.send_replace(Route::Pending);
-            instance::kill_and_reap(&instance.child).await;
-            Ok(Outcome::Gone {
-                reason: ExitReason::HealthCheck(why),
-                ready_since: Some(ready_since),
-            })
-        }
-        RunEnd::Cancelled => {
-            stop_instance(
-                shared,
-                slot,
-                manifest,
-                &mut instance,
-                "the supervisor is shutting down",
-                false,
-            )
-            .await;
-            Ok(Outcome::Decided(Next::Exit))
-        }
-        RunEnd::Stop(reply) => {
-            stop_instance(
-                shared,
-                slot,
-                manifest,
-                &mut instance,
-                "stopped by request",
-                false,
-            )
-            .await;
-            let _ = reply.send(());
-            Ok(Outcome::Decided(Next::Idle))
-        }
-        RunEnd::Restart(reply) => {
-            stop_instance(
-                shared,
-                slot,
-                manifest,
-                &mut instance,
-                "restart requested",
-                true,
-            )
-            .await;
-            let _ = reply.send(());
-            Ok(Outcome::Decided(Next::Start))
-        }
-    }
-}
-
-/// Graceful stop of a ready instance, with its events. While a restart
-/// stops the old instance, calls wait for the new one instead of failing.
-async fn stop_instance(
-    shared: &Shared,
-    slot: &Slot,
-    manifest: &Manifest,
-    instance: &mut Instance,
-    why: &str,
-    restarting: bool,
-) {
-    slot.route.send_replace(if restarting {
-        Route::Pending
-    } else {
-        Route::Down {
-            state: PluginState::Stopping,
-            reason: why.to_string(),
-        }
-    });
-    shared.transition(slot, PluginState::Stopping, &instance.id, why.to_string());
-    if instance.child.try_status().is_none()
-        && let Err(e) = snapshot(slot, &instance.client, &instance.id).await
-    {
-        tracing::warn!(plugin = %slot.name, instance = %instance.id, "no snapshot at stop: {e}");
-    }
-    let status = instance::stop(instance, manifest.timeouts.stop.0).await;
-    {
-        let mut st = lock(&slot.status);
-        st.last_exit = Some(status.to_string());
-        st.pid = None;
-        st.ready_since = None;
-    }
-    let reason = format!("{why}; the plugin {status}");
-    if restarting {
-        shared.transition(slot, PluginState::Stopped, &instance.id, reason);
-    } else {
-        stopped(shared, slot, &instance.id, PluginState::Stopped, reason);
-    }
-}
-
-/// Watches a ready instance: its exit, health probes, operator commands.
-async fn watch_ready(
-    shared: &Shared,
-    slot: &Slot,
-    manifest: &Manifest,
-    instance: &mut Instance,
-    commands: &mut mpsc::UnboundedReceiver<Command>,
-) -> RunEnd {
-    let exit = instance.child.exit_watch();
-    let interval = manifest.health.interval.0;
-    let mut probes = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failures = 0u32;
-    let mut degraded = false;
-    // Periodic snapshots; a zero interval (or no store) never ticks.
-    let every = manifest.state.snapshot_interval.0;
-    let periodic = slot.snapshots.is_some() && !every.is_zero();
-    let mut snapshots = tokio::time::interval_at(
-        tokio::time::Instant::now() + every.max(Duration::from_millis(1)),
-        every.max(Duration::from_millis(1)),
-    );
-    snapshots.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let exited = wait_exit(exit);
-    tokio::pin!(exited);
-    loop {
-        tokio::select! {
-            status = &mut exited => return RunEnd::Exited(status),
-            _ = shared.cancel.cancelled() => return RunEnd::Cancelled,
-            cmd = commands.recv() => match cmd {
-                // Already running.
-                Some(Command::Start(reply)) => { let _ = reply.send(()); }
-                Some(Command::Stop(reply)) => return RunEnd::Stop(reply),
-                Some(Command::Restart(reply)) => return RunEnd::Restart(reply),
-                None => return RunEnd::Cancelled,
-            },
-            _ = snapshots.tick(), if periodic => {
-                if let Err(e) = snapshot(slot, &instance.client, &instance.id).await {
-                    tracing::warn!(plugin = %slot.name, instance = %instance.id, "periodic snapshot failed: {e}");
-                }
-            }
-            _ = probes.tick() => {
-                match probe(&instance.client, manifest.health.timeout.0).await {
-                    Ok((Health::Serving, _)) => {
-                        failures = 0;
-                        if degraded {
-                            degraded = false;
-                            shared.transition(slot, PluginState::Ready, &instance.id, "health check: serving again".into());
-                        }
-                    }
-                    Ok((Health::Degraded, message)) => {
-                        failures = 0;
-                        if !degraded {
-                            degraded = true;
-                            shared.transition(slot, PluginState::Degraded, &instance.id, format!("health check: degraded: {message}"));
-                        }
-                    }
-                    Ok((status, message)) => {
-                        failures += 1;
-                        let why = format!("health check answered {}: {message}", status.as_str_name());
-                        if let Some(end) = health_failure(slot, manifest, instance, failures, why) {
-                            return end;
-                        }
-                    }
-                    Err(why) => {
-                        failures += 1;
-                        if let Some(end) = health_failure(slot, manifest, instance, failures, why) {
-                            return end;
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn health_failure(
-    slot: &Slot,
-    manifest: &Manifest,
-    instance: &Instance,
-    failures: u32,
-    why: String,
-) -> Option<RunEnd> {
-    let threshold = manifest.health.failure_threshold;
-    tracing::warn!(plugin = %slot.name, instance = %instance.id, "health check failed ({failures}/{threshold}): {why}");
-    (failures >= threshold).then(|| {
-        RunEnd::HealthFailed(format!(
-            "{failures} consecutive failed health checks; last: {why}"
-        ))
-    })
-}
-
-async fn probe(
-    client: &PluginClient<Channel>,
-    timeout: Duration,
-) -> Result<(Health, String), String> {
-    let mut client = client.clone();
-    let mut request = tonic::Request::new(HealthCheckRequest {});
-    request.set_timeout(timeout);
-    match tokio::time::timeout(timeout, client.health_check(request)).await {
-        Ok(Ok(response)) => {
-            let r = response.into_inner();
-            Ok((r.status(), r.message))
-        }
-        Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
-        Err(_) => Err(format!("no answer within {}ms", timeout.as_millis())),
-    }
-}
+/// Used by the actor for probes and exports on an instance it owns.
+pub(crate) type Client = PluginClient<Channel>;

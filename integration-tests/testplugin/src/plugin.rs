@@ -152,6 +152,7 @@ impl Plugin for TestPlugin {
             "abort",
             "sleep",
             "pid",
+            "sleep_pid",
             "grandchild",
             "config",
             "env",
@@ -218,6 +219,11 @@ impl Plugin for TestPlugin {
                 Ok(Response::new("slept"))
             }
             "pid" => Ok(Response::new(std::process::id().to_string())),
+            "sleep_pid" => {
+                let ms = number(&req, Some(0))?;
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(Response::new(std::process::id().to_string()))
+            }
             "grandchild" => match self.grandchild {
                 Some(pid) => Ok(Response::new(pid.to_string())),
                 None => Err(Status::not_found(

@@ -1,0 +1,365 @@
+//! Where a call goes: each replica of a plugin publishes its route (ready
+//! with a client, pending while it starts or restarts, or down) in one watch
+//! channel; a call picks the least-loaded ready instance, or waits for one
+//! until its deadline. Admission bounds the calls a plugin takes at once and
+//! how many may queue for a slot, so overload answers RESOURCE_EXHAUSTED
+//! instead of growing without bound.
+
+use crate::error::Error;
+use crate::supervisor::PluginState;
+use plugvisor_proto::plugin_client::PluginClient;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit, watch};
+use tonic::transport::Channel;
+
+/// A ready instance that calls can go to.
+pub(crate) struct ReadyInstance {
+    pub id: String,
+    /// Which replica of the plugin it is.
+    pub replica: usize,
+    pub client: PluginClient<Channel>,
+    /// Calls in flight on this instance, for least-loaded routing and drains.
+    in_flight: AtomicUsize,
+    /// Notified when `in_flight` drops to zero.
+    idle: Notify,
+}
+
+impl ReadyInstance {
+    pub fn new(id: String, replica: usize, client: PluginClient<Channel>) -> Arc<Self> {
+        Arc::new(ReadyInstance {
+            id,
+            replica,
+            client,
+            in_flight: AtomicUsize::new(0),
+            idle: Notify::new(),
+        })
+    }
+
+    /// Waits until no call is in flight on this instance, up to `timeout`.
+    /// Returns false if calls were still running when it gave up.
+    pub async fn drained(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let idle = self.idle.notified();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.in_flight.load(Ordering::Acquire) == 0;
+            }
+        }
+    }
+}
+
+/// A call's hold on an instance: counted in flight until dropped.
+pub(crate) struct InFlight(Arc<ReadyInstance>);
+
+impl InFlight {
+    fn new(instance: Arc<ReadyInstance>) -> Self {
+        instance.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(instance)
+    }
+}
+
+impl std::ops::Deref for InFlight {
+    type Target = ReadyInstance;
+    fn deref(&self) -> &ReadyInstance {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// What calls see of one replica.
+#[derive(Clone)]
+pub(crate) enum Route {
+    Ready(Arc<ReadyInstance>),
+    /// Starting, restarting, in backoff or being upgraded: calls wait.
+    Pending,
+    /// Stopped or failed: calls fail at once (unless another replica is up).
+    Down {
+        state: PluginState,
+        reason: String,
+    },
+}
+
+/// The routes of every replica of one plugin.
+pub(crate) struct Routes {
+    plugin: String,
+    routes: watch::Sender<Vec<Route>>,
+}
+
+impl Routes {
+    pub fn new(plugin: &str, replicas: usize) -> Self {
+        Routes {
+            plugin: plugin.to_string(),
+            routes: watch::channel(vec![Route::Pending; replicas]).0,
+        }
+    }
+
+    /// Publishes a replica's route.
+    pub fn set(&self, replica: usize, route: Route) {
+        self.routes.send_modify(|routes| routes[replica] = route);
+    }
+
+    /// The replica's current ready instance, if it is ready.
+    pub fn ready(&self, replica: usize) -> Option<Arc<ReadyInstance>> {
+        match &self.routes.borrow()[replica] {
+            Route::Ready(r) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    /// The least-loaded ready instance other than `avoid`, waiting for one
+    /// until `deadline`. Fails at once when every replica is down.
+    pub async fn pick(
+        &self,
+        deadline: Instant,
+        timeout: Duration,
+        avoid: Option<&str>,
+        why_waiting: impl Fn() -> String,
+    ) -> Result<InFlight, Error> {
+        let mut rx = self.routes.subscribe();
+        loop {
+            match choose(&rx.borrow_and_update(), avoid) {
+                Choice::Ready(instance) => return Ok(InFlight::new(instance)),
+                Choice::Down { state, reason } => {
+                    return Err(Error::NotRunning {
+                        plugin: self.plugin.clone(),
+                        state: state.to_string(),
+                        reason,
+                    });
+                }
+                Choice::Wait => {}
+            }
+            match tokio::time::timeout_at(deadline.into(), rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(Error::ShuttingDown),
+                Err(_) => {
+                    return Err(Error::NotReady {
+                        plugin: self.plugin.clone(),
+                        waited: timeout,
+                        reason: why_waiting(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+enum Choice {
+    Ready(Arc<ReadyInstance>),
+    Wait,
+    Down { state: PluginState, reason: String },
+}
+
+fn choose(routes: &[Route], avoid: Option<&str>) -> Choice {
+    let best = routes
+        .iter()
+        .filter_map(|r| match r {
+            Route::Ready(i) if Some(i.id.as_str()) != avoid => Some(i),
+            _ => None,
+        })
+        .min_by_key(|i| i.in_flight.load(Ordering::Relaxed));
+    if let Some(instance) = best {
+        return Choice::Ready(instance.clone());
+    }
+    let any_coming = routes.iter().any(|r| match r {
+        Route::Pending => true,
+        // The instance to avoid is still published: its replacement will come.
+        Route::Ready(_) => true,
+        Route::Down { .. } => false,
+    });
+    if any_coming {
+        return Choice::Wait;
+    }
+    match routes.iter().find_map(|r| match r {
+        Route::Down { state, reason } => Some((*state, reason.clone())),
+        _ => None,
+    }) {
+        Some((state, reason)) => Choice::Down { state, reason },
+        None => Choice::Wait,
+    }
+}
+
+/// Bounds a plugin's calls: at most `max_in_flight` at once, at most
+/// `max_queue` waiting for a slot; beyond that, RESOURCE_EXHAUSTED.
+pub(crate) struct Admission {
+    plugin: String,
+    permits: Semaphore,
+    max_in_flight: usize,
+    queued: AtomicUsize,
+    max_queue: usize,
+}
+
+impl Admission {
+    pub fn new(plugin: &str, max_in_flight: usize, max_queue: usize) -> Self {
+        Admission {
+            plugin: plugin.to_string(),
+            permits: Semaphore::new(max_in_flight),
+            max_in_flight,
+            queued: AtomicUsize::new(0),
+            max_queue,
+        }
+    }
+
+    /// A slot for one call, waiting in the bounded queue until `deadline`.
+    pub async fn admit(
+        &self,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<SemaphorePermit<'_>, Error> {
+        if let Ok(permit) = self.permits.try_acquire() {
+            return Ok(permit);
+        }
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::Overloaded {
+                plugin: self.plugin.clone(),
+                in_flight: self.max_in_flight,
+                queued: self.max_queue,
+            });
+        }
+        let result = tokio::time::timeout_at(deadline.into(), self.permits.acquire()).await;
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        match result {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(Error::ShuttingDown),
+            Err(_) => Err(Error::NotReady {
+                plugin: self.plugin.clone(),
+                waited: timeout,
+                reason: format!("all {} call slots stayed busy", self.max_in_flight),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(id: &str) -> Arc<ReadyInstance> {
+        let channel = tonic::transport::Endpoint::from_static("http://x.invalid").connect_lazy();
+        ReadyInstance::new(id.to_string(), 0, PluginClient::new(channel))
+    }
+
+    #[tokio::test]
+    async fn picks_the_least_loaded_ready_instance() {
+        let routes = Routes::new("p", 3);
+        let (a, b) = (instance("a"), instance("b"));
+        routes.set(0, Route::Ready(a.clone()));
+        routes.set(1, Route::Ready(b.clone()));
+        routes.set(
+            2,
+            Route::Down {
+                state: PluginState::Failed,
+                reason: "x".into(),
+            },
+        );
+        let far = Instant::now() + Duration::from_secs(1);
+        let first = routes
+            .pick(far, Duration::from_secs(1), None, String::new)
+            .await
+            .unwrap();
+        let second = routes
+            .pick(far, Duration::from_secs(1), None, String::new)
+            .await
+            .unwrap();
+        assert_ne!(
+            first.id, second.id,
+            "the second call goes to the idle instance"
+        );
+        drop(first);
+        let third = routes
+            .pick(far, Duration::from_secs(1), Some("a"), String::new)
+            .await
+            .unwrap();
+        assert_eq!(third.id, "b", "avoids the lost instance");
+    }
+
+    #[tokio::test]
+    async fn fails_fast_when_every_replica_is_down_and_waits_while_one_is_pending() {
+        let routes = Routes::new("p", 2);
+        routes.set(
+            0,
+            Route::Down {
+                state: PluginState::Stopped,
+                reason: "stopped by request".into(),
+            },
+        );
+        routes.set(
+            1,
+            Route::Down {
+                state: PluginState::Failed,
+                reason: "gave up".into(),
+            },
+        );
+        let soon = Instant::now() + Duration::from_millis(50);
+        let err = routes
+            .pick(soon, Duration::from_millis(50), None, String::new)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::NotRunning { .. }), "{err}");
+        routes.set(1, Route::Pending);
+        let soon = Instant::now() + Duration::from_millis(50);
+        let err = routes
+            .pick(soon, Duration::from_millis(50), None, || "backoff".into())
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("backoff"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_answers_overloaded() {
+        let admission = Admission::new("p", 1, 1);
+        let far = Instant::now() + Duration::from_secs(5);
+        let held = admission.admit(far, Duration::from_secs(5)).await.unwrap();
+        let queued = admission.admit(far, Duration::from_secs(5));
+        tokio::pin!(queued);
+        // The second waits in the queue...
+        assert!(futures_poll(&mut queued).await.is_none());
+        // ...so the third finds the queue full.
+        let err = admission
+            .admit(far, Duration::from_secs(5))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::Overloaded { .. }), "{err}");
+        drop(held);
+        assert!(queued.await.is_ok());
+    }
+
+    /// Polls a future once.
+    async fn futures_poll<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut *f).poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn drained_waits_for_in_flight_calls() {
+        let i = instance("a");
+        let call = InFlight::new(i.clone());
+        assert!(!i.drained(Duration::from_millis(20)).await);
+        let waiter = tokio::spawn({
+            let i = i.clone();
+            async move { i.drained(Duration::from_secs(5)).await }
+        });
+        drop(call);
+        assert!(waiter.await.unwrap());
+    }
+}
