@@ -35,7 +35,9 @@ pub enum Error {
     /// The plugin answered with an error status: passed on unchanged.
     #[error("{0}")]
     Plugin(tonic::Status),
-    #[error("plugin `{plugin}` is overloaded: {in_flight} calls in flight and {queued} queued; retry later")]
+    #[error(
+        "plugin `{plugin}` is overloaded: {in_flight} calls in flight and {queued} queued; retry later"
+    )]
     Overloaded {
         plugin: String,
         in_flight: usize,
