@@ -37,6 +37,34 @@ impl Default for Sandbox {
     }
 }
 
+impl Drop for Sandbox {
+    /// A daemon run on this sandbox made its plugins' cgroups under a parent
+    /// named after the runtime directory. One that was SIGKILLed could not
+    /// remove them, and a plugin's descendants without a parent-death signal
+    /// (a `--double-fork` grandchild) live on in them: kill and remove all
+    /// of it, as the daemon's next start would.
+    fn drop(&mut self) {
+        use plugvisor::isolation::{ProbeOptions, fs::HostFs, probe};
+        let config = plugvisor::config::Config {
+            runtime_dir: self.runtime_dir(),
+            ..Default::default()
+        };
+        let parent = config.cgroup_parent();
+        let root = config.cgroup.root.clone();
+        // Listing a parent that does not exist finds nothing: no effect.
+        if let Ok(tree) = probe(&ProbeOptions {
+            fs: std::sync::Arc::new(HostFs),
+            root,
+            proc_root: "/proc".into(),
+            parent,
+            pid: std::process::id() as i32,
+        }) {
+            let _ = tree.clean_stale();
+            let _ = tree.teardown();
+        }
+    }
+}
+
 impl Sandbox {
     pub fn new() -> Sandbox {
         let dir = tempfile::Builder::new()
@@ -157,10 +185,21 @@ impl Daemon {
     /// Starts `plugvisor run` on the sandbox's plugins dir and waits until
     /// its control socket answers.
     pub fn start(sandbox: &Sandbox, extra_args: &[&str]) -> Daemon {
+        Self::start_with(sandbox, extra_args, |_| {})
+    }
+
+    /// [`Daemon::start`], letting `configure` adjust the command first (e.g.
+    /// its environment).
+    pub fn start_with(
+        sandbox: &Sandbox,
+        extra_args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let control = sandbox.dir.path().join("ctl.sock");
         let log = sandbox.dir.path().join("daemon.log");
         let log_file = std::fs::File::create(&log).expect("daemon log");
-        let child = Command::new(bin("plugvisor"))
+        let mut command = Command::new(bin("plugvisor"));
+        command
             .arg("--control")
             .arg(&control)
             .arg("run")
@@ -168,13 +207,15 @@ impl Daemon {
             .arg(sandbox.plugins_dir())
             .arg("--runtime-dir")
             .arg(sandbox.runtime_dir())
+            .arg("--state-dir")
+            .arg(sandbox.dir.path().join("state"))
             .args(extra_args)
             .env("PLUGVISOR_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("the daemon starts");
+            .stderr(log_file);
+        configure(&mut command);
+        let child = command.spawn().expect("the daemon starts");
         let mut daemon = Daemon {
             child,
             control,
@@ -274,10 +315,21 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// Stops the daemon gracefully (SIGTERM), so it takes its plugins and
+    /// their descendants with it; SIGKILL only if it does not exit in 10 s.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            // SAFETY: kill(2) on our own, not yet reaped, child.
+            unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while let Ok(None) = self.child.try_wait() {
+                if Instant::now() > deadline {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
     }
 }

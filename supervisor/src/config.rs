@@ -34,6 +34,58 @@ pub struct PluginOverride {
     pub env: BTreeMap<String, String>,
 }
 
+/// `cgroup:` — where plugin cgroups are made, and whether they are a must.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CgroupConfig {
+    /// Where the cgroup filesystems are mounted; probed for cgroup v2, then
+    /// v1 controllers, then a hybrid layout's `unified` tree.
+    pub root: PathBuf,
+    /// Without a writable cgroup tree, refuse to start instead of running
+    /// plugins on rlimits alone.
+    pub require: bool,
+    /// `false`: do not use cgroups at all (rlimits only).
+    pub enabled: bool,
+    /// The cgroup under which each plugin instance gets its own: relative to
+    /// each v1 hierarchy's root, or to the supervisor's own (delegated) cgroup
+    /// on v2; `/`-prefixed means from the v2 root. Everything below it belongs
+    /// to this daemon and is cleaned at start-up. Default: `plugvisor` with the
+    /// default runtime_dir, else `plugvisor-<hash of runtime_dir>`, so two
+    /// daemons never share one.
+    pub parent: Option<String>,
+}
+
+impl Default for CgroupConfig {
+    fn default() -> Self {
+        CgroupConfig {
+            root: PathBuf::from("/sys/fs/cgroup"),
+            require: false,
+            enabled: true,
+            parent: None,
+        }
+    }
+}
+
+/// Checks `cgroup.parent`: path components of letters, digits, `.`, `_`, `-`.
+fn validate_cgroup_parent(parent: &str) -> Result<(), String> {
+    let relative = parent.strip_prefix('/').unwrap_or(parent);
+    let ok = !relative.is_empty()
+        && relative.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{parent}` is not a cgroup path; expected names of letters, digits, `.`, `_` or `-` separated by `/`, such as `plugvisor` or `/plugvisor/prod`"
+        ))
+    }
+}
+
 /// `plugvisor.yaml`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -46,6 +98,9 @@ pub struct Config {
     /// Where the control API listens; defaults to `<runtime_dir>/control.sock`.
     pub control_socket: Option<PathBuf>,
     pub log_format: LogFormat,
+    /// Where Prometheus metrics are served (`GET /metrics`), e.g.
+    /// `127.0.0.1:9464`; not served when unset.
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Any plugin error (bad manifest, failed start) stops the daemon.
     pub strict: bool,
     /// Users (besides root and the daemon's own user) allowed on the control socket.
@@ -53,6 +108,10 @@ pub struct Config {
     /// Groups allowed on the control socket.
     pub control_gids: Vec<u32>,
     pub plugins: BTreeMap<String, PluginOverride>,
+    pub cgroup: CgroupConfig,
+    /// Start executables that users other than their owner may write to.
+    /// Off by default: such a file can be swapped under the supervisor.
+    pub allow_writable_executables: bool,
 }
 
 impl Default for Config {
@@ -64,10 +123,13 @@ impl Default for Config {
             control_socket: None,
             runtime_dir,
             log_format: LogFormat::Text,
+            metrics_address: None,
             strict: false,
             control_uids: Vec::new(),
             control_gids: Vec::new(),
             plugins: BTreeMap::new(),
+            cgroup: CgroupConfig::default(),
+            allow_writable_executables: false,
         }
     }
 }
@@ -125,11 +187,42 @@ impl Config {
         config.runtime_dir = base.join(&config.runtime_dir);
         config.state_dir = base.join(&config.state_dir);
         config.control_socket = config.control_socket.map(|p| base.join(p));
+        if !config.cgroup.root.is_absolute() {
+            return Err(err(format!(
+                "cgroup.root: `{}` must be an absolute path, such as /sys/fs/cgroup",
+                config.cgroup.root.display()
+            )));
+        }
+        if let Some(parent) = &config.cgroup.parent {
+            validate_cgroup_parent(parent).map_err(|m| err(format!("cgroup.parent: {m}")))?;
+        }
         for name in config.plugins.keys() {
             crate::manifest::validate_name(name)
                 .map_err(|m| err(format!("plugins.{name}: {m}")))?;
         }
         Ok(config)
+    }
+
+    /// `cgroup.parent`, defaulted: `plugvisor` for the default runtime
+    /// directory, else `plugvisor-<hash>` of the runtime directory, which no
+    /// two running daemons share (each owns its control socket there).
+    pub fn cgroup_parent(&self) -> String {
+        if let Some(parent) = &self.cgroup.parent {
+            return parent.clone();
+        }
+        if self.runtime_dir == default_runtime_dir() {
+            return "plugvisor".to_string();
+        }
+        // FNV-1a: stable across runs and builds, unlike std's hasher.
+        let hash = self
+            .runtime_dir
+            .as_os_str()
+            .as_encoded_bytes()
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        format!("plugvisor-{:08x}", hash as u32)
     }
 
     /// The control socket path, defaulted from `runtime_dir`.
@@ -197,6 +290,59 @@ mod tests {
         std::fs::write(&path, "plugins:\n  Bad!: {}\n").unwrap();
         let e = Config::load(&path).unwrap_err().to_string();
         assert!(e.contains("plugins.Bad!"), "{e}");
+    }
+
+    #[test]
+    fn cgroup_settings_parse_and_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plugvisor.yaml");
+        std::fs::write(&path, "").unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.cgroup.root, PathBuf::from("/sys/fs/cgroup"));
+        assert!(c.cgroup.enabled && !c.cgroup.require && !c.allow_writable_executables);
+        assert_eq!(c.cgroup_parent(), "plugvisor");
+        std::fs::write(&path, "runtime_dir: run\n").unwrap();
+        let c = Config::load(&path).unwrap();
+        // A non-default runtime dir gets its own, stable parent cgroup.
+        let parent = c.cgroup_parent();
+        assert!(parent.starts_with("plugvisor-"), "{parent}");
+        assert_eq!(parent, c.cgroup_parent());
+        let mut other = c.clone();
+        other.runtime_dir = dir.path().join("elsewhere");
+        assert_ne!(other.cgroup_parent(), parent);
+
+        std::fs::write(
+            &path,
+            "cgroup: {root: /tmp/cg, require: true, parent: /plugvisor/prod}\nallow_writable_executables: true\n",
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.cgroup.root, PathBuf::from("/tmp/cg"));
+        assert!(c.cgroup.require && c.allow_writable_executables);
+        assert_eq!(c.cgroup_parent(), "/plugvisor/prod");
+    }
+
+    #[test]
+    fn bad_cgroup_settings_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plugvisor.yaml");
+        for (text, needle) in [
+            ("cgroup: {root: sys/fs/cgroup}\n", "cgroup.root"),
+            ("cgroup: {parent: ../escape}\n", "cgroup.parent"),
+            ("cgroup: {parent: 'a b'}\n", "cgroup.parent"),
+            ("cgroup: {parent: /}\n", "cgroup.parent"),
+            ("cgroup: {requre: true}\n", "unknown field `requre`"),
+            ("cgroup: {require: maybe}\n", "cgroup.require"),
+            (
+                "allow_writable_executables: 1\n",
+                "allow_writable_executables",
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = Config::load(&path).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+            assert!(e.contains("plugvisor.yaml"), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! a graceful stop. The supervision loop in [`crate::supervisor`] decides when;
 //! this module knows how.
 
+use crate::isolation::preexec::ExecFd;
+use crate::isolation::{CgroupLease, Isolation, PrepareError, Prepared};
 use crate::logs::{LineReader, LogBuffer, LogLine};
 use crate::manifest::Manifest;
 use crate::process::{Child, ExitStatus, ProcessManager, SpawnSpec};
@@ -45,6 +47,17 @@ pub enum StartError {
     InitializeTimeout(Duration),
     #[error("Initialize failed: {0}")]
     InitializeFailed(String),
+    /// The plugin may not run as it is (a sha256 mismatch, a writable
+    /// executable, an unknown user): no restart helps until it changes.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// Its isolation could not be set up (a cgroup could not be made).
+    #[error("cannot isolate {exec}: {reason}")]
+    Isolation { exec: PathBuf, reason: String },
+    /// The OOM killer ended it before the handshake: the memory limit is too
+    /// low for it to start.
+    #[error("killed by the OOM killer (memory limit) before the handshake{}", last_output(.output))]
+    OomKilled { output: Vec<String> },
 }
 
 fn last_output(lines: &[String]) -> String {
@@ -64,6 +77,19 @@ pub struct Instance {
     /// The 0700 directory holding the socket; removed on drop.
     pub socket_dir: PathBuf,
     pub spawned_at: Instant,
+    /// The instance's cgroup, when cgroups are in use: killed and removed
+    /// when the instance is dropped.
+    pub cgroup: Option<CgroupLease>,
+}
+
+impl Instance {
+    /// Whether the child, which ended with `status`, was ended by the OOM
+    /// killer, as its cgroup's own counters say.
+    pub fn oom_killed(&self, status: ExitStatus) -> bool {
+        self.cgroup
+            .as_ref()
+            .is_some_and(|c| c.cgroup().oom_evidence().explains(status))
+    }
 }
 
 impl Drop for Instance {
@@ -81,33 +107,111 @@ pub struct StartContext<'a> {
     pub logs: Arc<LogBuffer>,
     pub processes: &'a ProcessManager,
     pub tasks: &'a tokio_util::task::TaskTracker,
+    /// Limits, hardening and pinning; `None` spawns without them.
+    pub isolation: Option<&'a Isolation>,
 }
 
-/// Prepares `<runtime_dir>/plugins/<instance>/` with mode 0700.
-fn socket_dir(runtime_dir: &Path, instance_id: &str) -> Result<PathBuf, StartError> {
+/// Prepares `<runtime_dir>/plugins/<instance>/` with mode 0700, below a
+/// `plugins` directory others may traverse but not list (0711). A plugin
+/// that runs as another user gets its directory as its owner (`owner`).
+fn socket_dir(
+    runtime_dir: &Path,
+    instance_id: &str,
+    owner: Option<(u32, u32)>,
+) -> Result<PathBuf, StartError> {
     use std::os::unix::fs::DirBuilderExt;
-    let dir = runtime_dir.join("plugins").join(instance_id);
+    let plugins = runtime_dir.join("plugins");
+    let dir = plugins.join(instance_id);
     let fail = |reason: String| StartError::SocketDir {
         path: dir.clone(),
         reason,
     };
     let _ = std::fs::remove_dir_all(&dir);
+    // `recursive` applies the mode to every level it creates.
     std::fs::DirBuilder::new()
         .recursive(true)
+        .mode(0o711)
+        .create(&plugins)
+        .map_err(|e| fail(e.to_string()))?;
+    std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
         .map_err(|e| fail(e.to_string()))?;
-    // `recursive` applies the mode to every created level; make sure of the leaf.
+    // Whatever the umask.
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .map_err(|e| fail(e.to_string()))?;
+    if let Some((uid, gid)) = owner {
+        // Made by an older version, or by hand.
+        let traversable = std::os::unix::fs::PermissionsExt::from_mode(0o711);
+        std::fs::set_permissions(&plugins, traversable).map_err(|e| {
+            fail(format!(
+                "cannot set mode 0711 on {}: {e}",
+                plugins.display()
+            ))
+        })?;
+        reachable_by(&plugins, uid, gid).map_err(fail)?;
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+            .map_err(|e| fail(format!("cannot hand it to uid {uid} gid {gid}: {e}")))?;
+    }
     Ok(dir)
+}
+
+/// Checks that a plugin running as `uid`:`gid` can traverse every directory
+/// down to `dir`, so that it can create its socket below it.
+fn reachable_by(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    for ancestor in dir.ancestors() {
+        let Ok(meta) = std::fs::metadata(ancestor) else {
+            continue;
+        };
+        let bit = if meta.uid() == uid {
+            0o100
+        } else if meta.gid() == gid {
+            0o010
+        } else {
+            0o001
+        };
+        if meta.mode() & bit == 0 {
+            return Err(format!(
+                "uid {uid} cannot reach its socket: {} is mode {:04o}; make it traversable (chmod o+x) or choose another runtime_dir",
+                ancestor.display(),
+                meta.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Isolation's part of a start: the executable checked, credentials
+/// resolved, rlimits computed, the cgroup made. `None` without isolation.
+fn prepare_isolation(ctx: &StartContext<'_>) -> Result<Option<Prepared>, StartError> {
+    let Some(isolation) = ctx.isolation else {
+        return Ok(None);
+    };
+    match isolation.prepare(ctx.manifest, &ctx.instance_id) {
+        Ok(prepared) => Ok(Some(prepared)),
+        Err(PrepareError::Refused(why)) => Err(StartError::Refused(why)),
+        Err(PrepareError::Failed(why)) => Err(StartError::Isolation {
+            exec: ctx.manifest.exec.clone(),
+            reason: why,
+        }),
+    }
 }
 
 /// Spawns the plugin and waits for its handshake, then connects. On failure
 /// the child's whole process group is killed and reaped before returning.
 pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
     let m = ctx.manifest;
-    let dir = socket_dir(ctx.runtime_dir, &ctx.instance_id)?;
+    // Checks and cgroup first: a refused plugin leaves nothing behind.
+    let prepared = prepare_isolation(&ctx)?;
+    // Dropping the lease (on any failure below) kills and removes the cgroup.
+    let cg = prepared.as_ref().and_then(|p| p.cgroup.clone());
+    let cgroup = match (ctx.isolation, cg) {
+        (Some(isolation), Some(cg)) => Some(isolation.lease(&ctx.instance_id, cg, ctx.tasks)),
+        _ => None,
+    };
+    let owner = prepared.as_ref().and_then(|p| p.owner);
+    let dir = socket_dir(ctx.runtime_dir, &ctx.instance_id, owner)?;
     let socket = dir.join("plugin.sock");
     if socket.as_os_str().len() > MAX_SOCKET_PATH {
         let _ = std::fs::remove_dir_all(&dir);
@@ -144,7 +248,20 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
         cwd: m.dir.clone(),
     };
     let spawned_at = Instant::now();
-    let mut child = match ctx.processes.spawn(&spec).await {
+    let spawned = match prepared {
+        None => ctx.processes.spawn(&spec).await,
+        Some(p) => {
+            let exec = match p.exec.exec_from_fd() {
+                false => None,
+                true => Some(ExecFd {
+                    keep_open: p.exec.script,
+                    fd: p.exec.fd,
+                }),
+            };
+            ctx.processes.spawn_with(&spec, p.child, exec).await
+        }
+    };
+    let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);
@@ -158,6 +275,17 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
     forward_output(&ctx, &mut child, handshake_tx);
     let instance_id = ctx.instance_id.clone();
     let result = await_handshake(&ctx, &child, &socket, handshake_rx).await;
+    // The memory limit may be too low for the plugin to start at all.
+    let result = match result {
+        Err(StartError::ExitedEarly { status, output })
+            if cgroup
+                .as_ref()
+                .is_some_and(|c| c.cgroup().oom_evidence().explains(status)) =>
+        {
+            Err(StartError::OomKilled { output })
+        }
+        other => other,
+    };
     let result = match result {
         Ok(()) => {
             let remaining = m.timeouts.start.0.saturating_sub(spawned_at.elapsed());
@@ -186,6 +314,7 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
             child,
             socket_dir: dir,
             spawned_at,
+            cgroup,
         }),
         Err(e) => {
             kill_and_reap(&child).await;
@@ -377,7 +506,7 @@ pub async fn stop(instance: &mut Instance, timeout: Duration) -> ExitStatus {
     let half = timeout / 2;
     let child = &instance.child;
     if let Some(status) = child.try_status() {
-        let _ = child.signal_group(libc::SIGKILL);
+        kill_leftovers(instance);
         return status;
     }
     let mut request = tonic::Request::new(ShutdownRequest {
@@ -408,6 +537,17 @@ pub async fn stop(instance: &mut Instance, timeout: Duration) -> ExitStatus {
             }
         }
     };
-    let _ = child.signal_group(libc::SIGKILL);
+    kill_leftovers(instance);
     status
+}
+
+/// Kills what is left of a stopped instance: its process group, and its
+/// whole cgroup (descendants that left the group included).
+fn kill_leftovers(instance: &Instance) {
+    let _ = instance.child.signal_group(libc::SIGKILL);
+    if let Some(lease) = &instance.cgroup
+        && let Err(e) = lease.cgroup().kill_all()
+    {
+        tracing::warn!(instance = %instance.id, "cannot kill the rest of its cgroup: {e}");
+    }
 }

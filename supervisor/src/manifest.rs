@@ -6,7 +6,7 @@
 //! installed side by side (the highest version wins). Parsing is strict:
 //! unknown fields and bad values are errors that name the file and the field.
 
-use crate::units::HumanDuration;
+use crate::units::{HumanDuration, HumanSize};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -150,6 +150,73 @@ impl Default for StateSpec {
     }
 }
 
+/// `limits:` — resources a plugin instance may use. Memory, cpu and pids are
+/// enforced by the instance's cgroup; the rest are rlimits set before exec.
+/// See [`crate::isolation`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Hard memory limit: beyond it the kernel's OOM killer ends the plugin
+    /// (cgroup v2 `memory.max`, v1 `memory.limit_in_bytes`).
+    pub memory: Option<HumanSize>,
+    /// Throttling threshold below `memory`: reclaim pressure, no kill
+    /// (v2 `memory.high`, v1 `memory.soft_limit_in_bytes`).
+    pub memory_high: Option<HumanSize>,
+    /// CPU time per wall-clock time, in cores (`0.5` = half of one CPU).
+    pub cpu: Option<f64>,
+    /// Processes and threads the plugin and its descendants may have.
+    pub pids: Option<u64>,
+    /// `RLIMIT_NOFILE`: open descriptors per process.
+    pub nofile: Option<u64>,
+    /// `RLIMIT_CORE`: core dump size; 0 (no core dumps) when not given.
+    pub core: Option<HumanSize>,
+    /// `RLIMIT_DATA`: the data segment and private memory mappings.
+    pub data: Option<HumanSize>,
+    /// `RLIMIT_CPU`: CPU seconds per process before SIGXCPU, then SIGKILL.
+    pub cpu_time: Option<HumanDuration>,
+    /// `RLIMIT_NPROC`: processes of the plugin's *user* (all of them, not just
+    /// this plugin's; root is exempt). `pids` is the per-plugin limit.
+    pub nproc: Option<u64>,
+}
+
+/// `isolation.network`: which network the plugin sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// The supervisor's own network namespace.
+    #[default]
+    Host,
+    /// An empty network namespace: not even a loopback that is up. Its Unix
+    /// socket still works (it is a file, not a network address).
+    None,
+}
+
+/// `isolation:` — who the plugin runs as and what it can reach.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IsolationSpec {
+    /// Run as this user (name or numeric uid); needs a root supervisor.
+    pub user: Option<String>,
+    /// Run with this group (name or numeric gid); defaults to the user's
+    /// primary group.
+    pub group: Option<String>,
+    pub network: NetworkMode,
+    /// `PR_SET_NO_NEW_PRIVS`: setuid binaries and file capabilities grant
+    /// nothing to the plugin or its descendants.
+    pub no_new_privs: bool,
+}
+
+impl Default for IsolationSpec {
+    fn default() -> Self {
+        IsolationSpec {
+            user: None,
+            group: None,
+            network: NetworkMode::Host,
+            no_new_privs: true,
+        }
+    }
+}
+
 /// `calls:` — backpressure: how many calls a plugin takes at once (across
 /// its replicas) and how many may wait for a slot.
 #[derive(Debug, Clone, Deserialize)]
@@ -205,6 +272,12 @@ struct RawManifest {
     #[serde(default)]
     timeouts: Timeouts,
     #[serde(default)]
+    sha256: Option<String>,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    isolation: IsolationSpec,
+    #[serde(default)]
     idempotent: Vec<String>,
     #[serde(default)]
     state: StateSpec,
@@ -238,6 +311,11 @@ pub struct Manifest {
     pub restart: RestartSpec,
     pub health: HealthSpec,
     pub timeouts: Timeouts,
+    /// The executable's expected SHA-256, lowercase hex: checked on the very
+    /// bytes that are executed, at every start.
+    pub sha256: Option<String>,
+    pub limits: Limits,
+    pub isolation: IsolationSpec,
     /// Methods safe to send again: a call to one of these that loses its
     /// instance mid-flight is retried on the next ready instance (within its
     /// deadline). Every other call is sent at most once.
@@ -350,6 +428,12 @@ impl Manifest {
                 return Err(err(field, "must be greater than zero".into()));
             }
         }
+        validate_limits(&raw.limits).map_err(|(f, m)| err(&format!("limits.{f}"), m))?;
+        validate_isolation(&raw.isolation).map_err(|(f, m)| err(&format!("isolation.{f}"), m))?;
+        let sha256 = raw
+            .sha256
+            .map(|digest| validate_sha256(&digest).map_err(|m| err("sha256", m)))
+            .transpose()?;
         Ok(Manifest {
             name: raw.name,
             version,
@@ -362,6 +446,9 @@ impl Manifest {
             restart: raw.restart,
             health: raw.health,
             timeouts: raw.timeouts,
+            sha256,
+            limits: raw.limits,
+            isolation: raw.isolation,
             idempotent: raw.idempotent,
             state: raw.state,
             replicas: raw.replicas,
@@ -420,6 +507,82 @@ fn validate_restart(r: &RestartSpec) -> Result<(), (&'static str, String)> {
         return Err(("window", "must be greater than zero".into()));
     }
     Ok(())
+}
+
+fn validate_limits(l: &Limits) -> Result<(), (&'static str, String)> {
+    const MIB: u64 = 1 << 20;
+    if let Some(m) = l.memory
+        && m.0 < MIB
+    {
+        return Err(("memory", format!("{m:?} is below the 1MiB minimum")));
+    }
+    if let Some(h) = l.memory_high {
+        if h.0 < MIB {
+            return Err(("memory_high", format!("{h:?} is below the 1MiB minimum")));
+        }
+        if let Some(m) = l.memory
+            && h > m
+        {
+            return Err((
+                "memory_high",
+                format!(
+                    "{h:?} is above `memory` ({m:?}); the throttling threshold must be at most the hard limit"
+                ),
+            ));
+        }
+    }
+    if let Some(cpu) = l.cpu
+        && !(cpu.is_finite() && cpu >= 0.01)
+    {
+        return Err((
+            "cpu",
+            format!("{cpu} must be a number of cores of at least 0.01 (e.g. 0.5)"),
+        ));
+    }
+    for (field, value, min) in [
+        ("pids", l.pids, 1),
+        ("nofile", l.nofile, 16),
+        ("nproc", l.nproc, 1),
+    ] {
+        if let Some(v) = value
+            && v < min
+        {
+            return Err((field, format!("{v} is below the minimum of {min}")));
+        }
+    }
+    if let Some(t) = l.cpu_time
+        && t.0.is_zero()
+    {
+        return Err(("cpu_time", "must be greater than zero".into()));
+    }
+    Ok(())
+}
+
+fn validate_isolation(i: &IsolationSpec) -> Result<(), (&'static str, String)> {
+    for (field, value) in [("user", &i.user), ("group", &i.group)] {
+        if let Some(v) = value
+            && (v.is_empty() || v.contains(['/', ':', '\0']) || v.trim() != v)
+        {
+            return Err((
+                field,
+                format!("`{v}` is not a valid {field} name or number"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a `sha256:` pin: 64 hex digits (an optional `sha256:` prefix is
+/// accepted). Returns it in lowercase.
+fn validate_sha256(digest: &str) -> Result<String, String> {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        Ok(hex.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "`{digest}` is not a SHA-256 digest; expected 64 hex digits, as `sha256sum` prints"
+        ))
+    }
 }
 
 /// Turns a serde_yaml error into one that names the field where possible.
@@ -664,6 +827,117 @@ mod tests {
     fn missing_required_field_is_named() {
         let e = parse("name: echo\nexec: ./x\n").unwrap_err();
         assert!(e.to_string().contains("missing field `version`"), "{e}");
+    }
+
+    #[test]
+    fn parses_limits_isolation_and_pin() {
+        let m = parse(
+            "name: echo\nversion: 1.0.0\nexec: ./x\n\
+             limits: {memory: 128MiB, memory_high: 100MiB, cpu: 0.5, pids: 64, nofile: 1024, core: 0, \
+             data: 1GiB, cpu_time: 1h, nproc: 100}\n\
+             isolation: {user: nobody, group: nogroup, network: none, no_new_privs: false}\n\
+             sha256: sha256:9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08\n",
+        )
+        .unwrap();
+        let l = &m.limits;
+        assert_eq!(l.memory.unwrap().0, 128 << 20);
+        assert_eq!(l.memory_high.unwrap().0, 100 << 20);
+        assert_eq!(l.cpu, Some(0.5));
+        assert_eq!(
+            (l.pids, l.nofile, l.nproc),
+            (Some(64), Some(1024), Some(100))
+        );
+        assert_eq!(l.core.unwrap().0, 0);
+        assert_eq!(l.data.unwrap().0, 1 << 30);
+        assert_eq!(l.cpu_time.unwrap().0, Duration::from_secs(3600));
+        assert_eq!(m.isolation.user.as_deref(), Some("nobody"));
+        assert_eq!(m.isolation.group.as_deref(), Some("nogroup"));
+        assert_eq!(m.isolation.network, NetworkMode::None);
+        assert!(!m.isolation.no_new_privs);
+        assert_eq!(
+            m.sha256.as_deref(),
+            Some("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08")
+        );
+    }
+
+    #[test]
+    fn isolation_defaults_are_hardened() {
+        let m = parse("name: echo\nversion: 1.0.0\nexec: ./x\n").unwrap();
+        assert!(m.isolation.no_new_privs);
+        assert_eq!(m.isolation.network, NetworkMode::Host);
+        assert!(m.isolation.user.is_none() && m.sha256.is_none());
+        assert!(m.limits.memory.is_none() && m.limits.core.is_none());
+    }
+
+    #[test]
+    fn bad_limits_isolation_and_pins_name_the_field() {
+        let base = "name: echo\nversion: 1.0.0\nexec: ./x\n";
+        let cases = [
+            ("limits: {memory: 512KiB}", "limits.memory", "1MiB minimum"),
+            (
+                "limits: {memory: 64MiB, memory_high: 1GiB}",
+                "limits.memory_high",
+                "above `memory`",
+            ),
+            ("limits: {cpu: 0}", "limits.cpu", "at least 0.01"),
+            ("limits: {cpu: .nan}", "limits.cpu", "at least 0.01"),
+            ("limits: {pids: 0}", "limits.pids", "minimum of 1"),
+            ("limits: {nofile: 3}", "limits.nofile", "minimum of 16"),
+            (
+                "limits: {cpu_time: 0s}",
+                "limits.cpu_time",
+                "greater than zero",
+            ),
+            (
+                "isolation: {user: ''}",
+                "isolation.user",
+                "not a valid user",
+            ),
+            (
+                "isolation: {group: 'a:b'}",
+                "isolation.group",
+                "not a valid group",
+            ),
+            ("sha256: abc", "sha256", "64 hex digits"),
+            (
+                "sha256: zz86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                "sha256",
+                "64 hex digits",
+            ),
+        ];
+        for (extra, field, needle) in cases {
+            let text = format!("{base}{extra}\n");
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{text}: {e}");
+            assert!(e.message.contains(needle), "{text}: {e}");
+        }
+        // Type errors and unknown keys are caught by serde, with the section.
+        for (extra, section, needle) in [
+            (
+                "limits: {memory: lots}",
+                "limits",
+                "does not start with a number",
+            ),
+            ("limits: {memory: 1 parsec}", "limits", "unknown size unit"),
+            ("limits: {pids: -1}", "limits.pids", "expected u64"),
+            ("limits: {swap: 1GiB}", "limits", "unknown field `swap`"),
+            (
+                "isolation: {network: bridge}",
+                "isolation",
+                "unknown variant `bridge`",
+            ),
+            (
+                "isolation: {netwrk: none}",
+                "isolation",
+                "unknown field `netwrk`",
+            ),
+        ] {
+            let text = format!("{base}{extra}\n");
+            let e = parse(&text).unwrap_err();
+            let field = e.field.as_deref().unwrap_or_default();
+            assert!(field.starts_with(section), "{text}: {e}");
+            assert!(e.message.contains(needle), "{text}: {e}");
+        }
     }
 
     fn write_plugin(root: &Path, rel: &str, name: &str, version: &str) {

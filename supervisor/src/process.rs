@@ -16,6 +16,7 @@
 //!   grandchildren are reparented to it, and [`ProcessManager::sweep_orphans`]
 //!   reaps those it does not track.
 
+use crate::isolation::preexec::{ChildSetup, ExecArgs, ExecFd, PreExec};
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io;
@@ -257,6 +258,19 @@ impl ProcessManager {
     /// and stderr piped, a new session, the parent-death signal set, and
     /// every descriptor beyond 0-2 closed on exec.
     pub async fn spawn(&self, spec: &SpawnSpec) -> io::Result<Child> {
+        self.spawn_with(spec, ChildSetup::default(), None).await
+    }
+
+    /// [`Self::spawn`], with what isolation asks of the child before exec
+    /// (join its cgroups, rlimits, namespaces, credentials, no_new_privs;
+    /// see [`crate::isolation::preexec`]), and optionally executing an
+    /// already opened, verified file instead of looking up `spec.program`.
+    pub async fn spawn_with(
+        &self,
+        spec: &SpawnSpec,
+        setup: ChildSetup,
+        exec: Option<ExecFd>,
+    ) -> io::Result<Child> {
         let mut command = Command::new(&spec.program);
         command
             .args(&spec.args)
@@ -266,39 +280,21 @@ impl ProcessManager {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: the closure runs between fork and exec and only makes
-        // async-signal-safe system calls; it allocates nothing (errors are
-        // built from raw errno values).
+        let exec = exec.map(|fd| ExecArgs {
+            fd,
+            program: &spec.program,
+            args: &spec.args,
+            env: &spec.env,
+        });
+        let (pre_exec, report) = PreExec::new(setup, exec)?;
+        // SAFETY: the closure runs between fork and exec; `PreExec::run` only
+        // makes raw system calls on data prepared before fork (no allocation,
+        // no locks), so it is async-signal-safe. It joins the cgroups, starts
+        // a new session, sets the parent-death signal, marks every
+        // descriptor beyond 0-2 close-on-exec, and so on; with a descriptor
+        // to execute it execs itself and returns only on failure.
         unsafe {
-            command.pre_exec(move || {
-                // Own session and process group: the group can be signalled as
-                // a whole, and no controlling terminal is inherited.
-                if libc::setsid() < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // Die with the supervisor, even when it is SIGKILLed.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The supervisor may have died before prctl took effect.
-                if libc::getppid() != parent {
-                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                // No descriptor beyond 0-2 survives exec, whoever opened it
-                // without O_CLOEXEC. CLOEXEC rather than close, so the
-                // standard library's exec-error pipe keeps working.
-                if libc::syscall(
-                    libc::SYS_close_range,
-                    3u32,
-                    u32::MAX,
-                    libc::CLOSE_RANGE_CLOEXEC,
-                ) < 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
+            command.pre_exec(move || pre_exec.run());
         }
         let (reply, result) = oneshot::channel();
         self.jobs
@@ -306,7 +302,8 @@ impl ProcessManager {
             .map_err(|_| io::Error::other("the spawner thread has stopped"))?;
         let (mut std_child, pidfd) = result
             .await
-            .map_err(|_| io::Error::other("the spawner thread has stopped"))??;
+            .map_err(|_| io::Error::other("the spawner thread has stopped"))?
+            .map_err(|e| report.explain(e))?;
         let pid = std_child.id() as i32;
         let stdout = std_child
             .stdout

@@ -95,6 +95,53 @@ impl serde::Serialize for HumanDuration {
     }
 }
 
+/// A size in bytes that deserializes from `128MiB`, `4096` or a bare YAML
+/// integer (bytes).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct HumanSize(pub u64);
+
+/// Formats a byte count the way [`parse_size`] reads it, in the largest
+/// binary unit that divides it (`128MiB`, `1536KiB`, `100B`).
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (factor, unit) in UNITS {
+        if bytes >= factor && bytes % factor == 0 {
+            return format!("{}{unit}", bytes / factor);
+        }
+    }
+    format!("{bytes}B")
+}
+
+impl fmt::Debug for HumanSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&format_size(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = HumanSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as `128MiB`, `512KiB` or a number of bytes")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<HumanSize, E> {
+                Ok(HumanSize(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<HumanSize, E> {
+                u64::try_from(v)
+                    .map(HumanSize)
+                    .map_err(|_| E::custom(format!("`{v}` is negative; a size is at least 0")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<HumanSize, E> {
+                parse_size(v).map(HumanSize).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,5 +176,19 @@ mod tests {
         assert_eq!(parse_size("128MiB"), Ok(128 << 20));
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn sizes_read_from_strings_and_integers_and_format_back() {
+        let v: HumanSize = serde_yaml::from_str("128MiB").unwrap();
+        assert_eq!(v.0, 128 << 20);
+        let v: HumanSize = serde_yaml::from_str("0").unwrap();
+        assert_eq!(v.0, 0);
+        assert!(serde_yaml::from_str::<HumanSize>("-1").is_err());
+        assert!(serde_yaml::from_str::<HumanSize>("lots").is_err());
+        assert_eq!(format_size(128 << 20), "128MiB");
+        assert_eq!(format_size(1536 << 10), "1536KiB");
+        assert_eq!(format_size(100), "100B");
+        assert_eq!(format_size(0), "0B");
     }
 }

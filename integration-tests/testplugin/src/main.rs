@@ -14,16 +14,24 @@
 //! | `--init-sleep-ms N` | sleep N ms in `Initialize` |
 //! | `--exit-immediately N` | exit with code N before the handshake |
 //! | `--init-fail` | `Initialize` fails with FAILED_PRECONDITION |
+//! | `--ignore-cookie` | serve without checking `PLUGVISOR_MAGIC_COOKIE` |
+//! | `--ignore-shutdown` | `Shutdown` replies but does nothing (SIGTERM still works) |
+//!
+//! Protocol faults, for `plugvisor conformance` (see `plugin.rs`'s [`Faults`]):
+//! `--unknown-ok`, `--forget-state`, `--no-stream`, `--stream-fail`,
+//! `--not-serving`, `--phantom-method`.
 //!
 //! Methods are listed in `plugin.rs`.
 
 mod fork;
+mod isolation;
 mod plugin;
 
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use plugvisor_proto::handshake;
 use plugvisor_sdk::{HandshakeEnv, ServeError, ServeOptions};
 
 use crate::plugin::{Faults, TestPlugin};
@@ -36,6 +44,8 @@ struct Args {
     wrong_path: bool,
     bad_version: bool,
     ignore_sigterm: bool,
+    ignore_shutdown: bool,
+    ignore_cookie: bool,
     double_fork: bool,
     exit_immediately: Option<i32>,
     faults: Faults,
@@ -43,7 +53,9 @@ struct Args {
 
 const USAGE: &str = "usage: testplugin [--junk N] [--no-handshake] [--wrong-path] [--bad-version] \
                      [--ignore-sigterm] [--double-fork] [--init-sleep-ms N] \
-                     [--exit-immediately N] [--init-fail]";
+                     [--exit-immediately N] [--init-fail] [--ignore-cookie] [--ignore-shutdown] \
+                     [--unknown-ok] [--forget-state] [--no-stream] [--stream-fail] \
+                     [--not-serving] [--phantom-method]";
 
 impl Args {
     fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
@@ -73,6 +85,14 @@ impl Args {
                 "--ignore-sigterm" => parsed.ignore_sigterm = true,
                 "--double-fork" => parsed.double_fork = true,
                 "--init-fail" => parsed.faults.init_fail = true,
+                "--ignore-cookie" => parsed.ignore_cookie = true,
+                "--ignore-shutdown" => parsed.ignore_shutdown = true,
+                "--unknown-ok" => parsed.faults.unknown_ok = true,
+                "--forget-state" => parsed.faults.forget_state = true,
+                "--no-stream" => parsed.faults.no_stream = true,
+                "--stream-fail" => parsed.faults.stream_fail = true,
+                "--not-serving" => parsed.faults.not_serving = true,
+                "--phantom-method" => parsed.faults.phantom_method = true,
                 "--init-sleep-ms" => {
                     let ms = num(&flag, value("milliseconds")?)?;
                     parsed.faults.init_sleep = Duration::from_millis(ms);
@@ -114,7 +134,12 @@ fn main() -> ExitCode {
         std::process::exit(code);
     }
 
-    let env = match HandshakeEnv::from_env() {
+    let env = if args.ignore_cookie {
+        env_without_cookie_check()
+    } else {
+        HandshakeEnv::from_env().map_err(|e| e.to_string())
+    };
+    let env = match env {
         Ok(env) => env,
         Err(err) => {
             eprintln!("{err}");
@@ -165,6 +190,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--ignore-cookie`: the handshake environment read the way a careless
+/// plugin would, trusting the socket path without the magic cookie.
+fn env_without_cookie_check() -> Result<HandshakeEnv, String> {
+    let socket = std::env::var_os(handshake::ENV_SOCKET)
+        .filter(|s| !s.is_empty())
+        .ok_or("testplugin: --ignore-cookie still needs PLUGVISOR_PLUGIN_SOCKET")?;
+    Ok(HandshakeEnv {
+        socket_path: socket.into(),
+        protocol_versions: vec![handshake::PROTOCOL_VERSION],
+        plugin_name: std::env::var(handshake::ENV_NAME).ok(),
+    })
+}
+
 /// Binds, announces (possibly wrongly) and serves.
 async fn run(env: HandshakeEnv, args: &Args, plugin: TestPlugin) -> Result<(), ServeError> {
     plugvisor_sdk::init_logging();
@@ -178,7 +216,7 @@ async fn run(env: HandshakeEnv, args: &Args, plugin: TestPlugin) -> Result<(), S
     }
     let options = ServeOptions {
         handle_signals: !args.ignore_sigterm,
-        honor_shutdown_rpc: !args.ignore_sigterm,
+        honor_shutdown_rpc: !(args.ignore_sigterm || args.ignore_shutdown),
         handshake: Some(handshake),
         ..ServeOptions::default()
     };
@@ -210,6 +248,14 @@ mod tests {
             "--exit-immediately",
             "7",
             "--init-fail",
+            "--ignore-cookie",
+            "--ignore-shutdown",
+            "--unknown-ok",
+            "--forget-state",
+            "--no-stream",
+            "--stream-fail",
+            "--not-serving",
+            "--phantom-method",
         ])
         .unwrap();
         assert_eq!(a.junk, 3);
@@ -217,6 +263,10 @@ mod tests {
         assert!(a.ignore_sigterm && a.double_fork && a.faults.init_fail);
         assert_eq!(a.faults.init_sleep, Duration::from_millis(250));
         assert_eq!(a.exit_immediately, Some(7));
+        assert!(a.ignore_cookie && a.ignore_shutdown);
+        let f = &a.faults;
+        assert!(f.unknown_ok && f.forget_state && f.no_stream && f.stream_fail);
+        assert!(f.not_serving && f.phantom_method);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! behaviour of the supervisor (crash handling, limits, hygiene, state).
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -26,6 +27,21 @@ pub struct Faults {
     pub init_sleep: Duration,
     /// `--init-fail`: `Initialize` fails with FAILED_PRECONDITION.
     pub init_fail: bool,
+    /// `--unknown-ok`: unknown methods answer OK with an empty payload
+    /// instead of UNIMPLEMENTED.
+    pub unknown_ok: bool,
+    /// `--forget-state`: `Initialize` ignores the restored state, and the
+    /// counter starts at the process ID so the loss shows in `ExportState`.
+    pub forget_state: bool,
+    /// `--no-stream`: `HandleStream` answers UNIMPLEMENTED.
+    pub no_stream: bool,
+    /// `--stream-fail`: `HandleStream` answers INTERNAL.
+    pub stream_fail: bool,
+    /// `--not-serving`: `HealthCheck` reports NOT_SERVING from the start.
+    pub not_serving: bool,
+    /// `--phantom-method`: lists a method `phantom` first, which `Handle`
+    /// answers UNIMPLEMENTED like any unknown method.
+    pub phantom_method: bool,
 }
 
 #[derive(Debug)]
@@ -96,14 +112,79 @@ fn open_fds() -> Result<BTreeMap<i32, String>, Status> {
     Ok(fds)
 }
 
+/// What `flood` writes to stdout.
+#[derive(Debug, Clone, Copy)]
+enum Flood {
+    /// Numbered lines of about 100 bytes, then `flood done: <N> lines`.
+    Lines,
+    /// One line that never ends: no newline at all.
+    OneLine,
+}
+
+/// `flood` / `flood_line`: writes `payload` MiB to stdout as fast as the
+/// reader takes them, and answers `<bytes> bytes in <ms> ms` once all is
+/// written (the supervisor has read all but the pipe's last buffer).
+async fn flood(req: &Request, kind: Flood) -> Result<Response, Status> {
+    let mib: usize = number(req, None)?;
+    let started = std::time::Instant::now();
+    // Blocking writes to a full pipe belong on a blocking thread, so the
+    // plugin keeps serving other calls meanwhile.
+    let written = tokio::task::spawn_blocking(move || write_flood(mib * MIB, kind))
+        .await
+        .map_err(|e| Status::internal(format!("{}: the writer thread failed: {e}", req.method)))?
+        .map_err(|e| Status::internal(format!("{}: writing to stdout: {e}", req.method)))?;
+    Ok(Response::new(format!(
+        "{written} bytes in {} ms",
+        started.elapsed().as_millis()
+    )))
+}
+
+fn write_flood(total: usize, kind: Flood) -> std::io::Result<usize> {
+    const FILLER: &str = "the quick brown fox jumps over the lazy dog; pack my box with five dozen";
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+    let mut written = 0;
+    match kind {
+        Flood::Lines => {
+            let mut lines = 0u64;
+            while written < total {
+                let line = format!("flood line {lines:09} {FILLER}\n");
+                out.write_all(line.as_bytes())?;
+                written += line.len();
+                lines += 1;
+            }
+            writeln!(out, "flood done: {lines} lines")?;
+        }
+        Flood::OneLine => {
+            let chunk = [b'x'; 64 * 1024];
+            while written < total {
+                let n = chunk.len().min(total - written);
+                out.write_all(&chunk[..n])?;
+                written += n;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(written)
+}
+
 impl TestPlugin {
     pub fn new(faults: Faults, grandchild: Option<i32>) -> Self {
+        let counter = if faults.forget_state {
+            u64::from(std::process::id())
+        } else {
+            0
+        };
+        let health = if faults.not_serving {
+            Health::NotServing("started with --not-serving".into())
+        } else {
+            Health::Serving
+        };
         TestPlugin {
             faults,
             grandchild,
             calls: AtomicU64::new(0),
-            counter: AtomicU64::new(0),
-            health: Mutex::new(Health::Serving),
+            counter: AtomicU64::new(counter),
+            health: Mutex::new(health),
             config: Mutex::new(None),
             hoard: Mutex::new(Vec::new()),
         }
@@ -146,7 +227,8 @@ impl Plugin for TestPlugin {
     }
 
     fn methods(&self) -> Vec<String> {
-        [
+        let phantom = self.faults.phantom_method.then(|| "phantom".to_string());
+        let served = [
             "echo",
             "crash",
             "abort",
@@ -163,9 +245,17 @@ impl Plugin for TestPlugin {
             "count",
             "incr",
             "state",
+            // Against isolation (see `isolation.rs`).
+            "spin",
+            "fork_bomb",
+            "open_files",
+            "connect",
+            "identity",
+            "flood",
+            "flood_line",
         ]
-        .map(String::from)
-        .to_vec()
+        .map(String::from);
+        phantom.into_iter().chain(served).collect()
     }
 
     fn state_version(&self) -> u32 {
@@ -181,7 +271,8 @@ impl Plugin for TestPlugin {
                 "testplugin: Initialize fails because --init-fail was given",
             ));
         }
-        if let Some(restored) = ctx.restored_state {
+        let restored = ctx.restored_state.filter(|_| !self.faults.forget_state);
+        if let Some(restored) = restored {
             if restored.state_version != STATE_VERSION {
                 return Err(Status::failed_precondition(format!(
                     "testplugin: restored state has version {}, expected {STATE_VERSION}",
@@ -266,16 +357,34 @@ impl Plugin for TestPlugin {
             "state" => Ok(Response::new(
                 self.counter.load(Ordering::SeqCst).to_string(),
             )),
+            "flood" => flood(&req, Flood::Lines).await,
+            "flood_line" => flood(&req, Flood::OneLine).await,
+            // Listed by --phantom-method, but never served.
+            "phantom" => Err(unknown_method("phantom")),
+            _ if self.faults.unknown_ok => Ok(Response::empty()),
+            "spin" => crate::isolation::spin(&req),
+            "fork_bomb" => crate::isolation::fork_bomb(&req),
+            "open_files" => crate::isolation::open_files(&req),
+            "connect" => crate::isolation::connect(&req),
+            "identity" => crate::isolation::identity(),
             other => Err(unknown_method(other)),
         }
     }
 
     async fn handle_stream(
         &self,
-        _method: &str,
+        method: &str,
         _metadata: HashMap<String, String>,
         input: ByteStream,
     ) -> Result<ByteStream, Status> {
+        if self.faults.no_stream {
+            return Err(unknown_method(method));
+        }
+        if self.faults.stream_fail {
+            return Err(Status::internal(
+                "testplugin: HandleStream fails because --stream-fail was given",
+            ));
+        }
         Ok(input)
     }
 
@@ -369,12 +478,57 @@ mod tests {
         let faults = Faults {
             init_fail: true,
             init_sleep: Duration::from_millis(20),
+            ..Faults::default()
         };
         let mut h = Harness::start(TestPlugin::new(faults, None)).await.unwrap();
         let started = std::time::Instant::now();
         let err = h.initialize(json!({})).await.unwrap_err();
         assert!(started.elapsed() >= Duration::from_millis(20));
         assert_eq!(err.code(), Code::FailedPrecondition);
+        h.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn protocol_faults_break_one_rule_each() {
+        let faults = Faults {
+            unknown_ok: true,
+            forget_state: true,
+            no_stream: true,
+            not_serving: true,
+            phantom_method: true,
+            ..Faults::default()
+        };
+        let mut h = Harness::start(TestPlugin::new(faults.clone(), None))
+            .await
+            .unwrap();
+        let init = h
+            .initialize_with_state(json!({}), Some(StateSnapshot::new("5", STATE_VERSION)))
+            .await
+            .unwrap();
+        assert_eq!(init.methods[0], "phantom");
+        assert_eq!(
+            h.call("phantom", "").await.unwrap_err().code(),
+            Code::Unimplemented
+        );
+        assert_eq!(h.call("no-such-method", "").await.unwrap(), "");
+        assert_eq!(
+            h.stream("echo", ["a"]).await.unwrap_err().code(),
+            Code::Unimplemented
+        );
+        assert!(matches!(h.health().await.unwrap(), Health::NotServing(_)));
+        let state = h.export_state().await.unwrap();
+        assert_eq!(state.state, std::process::id().to_string());
+        h.shutdown().await.unwrap();
+
+        let faults = Faults {
+            stream_fail: true,
+            ..Faults::default()
+        };
+        let mut h = Harness::start(TestPlugin::new(faults, None)).await.unwrap();
+        assert_eq!(
+            h.stream("echo", ["a"]).await.unwrap_err().code(),
+            Code::Internal
+        );
         h.shutdown().await.unwrap();
     }
 

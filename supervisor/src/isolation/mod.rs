@@ -1,0 +1,1039 @@
+//! Isolation of plugin processes: the manifest's limits, made to hold.
+//!
+//! - cgroups: one [`CgroupTree`] (where instance cgroups are made) and one
+//!   [`CgroupManager`] per instance, with a v1 ([`v1`]) and a v2 ([`v2`])
+//!   implementation chosen once at start-up by [`probe`]-ing a root that is a
+//!   parameter, and a recording fake ([`fake`]) for tests. All their file
+//!   operations go through [`fs::CgroupFs`], so tests point them at a temp dir.
+//! - [`rlimits`]: NOFILE, CORE, DATA, CPU, NPROC from the manifest.
+//! - [`pin`]: the executable, opened once, checked (sha256, writability) on
+//!   that descriptor and executed from it.
+//! - [`preexec`]: what the child does between fork and exec (join its
+//!   cgroups, rlimits, namespaces, credentials, no_new_privs), prepared
+//!   before fork so the child only makes raw system calls.
+//! - [`Isolation`]: the supervisor's entry point. It owns the choice of
+//!   mechanism (cgroups or "rlimits only", with the reason), prepares each
+//!   spawn, and knows each live instance's cgroup for `inspect`.
+
+pub mod fake;
+pub mod fs;
+pub mod pin;
+pub mod preexec;
+pub mod rlimits;
+pub mod v1;
+pub mod v2;
+
+use crate::manifest::{Limits, Manifest, NetworkMode};
+use crate::process::ExitStatus;
+use crate::units::format_size;
+use fs::CgroupFs;
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Which cgroup version a tree is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    V1,
+    V2,
+}
+
+impl fmt::Display for Mechanism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mechanism::V1 => "cgroup v1",
+            Mechanism::V2 => "cgroup v2",
+        })
+    }
+}
+
+/// The controllers a tree can use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Controllers {
+    pub memory: bool,
+    pub cpu: bool,
+    /// CPU time accounting (v1 `cpuacct`; always with `cpu` on v2, and
+    /// `cpu.stat` exists on v2 even without it).
+    pub cpuacct: bool,
+    pub pids: bool,
+    /// v1 only: needed to kill a cgroup whose processes keep forking.
+    pub freezer: bool,
+}
+
+impl fmt::Display for Controllers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = [
+            (self.memory, "memory"),
+            (self.cpu, "cpu"),
+            (self.cpuacct, "cpuacct"),
+            (self.pids, "pids"),
+            (self.freezer, "freezer"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, name)| *name)
+        .collect();
+        f.write_str(&names.join(", "))
+    }
+}
+
+/// The limits a cgroup enforces.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CgroupLimits {
+    pub memory_max: Option<u64>,
+    pub memory_high: Option<u64>,
+    /// Cores: quota / period.
+    pub cpu: Option<f64>,
+    pub pids_max: Option<u64>,
+}
+
+impl CgroupLimits {
+    pub fn from_manifest(limits: &Limits) -> Self {
+        CgroupLimits {
+            memory_max: limits.memory.map(|s| s.0),
+            memory_high: limits.memory_high.map(|s| s.0),
+            cpu: limits.cpu,
+            pids_max: limits.pids,
+        }
+    }
+}
+
+/// The CFS period the cpu quota is expressed in: 100 ms, the kernel default.
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+/// `cpu` cores as a quota per [`CPU_PERIOD_US`] (at least the kernel's 1 ms).
+pub fn cpu_quota_us(cores: f64) -> u64 {
+    ((cores * CPU_PERIOD_US as f64).round() as u64).max(1000)
+}
+
+/// What an instance's cgroup has used. `None`: not known (no controller, or
+/// a kernel without that file).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub memory_current: Option<u64>,
+    pub memory_peak: Option<u64>,
+    pub cpu: Option<Duration>,
+    pub pids_current: Option<u64>,
+    /// Forks refused because of `pids.max`.
+    pub pids_rejected: Option<u64>,
+    pub oom_kills: Option<u64>,
+}
+
+impl Usage {
+    /// The sum of two instances' usage (what either does not know is left
+    /// to the other).
+    pub fn plus(&self, other: &Usage) -> Usage {
+        fn add<T: std::ops::Add<Output = T> + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            }
+        }
+        Usage {
+            memory_current: add(self.memory_current, other.memory_current),
+            memory_peak: add(self.memory_peak, other.memory_peak),
+            cpu: add(self.cpu, other.cpu),
+            pids_current: add(self.pids_current, other.pids_current),
+            pids_rejected: add(self.pids_rejected, other.pids_rejected),
+            oom_kills: add(self.oom_kills, other.oom_kills),
+        }
+    }
+}
+
+/// What a cgroup says about the OOM killer, to classify an exit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OomEvidence {
+    /// OOM kills in this cgroup (v2 `memory.events`, v1 `memory.oom_control`
+    /// `oom_kill`); `None` on kernels that do not count them.
+    pub kills: Option<u64>,
+    /// Times usage hit the limit (v1 `memory.failcnt`): the fallback.
+    pub limit_hits: Option<u64>,
+}
+
+impl OomEvidence {
+    /// Whether a child that ended with `status` was ended by the OOM killer:
+    /// it was SIGKILLed and the cgroup counted an OOM kill (or, where kills
+    /// are not counted, its memory hit the limit). Never guessed from
+    /// SIGKILL alone.
+    pub fn explains(&self, status: ExitStatus) -> bool {
+        let sigkill =
+            matches!(status, ExitStatus::Signaled { signal, .. } if signal == libc::SIGKILL);
+        sigkill
+            && match self.kills {
+                Some(kills) => kills > 0,
+                None => self.limit_hits.unwrap_or(0) > 0,
+            }
+    }
+}
+
+/// A `cgroup.procs` file opened before fork: the child writes `0` into it
+/// to join the cgroup before it execs.
+#[derive(Debug)]
+pub struct ProcsFile {
+    pub path: PathBuf,
+    pub fd: OwnedFd,
+}
+
+/// A cgroup operation that failed: what, on which file, why, and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {}: {source}{}", path.display(), hint.as_ref().map(|h| format!(". Hint: {h}")).unwrap_or_default())]
+pub struct CgroupError {
+    /// "cannot write `64` to", "cannot create", ...
+    pub what: String,
+    pub path: PathBuf,
+    pub source: io::Error,
+    pub hint: Option<String>,
+}
+
+impl CgroupError {
+    /// An error with the hint its errno suggests.
+    pub fn io(what: impl Into<String>, path: &Path, source: io::Error) -> Self {
+        let hint = match source.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM) => Some(
+                "run plugvisor as root, or under systemd with Delegate=yes (as docker/plugvisor.service does)"
+                    .to_string(),
+            ),
+            Some(libc::EROFS) => Some(
+                "the cgroup filesystem is read-only here (a container?); mount it read-write or give the container its own cgroup namespace, or set cgroup.enabled: false"
+                    .to_string(),
+            ),
+            _ => None,
+        };
+        CgroupError {
+            what: what.into(),
+            path: path.to_path_buf(),
+            source,
+            hint,
+        }
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+}
+
+/// One plugin instance's cgroup (v1: a directory in each hierarchy).
+pub trait CgroupManager: Send + Sync + fmt::Debug {
+    fn mechanism(&self) -> Mechanism;
+    /// Its directories, for messages and `inspect`.
+    fn paths(&self) -> Vec<PathBuf>;
+    /// What it enforces.
+    fn controllers(&self) -> Controllers;
+    /// Opens the `cgroup.procs` files a child joins through.
+    fn open_procs(&self) -> Result<Vec<ProcsFile>, CgroupError>;
+    fn usage(&self) -> Usage;
+    fn oom_evidence(&self) -> OomEvidence;
+    /// The processes in it.
+    fn pids(&self) -> Result<Vec<i32>, CgroupError>;
+    /// SIGKILLs every process in it, forks in flight included (v2
+    /// `cgroup.kill`; else freeze, kill, thaw).
+    fn kill_all(&self) -> Result<(), CgroupError>;
+    /// Removes it. EBUSY while a process remains.
+    fn remove(&self) -> Result<(), CgroupError>;
+}
+
+/// Where instance cgroups are made: a parent cgroup owned by this supervisor.
+pub trait CgroupTree: Send + Sync + fmt::Debug {
+    fn mechanism(&self) -> Mechanism;
+    fn controllers(&self) -> Controllers;
+    /// The parent cgroup's directories.
+    fn describe(&self) -> String;
+    /// Creates the parent cgroup; on v2, moves the supervisor into a leaf of
+    /// its delegated cgroup first and enables the controllers.
+    fn setup(&self) -> Result<(), CgroupError>;
+    /// Kills and removes what an earlier run left below the parent; returns
+    /// the names removed.
+    fn clean_stale(&self) -> Result<Vec<String>, CgroupError>;
+    /// Removes the parent cgroup if it is empty (at a clean shutdown).
+    fn teardown(&self) -> Result<(), CgroupError>;
+    /// Creates an instance's cgroup with `limits` written.
+    fn create(
+        &self,
+        name: &str,
+        limits: &CgroupLimits,
+    ) -> Result<Arc<dyn CgroupManager>, CgroupError>;
+}
+
+/// `CAP_SYS_ADMIN`: new namespaces (`network: none`).
+pub const CAP_SYS_ADMIN: u32 = 21;
+/// `CAP_SYS_RESOURCE`: raising a hard rlimit.
+pub const CAP_SYS_RESOURCE: u32 = 24;
+/// `CAP_SETUID`: running a plugin as another user.
+pub const CAP_SETUID: u32 = 7;
+/// `CAP_SETGID`: ... and group.
+pub const CAP_SETGID: u32 = 6;
+
+/// Whether this process has capability `cap` in its effective set. Root
+/// in a container often lacks some (`CAP_SYS_RESOURCE` is a common one).
+pub fn capable(cap: u32) -> bool {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget with a valid version-3 header for this process and
+    // room for the two data structs version 3 fills.
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    rc == 0 && (data[(cap / 32) as usize].effective >> (cap % 32)) & 1 == 1
+}
+
+/// Where to look for cgroups, and as whom.
+#[derive(Debug, Clone)]
+pub struct ProbeOptions {
+    pub fs: Arc<dyn CgroupFs>,
+    /// Where cgroup filesystems are mounted (`/sys/fs/cgroup` on a host).
+    pub root: PathBuf,
+    /// procfs, to read the supervisor's own cgroup (`<proc>/self/cgroup`).
+    pub proc_root: PathBuf,
+    /// The parent cgroup name (see [`crate::config::CgroupConfig::parent`]).
+    pub parent: String,
+    /// The supervisor's PID, which v2 delegation moves into a leaf.
+    pub pid: i32,
+}
+
+/// Picks the cgroup implementation for `root`: cgroup v2 mounted at the
+/// root, else v1 controller hierarchies below it, else the `unified` v2
+/// tree of a hybrid layout. The reason when none is usable.
+pub fn probe(o: &ProbeOptions) -> Result<Arc<dyn CgroupTree>, String> {
+    if o.fs.exists(&o.root.join("cgroup.controllers")) {
+        return v2::V2Tree::probe(o, &o.root).map(|t| Arc::new(t) as Arc<dyn CgroupTree>);
+    }
+    if let Some(tree) = v1::V1Tree::probe(o.fs.clone(), &o.root, &o.parent) {
+        return Ok(Arc::new(tree));
+    }
+    let unified = o.root.join("unified");
+    if o.fs.exists(&unified.join("cgroup.controllers")) {
+        return v2::V2Tree::probe(o, &unified).map(|t| Arc::new(t) as Arc<dyn CgroupTree>);
+    }
+    Err(format!(
+        "no cgroup filesystem at {}: neither cgroup v2 (cgroup.controllers) nor v1 controller directories (memory, cpu, pids)",
+        o.root.display()
+    ))
+}
+
+/// Whether and how the supervisor uses cgroups.
+#[derive(Debug, Clone, Default)]
+pub enum CgroupMode {
+    /// No cgroups: rlimits only. The default for an embedded supervisor,
+    /// which must not claim a cgroup another program may use.
+    #[default]
+    Off,
+    /// Probe `root`; make instance cgroups below `parent`, which belongs to
+    /// this supervisor (stale cgroups in it are killed at start-up).
+    Probe {
+        root: PathBuf,
+        parent: String,
+        /// Refuse to start without a usable cgroup tree.
+        require: bool,
+    },
+    /// Use this tree (tests: a temp-dir cgroupfs or a recording fake).
+    Tree(Arc<dyn CgroupTree>),
+}
+
+/// The isolation settings of a supervisor.
+#[derive(Debug, Clone, Default)]
+pub struct IsolationOptions {
+    pub cgroups: CgroupMode,
+    /// Start group- or world-writable executables.
+    pub allow_writable_executables: bool,
+}
+
+/// What enforces a supervisor's limits.
+#[derive(Debug, Clone)]
+pub enum Enforcement {
+    Cgroups(Arc<dyn CgroupTree>),
+    RlimitsOnly { why: String },
+}
+
+/// Why a spawn could not be prepared.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PrepareError {
+    /// The plugin must not run as it is (pin mismatch, writable executable,
+    /// unknown user): restarting will not help until someone changes it.
+    #[error("{0}")]
+    Refused(String),
+    /// Setting up failed (a cgroup could not be made); a retry may succeed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What a spawn needs from isolation, prepared before fork.
+#[derive(Debug)]
+pub struct Prepared {
+    pub exec: pin::Executable,
+    pub child: preexec::ChildSetup,
+    pub cgroup: Option<Arc<dyn CgroupManager>>,
+    /// Who the plugin runs as when it drops privileges: its socket directory
+    /// is handed to this owner.
+    pub owner: Option<(u32, u32)>,
+}
+
+/// One limit as `inspect` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitStatus {
+    /// The manifest field: `memory`, `nofile`, ...
+    pub name: String,
+    pub value: String,
+    /// `cgroup v1 memory.limit_in_bytes`, `rlimit NOFILE`, `not enforced: ...`.
+    pub enforced_by: String,
+}
+
+/// A plugin's isolation as `inspect` shows it.
+#[derive(Debug, Clone, Default)]
+pub struct IsolationStatus {
+    /// `cgroup v1`, `cgroup v2` or `rlimits only: <why>`.
+    pub mechanism: String,
+    /// The running instance's cgroup directories.
+    pub cgroup: Vec<PathBuf>,
+    pub limits: Vec<LimitStatus>,
+    /// Live usage of the running instance's cgroup.
+    pub usage: Option<Usage>,
+    /// `no_new_privs`, `user nobody`, `network none`, `sha256 9f86d0…`.
+    pub hardening: Vec<String>,
+}
+
+/// The supervisor's isolation: the mechanism chosen at start-up and the
+/// cgroups of live instances.
+#[derive(Debug)]
+pub struct Isolation {
+    enforcement: Enforcement,
+    allow_writable_executables: bool,
+    /// Instance id → its cgroup, while the instance lives.
+    live: Arc<Mutex<HashMap<String, Arc<dyn CgroupManager>>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Inserts and removes are single calls; a panic elsewhere leaves the map
+    // consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Isolation {
+    /// Chooses the mechanism: probes (or takes) a cgroup tree, sets it up and
+    /// cleans what an earlier run left. Without a usable tree it warns once
+    /// and runs on rlimits alone, unless cgroups are required: then the
+    /// reason is the error.
+    pub fn start(opts: &IsolationOptions, proc_root: &Path) -> Result<Isolation, String> {
+        let (tree, require) = match &opts.cgroups {
+            CgroupMode::Off => (
+                Err("cgroups are turned off (cgroup.enabled: false, or an embedded supervisor without SupervisorOptions::isolation.cgroups)".to_string()),
+                false,
+            ),
+            CgroupMode::Probe {
+                root,
+                parent,
+                require,
+            } => (
+                probe(&ProbeOptions {
+                    fs: Arc::new(fs::HostFs),
+                    root: root.clone(),
+                    proc_root: proc_root.to_path_buf(),
+                    parent: parent.clone(),
+                    pid: std::process::id() as i32,
+                }),
+                *require,
+            ),
+            CgroupMode::Tree(tree) => (Ok(tree.clone()), true),
+        };
+        let tree = tree.and_then(|tree| {
+            tree.setup().map_err(|e| e.to_string())?;
+            let stale = tree.clean_stale().map_err(|e| e.to_string())?;
+            if !stale.is_empty() {
+                tracing::info!(
+                    "removed {} stale cgroup(s) of an earlier run: {}",
+                    stale.len(),
+                    stale.join(", ")
+                );
+            }
+            Ok(tree)
+        });
+        let enforcement = match tree {
+            Ok(tree) => {
+                tracing::info!(
+                    "limits enforced by {} ({}) at {}",
+                    tree.mechanism(),
+                    tree.controllers(),
+                    tree.describe()
+                );
+                Enforcement::Cgroups(tree)
+            }
+            Err(why) if require => {
+                return Err(format!(
+                    "cgroups are required (cgroup.require: true) but cannot be used: {why}"
+                ));
+            }
+            Err(why) => {
+                if !matches!(opts.cgroups, CgroupMode::Off) {
+                    tracing::warn!(
+                        "no usable cgroup tree, so plugins run on rlimits alone: memory, cpu and pids limits are not enforced ({why}); set cgroup.require: true to make this fatal"
+                    );
+                }
+                Enforcement::RlimitsOnly { why }
+            }
+        };
+        Ok(Isolation {
+            enforcement,
+            allow_writable_executables: opts.allow_writable_executables,
+            live: Arc::default(),
+        })
+    }
+
+    /// At a clean shutdown, after every instance is gone: removes the
+    /// parent cgroup if nothing is left in it.
+    pub fn shutdown(&self) {
+        if let Enforcement::Cgroups(tree) = &self.enforcement
+            && let Err(e) = tree.teardown()
+        {
+            tracing::debug!("the parent cgroup stays: {e}");
+        }
+    }
+
+    pub fn enforcement(&self) -> &Enforcement {
+        &self.enforcement
+    }
+
+    /// `cgroup v1`, `cgroup v2` or `rlimits only: <why>`.
+    pub fn mechanism(&self) -> String {
+        match &self.enforcement {
+            Enforcement::Cgroups(tree) => tree.mechanism().to_string(),
+            Enforcement::RlimitsOnly { why } => format!("rlimits only: {why}"),
+        }
+    }
+
+    /// Everything a spawn of `manifest` as `instance_id` needs, before fork:
+    /// the executable opened and checked, credentials resolved, rlimits
+    /// computed, and the instance's cgroup made with its `cgroup.procs`
+    /// files opened. Side effects (the cgroup) come last.
+    pub fn prepare(
+        &self,
+        manifest: &Manifest,
+        instance_id: &str,
+    ) -> Result<Prepared, PrepareError> {
+        let exec = pin::Executable::open(
+            &manifest.exec,
+            manifest.sha256.as_deref(),
+            self.allow_writable_executables,
+        )
+        .map_err(|e| match e {
+            pin::PinError::Refused(why) => PrepareError::Refused(why),
+            pin::PinError::Io(why) => PrepareError::Failed(why),
+        })?;
+        let credentials = preexec::Credentials::resolve(
+            manifest.isolation.user.as_deref(),
+            manifest.isolation.group.as_deref(),
+        )
+        .map_err(PrepareError::Refused)?;
+        if credentials.is_some() && !(capable(CAP_SETUID) && capable(CAP_SETGID)) {
+            return Err(PrepareError::Refused(
+                "isolation.user/group: running a plugin as another user needs a supervisor running as root (CAP_SETUID, CAP_SETGID)"
+                    .into(),
+            ));
+        }
+        if manifest.isolation.network == NetworkMode::None && !capable(CAP_SYS_ADMIN) {
+            return Err(PrepareError::Refused(
+                "isolation.network: none needs a supervisor running as root (CAP_SYS_ADMIN) to make a network namespace".into(),
+            ));
+        }
+        let cgroups = matches!(self.enforcement, Enforcement::Cgroups(_));
+        let data_fallback = (!cgroups).then_some(manifest.limits.memory).flatten();
+        let limits = rlimits::from_limits(&manifest.limits, data_fallback.map(|s| s.0));
+        rlimits::check_feasible(&limits, capable(CAP_SYS_RESOURCE))
+            .map_err(PrepareError::Refused)?;
+        let (cgroup, procs) = match &self.enforcement {
+            Enforcement::Cgroups(tree) => {
+                let cg = tree
+                    .create(instance_id, &CgroupLimits::from_manifest(&manifest.limits))
+                    .map_err(|e| PrepareError::Failed(format!("cgroup: {e}")))?;
+                match cg.open_procs() {
+                    Ok(procs) => (Some(cg), procs),
+                    Err(e) => {
+                        let _ = cg.remove();
+                        return Err(PrepareError::Failed(format!("cgroup: {e}")));
+                    }
+                }
+            }
+            Enforcement::RlimitsOnly { .. } => (None, Vec::new()),
+        };
+        let owner = credentials.as_ref().map(|c| (c.uid, c.gid));
+        let child = preexec::ChildSetup {
+            cgroup_procs: procs,
+            rlimits: limits,
+            credentials,
+            network_none: manifest.isolation.network == NetworkMode::None,
+            no_new_privs: manifest.isolation.no_new_privs,
+        };
+        Ok(Prepared {
+            exec,
+            child,
+            cgroup,
+            owner,
+        })
+    }
+
+    /// Records a live instance's cgroup; the lease kills and removes it when
+    /// dropped.
+    pub fn lease(
+        &self,
+        instance_id: &str,
+        cgroup: Arc<dyn CgroupManager>,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> CgroupLease {
+        lock(&self.live).insert(instance_id.to_string(), cgroup.clone());
+        CgroupLease {
+            instance: instance_id.to_string(),
+            cgroup,
+            live: self.live.clone(),
+            tasks: tasks.clone(),
+        }
+    }
+
+    /// `inspect`'s view of a plugin whose live instances (one per replica)
+    /// are `instances`; usage is summed over them.
+    pub fn status<'a>(
+        &self,
+        manifest: &Manifest,
+        instances: impl IntoIterator<Item = &'a str>,
+    ) -> IsolationStatus {
+        let cgroups: Vec<Arc<dyn CgroupManager>> = {
+            let live = lock(&self.live);
+            instances
+                .into_iter()
+                .filter_map(|i| live.get(i).cloned())
+                .collect()
+        };
+        let usage = cgroups.iter().map(|c| c.usage()).reduce(|a, b| a.plus(&b));
+        IsolationStatus {
+            mechanism: self.mechanism(),
+            cgroup: cgroups.iter().flat_map(|c| c.paths()).collect(),
+            limits: limit_table(&manifest.limits, &self.enforcement),
+            usage,
+            hardening: hardening_of(manifest),
+        }
+    }
+}
+
+/// What a start of `m` would refuse, checked offline (`plugvisor check`):
+/// the executable (pin, writability) and the user and group.
+pub fn check_manifest(m: &Manifest, allow_writable_executables: bool) -> Result<(), String> {
+    pin::Executable::open(&m.exec, m.sha256.as_deref(), allow_writable_executables)
+        .map_err(|e| e.to_string())?;
+    preexec::Credentials::resolve(m.isolation.user.as_deref(), m.isolation.group.as_deref())?;
+    Ok(())
+}
+
+/// Holds a live instance's cgroup. Dropping it kills whatever is left in
+/// the cgroup and removes it (on a task, as that waits for the processes to
+/// go).
+#[derive(Debug)]
+pub struct CgroupLease {
+    instance: String,
+    cgroup: Arc<dyn CgroupManager>,
+    live: Arc<Mutex<HashMap<String, Arc<dyn CgroupManager>>>>,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl CgroupLease {
+    pub fn cgroup(&self) -> &Arc<dyn CgroupManager> {
+        &self.cgroup
+    }
+}
+
+impl Drop for CgroupLease {
+    fn drop(&mut self) {
+        lock(&self.live).remove(&self.instance);
+        let cgroup = self.cgroup.clone();
+        let instance = std::mem::take(&mut self.instance);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.tasks
+                .spawn(async move { dispose(&instance, &*cgroup).await });
+        } else {
+            // No runtime (the process is exiting): one attempt, no waiting.
+            let _ = cgroup.kill_all();
+            let _ = cgroup.remove();
+        }
+    }
+}
+
+/// Kills every process in `cgroup`, waits until it is empty, and removes it.
+/// Gives up (with a warning) after a few seconds: the directory is then
+/// removed as stale by the next start.
+pub async fn dispose(instance: &str, cgroup: &dyn CgroupManager) {
+    const STEP: Duration = Duration::from_millis(5);
+    const ATTEMPTS: u32 = 1000; // 5 s
+    let mut last = None;
+    for attempt in 0..ATTEMPTS {
+        let pids = cgroup.pids().unwrap_or_default();
+        if !pids.is_empty() {
+            // Again and again: a process may have forked while being killed
+            // where no freezer is available.
+            if attempt % 20 == 0
+                && let Err(e) = cgroup.kill_all()
+            {
+                last = Some(e.to_string());
+            }
+            tokio::time::sleep(STEP).await;
+            continue;
+        }
+        match cgroup.remove() {
+            Ok(()) => return,
+            // A process is still on its way out.
+            Err(e) if e.errno() == Some(libc::EBUSY) => {
+                last = Some(e.to_string());
+                tokio::time::sleep(STEP).await;
+            }
+            Err(e) => {
+                tracing::warn!(instance, "cannot remove the cgroup: {e}");
+                return;
+            }
+        }
+    }
+    tracing::warn!(
+        instance,
+        "the cgroup is still in use after 5s; leaving it for the next start-up to clean ({})",
+        last.unwrap_or_default()
+    );
+}
+
+/// Each limit of the manifest with what enforces it under `enforcement`.
+pub fn limit_table(l: &Limits, enforcement: &Enforcement) -> Vec<LimitStatus> {
+    let mut rows = Vec::new();
+    let mut row = |name: &str, value: String, by: String| {
+        rows.push(LimitStatus {
+            name: name.to_string(),
+            value,
+            enforced_by: by,
+        })
+    };
+    let (mechanism, controllers) = match enforcement {
+        Enforcement::Cgroups(tree) => (Some(tree.mechanism()), tree.controllers()),
+        Enforcement::RlimitsOnly { .. } => (None, Controllers::default()),
+    };
+    let cgroup_file = |on: bool, v1: &str, v2: &str| -> Option<String> {
+        match (mechanism, on) {
+            (Some(Mechanism::V1), true) => Some(format!("cgroup v1 {v1}")),
+            (Some(Mechanism::V2), true) => Some(format!("cgroup v2 {v2}")),
+            _ => None,
+        }
+    };
+    let no_controller = |what: &str| match mechanism {
+        Some(m) => format!("not enforced: no {what} controller in this {m} tree"),
+        None => "not enforced: no cgroup".to_string(),
+    };
+    if let Some(m) = l.memory {
+        let by = cgroup_file(controllers.memory, "memory.limit_in_bytes", "memory.max")
+            .unwrap_or_else(|| match (mechanism, l.data) {
+                (None, None) => "rlimit DATA (an approximation: no cgroup)".to_string(),
+                _ => no_controller("memory"),
+            });
+        row("memory", format_size(m.0), by);
+    }
+    if let Some(h) = l.memory_high {
+        let by = cgroup_file(
+            controllers.memory,
+            "memory.soft_limit_in_bytes",
+            "memory.high",
+        )
+        .unwrap_or_else(|| no_controller("memory"));
+        row("memory_high", format_size(h.0), by);
+    }
+    if let Some(c) = l.cpu {
+        let by = cgroup_file(controllers.cpu, "cpu.cfs_quota_us", "cpu.max")
+            .unwrap_or_else(|| no_controller("cpu"));
+        row("cpu", format!("{c} cores"), by);
+    }
+    if let Some(p) = l.pids {
+        let by = cgroup_file(controllers.pids, "pids.max", "pids.max")
+            .unwrap_or_else(|| no_controller("pids"));
+        row("pids", p.to_string(), by);
+    }
+    // Without cgroups, `memory` falls back to RLIMIT_DATA (see `prepare`).
+    let data_fallback = mechanism
+        .is_none()
+        .then_some(l.memory)
+        .flatten()
+        .map(|s| s.0);
+    for r in rlimits::from_limits(l, data_fallback) {
+        row(
+            r.resource.field(),
+            r.resource.format(r.soft),
+            format!("rlimit {}", r.resource.name()),
+        );
+    }
+    rows
+}
+
+/// The hardening a plugin runs with, for `inspect`.
+fn hardening_of(m: &Manifest) -> Vec<String> {
+    let mut h = vec![
+        "clean environment".to_string(),
+        "stdin /dev/null".to_string(),
+        "only fds 0-2 inherited".to_string(),
+        "own session".to_string(),
+    ];
+    if m.isolation.no_new_privs {
+        h.push("no_new_privs".into());
+    }
+    if let Some(user) = &m.isolation.user {
+        h.push(format!("user {user}"));
+    }
+    if let Some(group) = &m.isolation.group {
+        h.push(format!("group {group}"));
+    }
+    if m.isolation.network == NetworkMode::None {
+        h.push("network none".into());
+    }
+    if let Some(digest) = &m.sha256 {
+        h.push(format!("sha256 {digest}"));
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::{HumanDuration, HumanSize};
+
+    #[test]
+    fn oom_is_read_from_counters_not_guessed_from_sigkill() {
+        let killed = ExitStatus::Signaled {
+            signal: libc::SIGKILL,
+            core_dumped: false,
+        };
+        let counted = OomEvidence {
+            kills: Some(1),
+            limit_hits: Some(5),
+        };
+        assert!(counted.explains(killed));
+        // An exit code or another signal is never an OOM kill.
+        assert!(!counted.explains(ExitStatus::Exited(137)));
+        assert!(!counted.explains(ExitStatus::Signaled {
+            signal: libc::SIGTERM,
+            core_dumped: false
+        }));
+        // SIGKILL without an OOM kill counted: not OOM, even if the limit was hit.
+        let none = OomEvidence {
+            kills: Some(0),
+            limit_hits: Some(9),
+        };
+        assert!(!none.explains(killed));
+        // Kernels without an OOM-kill counter: the limit hits decide.
+        let fallback = OomEvidence {
+            kills: None,
+            limit_hits: Some(3),
+        };
+        assert!(fallback.explains(killed));
+        assert!(!OomEvidence::default().explains(killed));
+    }
+
+    fn probe_of(
+        fs: &Arc<fake::FakeCgroupFs>,
+        root: PathBuf,
+    ) -> Result<Arc<dyn CgroupTree>, String> {
+        probe(&ProbeOptions {
+            fs: fs.clone(),
+            root,
+            proc_root: fs.proc_root(),
+            parent: "plugvisor".into(),
+            pid: 4_194_400,
+        })
+    }
+
+    #[test]
+    fn probing_prefers_v2_then_v1_then_a_hybrid_unified_tree() {
+        let v2 = Arc::new(fake::FakeCgroupFs::v2(&["memory", "pids"]).unwrap());
+        assert_eq!(probe_of(&v2, v2.root()).unwrap().mechanism(), Mechanism::V2);
+
+        // Hybrid as on the development machines: v1 controllers, and a
+        // unified tree without controllers. v1 wins.
+        let hybrid = Arc::new(fake::FakeCgroupFs::v1(&["memory", "cpu", "pids"]).unwrap());
+        let unified = hybrid.root().join("unified");
+        std::fs::create_dir(&unified).unwrap();
+        std::fs::write(unified.join("cgroup.controllers"), "\n").unwrap();
+        assert_eq!(
+            probe_of(&hybrid, hybrid.root()).unwrap().mechanism(),
+            Mechanism::V1
+        );
+
+        // Hybrid with the controllers on the unified side.
+        let only_unified = Arc::new(fake::FakeCgroupFs::v1(&[]).unwrap());
+        let unified = only_unified.root().join("unified");
+        std::fs::create_dir(&unified).unwrap();
+        std::fs::write(unified.join("cgroup.controllers"), "memory pids\n").unwrap();
+        std::fs::write(unified.join("cgroup.subtree_control"), "\n").unwrap();
+        let tree = probe_of(&only_unified, only_unified.root()).unwrap();
+        assert_eq!(tree.mechanism(), Mechanism::V2);
+        assert!(
+            tree.describe().ends_with("unified/plugvisor"),
+            "{}",
+            tree.describe()
+        );
+
+        let nothing = Arc::new(fake::FakeCgroupFs::v1(&[]).unwrap());
+        let e = probe_of(&nothing, nothing.root()).unwrap_err();
+        assert!(e.contains("no cgroup filesystem at"), "{e}");
+    }
+
+    #[test]
+    fn without_cgroups_it_runs_on_rlimits_unless_they_are_required() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("no-cgroupfs");
+        let probe = |require| IsolationOptions {
+            cgroups: CgroupMode::Probe {
+                root: root.clone(),
+                parent: "plugvisor".into(),
+                require,
+            },
+            allow_writable_executables: false,
+        };
+        let iso = Isolation::start(&probe(false), dir.path()).unwrap();
+        assert!(
+            iso.mechanism()
+                .starts_with("rlimits only: no cgroup filesystem at"),
+            "{}",
+            iso.mechanism()
+        );
+        let e = Isolation::start(&probe(true), dir.path()).unwrap_err();
+        assert!(e.contains("cgroup.require: true"), "{e}");
+        let off = Isolation::start(&IsolationOptions::default(), dir.path()).unwrap();
+        assert!(
+            off.mechanism().contains("cgroups are turned off"),
+            "{}",
+            off.mechanism()
+        );
+
+        let fs = Arc::new(fake::FakeCgroupFs::v2(&["memory", "cpu", "pids"]).unwrap());
+        let tree = probe_of(&fs, fs.root()).unwrap();
+        let iso = Isolation::start(
+            &IsolationOptions {
+                cgroups: CgroupMode::Tree(tree),
+                allow_writable_executables: false,
+            },
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(iso.mechanism(), "cgroup v2");
+    }
+
+    #[test]
+    fn capabilities_are_read_from_the_kernel() {
+        // A process that is not root has no effective capabilities (short of
+        // file capabilities, which the test binary lacks); root normally has
+        // CAP_SYS_ADMIN here, but may lack others (in a container).
+        if !nix::unistd::geteuid().is_root() {
+            assert!(!(0..41).any(capable));
+        }
+        assert!(!capable(63), "no such capability");
+    }
+
+    #[test]
+    fn cpu_cores_become_a_quota() {
+        assert_eq!(cpu_quota_us(0.5), 50_000);
+        assert_eq!(cpu_quota_us(2.0), 200_000);
+        assert_eq!(cpu_quota_us(0.001), 1000);
+    }
+
+    #[derive(Debug)]
+    struct Tree(Mechanism, Controllers);
+    impl CgroupTree for Tree {
+        fn mechanism(&self) -> Mechanism {
+            self.0
+        }
+        fn controllers(&self) -> Controllers {
+            self.1
+        }
+        fn describe(&self) -> String {
+            String::new()
+        }
+        fn setup(&self) -> Result<(), CgroupError> {
+            Ok(())
+        }
+        fn clean_stale(&self) -> Result<Vec<String>, CgroupError> {
+            Ok(Vec::new())
+        }
+        fn teardown(&self) -> Result<(), CgroupError> {
+            Ok(())
+        }
+        fn create(&self, _: &str, _: &CgroupLimits) -> Result<Arc<dyn CgroupManager>, CgroupError> {
+            unreachable!("not used by limit_table")
+        }
+    }
+
+    #[test]
+    fn inspect_names_what_enforces_each_limit() {
+        let limits = Limits {
+            memory: Some(HumanSize(128 << 20)),
+            cpu: Some(0.5),
+            pids: Some(64),
+            nofile: Some(1024),
+            cpu_time: Some(HumanDuration(Duration::from_secs(90))),
+            ..Limits::default()
+        };
+        let by = |rows: &[LimitStatus], name: &str| {
+            rows.iter()
+                .find(|r| r.name == name)
+                .map(|r| format!("{} by {}", r.value, r.enforced_by))
+                .unwrap_or_default()
+        };
+        let all = Controllers {
+            memory: true,
+            cpu: true,
+            cpuacct: true,
+            pids: true,
+            freezer: true,
+        };
+        let v1 = limit_table(
+            &limits,
+            &Enforcement::Cgroups(Arc::new(Tree(Mechanism::V1, all))),
+        );
+        assert_eq!(
+            by(&v1, "memory"),
+            "128MiB by cgroup v1 memory.limit_in_bytes"
+        );
+        assert_eq!(by(&v1, "cpu"), "0.5 cores by cgroup v1 cpu.cfs_quota_us");
+        assert_eq!(by(&v1, "pids"), "64 by cgroup v1 pids.max");
+        assert_eq!(by(&v1, "nofile"), "1024 by rlimit NOFILE");
+        assert_eq!(by(&v1, "core"), "0B by rlimit CORE");
+        assert_eq!(by(&v1, "cpu_time"), "90s by rlimit CPU");
+
+        let no_cpu = Controllers { cpu: false, ..all };
+        let v2 = limit_table(
+            &limits,
+            &Enforcement::Cgroups(Arc::new(Tree(Mechanism::V2, no_cpu))),
+        );
+        assert_eq!(by(&v2, "memory"), "128MiB by cgroup v2 memory.max");
+        assert_eq!(
+            by(&v2, "cpu"),
+            "0.5 cores by not enforced: no cpu controller in this cgroup v2 tree"
+        );
+
+        let none = limit_table(&limits, &Enforcement::RlimitsOnly { why: "test".into() });
+        assert_eq!(
+            by(&none, "memory"),
+            "128MiB by rlimit DATA (an approximation: no cgroup)"
+        );
+        assert_eq!(by(&none, "pids"), "64 by not enforced: no cgroup");
+        assert_eq!(by(&none, "data"), "128MiB by rlimit DATA");
+    }
+}
