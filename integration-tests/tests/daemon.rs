@@ -103,6 +103,10 @@ fn a_killed_plugin_comes_back_and_events_tell_why() {
     let daemon = Daemon::start(&sandbox, &[]);
     let before = daemon.wait_ready("tp");
     let pid = before["pid"].as_i64().unwrap() as i32;
+    let grandchild: i32 = daemon
+        .cli_ok(&["call", "tp", "grandchild"])
+        .parse()
+        .unwrap();
     // SAFETY: signals a plugin process of the daemon this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     wait_until_blocking(SECS_10, "tp to restart", || {
@@ -112,6 +116,10 @@ fn a_killed_plugin_comes_back_and_events_tell_why() {
     let row = daemon.plugin("tp");
     assert_eq!(row["restarts"], 1);
     assert_eq!(row["last_exit"], "killed by SIGKILL");
+    // What the crashed plugin forked went down with it.
+    wait_until_blocking(SECS_10, "the crashed plugin's grandchild to die", || {
+        is_gone(grandchild)
+    });
     let events = daemon.cli_ok(&["events", "tp", "--json"]);
     assert!(
         events
@@ -167,6 +175,10 @@ fn sigkill_to_the_daemon_takes_its_plugins_down_within_a_second() {
         .iter()
         .map(|r| r["pid"].as_i64().unwrap() as i32)
         .collect();
+    let grandchild: i32 = daemon
+        .cli_ok(&["call", "tp", "grandchild"])
+        .parse()
+        .unwrap();
     daemon.stop_with(libc::SIGKILL);
     for pid in pids {
         wait_until_blocking(
@@ -175,6 +187,10 @@ fn sigkill_to_the_daemon_takes_its_plugins_down_within_a_second() {
             || is_gone(pid),
         );
     }
+    // Without a cgroup nothing can reach a grandchild once the supervisor is
+    // SIGKILLed (the isolation tests cover the cgroup case); clean it up.
+    // SAFETY: signals a process this test's plugin forked.
+    unsafe { libc::kill(grandchild, libc::SIGKILL) };
 }
 
 #[test]

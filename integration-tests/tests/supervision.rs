@@ -245,7 +245,10 @@ async fn a_plugin_that_never_handshakes_fails_with_a_clear_reason_while_others_r
 async fn handshake_with_wrong_path_or_version_is_refused_quoting_the_line() {
     let sandbox = Sandbox::new();
     let sup = sandbox.supervisor();
-    let mut events = sup.events();
+    // One receiver per plugin: waiting on one must not swallow the other's
+    // events.
+    let mut path_events = sup.events();
+    let mut version_events = sup.events();
     let never = "restart: {policy: never}";
     sup.add(
         sandbox.manifest("path", &tp(), &format!("args: [--wrong-path]\n{never}")),
@@ -257,7 +260,7 @@ async fn handshake_with_wrong_path_or_version_is_refused_quoting_the_line() {
         &Default::default(),
     )
     .unwrap();
-    let e = wait_state(&mut events, "path", PluginState::Stopped, SECS_10).await;
+    let e = wait_state(&mut path_events, "path", PluginState::Stopped, SECS_10).await;
     assert!(e.reason.contains("handshake error"), "{}", e.reason);
     assert!(e.reason.contains("was told to listen on"), "{}", e.reason);
     assert!(
@@ -265,7 +268,13 @@ async fn handshake_with_wrong_path_or_version_is_refused_quoting_the_line() {
         "quotes the line: {}",
         e.reason
     );
-    let e = wait_state(&mut events, "version", PluginState::Stopped, SECS_10).await;
+    let e = wait_state(
+        &mut version_events,
+        "version",
+        PluginState::Stopped,
+        SECS_10,
+    )
+    .await;
     assert!(e.reason.contains("protocol version 99"), "{}", e.reason);
     sup.shutdown().await;
 }

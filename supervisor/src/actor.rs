@@ -22,6 +22,8 @@ pub(crate) enum Command {
     /// Replace the running instance with one of this manifest; the answer is
     /// the reason of a rolled-back upgrade.
     Upgrade(Arc<Manifest>, oneshot::Sender<Result<(), String>>),
+    /// Stop for good: the plugin is no longer supervised.
+    Remove(oneshot::Sender<()>),
 }
 
 /// A replica of a plugin, as the actor sees it.
@@ -71,6 +73,7 @@ enum RunEnd {
     Stop(oneshot::Sender<()>),
     Restart(oneshot::Sender<()>),
     Upgrade(Arc<Manifest>, oneshot::Sender<Result<(), String>>),
+    Remove(oneshot::Sender<()>),
     Cancelled,
 }
 
@@ -146,6 +149,18 @@ pub(crate) async fn run_replica(
             r.ready_since = None;
         });
         replica.route(Route::Pending);
+        if reason.is_refusal() {
+            replica.down(
+                &instance_id,
+                PluginState::Failed,
+                format!(
+                    "{reason}; not restarted: `plugvisor restart {}` tries again once it is fixed",
+                    slot.name
+                ),
+            );
+            next = Next::Idle;
+            continue;
+        }
         next = match tracker.on_exit(
             Instant::now(),
             reason.is_clean(),
@@ -154,6 +169,7 @@ pub(crate) async fn run_replica(
         ) {
             Decision::Restart { delay, attempt } => {
                 replica.update(|r| r.restarts += 1);
+                shared.metrics.restarted(&slot.name, reason.kind());
                 replica.transition(
                     PluginState::Backoff,
                     &instance_id,
@@ -230,6 +246,11 @@ async fn backoff(
                     return Next::Idle;
                 }
                 Some(Command::Upgrade(new, reply)) => adopt(manifest, new, reply),
+                Some(Command::Remove(reply)) => {
+                    replica.down("", PluginState::Stopped, "removed".into());
+                    let _ = reply.send(());
+                    return Next::Exit;
+                }
                 None => return Next::Exit,
             }
         }
@@ -255,6 +276,10 @@ async fn idle(
                 }
                 Some(Command::Stop(reply)) => { let _ = reply.send(()); }
                 Some(Command::Upgrade(new, reply)) => adopt(manifest, new, reply),
+                Some(Command::Remove(reply)) => {
+                    let _ = reply.send(());
+                    return Next::Exit;
+                }
                 None => return Next::Exit,
             }
         }
@@ -284,6 +309,7 @@ async fn launch(
         logs: slot.logs.clone(),
         processes: &replica.shared.processes,
         tasks: &replica.shared.io_tasks,
+        isolation: Some(&replica.shared.isolation),
     };
     let mut instance = instance::spawn(ctx).await?;
     replica.update(|r| {
@@ -321,6 +347,10 @@ fn publish(
     info: &plugvisor_proto::InitializeResponse,
 ) -> Instant {
     let ready_since = Instant::now();
+    replica
+        .shared
+        .metrics
+        .started(&replica.slot.name, instance.spawned_at.elapsed());
     {
         let mut st = lock(&replica.slot.status);
         st.methods = info.methods.clone();
@@ -371,10 +401,15 @@ async fn start_and_run(
     loop {
         let end = watch_ready(replica, manifest, &mut instance, commands).await;
         return match end {
-            RunEnd::Exited(status) => Ok(Outcome::Gone {
-                reason: ExitReason::from_status(status),
-                ready_since: Some(ready_since),
-            }),
+            RunEnd::Exited(status) => {
+                // What the crashed child left behind in its process group
+                // (workers, double-forked helpers) goes with it.
+                let _ = instance.child.signal_group(libc::SIGKILL);
+                Ok(Outcome::Gone {
+                    reason: ExitReason::of_exit(status, instance.oom_killed(status)),
+                    ready_since: Some(ready_since),
+                })
+            }
             RunEnd::HealthFailed(why) => {
                 replica.route(Route::Pending);
                 instance::kill_and_reap(&instance.child).await;
@@ -407,6 +442,19 @@ async fn start_and_run(
                 .await;
                 let _ = reply.send(());
                 Ok(Outcome::Decided(Next::Idle))
+            }
+            RunEnd::Remove(reply) => {
+                stop_instance(
+                    replica,
+                    manifest,
+                    &mut instance,
+                    "removed from the supervisor",
+                    false,
+                    true,
+                )
+                .await;
+                let _ = reply.send(());
+                Ok(Outcome::Decided(Next::Exit))
             }
             RunEnd::Restart(reply) => {
                 stop_instance(
@@ -666,6 +714,7 @@ async fn watch_ready(
                 Some(Command::Stop(reply)) => return RunEnd::Stop(reply),
                 Some(Command::Restart(reply)) => return RunEnd::Restart(reply),
                 Some(Command::Upgrade(new, reply)) => return RunEnd::Upgrade(new, reply),
+                Some(Command::Remove(reply)) => return RunEnd::Remove(reply),
                 None => return RunEnd::Cancelled,
             },
             _ = snapshots.tick(), if periodic => {
@@ -697,6 +746,7 @@ async fn watch_ready(
                 };
                 if let Some(why) = failure {
                     failures += 1;
+                    replica.shared.metrics.health_failed(&replica.slot.name);
                     let threshold = manifest.health.failure_threshold;
                     tracing::warn!(plugin = %replica.slot.name, instance = %instance.id, "health check failed ({failures}/{threshold}): {why}");
                     if failures >= threshold {

@@ -5,7 +5,7 @@
 use crate::config::{Config, LogFormat};
 use crate::control;
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use plugvisor_proto as pb;
 use prost::bytes::Bytes;
 use std::io::{IsTerminal, Read, Write};
@@ -26,7 +26,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ConfigArgs {
     /// Supervisor config file (plugvisor.yaml).
     #[arg(long, value_name = "FILE")]
@@ -37,6 +37,13 @@ pub struct ConfigArgs {
     /// Runtime directory for sockets (overrides the config's runtime_dir).
     #[arg(long, value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,
+    /// Directory of plugin state snapshots (overrides the config's state_dir).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics here, e.g. 127.0.0.1:9464 (overrides the
+    /// config's metrics_address).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Treat any plugin error as fatal.
     #[arg(long)]
     pub strict: bool,
@@ -86,7 +93,20 @@ pub enum Command {
     /// Stop a plugin gracefully.
     Stop { name: String },
     /// Restart a plugin (clears `failed`).
-    Restart { name: String },
+    Restart {
+        name: String,
+        /// Replace it with what its plugins directory holds now (a new
+        /// version or binary), without downtime; rolled back if the new one
+        /// fails.
+        #[arg(long)]
+        upgrade: bool,
+    },
+    /// Re-read the config and plugins dir: start added plugins, stop removed
+    /// ones, upgrade changed ones (like SIGHUP).
+    Reload {
+        #[arg(long)]
+        json: bool,
+    },
     /// Call a plugin's method and print the reply.
     Call {
         name: String,
@@ -117,6 +137,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check a plugin against the protocol: run it under a private
+    /// supervisor and print PASS/FAIL per rule; exit 1 if any rule fails.
+    Conformance {
+        /// The plugin's plugin.yaml (or its directory), or a bare executable.
+        #[arg(value_name = "MANIFEST_OR_EXECUTABLE")]
+        target: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Extra Initialize config: a JSON object merged over the manifest's.
+        #[arg(long, value_name = "JSON")]
+        config: Option<String>,
+        /// Deadline for the handshake, Initialize and each call.
+        #[arg(long, default_value = "10s", value_parser = crate::units::parse_duration)]
+        timeout: Duration,
+    },
+    /// Print a shell completion script, e.g.
+    /// `plugvisor completions bash > /etc/bash_completion.d/plugvisor`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Print the version.
     Version,
 }
@@ -145,6 +186,12 @@ pub fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
     }
     if let Some(dir) = &args.runtime_dir {
         config.runtime_dir = dir.clone();
+    }
+    if let Some(dir) = &args.state_dir {
+        config.state_dir = dir.clone();
+    }
+    if let Some(address) = args.metrics_address {
+        config.metrics_address = Some(address);
     }
     if args.strict {
         config.strict = true;
@@ -179,8 +226,12 @@ pub fn main(cli: Cli) -> i32 {
     };
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
+        // The daemon's answer, as `plugvisor call` shows it: code and message.
         Err(e) => {
-            eprintln!("plugvisor: {e:#}");
+            match e.downcast_ref::<tonic::Status>() {
+                Some(status) => eprintln!("plugvisor: {:?}: {}", status.code(), status.message()),
+                None => eprintln!("plugvisor: {e:#}"),
+            }
             1
         }
     }
@@ -198,7 +249,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 config.control_socket = Some(control.clone());
             }
             init_logging(config.log_format);
-            crate::daemon::run(config, shutdown_signal()).await?;
+            let (args, control) = (args.clone(), cli.control.clone());
+            let reload = Box::new(move || {
+                let mut config = load_config(&args)?;
+                if let Some(control) = &control {
+                    config.control_socket = Some(control.clone());
+                }
+                Ok(config)
+            });
+            crate::daemon::run(config, reload, shutdown_signal()).await?;
             Ok(0)
         }
         Command::Check(args) => check(args),
@@ -207,7 +266,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         } => {
             let mut client = control::connect(&control_path()).await?;
             let state = client
-                .export_state(pb::PluginRequest { name: name.clone() })
+                .export_state(pb::PluginRequest {
+                    name: name.clone(),
+                    upgrade: false,
+                })
                 .await?
                 .into_inner();
             if *json {
@@ -232,7 +294,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Health { name, json } => {
             let mut client = control::connect(&control_path()).await?;
             let h = client
-                .health(pb::PluginRequest { name: name.clone() })
+                .health(pb::PluginRequest {
+                    name: name.clone(),
+                    upgrade: false,
+                })
                 .await?
                 .into_inner();
             if *json {
@@ -245,10 +310,25 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(if h.status == "SERVING" { 0 } else { 1 })
         }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "plugvisor",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
+        }
         Command::Version => {
             println!("plugvisor {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
         }
+        Command::Conformance {
+            target,
+            json,
+            config,
+            timeout,
+        } => crate::conformance::command(target, *json, config.as_deref(), *timeout).await,
         Command::Ps { json } => {
             let mut client = control::connect(&control_path()).await?;
             let list = client.list(pb::ListRequest {}).await?.into_inner();
@@ -281,6 +361,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 println!("uptime:     {}s", status.uptime_secs);
                 println!("executable: {}", status.executable);
                 println!("methods:    {}", status.methods.join(", "));
+                print_isolation(&status.isolation.unwrap_or_default());
                 println!("events:");
                 for e in &r.history {
                     println!("  {}", event_line(e));
@@ -335,12 +416,49 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Start { name } | Command::Stop { name } | Command::Restart { name } => {
+        Command::Reload { json } => {
             let mut client = control::connect(&control_path()).await?;
-            let request = pb::PluginRequest { name: name.clone() };
+            let r = client.reload(pb::ReloadRequest {}).await?.into_inner();
+            let failed: Vec<_> = r
+                .failed
+                .iter()
+                .map(|f| serde_json::json!({"name": f.name, "reason": f.reason}))
+                .collect();
+            if *json {
+                let v = serde_json::json!({
+                    "added": r.added, "removed": r.removed, "upgraded": r.upgraded,
+                    "unchanged": r.unchanged, "failed": failed,
+                });
+                println!("{v}");
+            } else {
+                let list = |v: &[String]| {
+                    if v.is_empty() {
+                        "-".to_string()
+                    } else {
+                        v.join(", ")
+                    }
+                };
+                println!("added:     {}", list(&r.added));
+                println!("removed:   {}", list(&r.removed));
+                println!("upgraded:  {}", list(&r.upgraded));
+                println!("unchanged: {}", list(&r.unchanged));
+                for f in &r.failed {
+                    println!("failed:    {}: {}", f.name, f.reason);
+                }
+            }
+            Ok(if r.failed.is_empty() { 0 } else { 1 })
+        }
+        Command::Start { name } | Command::Stop { name } | Command::Restart { name, .. } => {
+            let mut client = control::connect(&control_path()).await?;
+            let upgrade = matches!(&cli.command, Command::Restart { upgrade: true, .. });
+            let request = pb::PluginRequest {
+                name: name.clone(),
+                upgrade,
+            };
             let (verb, response) = match &cli.command {
                 Command::Start { .. } => ("started", client.start(request).await?),
                 Command::Stop { .. } => ("stopped", client.stop(request).await?),
+                _ if upgrade => ("upgraded", client.restart(request).await?),
                 _ => ("restarted", client.restart(request).await?),
             };
             let status = response.into_inner().status.unwrap_or_default();
@@ -417,8 +535,16 @@ fn usage(message: &str) -> anyhow::Result<i32> {
 fn check(args: &ConfigArgs) -> anyhow::Result<i32> {
     let config = load_config(args)?;
     let discovery = crate::manifest::discover(&config.plugins_dir)?;
+    let mut refused = 0;
     for m in &discovery.manifests {
-        println!("ok    {} {} ({})", m.name, m.version, m.path.display());
+        // What a start would refuse: the pin, writability, the user.
+        match crate::isolation::check_manifest(m, config.allow_writable_executables) {
+            Ok(()) => println!("ok    {} {} ({})", m.name, m.version, m.path.display()),
+            Err(why) => {
+                refused += 1;
+                println!("error {}: {why}", m.path.display());
+            }
+        }
     }
     for e in &discovery.errors {
         println!("error {e}");
@@ -432,7 +558,11 @@ fn check(args: &ConfigArgs) -> anyhow::Result<i32> {
         }
     }
     println!("{discovery}");
-    Ok(if discovery.errors.is_empty() { 0 } else { 1 })
+    Ok(if discovery.errors.is_empty() && refused == 0 {
+        0
+    } else {
+        1
+    })
 }
 
 async fn shutdown_signal() {
@@ -462,7 +592,94 @@ fn status_json(s: &pb::PluginStatus) -> serde_json::Value {
         "uptime_secs": s.uptime_secs,
         "executable": s.executable,
         "methods": s.methods,
+        "isolation": s.isolation.as_ref().map(isolation_json),
     })
+}
+
+fn isolation_json(i: &pb::Isolation) -> serde_json::Value {
+    serde_json::json!({
+        "mechanism": i.mechanism,
+        "cgroups": i.cgroups,
+        "limits": i.limits.iter().map(|l| serde_json::json!({
+            "name": l.name,
+            "value": l.value,
+            "enforced_by": l.enforced_by,
+        })).collect::<Vec<_>>(),
+        "usage": i.usage.as_ref().map(|u| serde_json::json!({
+            "memory_bytes": u.memory_bytes,
+            "memory_peak_bytes": u.memory_peak_bytes,
+            "cpu_usec": u.cpu_usec,
+            "pids": u.pids,
+            "pids_rejected": u.pids_rejected,
+            "oom_kills": u.oom_kills,
+        })),
+        "hardening": i.hardening,
+    })
+}
+
+/// `inspect`'s isolation section: the mechanism, each limit and what
+/// enforces it, live usage, hardening.
+fn print_isolation(i: &pb::Isolation) {
+    println!("isolation:  {}", or_dash(&i.mechanism));
+    if !i.cgroups.is_empty() {
+        println!("cgroups:    {}", i.cgroups.join(", "));
+    }
+    if i.limits.is_empty() {
+        println!("limits:     -");
+    } else {
+        println!("limits:");
+        let name_w = i.limits.iter().map(|l| l.name.len()).max().unwrap_or(0);
+        let value_w = i.limits.iter().map(|l| l.value.len()).max().unwrap_or(0);
+        for l in &i.limits {
+            println!(
+                "  {:<name_w$}  {:<value_w$}  {}",
+                l.name, l.value, l.enforced_by
+            );
+        }
+    }
+    match &i.usage {
+        None => println!("usage:      - (no running instance in a cgroup)"),
+        Some(u) => {
+            let mut parts = Vec::new();
+            if let Some(m) = u.memory_bytes {
+                let peak = u
+                    .memory_peak_bytes
+                    .map(|p| format!(" (peak {})", human_bytes(p)))
+                    .unwrap_or_default();
+                parts.push(format!("memory {}{peak}", human_bytes(m)));
+            }
+            if let Some(c) = u.cpu_usec {
+                parts.push(format!("cpu {:.2}s", c as f64 / 1e6));
+            }
+            if let Some(p) = u.pids {
+                let refused = match u.pids_rejected {
+                    Some(n) if n > 0 => format!(" ({n} forks refused)"),
+                    _ => String::new(),
+                };
+                parts.push(format!("pids {p}{refused}"));
+            }
+            if let Some(k) = u.oom_kills {
+                parts.push(format!("OOM kills {k}"));
+            }
+            println!("usage:      {}", parts.join(", "));
+        }
+    }
+    println!("hardening:  {}", i.hardening.join(", "));
+}
+
+/// `12.3MiB`: a byte count for people.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [(f64, &str); 3] = [
+        (1024.0 * 1024.0 * 1024.0, "GiB"),
+        (1024.0 * 1024.0, "MiB"),
+        (1024.0, "KiB"),
+    ];
+    for (factor, unit) in UNITS {
+        if n as f64 >= factor {
+            return format!("{:.1}{unit}", n as f64 / factor);
+        }
+    }
+    format!("{n}B")
 }
 
 fn event_json(e: &pb::Event) -> serde_json::Value {

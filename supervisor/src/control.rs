@@ -4,12 +4,14 @@
 //! the caller's SO_PEERCRED credentials: root, the daemon's own user, and the
 //! configured uids and gids are allowed; anyone else gets PERMISSION_DENIED.
 
+use crate::reload::Reloader;
 use crate::supervisor::{Event, PluginInfo, Supervisor};
 use plugvisor_proto as pb;
 use plugvisor_proto::control_server::{Control, ControlServer};
 use prost::bytes::Bytes;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -45,7 +47,7 @@ impl Access {
             Ok(())
         } else {
             Err(Status::permission_denied(format!(
-                "uid {} gid {} may not use this control socket; allow it with control_uids or control_gids in the supervisor config",
+                "permission denied: uid {} gid {} may not use this control socket; allow it with control_uids or control_gids in the supervisor config",
                 cred.uid(),
                 cred.gid()
             )))
@@ -59,6 +61,9 @@ pub struct ControlService {
     access: Access,
     /// Ends follow streams when the daemon stops, so shutdown does not wait on them.
     cancel: CancellationToken,
+    /// Reloads and upgrades from the plugins directory; `None` when the
+    /// service runs without a daemon config.
+    reloader: Option<Arc<Reloader>>,
 }
 
 fn millis(t: std::time::SystemTime) -> u64 {
@@ -80,6 +85,33 @@ pub fn status_of(info: &PluginInfo) -> pb::PluginStatus {
         executable: info.exec.display().to_string(),
         methods: info.methods.clone(),
         reason: info.reason.clone(),
+        isolation: Some(isolation_of(&info.isolation)),
+    }
+}
+
+/// The wire form of a plugin's isolation.
+pub fn isolation_of(i: &crate::isolation::IsolationStatus) -> pb::Isolation {
+    pb::Isolation {
+        mechanism: i.mechanism.clone(),
+        cgroups: i.cgroup.iter().map(|p| p.display().to_string()).collect(),
+        limits: i
+            .limits
+            .iter()
+            .map(|l| pb::Limit {
+                name: l.name.clone(),
+                value: l.value.clone(),
+                enforced_by: l.enforced_by.clone(),
+            })
+            .collect(),
+        usage: i.usage.as_ref().map(|u| pb::Usage {
+            memory_bytes: u.memory_current,
+            memory_peak_bytes: u.memory_peak,
+            cpu_usec: u.cpu.map(|d| d.as_micros() as u64),
+            pids: u.pids_current,
+            pids_rejected: u.pids_rejected,
+            oom_kills: u.oom_kills,
+        }),
+        hardening: i.hardening.clone(),
     }
 }
 
@@ -312,7 +344,16 @@ impl Control for ControlService {
     ) -> Result<Response<pb::CommandResponse>, Status> {
         self.access.check(&request)?;
         let name = &request.get_ref().name;
-        self.supervisor.restart(name).await?;
+        if request.get_ref().upgrade {
+            let reloader = self.reloader.as_ref().ok_or_else(|| {
+                Status::failed_precondition(
+                    "this control service has no plugins directory to upgrade from",
+                )
+            })?;
+            reloader.upgrade(name).await?;
+        } else {
+            self.supervisor.restart(name).await?;
+        }
         self.command_response(name)
     }
 
@@ -326,6 +367,32 @@ impl Control for ControlService {
             .export_state(&request.get_ref().name, None)
             .await?;
         Ok(Response::new(state))
+    }
+
+    async fn reload(
+        &self,
+        request: Request<pb::ReloadRequest>,
+    ) -> Result<Response<pb::ReloadResponse>, Status> {
+        self.access.check(&request)?;
+        let reloader = self
+            .reloader
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("this control service cannot reload"))?;
+        let report = reloader
+            .reload()
+            .await
+            .map_err(|e| Status::failed_precondition(format!("reload changed nothing: {e:#}")))?;
+        Ok(Response::new(pb::ReloadResponse {
+            added: report.added,
+            removed: report.removed,
+            upgraded: report.upgraded,
+            unchanged: report.unchanged,
+            failed: report
+                .failed
+                .into_iter()
+                .map(|(name, reason)| pb::ReloadFailure { name, reason })
+                .collect(),
+        }))
     }
 
     async fn health(
@@ -389,12 +456,14 @@ pub async fn serve(
     supervisor: Supervisor,
     listener: tokio::net::UnixListener,
     access: Access,
+    reloader: Option<Arc<Reloader>>,
     cancel: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let service = ControlService {
         supervisor,
         access,
         cancel: cancel.clone(),
+        reloader,
     };
     tonic::transport::Server::builder()
         .initial_stream_window_size(crate::transport::STREAM_WINDOW)

@@ -1,28 +1,38 @@
 //! `plugvisor run`: discover plugins, supervise them, serve the control
-//! socket, and stop everything cleanly when the shutdown future resolves.
+//! socket, reload on SIGHUP, and stop everything cleanly when the shutdown
+//! future resolves.
 
 use crate::config::Config;
 use crate::control::{self, Access};
 use crate::manifest;
 use crate::notify::Notifier;
+use crate::reload::{LoadConfig, Reloader};
 use crate::supervisor::{Supervisor, SupervisorOptions};
 use anyhow::Context;
 use std::future::Future;
-use std::time::Duration;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// Runs the daemon until `shutdown` resolves, then stops every plugin.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// `config` is what was read at start; `load_config` reads it afresh for
+/// reloads (SIGHUP, `plugvisor reload`).
+pub async fn run(
+    config: Config,
+    load_config: LoadConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let notifier = Notifier::from_env().context("NOTIFY_SOCKET is set but unusable")?;
-    let discovery = manifest::discover(&config.plugins_dir)?;
-    for error in &discovery.errors {
-        tracing::error!("plugin not loaded: {error}");
-    }
-    if config.strict && !discovery.errors.is_empty() {
-        anyhow::bail!(
-            "{} plugin(s) failed to load and `strict` is set",
-            discovery.errors.len()
-        );
+    if config.strict {
+        let discovery = manifest::discover(&config.plugins_dir)?;
+        for error in &discovery.errors {
+            tracing::error!("plugin not loaded: {error}");
+        }
+        if !discovery.errors.is_empty() {
+            anyhow::bail!(
+                "{} plugin(s) failed to load and `strict` is set",
+                discovery.errors.len()
+            );
+        }
     }
     std::fs::create_dir_all(&config.runtime_dir).with_context(|| {
         format!(
@@ -31,24 +41,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         )
     })?;
     let listener = control::bind(&config.control_socket()).await?;
+    // Mode 0660 lets only the owner and the socket's group connect: give the
+    // socket the first allowed group, so its members get as far as the
+    // credential check.
+    if let Some(gid) = config.control_gids.first() {
+        std::os::unix::fs::chown(config.control_socket(), None, Some(*gid)).with_context(|| {
+            format!(
+                "cannot give the control socket {} to group {gid}",
+                config.control_socket().display()
+            )
+        })?;
+    }
 
     let mut options = SupervisorOptions::new(&config.runtime_dir);
     options.subreaper = true;
     options.state_dir = Some(config.state_dir.clone());
+    options.isolation = isolation_options(&config);
     let supervisor = Supervisor::new(options).context("cannot start the supervisor")?;
-    let mut started = 0;
-    for manifest in discovery.manifests {
-        let overrides = config
-            .plugins
-            .get(&manifest.name)
-            .cloned()
-            .unwrap_or_default();
-        if overrides.enabled == Some(false) {
-            tracing::info!(plugin = %manifest.name, "disabled in the supervisor config; not started");
-            continue;
-        }
-        supervisor.add(manifest, &overrides)?;
-        started += 1;
+    let reloader = Arc::new(Reloader::new(supervisor.clone(), load_config));
+    let (started, errors) = reloader.start().await?;
+    for error in &errors {
+        tracing::error!("plugin not loaded: {error}");
     }
     for name in config.plugins.keys() {
         if supervisor.info(name).is_err() && config.plugins[name].enabled != Some(false) {
@@ -63,6 +76,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     );
 
     let cancel = CancellationToken::new();
+    let metrics = match config.metrics_address {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot serve metrics on {address}"))?;
+            tracing::info!("metrics on http://{address}/metrics");
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                supervisor.clone(),
+                cancel.clone(),
+            )))
+        }
+        None => None,
+    };
     let server = tokio::spawn(control::serve(
         supervisor.clone(),
         listener,
@@ -70,30 +97,51 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             uids: config.control_uids.clone(),
             gids: config.control_gids.clone(),
         },
+        Some(reloader.clone()),
         cancel.clone(),
     ));
-    let _ = notifier.notify(&format!("READY=1\nSTATUS=supervising {started} plugin(s)"));
+    let _ = notifier
+        .announce(&format!("READY=1\nSTATUS=supervising {started} plugin(s)"))
+        .await;
     let watchdog = Notifier::watchdog_interval();
-    let status_loop = async {
-        let mut tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(5)));
-        loop {
-            tick.tick().await;
-            if watchdog.is_some() {
-                let _ = notifier.notify("WATCHDOG=1");
+    let status_loop = notifier.keep_alive(watchdog, || {
+        let plugins = supervisor.list();
+        let up = plugins.iter().filter(|p| p.state.is_up()).count();
+        format!("{up}/{} plugin(s) up", plugins.len())
+    });
+    let reload_loop = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload with `plugvisor reload`");
+            return std::future::pending().await;
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading");
+            let _ = notifier.announce("RELOADING=1\nSTATUS=reloading").await;
+            if let Err(e) = reloader.reload().await {
+                tracing::error!("reload changed nothing: {e:#}");
             }
-            let plugins = supervisor.list();
-            let up = plugins.iter().filter(|p| p.state.is_up()).count();
-            let _ = notifier.notify(&format!("STATUS={up}/{} plugin(s) up", plugins.len()));
+            let _ = notifier.announce("READY=1").await;
         }
     };
     tokio::select! {
         _ = shutdown => {}
         _ = status_loop => {}
+        _ = reload_loop => {}
     }
     tracing::info!("shutting down: stopping plugins");
-    let _ = notifier.notify("STOPPING=1\nSTATUS=stopping plugins");
-    supervisor.shutdown().await;
+    let _ = notifier
+        .announce("STOPPING=1\nSTATUS=stopping plugins")
+        .await;
+    // Stopping can outlast WatchdogSec (each plugin may take timeouts.stop).
+    tokio::select! {
+        _ = supervisor.shutdown() => {}
+        _ = notifier.feed_watchdog(watchdog) => {}
+    }
     cancel.cancel();
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     match server.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!("control socket: {e}"),
@@ -102,4 +150,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let _ = std::fs::remove_file(config.control_socket());
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The supervisor's isolation settings from the config: cgroups probed at
+/// `cgroup.root` (unless turned off), under this daemon's own parent cgroup.
+fn isolation_options(config: &crate::config::Config) -> crate::isolation::IsolationOptions {
+    use crate::isolation::{CgroupMode, IsolationOptions};
+    IsolationOptions {
+        cgroups: if config.cgroup.enabled {
+            CgroupMode::Probe {
+                root: config.cgroup.root.clone(),
+                parent: config.cgroup_parent(),
+                require: config.cgroup.require,
+            }
+        } else {
+            CgroupMode::Off
+        },
+        allow_writable_executables: config.allow_writable_executables,
+    }
 }

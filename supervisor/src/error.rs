@@ -51,19 +51,31 @@ pub enum Error {
     Invalid(String),
 }
 
+impl Error {
+    /// The gRPC status code this error maps to: the one place the mapping
+    /// is made.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Error::Plugin(status) => status.code(),
+            Error::UnknownPlugin(_) => Code::NotFound,
+            Error::Timeout { .. } => Code::DeadlineExceeded,
+            Error::Invalid(_) => Code::InvalidArgument,
+            Error::Overloaded { .. } => Code::ResourceExhausted,
+            Error::UpgradeFailed { .. } => Code::FailedPrecondition,
+            Error::NotRunning { .. }
+            | Error::NotReady { .. }
+            | Error::Lost { .. }
+            | Error::ShuttingDown => Code::Unavailable,
+        }
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> tonic::Status {
         match e {
             Error::Plugin(status) => status,
-            Error::UnknownPlugin(_) => tonic::Status::not_found(e.to_string()),
-            Error::Timeout { .. } => tonic::Status::deadline_exceeded(e.to_string()),
-            Error::Invalid(_) => tonic::Status::invalid_argument(e.to_string()),
-            Error::Overloaded { .. } => tonic::Status::resource_exhausted(e.to_string()),
-            Error::UpgradeFailed { .. } => tonic::Status::failed_precondition(e.to_string()),
-            Error::NotRunning { .. }
-            | Error::NotReady { .. }
-            | Error::Lost { .. }
-            | Error::ShuttingDown => tonic::Status::unavailable(e.to_string()),
+            other => tonic::Status::new(other.code(), other.to_string()),
         }
     }
 }

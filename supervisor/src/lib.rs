@@ -10,9 +10,11 @@
 //! - [`manifest`], [`config`], [`units`]: what to run, parsed strictly.
 //! - [`process`]: spawning, pidfds, reaping (every OS effect of a child).
 //! - [`instance`]: one child's start (handshake, connect, Initialize) and stop.
+//! - [`isolation`]: cgroups (v1, v2), rlimits, hardening, binary pinning.
 //! - [`policy`]: the restart policy as pure functions of time.
 //! - [`supervisor`]: the per-plugin state machine, events and call routing.
 //! - [`control`]: the daemon's gRPC control API; [`cli`]: the `plugvisor` binary.
+//! - [`conformance`]: checks one plugin against the protocol, rule by rule.
 //! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets.
 //!
 //! # Embedding
@@ -34,15 +36,19 @@
 mod actor;
 pub mod cli;
 pub mod config;
+pub mod conformance;
 pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod instance;
+pub mod isolation;
 pub mod logs;
 pub mod manifest;
+pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod process;
+pub mod reload;
 mod routing;
 pub mod state;
 pub mod supervisor;

@@ -12,6 +12,7 @@ use crate::actor::{self, Command};
 use crate::config::{PluginOverride, merge_json};
 use crate::error::Error;
 use crate::instance::StartError;
+use crate::isolation::{Isolation, IsolationOptions, IsolationStatus};
 use crate::logs::LogBuffer;
 use crate::manifest::Manifest;
 use crate::process::{ExitStatus, ProcessManager};
@@ -112,6 +113,8 @@ impl ExitReason {
             ExitReason::Start(StartError::StartTimeout { .. }) => "start_timeout",
             ExitReason::Start(StartError::InitializeTimeout(_)) => "initialize_timeout",
             ExitReason::Start(StartError::Handshake(_)) => "handshake",
+            ExitReason::Start(StartError::Refused(_)) => "refused",
+            ExitReason::Start(StartError::OomKilled { .. }) => "oom",
             ExitReason::Start(_) => "start",
         }
     }
@@ -119,6 +122,22 @@ impl ExitReason {
     /// Exited with code 0 on its own.
     pub(crate) fn is_clean(&self) -> bool {
         matches!(self, ExitReason::Exited(0))
+    }
+
+    /// The plugin was refused (a sha256 mismatch, a writable executable):
+    /// restarting cannot help until someone changes it.
+    pub(crate) fn is_refusal(&self) -> bool {
+        matches!(self, ExitReason::Start(StartError::Refused(_)))
+    }
+
+    /// How a ready child's exit reads, given whether its cgroup counted an
+    /// OOM kill that explains it.
+    pub(crate) fn of_exit(status: ExitStatus, oom_killed: bool) -> Self {
+        if oom_killed {
+            ExitReason::OomKilled
+        } else {
+            ExitReason::from_status(status)
+        }
     }
 }
 
@@ -186,6 +205,8 @@ pub struct PluginInfo {
     pub exec: PathBuf,
     pub methods: Vec<String>,
     pub replicas: Vec<ReplicaInfo>,
+    /// Limits, what enforces them, live usage and hardening.
+    pub isolation: IsolationStatus,
 }
 
 /// Settings of the supervisor itself.
@@ -204,6 +225,9 @@ pub struct SupervisorOptions {
     pub log_lines: usize,
     /// Where plugin state snapshots are kept; `None` keeps none.
     pub state_dir: Option<PathBuf>,
+    /// cgroups (off by default when embedded: see [`crate::isolation::CgroupMode`])
+    /// and whether writable executables may run.
+    pub isolation: IsolationOptions,
 }
 
 impl SupervisorOptions {
@@ -215,6 +239,7 @@ impl SupervisorOptions {
             history: 256,
             log_lines: 2000,
             state_dir: None,
+            isolation: IsolationOptions::default(),
         }
     }
 }
@@ -235,6 +260,9 @@ pub(crate) struct ReplicaStatus {
 pub(crate) struct SlotStatus {
     /// The manifest the plugin runs now (an upgrade replaces it).
     pub manifest: Arc<Manifest>,
+    /// The supervisor config's settings for this plugin, merged over the
+    /// manifest (an upgrade or reload may replace them).
+    pub overrides: PluginOverride,
     pub methods: Vec<String>,
     pub replicas: Vec<ReplicaStatus>,
     pub history: VecDeque<Event>,
@@ -243,9 +271,6 @@ pub(crate) struct SlotStatus {
 /// One supervised plugin.
 pub(crate) struct Slot {
     pub name: String,
-    /// The supervisor config's settings for this plugin, merged over each
-    /// manifest it runs.
-    pub overrides: PluginOverride,
     pub status: Mutex<SlotStatus>,
     pub routes: Routes,
     pub admission: Admission,
@@ -266,14 +291,14 @@ impl Slot {
     /// The config sent in Initialize: the manifest's, with overrides merged.
     pub fn config_for(&self, manifest: &Manifest) -> serde_json::Map<String, serde_json::Value> {
         let mut config = manifest.config.clone();
-        merge_json(&mut config, &self.overrides.config);
+        merge_json(&mut config, &lock(&self.status).overrides.config);
         config
     }
 
     /// The manifest's environment with the overrides' on top.
     pub fn env_for(&self, manifest: &Manifest) -> Vec<(String, String)> {
         let mut env = manifest.env.clone();
-        env.extend(self.overrides.env.clone());
+        env.extend(lock(&self.status).overrides.env.clone());
         env.into_iter().collect()
     }
 }
@@ -287,6 +312,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) struct Shared {
     pub opts: SupervisorOptions,
     pub processes: ProcessManager,
+    /// The limits' mechanism, chosen once at start-up, and live cgroups.
+    pub isolation: Isolation,
     slots: RwLock<BTreeMap<String, Arc<Slot>>>,
     events: broadcast::Sender<Event>,
     pub cancel: CancellationToken,
@@ -294,6 +321,7 @@ pub(crate) struct Shared {
     actors: TaskTracker,
     /// Output readers and exit waiters: end with their children.
     pub io_tasks: TaskTracker,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Shared {
@@ -339,13 +367,17 @@ impl Supervisor {
     pub fn new(opts: SupervisorOptions) -> std::io::Result<Supervisor> {
         let io_tasks = TaskTracker::new();
         let processes = ProcessManager::new(io_tasks.clone())?;
+        let isolation =
+            Isolation::start(&opts.isolation, &opts.proc_root).map_err(std::io::Error::other)?;
         let shared = Arc::new(Shared {
             processes,
+            isolation,
             slots: RwLock::default(),
             events: broadcast::channel(4096).0,
             cancel: CancellationToken::new(),
             actors: TaskTracker::new(),
             io_tasks,
+            metrics: crate::metrics::Metrics::default(),
             opts,
         });
         if shared.opts.subreaper {
@@ -406,7 +438,6 @@ impl Supervisor {
             .collect();
         let slot = Arc::new(Slot {
             name: name.clone(),
-            overrides: overrides.clone(),
             routes: Routes::new(&name, replicas),
             admission: Admission::new(
                 &name,
@@ -415,6 +446,7 @@ impl Supervisor {
             ),
             status: Mutex::new(SlotStatus {
                 manifest: Arc::new(manifest),
+                overrides: overrides.clone(),
                 methods: Vec::new(),
                 replicas: vec![
                     ReplicaStatus {
@@ -468,12 +500,15 @@ impl Supervisor {
             .values()
             .cloned()
             .collect();
-        slots.iter().map(|s| info_of(s)).collect()
+        slots
+            .iter()
+            .map(|s| info_of(s, &self.shared.isolation))
+            .collect()
     }
 
     /// One plugin's status.
     pub fn info(&self, name: &str) -> Result<PluginInfo, Error> {
-        Ok(info_of(&*self.slot(name)?))
+        Ok(info_of(&*self.slot(name)?, &self.shared.isolation))
     }
 
     /// Every future state transition of every plugin.
@@ -508,11 +543,39 @@ impl Supervisor {
         &self,
         plugin: &str,
         method: &str,
+        payload: Bytes,
+        metadata: HashMap<String, String>,
+        timeout: Option<Duration>,
+    ) -> Result<HandleResponse, Error> {
+        let slot = self.slot(plugin)?;
+        let started = Instant::now();
+        let result = self
+            .call_slot(&slot, plugin, method, payload, metadata, timeout)
+            .await;
+        // Only methods the plugin lists get their own label; callers cannot
+        // grow the label set without bound.
+        let listed = lock(&slot.status).methods.iter().any(|m| m == method);
+        let code = result
+            .as_ref()
+            .map_or_else(Error::code, |_| tonic::Code::Ok);
+        self.shared.metrics.call(
+            plugin,
+            if listed { method } else { "other" },
+            code,
+            started.elapsed(),
+        );
+        result
+    }
+
+    async fn call_slot(
+        &self,
+        slot: &Slot,
+        plugin: &str,
+        method: &str,
         mut payload: Bytes,
         mut metadata: HashMap<String, String>,
         timeout: Option<Duration>,
     ) -> Result<HandleResponse, Error> {
-        let slot = self.slot(plugin)?;
         let manifest = slot.manifest();
         let timeout = timeout.unwrap_or(manifest.timeouts.call.0);
         let deadline = Instant::now() + timeout;
@@ -520,7 +583,7 @@ impl Supervisor {
         let retry = manifest.idempotent.iter().any(|m| m == method);
         let mut lost: Option<String> = None;
         loop {
-            let ready = pick(&slot, deadline, timeout, lost.as_deref()).await?;
+            let ready = pick(slot, deadline, timeout, lost.as_deref()).await?;
             // Only a call that may be sent again keeps a copy of its input.
             let (payload, metadata) = if retry {
                 (payload.clone(), metadata.clone())
@@ -539,7 +602,7 @@ impl Supervisor {
                 Ok(Ok(response)) => {
                     let response = response.into_inner();
                     if response.state_changed && manifest.state.snapshot_on_change {
-                        actor::snapshot(&slot, ready.replica, &ready.client, &ready.id)
+                        actor::snapshot(slot, ready.replica, &ready.client, &ready.id)
                             .await
                             .map_err(|why| Error::Lost {
                                 plugin: plugin.to_string(),
@@ -694,6 +757,17 @@ impl Supervisor {
     /// meanwhile, calls stay on (or go back to) the old one and the error
     /// says why.
     pub async fn upgrade(&self, name: &str, manifest: Manifest) -> Result<(), Error> {
+        let overrides = lock(&self.slot(name)?.status).overrides.clone();
+        self.upgrade_with(name, manifest, overrides).await
+    }
+
+    /// [`Self::upgrade`] with new supervisor-config overrides for the plugin.
+    pub async fn upgrade_with(
+        &self,
+        name: &str,
+        manifest: Manifest,
+        overrides: PluginOverride,
+    ) -> Result<(), Error> {
         let slot = self.slot(name)?;
         if manifest.name != slot.name {
             return Err(Error::Invalid(format!(
@@ -709,16 +783,70 @@ impl Supervisor {
             )));
         }
         let manifest = Arc::new(manifest);
+        let previous = std::mem::replace(&mut lock(&slot.status).overrides, overrides);
         let answers = self
             .command(name, |reply| Command::Upgrade(manifest.clone(), reply))
             .await?;
         match answers.into_iter().find_map(Result::err) {
-            Some(why) => Err(Error::UpgradeFailed {
-                plugin: name.to_string(),
-                reason: why,
-            }),
+            Some(why) => {
+                lock(&slot.status).overrides = previous;
+                Err(Error::UpgradeFailed {
+                    plugin: name.to_string(),
+                    reason: why,
+                })
+            }
             None => Ok(()),
         }
+    }
+
+    /// The Prometheus text exposition: event-fed series plus gauges read now.
+    pub fn metrics_text(&self) -> String {
+        let samples: Vec<crate::metrics::PluginSample> = self
+            .list()
+            .into_iter()
+            .map(|info| {
+                let usage = info.isolation.usage.clone().unwrap_or_default();
+                let sha256 = self
+                    .slot(&info.name)
+                    .ok()
+                    .and_then(|s| s.manifest().sha256.clone())
+                    .unwrap_or_default();
+                crate::metrics::PluginSample {
+                    up: info.replicas.iter().any(|r| r.state.is_up()),
+                    plugin: info.name,
+                    version: info.version,
+                    state: info.state.to_string(),
+                    sha256,
+                    enforcement: info.isolation.mechanism,
+                    memory_bytes: usage.memory_current,
+                    cpu_seconds: usage.cpu.map(|d| d.as_secs_f64()),
+                    pids: usage.pids_current,
+                }
+            })
+            .collect();
+        self.shared.metrics.encode(&samples)
+    }
+
+    /// Stops a plugin (with a last snapshot) and stops supervising it.
+    pub async fn remove(&self, name: &str) -> Result<(), Error> {
+        self.command(name, Command::Remove).await?;
+        self.shared
+            .slots
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        Ok(())
+    }
+
+    /// The names of the supervised plugins.
+    pub fn names(&self) -> Vec<String> {
+        self.shared
+            .slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Stops every plugin gracefully (in parallel) and waits for all of them.
@@ -730,6 +858,7 @@ impl Supervisor {
         // Readers of output pipes end when the last holder of the pipe exits;
         // do not wait forever on a descendant that escaped its process group.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.io_tasks.wait()).await;
+        self.shared.isolation.shutdown();
     }
 }
 
@@ -753,7 +882,7 @@ async fn pick(
         .await
 }
 
-fn info_of(slot: &Slot) -> PluginInfo {
+fn info_of(slot: &Slot, isolation: &Isolation) -> PluginInfo {
     let st = lock(&slot.status);
     let replicas: Vec<ReplicaInfo> = st
         .replicas
@@ -800,6 +929,7 @@ fn info_of(slot: &Slot) -> PluginInfo {
         ready_for: first.ready_for,
         exec: st.manifest.exec.clone(),
         methods: st.methods.clone(),
+        isolation: isolation.status(&st.manifest, replicas.iter().map(|r| r.instance.as_str())),
         replicas,
     }
 }

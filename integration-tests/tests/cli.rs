@@ -1,0 +1,157 @@
+//! The CLI verbs not covered elsewhere, end to end against a live daemon:
+//! `logs -f` seeing a crash as it happens, `stop` / `start` / `restart`,
+//! `call -` reading stdin, `inspect --json`, `logs --json`, `version`.
+
+use plugvisor_integration_tests::{Daemon, Sandbox, bin, is_gone, wait_until_blocking};
+use std::io::{BufRead, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SECS_10: Duration = Duration::from_secs(10);
+
+fn sandbox() -> Sandbox {
+    let sandbox = Sandbox::new();
+    sandbox.plugin("echo", &bin("echo-plugin"), "");
+    sandbox.plugin("tp", &bin("testplugin"), "restart: {initial_backoff: 20ms}");
+    sandbox
+}
+
+#[test]
+fn logs_follow_shows_a_crash_as_it_happens() {
+    let sandbox = sandbox();
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("tp");
+    let mut follower = Command::new(bin("plugvisor"))
+        .arg("--control")
+        .arg(&daemon.control)
+        .args(["logs", "tp", "-f", "--tail", "1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The tail line arrives first: the follower is attached.
+    rx.recv_timeout(SECS_10).expect("the tail arrives");
+    let out = daemon.cli(&["call", "tp", "crash", "--data", "9"]);
+    assert_eq!(out.status.code(), Some(1), "the crashing call fails");
+    let deadline = Instant::now() + SECS_10;
+    let line = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the crash's output is streamed");
+        if line.contains("crashing with exit code 9") {
+            break line;
+        }
+    };
+    assert!(
+        line.starts_with("tp-0-1 stderr"),
+        "instance and stream lead: {line}"
+    );
+    let _ = follower.kill();
+    let _ = follower.wait();
+    reader.join().unwrap();
+    let json = daemon.cli_ok(&["logs", "tp", "--tail", "200", "--json"]);
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["instance"].is_string() && l["stream"].is_string())
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["line"].as_str().unwrap().contains("crashing"))
+    );
+}
+
+#[test]
+fn stop_start_and_restart_from_the_cli() {
+    let sandbox = sandbox();
+    let daemon = Daemon::start(&sandbox, &[]);
+    let pid = daemon.wait_ready("echo")["pid"].as_i64().unwrap() as i32;
+    let out = daemon.cli_ok(&["stop", "echo"]);
+    assert!(out.contains("echo: stopped (now stopped)"), "{out}");
+    assert!(is_gone(pid));
+    let out = daemon.cli(&["call", "echo", "echo", "--data", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stopped"),
+        "{out:?}"
+    );
+    daemon.cli_ok(&["start", "echo"]);
+    let pid = daemon.wait_ready("echo")["pid"].as_i64().unwrap() as i32;
+    daemon.cli_ok(&["restart", "echo"]);
+    wait_until_blocking(SECS_10, "a new echo instance", || {
+        let row = daemon.plugin("echo");
+        row["state"] == "ready" && row["pid"].as_i64() != Some(pid as i64)
+    });
+    assert!(is_gone(pid));
+    let inspect: serde_json::Value =
+        serde_json::from_str(&daemon.cli_ok(&["inspect", "echo", "--json"])).unwrap();
+    let history = inspect["history"].as_array().unwrap();
+    let states: Vec<&str> = history
+        .iter()
+        .map(|e| e["state"].as_str().unwrap())
+        .collect();
+    assert!(
+        states.windows(2).any(|w| w == ["stopping", "stopped"]),
+        "{states:?}"
+    );
+    assert_eq!(inspect["state"], "ready");
+    let out = daemon.cli(&["stop", "nosuch"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn call_reads_its_payload_from_stdin() {
+    let sandbox = sandbox();
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("echo");
+    let mut child = Command::new(bin("plugvisor"))
+        .arg("--control")
+        .arg(&daemon.control)
+        .args(["call", "echo", "upper", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"from stdin")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"FROM STDIN");
+    let json: serde_json::Value =
+        serde_json::from_str(&daemon.cli_ok(&["call", "echo", "echo", "--data", "j", "--json"]))
+            .unwrap();
+    assert_eq!(json["payload"], "j");
+}
+
+#[test]
+fn version_prints_the_version() {
+    let out = Command::new(bin("plugvisor"))
+        .arg("version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("plugvisor {}", env!("CARGO_PKG_VERSION"))
+    );
+}

@@ -1,0 +1,393 @@
+//! Prometheus metrics. Counters and histograms are fed as things happen
+//! (calls, restarts, health failures, starts); gauges (up, state, usage,
+//! info) are built from the supervisor's status at each scrape, so they are
+//! never stale. Served as text on `/metrics` by a small HTTP/1.1 responder.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabel {
+    plugin: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    plugin: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    plugin: String,
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    plugin: String,
+    method: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    plugin: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InfoLabels {
+    plugin: String,
+    version: String,
+    sha256: String,
+    enforcement: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 20 µs to ~20 s.
+    Histogram::new(exponential_buckets(0.00002, 2.0, 21))
+}
+
+fn start_histogram() -> Histogram {
+    // 1 ms to ~16 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// The event-fed series; shared by every clone of the supervisor.
+#[derive(Clone)]
+pub struct Metrics {
+    restarts: Family<ReasonLabels, Counter>,
+    oom_kills: Family<PluginLabel, Counter>,
+    health_failures: Family<PluginLabel, Counter>,
+    start_duration: HistogramFamily<PluginLabel>,
+    calls: Family<CallLabels, Counter>,
+    call_errors: Family<MethodLabels, Counter>,
+    call_duration: HistogramFamily<MethodLabels>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            restarts: Family::default(),
+            oom_kills: Family::default(),
+            health_failures: Family::default(),
+            start_duration: Family::new_with_constructor(start_histogram),
+            calls: Family::default(),
+            call_errors: Family::default(),
+            call_duration: Family::new_with_constructor(latency_histogram),
+        }
+    }
+}
+
+/// What a scrape shows of one plugin at that moment.
+#[derive(Debug, Clone, Default)]
+pub struct PluginSample {
+    pub plugin: String,
+    pub version: String,
+    pub state: String,
+    pub up: bool,
+    pub sha256: String,
+    /// What enforces its limits ("cgroup v1", "rlimits only", ...).
+    pub enforcement: String,
+    pub memory_bytes: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+    pub pids: Option<u64>,
+}
+
+/// Every state a plugin can be in, so a scrape shows a 0 for the others.
+const STATES: [&str; 8] = [
+    "starting",
+    "initializing",
+    "ready",
+    "degraded",
+    "stopping",
+    "stopped",
+    "backoff",
+    "failed",
+];
+
+impl Metrics {
+    /// A child was restarted; `reason` is [`crate::ExitReason::kind`].
+    pub fn restarted(&self, plugin: &str, reason: &str) {
+        self.restarts
+            .get_or_create(&ReasonLabels {
+                plugin: plugin.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+        if reason == "oom" {
+            self.oom_kills
+                .get_or_create(&PluginLabel {
+                    plugin: plugin.to_string(),
+                })
+                .inc();
+        }
+    }
+
+    pub fn health_failed(&self, plugin: &str) {
+        self.health_failures
+            .get_or_create(&PluginLabel {
+                plugin: plugin.to_string(),
+            })
+            .inc();
+    }
+
+    /// Spawn to ready.
+    pub fn started(&self, plugin: &str, took: Duration) {
+        self.start_duration
+            .get_or_create(&PluginLabel {
+                plugin: plugin.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// One finished call. `method` must already be bounded (a listed method
+    /// or `other`), so callers cannot grow the label set without limit.
+    pub fn call(&self, plugin: &str, method: &str, code: tonic::Code, took: Duration) {
+        let labels = MethodLabels {
+            plugin: plugin.to_string(),
+            method: method.to_string(),
+        };
+        self.call_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        if code != tonic::Code::Ok {
+            self.call_errors.get_or_create(&labels).inc();
+        }
+        self.calls
+            .get_or_create(&CallLabels {
+                plugin: labels.plugin,
+                method: labels.method,
+                code: format!("{code:?}"),
+            })
+            .inc();
+    }
+
+    /// The text exposition of every series, with gauges from `samples`.
+    pub fn encode(&self, samples: &[PluginSample]) -> String {
+        let mut registry = Registry::with_prefix("plugvisor");
+        let up = Family::<PluginLabel, Gauge>::default();
+        let state = Family::<StateLabels, Gauge>::default();
+        let info = Family::<InfoLabels, Gauge>::default();
+        let memory = Family::<PluginLabel, Gauge>::default();
+        let cpu = Family::<PluginLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let pids = Family::<PluginLabel, Gauge>::default();
+        for s in samples {
+            let plugin = PluginLabel {
+                plugin: s.plugin.clone(),
+            };
+            up.get_or_create(&plugin).set(i64::from(s.up));
+            for name in STATES {
+                state
+                    .get_or_create(&StateLabels {
+                        plugin: s.plugin.clone(),
+                        state: name.to_string(),
+                    })
+                    .set(i64::from(s.state == name));
+            }
+            info.get_or_create(&InfoLabels {
+                plugin: s.plugin.clone(),
+                version: s.version.clone(),
+                sha256: s.sha256.clone(),
+                enforcement: s.enforcement.clone(),
+            })
+            .set(1);
+            if let Some(bytes) = s.memory_bytes {
+                memory.get_or_create(&plugin).set(bytes as i64);
+            }
+            if let Some(seconds) = s.cpu_seconds {
+                cpu.get_or_create(&plugin).set(seconds);
+            }
+            if let Some(n) = s.pids {
+                pids.get_or_create(&plugin).set(n as i64);
+            }
+        }
+        registry.register(
+            "plugin_up",
+            "1 when at least one instance of the plugin is ready or degraded",
+            up,
+        );
+        registry.register("plugin_state", "1 for the plugin's current state", state);
+        registry.register(
+            "plugin_info",
+            "The plugin's version, pinned sha256 and limit enforcement",
+            info,
+        );
+        registry.register(
+            "plugin_memory_bytes",
+            "Memory in use by the plugin's cgroup",
+            memory,
+        );
+        registry.register(
+            "plugin_cpu_seconds",
+            "CPU time used by the plugin's cgroup",
+            cpu,
+        );
+        registry.register(
+            "plugin_pids",
+            "Processes and threads in the plugin's cgroup",
+            pids,
+        );
+        registry.register(
+            "restarts",
+            "Restarts of plugin children, by exit reason",
+            self.restarts.clone(),
+        );
+        registry.register(
+            "oom_kills",
+            "Plugin children killed by the OOM killer",
+            self.oom_kills.clone(),
+        );
+        registry.register(
+            "health_check_failures",
+            "Failed health probes",
+            self.health_failures.clone(),
+        );
+        registry.register(
+            "start_duration_seconds",
+            "Spawn to ready",
+            self.start_duration.clone(),
+        );
+        registry.register(
+            "calls",
+            "Calls to plugins, by method and status code",
+            self.calls.clone(),
+        );
+        registry.register(
+            "call_errors",
+            "Calls that did not return OK",
+            self.call_errors.clone(),
+        );
+        registry.register(
+            "call_duration_seconds",
+            "Call latency, admission to reply",
+            self.call_duration.clone(),
+        );
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        text
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `cancel` fires. Anything else
+/// gets 404; each connection answers one request.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    supervisor: crate::Supervisor,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let (mut stream, _) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("metrics listener: {e}");
+                    continue;
+                }
+            },
+        };
+        let supervisor = supervisor.clone();
+        tokio::spawn(async move {
+            let mut request = Vec::with_capacity(1024);
+            let mut buf = [0u8; 1024];
+            // Read up to the end of the headers (bounded: 8 KiB, 5 s).
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                return;
+            }
+            let line =
+                String::from_utf8_lossy(request.split(|b| *b == b'\n').next().unwrap_or(&[]))
+                    .into_owned();
+            let (status, content_type, body) = if line.starts_with("GET /metrics ") {
+                (
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    supervisor.metrics_text(),
+                )
+            } else {
+                (
+                    "404 Not Found",
+                    "text/plain",
+                    "only GET /metrics is served here\n".to_string(),
+                )
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_every_series_with_labels() {
+        let m = Metrics::default();
+        m.restarted("echo", "signal");
+        m.restarted("echo", "oom");
+        m.health_failed("echo");
+        m.started("echo", Duration::from_millis(3));
+        m.call("echo", "upper", tonic::Code::Ok, Duration::from_micros(80));
+        m.call(
+            "echo",
+            "upper",
+            tonic::Code::NotFound,
+            Duration::from_micros(90),
+        );
+        let text = m.encode(&[PluginSample {
+            plugin: "echo".into(),
+            version: "1.0.0".into(),
+            state: "ready".into(),
+            up: true,
+            sha256: "ab".into(),
+            enforcement: "cgroup v1".into(),
+            memory_bytes: Some(1024),
+            cpu_seconds: Some(0.5),
+            pids: Some(3),
+        }]);
+        for needle in [
+            "plugvisor_plugin_up{plugin=\"echo\"} 1",
+            "plugvisor_plugin_state{plugin=\"echo\",state=\"ready\"} 1",
+            "plugvisor_plugin_state{plugin=\"echo\",state=\"failed\"} 0",
+            "plugvisor_plugin_info{plugin=\"echo\",version=\"1.0.0\",sha256=\"ab\",enforcement=\"cgroup v1\"} 1",
+            "plugvisor_plugin_memory_bytes{plugin=\"echo\"} 1024",
+            "plugvisor_plugin_cpu_seconds{plugin=\"echo\"} 0.5",
+            "plugvisor_plugin_pids{plugin=\"echo\"} 3",
+            "plugvisor_restarts_total{plugin=\"echo\",reason=\"signal\"} 1",
+            "plugvisor_oom_kills_total{plugin=\"echo\"} 1",
+            "plugvisor_health_check_failures_total{plugin=\"echo\"} 1",
+            "plugvisor_start_duration_seconds_count{plugin=\"echo\"} 1",
+            "plugvisor_calls_total{plugin=\"echo\",method=\"upper\",code=\"Ok\"} 1",
+            "plugvisor_calls_total{plugin=\"echo\",method=\"upper\",code=\"NotFound\"} 1",
+            "plugvisor_call_errors_total{plugin=\"echo\",method=\"upper\"} 1",
+            "plugvisor_call_duration_seconds_count{plugin=\"echo\",method=\"upper\"} 2",
+        ] {
+            assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+        }
+    }
+}
