@@ -1,0 +1,1321 @@
+//! `plugvisor-bench`: the figures of SPEC §8, measured in one run beside a raw
+//! Unix-socket ping-pong of the same payload, and printed next to their
+//! targets.
+//!
+//! ```text
+//! cargo build --release -p plugvisor -p plugvisor-example-echo \
+//!     -p plugvisor-integration-tests --bin plugvisor-bench
+//! target/release/plugvisor-bench [--quick] [--json]
+//! ```
+//!
+//! The echo plugin (`echo-plugin`) and the daemon (`plugvisor`) are looked
+//! for next to this executable. Everything runs under one temporary
+//! directory, which is removed at the end; the daemon is always stopped.
+
+#[path = "bench/stats.rs"]
+mod stats;
+
+use plugvisor::manifest::Manifest;
+use plugvisor::{Event, PluginState, Supervisor, SupervisorOptions};
+use plugvisor_proto::CallRequest;
+use prost::bytes::Bytes;
+use stats::{Row, Stats, Table, Verdict};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::broadcast;
+use tokio_stream::StreamExt;
+
+/// The payload of every latency and throughput figure.
+const PAYLOAD: usize = 64;
+/// HandleStream: total size and chunk size.
+const STREAM_TOTAL: usize = 64 << 20;
+const STREAM_CHUNK: usize = 1 << 20;
+/// Restart settings of the benchmarked plugins: a short, fixed backoff that
+/// never gives up, so crash → ready can be read as backoff + X.
+const BACKOFF: Duration = Duration::from_millis(10);
+const RESTART_YAML: &str = "{policy: always, initial_backoff: 10ms, max_backoff: 10ms, multiplier: 1.0, jitter: 0.0, max_restarts: 100000, window: 1s}";
+/// Concurrent callers of the throughput figure.
+const CALLERS: usize = 8;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Result<T, E = BoxError> = std::result::Result<T, E>;
+
+/// How many samples of each figure.
+#[derive(Debug, Clone, Copy)]
+struct Counts {
+    latency: usize,
+    latency_warmup: usize,
+    concurrent_calls: usize,
+    stream_reps: usize,
+    restarts: usize,
+    crashes: usize,
+    memory_plugins: usize,
+}
+
+impl Counts {
+    fn full() -> Self {
+        Counts {
+            latency: 20_000,
+            latency_warmup: 2_000,
+            concurrent_calls: 200_000,
+            stream_reps: 5,
+            restarts: 30,
+            crashes: 20,
+            memory_plugins: 50,
+        }
+    }
+
+    fn quick() -> Self {
+        Counts {
+            latency: 2_000,
+            latency_warmup: 200,
+            concurrent_calls: 16_000,
+            stream_reps: 1,
+            restarts: 5,
+            crashes: 5,
+            memory_plugins: 10,
+        }
+    }
+}
+
+struct Options {
+    quick: bool,
+    json: bool,
+    /// `--plugin-env K=V`: extra environment of every benchmarked plugin.
+    plugin_env: Vec<(String, String)>,
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut opts = Options {
+        quick: false,
+        json: false,
+        plugin_env: Vec::new(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => opts.quick = true,
+            "--json" => opts.json = true,
+            "--plugin-env" => {
+                let kv = args
+                    .next()
+                    .ok_or("--plugin-env needs KEY=VALUE, e.g. TOKIO_WORKER_THREADS=1")?;
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| format!("--plugin-env `{kv}`: expected KEY=VALUE"))?;
+                opts.plugin_env.push((k.to_string(), v.to_string()));
+            }
+            "-h" | "--help" => {
+                println!(
+                    "plugvisor-bench: measures the SPEC §8 performance figures in one run.\n\n\
+                     usage: plugvisor-bench [--quick] [--json] [--plugin-env KEY=VALUE]...\n\n  \
+                     --quick       small sample counts (a smoke run, not a measurement)\n  \
+                     --json        also print the figures as one JSON object\n  \
+                     --plugin-env  set a variable in every benchmarked plugin's environment\n                \
+                     (e.g. TOKIO_WORKER_THREADS=1); repeatable\n\n\
+                     TOKIO_WORKER_THREADS in the bench's own environment sets the worker count of\n\
+                     the embedded supervisor's runtime (default: one per CPU)."
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument `{other}`; try --help")),
+        }
+    }
+    Ok(opts)
+}
+
+/// The executables the bench drives, found next to its own, and the extra
+/// environment of the plugins.
+struct Setup {
+    echo: PathBuf,
+    daemon: PathBuf,
+    plugin_env: Vec<(String, String)>,
+}
+
+fn locate_binaries() -> Result<Setup, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
+    let dir = exe
+        .parent()
+        .ok_or_else(|| format!("{} has no parent directory", exe.display()))?;
+    let release = if dir.file_name().is_some_and(|n| n == "release") {
+        " --release"
+    } else {
+        ""
+    };
+    let find = |name: &str, package: &str| {
+        let path = dir.join(name);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!(
+                "missing binary `{name}`: expected it at {}\nbuild it with: cargo build{release} -p {package}",
+                path.display()
+            ))
+        }
+    };
+    Ok(Setup {
+        echo: find("echo-plugin", "plugvisor-example-echo")?,
+        daemon: find("plugvisor", "plugvisor")?,
+        plugin_env: Vec::new(),
+    })
+}
+
+fn main() -> ExitCode {
+    let mut opts = match parse_args() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("plugvisor-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut bins = match locate_binaries() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("plugvisor-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    bins.plugin_env = std::mem::take(&mut opts.plugin_env);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("plugvisor-bench: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(opts, bins)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("plugvisor-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs every section; a failed section becomes an ERROR row, the others
+/// still run. Returns whether every section ran.
+async fn run(opts: Options, bins: Setup) -> Result<bool> {
+    let counts = if opts.quick {
+        Counts::quick()
+    } else {
+        Counts::full()
+    };
+    let (tmp, fs) = temp_root()?;
+    let root = tmp.path().to_path_buf();
+    let mut table = Table::default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load_before = load_average();
+    eprintln!(
+        "plugvisor-bench: {} run, {cpus} CPUs, temp dir {} ({fs})",
+        if opts.quick { "QUICK (smoke)" } else { "full" },
+        root.display()
+    );
+
+    // 1. The floor.
+    eprintln!("[1/8] raw Unix-socket ping-pong ...");
+    let floor = match raw_floor(&root, counts).await {
+        Ok((floor, blocking)) => {
+            table.push(Row::new(
+                "1  raw UDS ping-pong 64 B (tokio client <-> echo thread)",
+                floor.p50_p99(),
+                "the floor",
+                Verdict::Info,
+            ));
+            table.push(Row::new(
+                "   raw UDS ping-pong 64 B (blocking std, both ends)",
+                blocking.p50_p99(),
+                "kernel floor, info",
+                Verdict::Info,
+            ));
+            table.json("raw_p50_us", floor.p50_us());
+            table.json("raw_p99_us", floor.p99_us());
+            table.json("raw_blocking_p50_us", blocking.p50_us());
+            table.json("raw_blocking_p99_us", blocking.p99_us());
+            Some(floor)
+        }
+        Err(e) => {
+            table.error("1  raw UDS ping-pong 64 B", &e);
+            None
+        }
+    };
+
+    // 8. Memory first, on its own supervisor, before any other figure has
+    // grown the heap (a 64 MiB stream leaves the allocator bigger).
+    eprintln!(
+        "[8/8] supervisor memory with {} plugins ...",
+        counts.memory_plugins
+    );
+    match memory(&root, &bins, counts).await {
+        Ok(m) => m.report(&mut table),
+        Err(e) => table.error("8  supervisor memory", &e),
+    }
+
+    // The embedded supervisor of figures 2, 4-7.
+    let sup = Supervisor::new(SupervisorOptions::new(root.join("e")))?;
+    let result = embedded_and_daemon(&root, &bins, counts, &sup, floor, &mut table).await;
+    sup.shutdown().await;
+    if let Err(e) = result {
+        table.error("embedded supervisor", &e);
+    }
+
+    table.sort();
+    println!();
+    println!(
+        "plugvisor-bench — SPEC §8 figures ({} run, {cpus} CPUs, payload {PAYLOAD} B; latency n={} after {} warm-up calls)",
+        if opts.quick {
+            "QUICK smoke, not a measurement"
+        } else {
+            "full"
+        },
+        counts.latency,
+        counts.latency_warmup
+    );
+    if !bins.plugin_env.is_empty() {
+        let env: Vec<String> = bins
+            .plugin_env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("plugin environment: {}", env.join(" "));
+    }
+    println!(
+        "runtime dir (plugin sockets): {} ({fs}); load average (1 min) before / after: {load_before} / {}",
+        root.display(),
+        load_average()
+    );
+    table.print();
+    if opts.json {
+        println!("{}", table.json_text());
+    }
+    Ok(!table.has_errors())
+}
+
+async fn embedded_and_daemon(
+    root: &Path,
+    bins: &Setup,
+    counts: Counts,
+    sup: &Supervisor,
+    floor: Option<Stats>,
+    table: &mut Table,
+) -> Result<()> {
+    let manifest = write_manifest(&root.join("ep"), "echo", bins)?;
+    let mut events = sup.events();
+    sup.add(manifest, &Default::default())?;
+    sup.wait_ready("echo", Duration::from_secs(30)).await?;
+
+    // 2. Handle, one caller, embedded.
+    eprintln!("[2/8] Handle 64 B, one caller, embedded ...");
+    let embedded = match embedded_latency(sup, counts).await {
+        Ok(s) => {
+            let ratio = floor.map(|f| s.p50.as_secs_f64() / f.p50.as_secs_f64());
+            let ratio_text = ratio.map_or("n/a".to_string(), |r| format!("{r:.1}x raw"));
+            table.push(Row::new(
+                "2  Handle 64 B, 1 caller, embedded: p50 / p99",
+                s.p50_p99(),
+                "p99 <= 150 us",
+                Verdict::at_most(s.p99.as_secs_f64() * 1e6, 150.0),
+            ));
+            table.push(Row::new(
+                "   embedded p50 / raw p50",
+                ratio_text,
+                "<= 4x",
+                ratio.map_or(Verdict::Info, |r| Verdict::at_most(r, 4.0)),
+            ));
+            table.json("embedded_p50_us", s.p50_us());
+            table.json("embedded_p99_us", s.p99_us());
+            table.json("embedded_mean_us", s.mean.as_secs_f64() * 1e6);
+            if let Some(r) = ratio {
+                table.json("embedded_over_raw_p50", r);
+            }
+            Some(s)
+        }
+        Err(e) => {
+            table.error("2  Handle 64 B, 1 caller, embedded", &e);
+            None
+        }
+    };
+
+    // 3. The same through the daemon.
+    eprintln!("[3/8] Handle 64 B, one caller, through the daemon ...");
+    match daemon_latency(root, bins, counts).await {
+        Ok(s) => {
+            let ratio = embedded.map(|e| s.p50.as_secs_f64() / e.p50.as_secs_f64());
+            table.push(Row::new(
+                "3  Handle 64 B, 1 caller, daemon `call`: p50 / p99",
+                s.p50_p99(),
+                "-",
+                Verdict::Info,
+            ));
+            table.push(Row::new(
+                "   daemon p50 / embedded p50",
+                ratio.map_or("n/a".to_string(), |r| format!("{r:.1}x embedded")),
+                "<= 2x",
+                ratio.map_or(Verdict::Info, |r| Verdict::at_most(r, 2.0)),
+            ));
+            table.json("daemon_p50_us", s.p50_us());
+            table.json("daemon_p99_us", s.p99_us());
+            if let Some(r) = ratio {
+                table.json("daemon_over_embedded_p50", r);
+            }
+        }
+        Err(e) => table.error("3  Handle 64 B through the daemon", &e),
+    }
+
+    // 4. Concurrent callers.
+    eprintln!("[4/8] {CALLERS} concurrent callers, embedded ...");
+    match concurrent(sup, counts).await {
+        Ok(rate) => {
+            table.push(Row::new(
+                format!("4  {CALLERS} concurrent callers, 64 B, embedded"),
+                format!(
+                    "{} calls/s ({} calls)",
+                    thousands(rate),
+                    thousands(counts.concurrent_calls as f64)
+                ),
+                ">= 60,000 calls/s",
+                Verdict::at_least(rate, 60_000.0),
+            ));
+            table.json("concurrent_calls_per_s", rate);
+        }
+        Err(e) => table.error("4  concurrent callers", &e),
+    }
+
+    // 5. HandleStream throughput.
+    eprintln!("[5/8] HandleStream 64 MiB ...");
+    match stream(sup, counts).await {
+        Ok((median, best)) => {
+            table.push(Row::new(
+                "5  HandleStream 64 MiB (1 MiB chunks) round trip, embedded",
+                format!(
+                    "{median:.2} GB/s median, {best:.2} best of {}",
+                    counts.stream_reps
+                ),
+                ">= 1 GB/s",
+                Verdict::at_least(median, 1.0),
+            ));
+            table.json("stream_gb_per_s", median);
+            table.json("stream_gb_per_s_best", best);
+        }
+        Err(e) => table.error("5  HandleStream 64 MiB", &e),
+    }
+
+    // 6. spawn -> ready.
+    eprintln!("[6/8] spawn -> ready over {} restarts ...", counts.restarts);
+    match spawn_ready(sup, bins, &mut events, counts).await {
+        Ok(s) => {
+            table.push(Row::new(
+                "6  spawn -> ready (Rust SDK echo): p50 / p99",
+                s.total.p50_p99_ms(),
+                "p50 <= 3 ms",
+                Verdict::at_most(s.total.p50.as_secs_f64() * 1e3, 3.0),
+            ));
+            table.push(Row::new(
+                "   of which spawn -> handshake / Initialize (p50)",
+                format!(
+                    "{} / {}",
+                    stats::fmt_ms(s.handshake.p50),
+                    stats::fmt_ms(s.initialize.p50)
+                ),
+                "info",
+                Verdict::Info,
+            ));
+            table.push(Row::new(
+                "   exec floor: echo-plugin run bare (exits at once), fork->reaped",
+                s.exec_floor.p50_p99_ms(),
+                "info",
+                Verdict::Info,
+            ));
+            table.json("exec_floor_p50_ms", s.exec_floor.p50.as_secs_f64() * 1e3);
+            table.json("spawn_ready_p50_ms", s.total.p50.as_secs_f64() * 1e3);
+            table.json("spawn_ready_p99_ms", s.total.p99.as_secs_f64() * 1e3);
+            table.json(
+                "spawn_handshake_p50_ms",
+                s.handshake.p50.as_secs_f64() * 1e3,
+            );
+            table.json(
+                "spawn_initialize_p50_ms",
+                s.initialize.p50.as_secs_f64() * 1e3,
+            );
+        }
+        Err(e) => table.error("6  spawn -> ready", &e),
+    }
+
+    // 7. crash -> event, crash -> ready.
+    eprintln!(
+        "[7/8] crash -> event / ready over {} crashes ...",
+        counts.crashes
+    );
+    match crashes(sup, &mut events, counts).await {
+        Ok(c) => {
+            table.push(Row::new(
+                "7  crash (SIGKILL) -> backoff event received: p50 / p99",
+                c.event.p50_p99(),
+                "p50 <= 1 ms",
+                Verdict::at_most(c.event.p50.as_secs_f64() * 1e3, 1.0),
+            ));
+            table.push(Row::new(
+                "   of which SIGKILL -> process gone (own pidfd readable)",
+                c.exit.p50_p99(),
+                "info (kernel)",
+                Verdict::Info,
+            ));
+            table.push(Row::new(
+                "   then process gone -> event stamped (supervisor)",
+                c.stamped.p50_p99(),
+                "info",
+                Verdict::Info,
+            ));
+            table.push(Row::new(
+                "   then event stamped -> received (broadcast wake-up)",
+                c.delivered.p50_p99(),
+                "info",
+                Verdict::Info,
+            ));
+            table.json(
+                "crash_backoff_sleep_p50_ms",
+                c.slept.p50.as_secs_f64() * 1e3,
+            );
+            table.json("crash_exit_p50_us", c.exit.p50_us());
+            table.json("crash_supervisor_p50_us", c.stamped.p50_us());
+            table.json("crash_delivery_p50_us", c.delivered.p50_us());
+            let extra = c.ready_minus_backoff;
+            table.push(Row::new(
+                "   crash -> ready again: p50 / p99",
+                format!(
+                    "backoff {} + {} / + {}",
+                    stats::fmt_ms(BACKOFF),
+                    stats::fmt_ms(extra.p50),
+                    stats::fmt_ms(extra.p99)
+                ),
+                "<= backoff + 5 ms",
+                Verdict::at_most(extra.p50.as_secs_f64() * 1e3, 5.0),
+            ));
+            table.push(Row::new(
+                format!(
+                    "   of which backoff event -> starting (backoff {})",
+                    stats::fmt_ms(BACKOFF)
+                ),
+                c.slept.p50_p99_ms(),
+                "info",
+                Verdict::Info,
+            ));
+            table.push(Row::new(
+                "   of which starting -> ready",
+                c.restarted.p50_p99_ms(),
+                "info",
+                Verdict::Info,
+            ));
+            table.json("crash_event_p50_us", c.event.p50_us());
+            table.json("crash_event_p99_us", c.event.p99_us());
+            table.json(
+                "crash_ready_minus_backoff_p50_ms",
+                extra.p50.as_secs_f64() * 1e3,
+            );
+            table.json(
+                "crash_ready_minus_backoff_p99_ms",
+                extra.p99.as_secs_f64() * 1e3,
+            );
+            table.json("crash_backoff_ms", BACKOFF.as_secs_f64() * 1e3);
+        }
+        Err(e) => table.error("7  crash -> event / ready", &e),
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 1. The floor.
+
+/// Round trips of a 64 B payload over a Unix socket to an echo thread: the
+/// client is a tokio task on this runtime (as a supervisor's calls are), the
+/// server a thread with its own current-thread tokio runtime (as a plugin's
+/// is). Also returns a both-ends-blocking variant: the kernel's own floor.
+async fn raw_floor(root: &Path, counts: Counts) -> Result<(Stats, Stats)> {
+    // Tokio client <-> echo thread running its own tokio runtime.
+    let path = root.join("raw.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path)?;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        rt.block_on(async move {
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::UnixListener::from_std(listener)?;
+            let (mut stream, _) = listener.accept().await?;
+            let mut buf = [0u8; PAYLOAD];
+            loop {
+                match stream.read_exact(&mut buf).await {
+                    Ok(_) => stream.write_all(&buf).await?,
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+    });
+    let n = counts.latency;
+    let warm = counts.latency_warmup;
+    let client = tokio::spawn(async move {
+        let mut stream = tokio::net::UnixStream::connect(&path).await?;
+        let out = [7u8; PAYLOAD];
+        let mut back = [0u8; PAYLOAD];
+        let mut samples = Vec::with_capacity(n);
+        for i in 0..warm + n {
+            let t = Instant::now();
+            stream.write_all(&out).await?;
+            stream.read_exact(&mut back).await?;
+            if i >= warm {
+                samples.push(t.elapsed());
+            }
+        }
+        Ok::<_, std::io::Error>(samples)
+    });
+    let samples = client.await??;
+    server
+        .join()
+        .map_err(|_| "the raw echo thread panicked")??;
+    let floor = Stats::of(samples)?;
+
+    // Both ends blocking std threads.
+    let path = root.join("rawb.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path)?;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut stream, _) = listener.accept()?;
+        let mut buf = [0u8; PAYLOAD];
+        loop {
+            match stream.read_exact(&mut buf) {
+                Ok(()) => stream.write_all(&buf)?,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    let samples = tokio::task::spawn_blocking(move || {
+        let mut stream = std::os::unix::net::UnixStream::connect(&path)?;
+        let out = [7u8; PAYLOAD];
+        let mut back = [0u8; PAYLOAD];
+        let mut samples = Vec::with_capacity(n);
+        for i in 0..warm + n {
+            let t = Instant::now();
+            stream.write_all(&out)?;
+            stream.read_exact(&mut back)?;
+            if i >= warm {
+                samples.push(t.elapsed());
+            }
+        }
+        Ok::<_, std::io::Error>(samples)
+    })
+    .await??;
+    server
+        .join()
+        .map_err(|_| "the raw echo thread panicked")??;
+    Ok((floor, Stats::of(samples)?))
+}
+
+// ---------------------------------------------------------------------------
+// Plugins.
+
+/// Writes `<dir>/<name>/plugin.yaml` for the echo plugin and loads it.
+fn write_manifest(dir: &Path, name: &str, setup: &Setup) -> Result<Manifest> {
+    let plugin_dir = dir.join(name);
+    std::fs::create_dir_all(&plugin_dir)?;
+    let path = plugin_dir.join("plugin.yaml");
+    let mut text = format!(
+        "name: {name}\nversion: 0.1.0\nexec: {}\nrestart: {RESTART_YAML}\n",
+        serde_json::to_string(&setup.echo.display().to_string())?
+    );
+    if !setup.plugin_env.is_empty() {
+        // JSON strings are YAML flow scalars.
+        let env: serde_json::Map<String, serde_json::Value> = setup
+            .plugin_env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect();
+        text.push_str(&format!("env: {}\n", serde_json::Value::Object(env)));
+    }
+    std::fs::write(&path, text)?;
+    Ok(Manifest::load(&path)?)
+}
+
+fn payload() -> Bytes {
+    Bytes::from(vec![b'x'; PAYLOAD])
+}
+
+async fn call_once(sup: &Supervisor, payload: &Bytes) -> Result<()> {
+    let reply = sup
+        .call("echo", "echo", payload.clone(), HashMap::new(), None)
+        .await?;
+    if reply.payload.len() != PAYLOAD {
+        return Err(format!(
+            "echo answered {} bytes instead of {PAYLOAD}",
+            reply.payload.len()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 2. Embedded latency.
+
+async fn embedded_latency(sup: &Supervisor, counts: Counts) -> Result<Stats> {
+    let sup = sup.clone();
+    // On a runtime worker, as a host application's calls would be.
+    let samples = tokio::spawn(async move {
+        let payload = payload();
+        let mut samples = Vec::with_capacity(counts.latency);
+        for i in 0..counts.latency_warmup + counts.latency {
+            let t = Instant::now();
+            call_once(&sup, &payload).await?;
+            if i >= counts.latency_warmup {
+                samples.push(t.elapsed());
+            }
+        }
+        Ok::<_, BoxError>(samples)
+    })
+    .await??;
+    Stats::of(samples)
+}
+
+// ---------------------------------------------------------------------------
+// 3. Through the daemon.
+
+/// The daemon as a child process; stopped with SIGTERM (then SIGKILL after
+/// 15 s) when dropped, so every exit path stops it.
+struct Daemon {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(bins: &Setup, dir: &Path) -> Result<Daemon> {
+        let plugins = dir.join("plugins");
+        write_manifest(&plugins, "echo", bins)?;
+        let log = dir.join("daemon.log");
+        let stderr = std::fs::File::create(&log)?;
+        let child = std::process::Command::new(&bins.daemon)
+            .arg("--control")
+            .arg(dir.join("c.sock"))
+            .arg("run")
+            .arg("--plugins-dir")
+            .arg(&plugins)
+            .arg("--runtime-dir")
+            .arg(dir.join("rt"))
+            .env("PLUGVISOR_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bins.daemon.display()))?;
+        Ok(Daemon { child, log })
+    }
+
+    /// The last lines the daemon logged, for error messages.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n    ")
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            return Err(format!(
+                "the daemon exited early ({status}); its log:\n    {}",
+                self.log_tail()
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        eprintln!("plugvisor-bench: the daemon did not stop within 15 s of SIGTERM; killing it");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn daemon_latency(root: &Path, bins: &Setup, counts: Counts) -> Result<Stats> {
+    let dir = root.join("d");
+    std::fs::create_dir_all(&dir)?;
+    let mut daemon = Daemon::start(bins, &dir)?;
+    let socket = dir.join("c.sock");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut client = loop {
+        daemon.check_alive()?;
+        if socket.exists()
+            && let Ok(c) = plugvisor::control::connect(&socket).await
+        {
+            break c;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the daemon's control socket {} did not answer within 15 s; its log:\n    {}",
+                socket.display(),
+                daemon.log_tail()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let request = |timeout_ms| CallRequest {
+        plugin: "echo".into(),
+        method: "echo".into(),
+        payload: payload(),
+        metadata: HashMap::new(),
+        timeout_ms,
+    };
+    // The first call waits for the plugin to become ready.
+    client
+        .call(request(30_000))
+        .await
+        .map_err(|s| format!("{s}; daemon log:\n    {}", daemon.log_tail()))?;
+    let samples = tokio::spawn(async move {
+        let mut samples = Vec::with_capacity(counts.latency);
+        for i in 0..counts.latency_warmup + counts.latency {
+            let t = Instant::now();
+            let reply = client.call(request(0)).await?.into_inner();
+            if i >= counts.latency_warmup {
+                samples.push(t.elapsed());
+            }
+            if reply.payload.len() != PAYLOAD {
+                return Err(format!(
+                    "the daemon answered {} bytes instead of {PAYLOAD}",
+                    reply.payload.len()
+                )
+                .into());
+            }
+        }
+        Ok::<_, BoxError>(samples)
+    })
+    .await??;
+    // Stopped by Drop: SIGTERM, then wait.
+    drop(daemon);
+    Stats::of(samples)
+}
+
+// ---------------------------------------------------------------------------
+// 4. Concurrent callers.
+
+async fn concurrent(sup: &Supervisor, counts: Counts) -> Result<f64> {
+    async fn burst(sup: &Supervisor, total: usize) -> Result<Duration> {
+        let per = total / CALLERS;
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..CALLERS)
+            .map(|_| {
+                let sup = sup.clone();
+                tokio::spawn(async move {
+                    let payload = payload();
+                    for _ in 0..per {
+                        call_once(&sup, &payload).await?;
+                    }
+                    Ok::<_, BoxError>(())
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        Ok(start.elapsed())
+    }
+    burst(sup, counts.concurrent_calls / 10).await?;
+    let total = counts.concurrent_calls / CALLERS * CALLERS;
+    let elapsed = burst(sup, total).await?;
+    Ok(total as f64 / elapsed.as_secs_f64())
+}
+
+// ---------------------------------------------------------------------------
+// 5. HandleStream.
+
+/// Streams `total` bytes through `echo` and checks every byte came back;
+/// returns the time until the last byte was back (checking excluded).
+async fn stream_once(sup: &Supervisor, total: usize) -> Result<Duration> {
+    let chunks: Vec<Bytes> = (0..total / STREAM_CHUNK)
+        .map(|i| Bytes::from(vec![(i % 251) as u8; STREAM_CHUNK]))
+        .collect();
+    let input = tokio_stream::iter(chunks.clone());
+    let start = Instant::now();
+    let output = sup
+        .call_stream("echo", "echo", HashMap::new(), input, None)
+        .await?;
+    tokio::pin!(output);
+    let mut received = Vec::with_capacity(chunks.len());
+    let mut bytes = 0usize;
+    while let Some(chunk) = output.next().await {
+        let chunk = chunk?;
+        bytes += chunk.len();
+        received.push(chunk);
+    }
+    let elapsed = start.elapsed();
+    if bytes != total {
+        return Err(format!("HandleStream echoed {bytes} bytes of {total}").into());
+    }
+    // Same bytes in the same order, whatever the re-chunking.
+    let sent = chunks.iter().flat_map(|c| c.iter());
+    let back = received.iter().flat_map(|c| c.iter());
+    if !sent.eq(back) {
+        return Err("HandleStream echoed different bytes than were sent".into());
+    }
+    Ok(elapsed)
+}
+
+/// Median and best GB/s (10^9 bytes of payload per second, each byte sent
+/// and received back).
+async fn stream(sup: &Supervisor, counts: Counts) -> Result<(f64, f64)> {
+    stream_once(sup, 8 * STREAM_CHUNK).await?;
+    let mut rates = Vec::new();
+    for _ in 0..counts.stream_reps {
+        let elapsed = stream_once(sup, STREAM_TOTAL).await?;
+        rates.push(STREAM_TOTAL as f64 / elapsed.as_secs_f64() / 1e9);
+    }
+    rates.sort_by(f64::total_cmp);
+    Ok((rates[rates.len() / 2], rates[rates.len() - 1]))
+}
+
+// ---------------------------------------------------------------------------
+// Events.
+
+/// Drops every event already queued.
+fn drain(events: &mut broadcast::Receiver<Event>) {
+    while !matches!(
+        events.try_recv(),
+        Err(broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed)
+    ) {}
+}
+
+/// The next event of `plugin` that `want` accepts, and when it was received.
+async fn next_event(
+    events: &mut broadcast::Receiver<Event>,
+    plugin: &str,
+    want: impl Fn(&Event) -> bool,
+    timeout: Duration,
+) -> Result<(Event, Instant)> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) => {
+                return Err(format!(
+                    "no awaited event of `{plugin}` within {}s",
+                    timeout.as_secs()
+                )
+                .into());
+            }
+            Ok(Ok(e)) => {
+                let at = Instant::now();
+                if e.plugin == plugin && want(&e) {
+                    return Ok((e, at));
+                }
+                if e.plugin == plugin && e.state == PluginState::Failed {
+                    return Err(format!("`{plugin}` failed: {}", e.reason).into());
+                }
+            }
+            Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+            Ok(Err(broadcast::error::RecvError::Closed)) => {
+                return Err("the supervisor's event channel closed".into());
+            }
+        }
+    }
+}
+
+fn since(later: SystemTime, earlier: SystemTime) -> Duration {
+    later.duration_since(earlier).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------
+// 6. spawn -> ready.
+
+struct SpawnFigures {
+    total: Stats,
+    handshake: Stats,
+    initialize: Stats,
+    /// Running the plugin executable without the handshake environment: it
+    /// prints "this is a plugvisor plugin" and exits 1. The cost of fork,
+    /// exec, loading and process exit, with no runtime or socket.
+    exec_floor: Stats,
+}
+
+async fn spawn_ready(
+    sup: &Supervisor,
+    setup: &Setup,
+    events: &mut broadcast::Receiver<Event>,
+    counts: Counts,
+) -> Result<SpawnFigures> {
+    let wait = Duration::from_secs(10);
+    let (mut total, mut handshake, mut initialize) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..counts.restarts + 1 {
+        sup.wait_ready("echo", wait).await?;
+        // Let the last start's and stop's stragglers (exiting child, output
+        // readers) finish before the next one is timed.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drain(events);
+        sup.restart("echo").await?;
+        let is = |s: PluginState| move |e: &Event| e.state == s;
+        let (starting, _) = next_event(events, "echo", is(PluginState::Starting), wait).await?;
+        let (init, _) = next_event(events, "echo", is(PluginState::Initializing), wait).await?;
+        let (ready, _) = next_event(events, "echo", is(PluginState::Ready), wait).await?;
+        // The first restart warms up (page cache, allocator); not counted.
+        if i > 0 {
+            total.push(since(ready.time, starting.time));
+            handshake.push(since(init.time, starting.time));
+            initialize.push(since(ready.time, init.time));
+        }
+    }
+    let echo = setup.echo.clone();
+    let n = counts.restarts;
+    let exec_floor = tokio::task::spawn_blocking(move || {
+        let mut samples = Vec::with_capacity(n);
+        for i in 0..n + 1 {
+            let t = Instant::now();
+            std::process::Command::new(&echo)
+                .env_clear()
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()?;
+            if i > 0 {
+                samples.push(t.elapsed());
+            }
+        }
+        Ok::<_, std::io::Error>(samples)
+    })
+    .await??;
+    Ok(SpawnFigures {
+        total: Stats::of(total)?,
+        handshake: Stats::of(handshake)?,
+        initialize: Stats::of(initialize)?,
+        exec_floor: Stats::of(exec_floor)?,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// 7. crash -> event, crash -> ready.
+
+struct CrashFigures {
+    event: Stats,
+    /// SIGKILL until the process is gone (its pidfd readable), as seen by a
+    /// thread of ours polling its own pidfd: the kernel's share.
+    exit: Stats,
+    /// Process gone until the supervisor stamped the backoff event.
+    stamped: Stats,
+    /// Event stamped until this task received it (broadcast wake-up).
+    delivered: Stats,
+    /// Backoff event until the restart's starting event (the backoff sleep).
+    slept: Stats,
+    /// Starting until ready, for these restarts.
+    restarted: Stats,
+    ready_minus_backoff: Stats,
+}
+
+async fn crashes(
+    sup: &Supervisor,
+    events: &mut broadcast::Receiver<Event>,
+    counts: Counts,
+) -> Result<CrashFigures> {
+    let wait = Duration::from_secs(10);
+    let (mut to_event, mut to_exit, mut to_ready) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut stamped, mut delivered) = (Vec::new(), Vec::new());
+    let (mut slept, mut restarted) = (Vec::new(), Vec::new());
+    for _ in 0..counts.crashes {
+        sup.wait_ready("echo", wait).await?;
+        let pid = sup
+            .info("echo")?
+            .pid
+            .ok_or("the ready echo plugin has no pid")?;
+        let pidfd = pidfd::open(pid)?;
+        let gone = tokio::task::spawn_blocking(move || pidfd::wait(&pidfd, 10_000));
+        // Settle: the start's stragglers finish, the watcher reaches poll().
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drain(events);
+        let t0_wall = SystemTime::now();
+        let t0 = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        let (first, at) = next_event(events, "echo", |_| true, wait).await?;
+        if first.state != PluginState::Backoff {
+            return Err(format!(
+                "after SIGKILL the first event was `{}` ({}), not `backoff`",
+                first.state, first.reason
+            )
+            .into());
+        }
+        to_event.push(at - t0);
+        let gone = gone
+            .await??
+            .ok_or("the killed child did not exit within 10 s")?;
+        let gone = gone.saturating_duration_since(t0);
+        to_exit.push(gone);
+        let stamp = since(first.time, t0_wall);
+        stamped.push(stamp.saturating_sub(gone));
+        delivered.push((at - t0).saturating_sub(stamp));
+        let (starting, _) =
+            next_event(events, "echo", |e| e.state == PluginState::Starting, wait).await?;
+        let (ready, ready_at) =
+            next_event(events, "echo", |e| e.state == PluginState::Ready, wait).await?;
+        slept.push(since(starting.time, first.time));
+        restarted.push(since(ready.time, starting.time));
+        to_ready.push((ready_at - t0).saturating_sub(backoff_of(&first.reason)));
+    }
+    Ok(CrashFigures {
+        event: Stats::of(to_event)?,
+        exit: Stats::of(to_exit)?,
+        stamped: Stats::of(stamped)?,
+        delivered: Stats::of(delivered)?,
+        slept: Stats::of(slept)?,
+        restarted: Stats::of(restarted)?,
+        ready_minus_backoff: Stats::of(to_ready)?,
+    })
+}
+
+/// A pidfd of our own, to see when a process is gone.
+mod pidfd {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::time::Instant;
+
+    pub fn open(pid: i32) -> std::io::Result<OwnedFd> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new
+        // descriptor or -1; it touches no memory of ours.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just returned this descriptor; nobody else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// Blocks until the process exits (the pidfd turns readable); when, or
+    /// None after `timeout_ms`.
+    pub fn wait(fd: &OwnedFd, timeout_ms: i32) -> std::io::Result<Option<Instant>> {
+        let mut poll = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one valid pollfd that outlives the call.
+            let rc = unsafe { libc::poll(&mut poll, 1, timeout_ms) };
+            let at = Instant::now();
+            match rc {
+                1 => return Ok(Some(at)),
+                0 => return Ok(None),
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The delay a backoff event announces (`... restart #N in 10ms`), else the
+/// configured one.
+fn backoff_of(reason: &str) -> Duration {
+    reason
+        .rsplit_once(" in ")
+        .and_then(|(_, tail)| tail.strip_suffix("ms"))
+        .and_then(|ms| ms.trim().parse::<u64>().ok())
+        .map_or(BACKOFF, Duration::from_millis)
+}
+
+// ---------------------------------------------------------------------------
+// 8. Memory.
+
+struct MemoryFigures {
+    plugins: usize,
+    base_kib: u64,
+    after_kib: u64,
+    base_anon_kib: u64,
+    after_anon_kib: u64,
+    child_kib: Option<u64>,
+}
+
+impl MemoryFigures {
+    fn per_plugin_mib(&self) -> f64 {
+        self.after_kib.saturating_sub(self.base_kib) as f64 / 1024.0 / self.plugins as f64
+    }
+
+    fn report(&self, table: &mut Table) {
+        let base = self.base_kib as f64 / 1024.0;
+        let per = self.per_plugin_mib();
+        table.push(Row::new(
+            "8  supervisor memory (bench process VmRSS): base",
+            format!("{base:.1} MiB"),
+            "<= 20 MiB",
+            Verdict::at_most(base, 20.0),
+        ));
+        table.push(Row::new(
+            format!("   per plugin ({} echo plugins ready)", self.plugins),
+            format!(
+                "{per:.3} MiB/plugin ({:.1} MiB total)",
+                self.after_kib as f64 / 1024.0
+            ),
+            "<= 0.5 MiB/plugin",
+            Verdict::at_most(per, 0.5),
+        ));
+        table.push(Row::new(
+            "   RssAnon base / per plugin",
+            format!(
+                "{:.1} MiB / {:.3} MiB",
+                self.base_anon_kib as f64 / 1024.0,
+                self.after_anon_kib.saturating_sub(self.base_anon_kib) as f64
+                    / 1024.0
+                    / self.plugins as f64
+            ),
+            "info",
+            Verdict::Info,
+        ));
+        if let Some(kib) = self.child_kib {
+            table.push(Row::new(
+                "   one echo-plugin child's VmRSS",
+                format!("{:.1} MiB", kib as f64 / 1024.0),
+                "info (not supervisor)",
+                Verdict::Info,
+            ));
+            table.json("echo_child_rss_mib", kib as f64 / 1024.0);
+        }
+        table.json("memory_base_mib", base);
+        table.json("memory_per_plugin_mib", per);
+        table.json("memory_plugins", self.plugins as f64);
+    }
+}
+
+/// A `/proc/<pid>/status` field in KiB (`self` for this process).
+fn proc_status_kib(pid: &str, field: &str) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| format!("no {field} in /proc/{pid}/status").into())
+}
+
+async fn memory(root: &Path, bins: &Setup, counts: Counts) -> Result<MemoryFigures> {
+    let sup = Supervisor::new(SupervisorOptions::new(root.join("m")))?;
+    let result = memory_with(&sup, root, bins, counts).await;
+    sup.shutdown().await;
+    result
+}
+
+async fn memory_with(
+    sup: &Supervisor,
+    root: &Path,
+    bins: &Setup,
+    counts: Counts,
+) -> Result<MemoryFigures> {
+    let names: Vec<String> = (0..counts.memory_plugins)
+        .map(|i| format!("m{i:03}"))
+        .collect();
+    let manifests = names
+        .iter()
+        .map(|n| write_manifest(&root.join("mp"), n, bins))
+        .collect::<Result<Vec<_>>>()?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let base_kib = proc_status_kib("self", "VmRSS")?;
+    let base_anon_kib = proc_status_kib("self", "RssAnon")?;
+    for m in manifests {
+        sup.add(m, &Default::default())?;
+    }
+    for n in &names {
+        sup.wait_ready(n, Duration::from_secs(60)).await?;
+    }
+    // Let the starts' transient buffers go.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_kib = proc_status_kib("self", "VmRSS")?;
+    let after_anon_kib = proc_status_kib("self", "RssAnon")?;
+    let child_kib = sup
+        .info(&names[0])?
+        .pid
+        .and_then(|pid| proc_status_kib(&pid.to_string(), "VmRSS").ok());
+    Ok(MemoryFigures {
+        plugins: names.len(),
+        base_kib,
+        after_kib,
+        base_anon_kib,
+        after_anon_kib,
+        child_kib,
+    })
+}
+
+// ---------------------------------------------------------------------------
+
+/// The bench's temporary directory, on a tmpfs when there is one: the
+/// supervisor's runtime dir (plugin sockets) is `/run/plugvisor` or
+/// `$XDG_RUNTIME_DIR/plugvisor` in production, a tmpfs on a normal host, and
+/// on a disk file system every start and exit pays for the socket
+/// directory's journaled mkdir/rmdir. Paths stay short: a Unix socket path
+/// must fit in 107 bytes.
+fn temp_root() -> Result<(tempfile::TempDir, String)> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    // The file system type of the mount holding `dir` (longest prefix).
+    let fs_of = |dir: &Path| {
+        mounts
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let (_, point, fs) = (f.next()?, f.next()?, f.next()?);
+                dir.starts_with(point)
+                    .then(|| (point.len(), fs.to_string()))
+            })
+            .max_by_key(|(len, _)| *len)
+            .map(|(_, fs)| fs)
+            .unwrap_or_else(|| "unknown fs".into())
+    };
+    let candidates = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(["/run", "/dev/shm"].map(PathBuf::from));
+    for dir in candidates {
+        if dir.is_dir()
+            && fs_of(&dir) == "tmpfs"
+            && let Ok(tmp) = tempfile::Builder::new().prefix("pvb").tempdir_in(&dir)
+        {
+            return Ok((tmp, "tmpfs".into()));
+        }
+    }
+    let tmp = tempfile::Builder::new().prefix("pvb").tempdir_in("/tmp")?;
+    let fs = format!("{}, no tmpfs found", fs_of(Path::new("/tmp")));
+    Ok((tmp, fs))
+}
+
+/// The 1-minute load average, as text.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// 123456.7 -> "123,457".
+fn thousands(x: f64) -> String {
+    let digits = format!("{:.0}", x.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
