@@ -671,7 +671,7 @@ impl Checker {
         let message = tonic_health::pb::HealthCheckRequest {
             service: String::new(),
         };
-        let mut client = HealthClient::new(channel);
+        let mut client = HealthClient::with_origin(channel, crate::transport::origin());
         let call = client.check(request(message, HEALTH_TIMEOUT));
         match deadline(HEALTH_TIMEOUT, call).await {
             Ok(response) => match ServingStatus::try_from(response.status) {

@@ -483,16 +483,18 @@ pub async fn serve(
 /// A client of a daemon's control socket.
 pub async fn connect(
     path: &Path,
-) -> anyhow::Result<pb::control_client::ControlClient<tonic::transport::Channel>> {
+) -> anyhow::Result<pb::control_client::ControlClient<crate::transport::Connection>> {
     let channel = crate::transport::connect_unix(path).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot reach the plugvisor daemon at {}: {e}\nStart one with `plugvisor run --plugins-dir DIR`, or point --control (or PLUGVISOR_CONTROL) at its socket.",
             path.display()
         )
     })?;
-    Ok(pb::control_client::ControlClient::new(channel)
-        .max_decoding_message_size(crate::transport::MAX_MESSAGE)
-        .max_encoding_message_size(crate::transport::MAX_MESSAGE))
+    Ok(
+        pb::control_client::ControlClient::with_origin(channel, crate::transport::origin())
+            .max_decoding_message_size(crate::transport::MAX_MESSAGE)
+            .max_encoding_message_size(crate::transport::MAX_MESSAGE),
+    )
 }
 
 /// The path a socket should be looked for at.

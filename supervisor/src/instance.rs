@@ -7,6 +7,7 @@ use crate::isolation::{CgroupLease, Isolation, PrepareError, Prepared};
 use crate::logs::{LineReader, LogBuffer, LogLine};
 use crate::manifest::Manifest;
 use crate::process::{Child, ExitStatus, ProcessManager, SpawnSpec};
+use crate::transport::Connection;
 use plugvisor_proto::handshake::{self, Handshake};
 use plugvisor_proto::plugin_client::PluginClient;
 use plugvisor_proto::{InitializeRequest, InitializeResponse, RestoredState, ShutdownRequest};
@@ -15,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-use tonic::transport::Channel;
 
 /// PATH given to every plugin; nothing else of the supervisor's environment is.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -73,7 +73,7 @@ pub struct Instance {
     /// `<plugin>-<replica>-<start number>`, unique per start.
     pub id: String,
     pub child: Child,
-    pub client: PluginClient<Channel>,
+    pub client: PluginClient<Connection>,
     /// The 0700 directory holding the socket; removed on drop.
     pub socket_dir: PathBuf,
     pub spawned_at: Instant,
@@ -308,7 +308,7 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
     match result {
         Ok(channel) => Ok(Instance {
             id: instance_id,
-            client: PluginClient::new(channel)
+            client: PluginClient::with_origin(channel, crate::transport::origin())
                 .max_decoding_message_size(crate::transport::MAX_MESSAGE)
                 .max_encoding_message_size(crate::transport::MAX_MESSAGE),
             child,

@@ -7,19 +7,19 @@
 
 use crate::error::Error;
 use crate::supervisor::PluginState;
+use crate::transport::Connection;
 use plugvisor_proto::plugin_client::PluginClient;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore, SemaphorePermit, watch};
-use tonic::transport::Channel;
 
 /// A ready instance that calls can go to.
 pub(crate) struct ReadyInstance {
     pub id: String,
     /// Which replica of the plugin it is.
     pub replica: usize,
-    pub client: PluginClient<Channel>,
+    pub client: PluginClient<Connection>,
     /// Calls in flight on this instance, for least-loaded routing and drains.
     in_flight: AtomicUsize,
     /// Notified when `in_flight` drops to zero.
@@ -27,7 +27,7 @@ pub(crate) struct ReadyInstance {
 }
 
 impl ReadyInstance {
-    pub fn new(id: String, replica: usize, client: PluginClient<Channel>) -> Arc<Self> {
+    pub fn new(id: String, replica: usize, client: PluginClient<Connection>) -> Arc<Self> {
         Arc::new(ReadyInstance {
             id,
             replica,
@@ -246,15 +246,18 @@ impl Admission {
 mod tests {
     use super::*;
 
-    fn instance(id: &str) -> Arc<ReadyInstance> {
-        let channel = tonic::transport::Endpoint::from_static("http://x.invalid").connect_lazy();
-        ReadyInstance::new(id.to_string(), 0, PluginClient::new(channel))
+    /// An instance whose connection goes nowhere: routing never calls it.
+    async fn instance(id: &str) -> Arc<ReadyInstance> {
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        std::mem::forget(theirs);
+        let connection = crate::transport::handshake(ours).await.unwrap();
+        ReadyInstance::new(id.to_string(), 0, PluginClient::new(connection))
     }
 
     #[tokio::test]
     async fn picks_the_least_loaded_ready_instance() {
         let routes = Routes::new("p", 3);
-        let (a, b) = (instance("a"), instance("b"));
+        let (a, b) = (instance("a").await, instance("b").await);
         routes.set(0, Route::Ready(a.clone()));
         routes.set(1, Route::Ready(b.clone()));
         routes.set(
@@ -352,7 +355,7 @@ mod tests {
 
     #[tokio::test]
     async fn drained_waits_for_in_flight_calls() {
-        let i = instance("a");
+        let i = instance("a").await;
         let call = InFlight::new(i.clone());
         assert!(!i.drained(Duration::from_millis(20)).await);
         let waiter = tokio::spawn({

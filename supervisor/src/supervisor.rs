@@ -18,6 +18,7 @@ use crate::manifest::Manifest;
 use crate::process::{ExitStatus, ProcessManager};
 use crate::routing::{Admission, InFlight, Routes};
 use crate::state::SnapshotStore;
+use crate::transport::Connection;
 use plugvisor_proto::plugin_client::PluginClient;
 use plugvisor_proto::{Chunk, HandleRequest, HandleResponse};
 use prost::bytes::Bytes;
@@ -29,7 +30,6 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Channel;
 
 pub use plugvisor_proto::health_check_response::Status as Health;
 
@@ -954,4 +954,4 @@ pub(crate) fn call_error(status: tonic::Status, plugin: &str, instance: &str) ->
 }
 
 /// Used by the actor for probes and exports on an instance it owns.
-pub(crate) type Client = PluginClient<Channel>;
+pub(crate) type Client = PluginClient<Connection>;
