@@ -14,6 +14,8 @@ use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use tokio::net::UnixStream;
 use tonic::codegen::http;
@@ -27,10 +29,31 @@ pub const MAX_FRAME: u32 = 1 << 20;
 /// Largest single gRPC message accepted either way.
 pub const MAX_MESSAGE: usize = 64 << 20;
 
-/// One HTTP/2 connection, used as a tonic transport. Cheap to clone: clones
-/// share the connection.
+/// HTTP/2 connections to one peer (usually one; plugins get
+/// [`PLUGIN_CONNECTIONS`]), used as a tonic transport. Each call takes the
+/// next connection in turn, so concurrent calls are not all serialised
+/// through one connection's task on each side. Cheap to clone: clones share
+/// the connections.
 #[derive(Clone, Debug)]
-pub struct Connection(SendRequest<tonic::body::Body>);
+pub struct Connection {
+    senders: Arc<[SendRequest<tonic::body::Body>]>,
+    next: Arc<AtomicUsize>,
+    /// The connection this clone's next call goes to (chosen in poll_ready).
+    current: usize,
+}
+
+/// Connections opened to each plugin instance.
+pub const PLUGIN_CONNECTIONS: usize = 2;
+
+impl Connection {
+    fn new(senders: Vec<SendRequest<tonic::body::Body>>) -> Self {
+        Connection {
+            senders: senders.into(),
+            next: Arc::default(),
+            current: 0,
+        }
+    }
+}
 
 type ResponseFuture = Pin<
     Box<dyn Future<Output = Result<http::Response<hyper::body::Incoming>, hyper::Error>> + Send>,
@@ -42,11 +65,16 @@ impl tower::Service<http::Request<tonic::body::Body>> for Connection {
     type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+        if self.senders.len() > 1 {
+            self.current = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
+        }
+        let mut sender = self.senders[self.current].clone();
+        sender.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        Box::pin(self.0.send_request(request))
+        let mut sender = self.senders[self.current].clone();
+        Box::pin(async move { sender.send_request(request).await })
     }
 }
 
@@ -58,6 +86,10 @@ pub fn origin() -> http::Uri {
 /// HTTP/2 over an already connected stream. The connection is driven by a
 /// task of its own that ends when either side closes it.
 pub(crate) async fn handshake(stream: UnixStream) -> io::Result<Connection> {
+    Ok(Connection::new(vec![sender(stream).await?]))
+}
+
+async fn sender(stream: UnixStream) -> io::Result<SendRequest<tonic::body::Body>> {
     let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -72,25 +104,29 @@ pub(crate) async fn handshake(stream: UnixStream) -> io::Result<Connection> {
             tracing::debug!("connection closed: {e}");
         }
     });
-    Ok(Connection(send))
+    Ok(send)
 }
 
 /// Connects to a plugin's socket and refuses it unless the process on the
 /// other end (SO_PEERCRED) is `expected_pid`, the child we spawned.
 pub async fn connect_plugin(path: &Path, expected_pid: i32) -> io::Result<Connection> {
-    let stream = UnixStream::connect(path).await?;
-    let cred = stream.peer_cred()?;
-    if cred.pid() != Some(expected_pid) {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "socket {} is served by pid {}, not by the plugin's pid {expected_pid}",
-                path.display(),
-                cred.pid().map_or("unknown".to_string(), |p| p.to_string())
-            ),
-        ));
+    let mut senders = Vec::with_capacity(PLUGIN_CONNECTIONS);
+    for _ in 0..PLUGIN_CONNECTIONS {
+        let stream = UnixStream::connect(path).await?;
+        let cred = stream.peer_cred()?;
+        if cred.pid() != Some(expected_pid) {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "socket {} is served by pid {}, not by the plugin's pid {expected_pid}",
+                    path.display(),
+                    cred.pid().map_or("unknown".to_string(), |p| p.to_string())
+                ),
+            ));
+        }
+        senders.push(sender(stream).await?);
     }
-    handshake(stream).await
+    Ok(Connection::new(senders))
 }
 
 /// Connects to a Unix socket with no peer check (the control socket).
