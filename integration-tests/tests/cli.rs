@@ -155,3 +155,88 @@ fn version_prints_the_version() {
         format!("plugvisor {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn config_shows_the_merged_layers_and_sets_runtime_overrides_without_downtime() {
+    let sandbox = Sandbox::new();
+    sandbox.plugin(
+        "tp",
+        &bin("testplugin"),
+        "config: {a: 1, keep: manifest}\nupgrade: {probation: 100ms}",
+    );
+    let config = sandbox.dir.path().join("plugvisor.yaml");
+    std::fs::write(
+        &config,
+        "plugins:\n  tp:\n    config: {b: 2, keep: config}\n",
+    )
+    .unwrap();
+    let daemon = Daemon::start(&sandbox, &["--config", config.to_str().unwrap()]);
+    let pid = daemon.wait_ready("tp")["pid"].as_i64().unwrap();
+    let shown: serde_json::Value = serde_json::from_str(&daemon.cli_ok(&["config", "tp"])).unwrap();
+    assert_eq!(shown, serde_json::json!({"a": 1, "b": 2, "keep": "config"}));
+
+    // Runtime overrides win over both, and reach a new instance.
+    daemon.cli_ok(&["config", "tp", "keep=runtime", "c=[3]"]);
+    let received: serde_json::Value =
+        serde_json::from_str(&daemon.cli_ok(&["call", "tp", "config"])).unwrap();
+    assert_eq!(
+        received,
+        serde_json::json!({"a": 1, "b": 2, "keep": "runtime", "c": [3]})
+    );
+    let row = daemon.plugin("tp");
+    assert_ne!(
+        row["pid"].as_i64().unwrap(),
+        pid,
+        "a new instance took over"
+    );
+    assert_eq!(row["restarts"], 0, "by an upgrade, not a crash");
+    // `null` removes a runtime key; the layer below shows through again.
+    daemon.cli_ok(&["config", "tp", "keep=null"]);
+    let received: serde_json::Value =
+        serde_json::from_str(&daemon.cli_ok(&["call", "tp", "config"])).unwrap();
+    assert_eq!(received["keep"], "config");
+    let out = daemon.cli(&["config", "tp", "novalue"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[test]
+fn check_json_lists_plugins_errors_and_warnings() {
+    let sandbox = sandbox();
+    std::fs::create_dir_all(sandbox.plugins_dir().join("bad")).unwrap();
+    std::fs::write(
+        sandbox.plugins_dir().join("bad/plugin.yaml"),
+        "name: bad\nversion: x\nexec: ./x\n",
+    )
+    .unwrap();
+    let config = sandbox.dir.path().join("plugvisor.yaml");
+    std::fs::write(&config, "plugins:\n  ghost: {}\n").unwrap();
+    let out = Command::new(bin("plugvisor"))
+        .args(["check", "--json", "--config"])
+        .arg(&config)
+        .arg("--plugins-dir")
+        .arg(sandbox.plugins_dir())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["echo", "tp"]);
+    let errors = v["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{v}");
+    assert!(
+        errors[0]
+            .as_str()
+            .unwrap()
+            .contains("bad/plugin.yaml: field `version`"),
+        "{v}"
+    );
+    assert!(
+        v["warnings"][0].as_str().unwrap().contains("`ghost`"),
+        "{v}"
+    );
+}

@@ -54,7 +54,22 @@ pub enum Command {
     /// Run the daemon: supervise the plugins and serve the control socket.
     Run(ConfigArgs),
     /// Validate the config and every manifest offline; exit 1 on errors.
-    Check(ConfigArgs),
+    Check {
+        #[command(flatten)]
+        args: ConfigArgs,
+        /// Print {"plugins": [...], "errors": [...], "warnings": [...]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the config a plugin gets (manifest < supervisor config <
+    /// runtime); with KEY=VALUE pairs, set runtime overrides (VALUE as JSON,
+    /// else as a string; `KEY=null` removes one) and roll them out without
+    /// downtime.
+    Config {
+        name: String,
+        #[arg(value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// List plugins.
     Ps {
         #[arg(long)]
@@ -260,7 +275,34 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             crate::daemon::run(config, reload, shutdown_signal()).await?;
             Ok(0)
         }
-        Command::Check(args) => check(args),
+        Command::Check { args, json } => check(args, *json),
+        Command::Config { name, set } => {
+            let mut changes = serde_json::Map::new();
+            for pair in set {
+                let Some((key, value)) = pair.split_once('=').filter(|(k, _)| !k.is_empty()) else {
+                    return usage(&format!("`{pair}` is not KEY=VALUE"));
+                };
+                let value = serde_json::from_str(value)
+                    .unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+                changes.insert(key.to_string(), value);
+            }
+            let mut client = control::connect(&control_path()).await?;
+            let set_json = if changes.is_empty() {
+                String::new()
+            } else {
+                serde_json::Value::Object(changes).to_string()
+            };
+            let r = client
+                .config(pb::ConfigRequest {
+                    name: name.clone(),
+                    set_json,
+                })
+                .await?
+                .into_inner();
+            let config: serde_json::Value = serde_json::from_str(&r.config_json)?;
+            println!("{}", serde_json::to_string_pretty(&config)?);
+            Ok(0)
+        }
         Command::State {
             command: StateCommand::Export { name, out, json },
         } => {
@@ -532,37 +574,50 @@ fn usage(message: &str) -> anyhow::Result<i32> {
 
 /// `plugvisor check`: validates the config and every manifest without
 /// starting anything.
-fn check(args: &ConfigArgs) -> anyhow::Result<i32> {
+fn check(args: &ConfigArgs, json: bool) -> anyhow::Result<i32> {
     let config = load_config(args)?;
     let discovery = crate::manifest::discover(&config.plugins_dir)?;
-    let mut refused = 0;
+    let mut plugins = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
     for m in &discovery.manifests {
         // What a start would refuse: the pin, writability, the user.
         match crate::isolation::check_manifest(m, config.allow_writable_executables) {
-            Ok(()) => println!("ok    {} {} ({})", m.name, m.version, m.path.display()),
-            Err(why) => {
-                refused += 1;
-                println!("error {}: {why}", m.path.display());
-            }
+            Ok(()) => plugins.push(m),
+            Err(why) => errors.push(format!("{}: {why}", m.path.display())),
         }
     }
-    for e in &discovery.errors {
-        println!("error {e}");
-    }
-    for name in config.plugins.keys() {
-        if !discovery.manifests.iter().any(|m| &m.name == name) {
-            println!(
-                "warn  the supervisor config has settings for `{name}`, but no such plugin is in {}",
+    errors.extend(discovery.errors.iter().map(|e| e.to_string()));
+    let warnings: Vec<String> = config
+        .plugins
+        .keys()
+        .filter(|name| !discovery.manifests.iter().any(|m| &m.name == *name))
+        .map(|name| {
+            format!(
+                "the supervisor config has settings for `{name}`, but no such plugin is in {}",
                 config.plugins_dir.display()
-            );
-        }
-    }
-    println!("{discovery}");
-    Ok(if discovery.errors.is_empty() && refused == 0 {
-        0
+            )
+        })
+        .collect();
+    if json {
+        let plugins: Vec<_> = plugins
+            .iter()
+            .map(|m| serde_json::json!({"name": m.name, "version": m.version.to_string(), "manifest": m.path}))
+            .collect();
+        let v = serde_json::json!({"plugins": plugins, "errors": errors, "warnings": warnings});
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        1
-    })
+        for m in &plugins {
+            println!("ok    {} {} ({})", m.name, m.version, m.path.display());
+        }
+        for e in &errors {
+            println!("error {e}");
+        }
+        for w in &warnings {
+            println!("warn  {w}");
+        }
+        println!("{} plugin(s), {} error(s)", plugins.len(), errors.len());
+    }
+    Ok(if errors.is_empty() { 0 } else { 1 })
 }
 
 async fn shutdown_signal() {

@@ -369,6 +369,27 @@ impl Control for ControlService {
         Ok(Response::new(state))
     }
 
+    async fn config(
+        &self,
+        request: Request<pb::ConfigRequest>,
+    ) -> Result<Response<pb::ConfigResponse>, Status> {
+        self.access.check(&request)?;
+        let r = request.into_inner();
+        if !r.set_json.is_empty() {
+            let changes: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(&r.set_json).map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "set_json must be a JSON object of config keys: {e}"
+                    ))
+                })?;
+            self.supervisor.set_runtime_config(&r.name, changes).await?;
+        }
+        let config = self.supervisor.config(&r.name)?;
+        Ok(Response::new(pb::ConfigResponse {
+            config_json: serde_json::Value::Object(config).to_string(),
+        }))
+    }
+
     async fn reload(
         &self,
         request: Request<pb::ReloadRequest>,

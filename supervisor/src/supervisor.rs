@@ -263,6 +263,8 @@ pub(crate) struct SlotStatus {
     /// The supervisor config's settings for this plugin, merged over the
     /// manifest (an upgrade or reload may replace them).
     pub overrides: PluginOverride,
+    /// Config set at runtime through the control API, merged last.
+    pub runtime_config: serde_json::Map<String, serde_json::Value>,
     pub methods: Vec<String>,
     pub replicas: Vec<ReplicaStatus>,
     pub history: VecDeque<Event>,
@@ -289,9 +291,13 @@ impl Slot {
     }
 
     /// The config sent in Initialize: the manifest's, with overrides merged.
+    /// The config sent in Initialize: manifest defaults < supervisor config
+    /// overrides < runtime overrides.
     pub fn config_for(&self, manifest: &Manifest) -> serde_json::Map<String, serde_json::Value> {
         let mut config = manifest.config.clone();
-        merge_json(&mut config, &lock(&self.status).overrides.config);
+        let st = lock(&self.status);
+        merge_json(&mut config, &st.overrides.config);
+        merge_json(&mut config, &st.runtime_config);
         config
     }
 
@@ -447,6 +453,7 @@ impl Supervisor {
             status: Mutex::new(SlotStatus {
                 manifest: Arc::new(manifest),
                 overrides: overrides.clone(),
+                runtime_config: serde_json::Map::new(),
                 methods: Vec::new(),
                 replicas: vec![
                     ReplicaStatus {
@@ -825,6 +832,45 @@ impl Supervisor {
             })
             .collect();
         self.shared.metrics.encode(&samples)
+    }
+
+    /// The config the plugin's next start gets (manifest < supervisor
+    /// config < runtime overrides).
+    pub fn config(&self, name: &str) -> Result<serde_json::Map<String, serde_json::Value>, Error> {
+        let slot = self.slot(name)?;
+        let manifest = slot.manifest();
+        Ok(slot.config_for(&manifest))
+    }
+
+    /// Merges `changes` into the plugin's runtime config overrides (the top
+    /// layer; a `null` value removes a key) and rolls the result out
+    /// replica by replica without downtime, handing each new instance the
+    /// old one's state. If the new config is rejected (Initialize fails),
+    /// the overrides are put back and the old instances keep serving.
+    pub async fn set_runtime_config(
+        &self,
+        name: &str,
+        changes: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), Error> {
+        let slot = self.slot(name)?;
+        let previous = {
+            let mut st = lock(&slot.status);
+            let previous = st.runtime_config.clone();
+            for (key, value) in changes {
+                if value.is_null() {
+                    st.runtime_config.remove(&key);
+                } else {
+                    st.runtime_config.insert(key, value);
+                }
+            }
+            previous
+        };
+        let manifest = (*slot.manifest()).clone();
+        let result = self.upgrade(name, manifest).await;
+        if result.is_err() {
+            lock(&slot.status).runtime_config = previous;
+        }
+        result
     }
 
     /// Stops a plugin (with a last snapshot) and stops supervising it.
