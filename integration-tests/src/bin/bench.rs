@@ -132,6 +132,7 @@ fn parse_args() -> Result<Options, String> {
 /// environment of the plugins.
 struct Setup {
     echo: PathBuf,
+    kv: PathBuf,
     daemon: PathBuf,
     plugin_env: Vec<(String, String)>,
 }
@@ -159,6 +160,7 @@ fn locate_binaries() -> Result<Setup, String> {
     };
     Ok(Setup {
         echo: find("echo-plugin", "plugvisor-example-echo")?,
+        kv: find("kv-plugin", "plugvisor-example-kv")?,
         daemon: find("plugvisor", "plugvisor")?,
         plugin_env: Vec::new(),
     })
@@ -220,7 +222,7 @@ async fn run(opts: Options, bins: Setup) -> Result<bool> {
     );
 
     // 1. The floor.
-    eprintln!("[1/8] raw Unix-socket ping-pong ...");
+    eprintln!("[1/9] raw Unix-socket ping-pong ...");
     let floor = match raw_floor(&root, counts).await {
         Ok((floor, blocking)) => {
             table.push(Row::new(
@@ -250,7 +252,7 @@ async fn run(opts: Options, bins: Setup) -> Result<bool> {
     // 8. Memory first, on its own supervisor, before any other figure has
     // grown the heap (a 64 MiB stream leaves the allocator bigger).
     eprintln!(
-        "[8/8] supervisor memory with {} plugins ...",
+        "[8/9] supervisor memory with {} plugins ...",
         counts.memory_plugins
     );
     match memory(&root, &bins, counts).await {
@@ -264,6 +266,29 @@ async fn run(opts: Options, bins: Setup) -> Result<bool> {
     sup.shutdown().await;
     if let Err(e) = result {
         table.error("embedded supervisor", &e);
+    }
+
+    // 9. The price of per-call snapshots (state.snapshot_on_change).
+    eprintln!("[9/9] kv set with and without per-call snapshots ...");
+    match snapshot_cost(&root, &bins, counts).await {
+        Ok((off, on, fs)) => {
+            table.push(Row::new(
+                "9  kv `set`, 64 B, snapshots periodic only: p50 / p99",
+                off.p50_p99(),
+                "info",
+                Verdict::Info,
+            ));
+            table.push(Row::new(
+                format!("   kv `set` with a snapshot before every reply ({fs})"),
+                on.p50_p99(),
+                "info: cost of no loss",
+                Verdict::Info,
+            ));
+            table.json("kv_set_p50_us", off.p50_us());
+            table.json("kv_set_snapshot_each_p50_us", on.p50_us());
+            table.json("kv_set_snapshot_each_p99_us", on.p99_us());
+        }
+        Err(e) => table.error("9  kv set with per-call snapshots", &e),
     }
 
     table.sort();
@@ -312,7 +337,7 @@ async fn embedded_and_daemon(
     sup.wait_ready("echo", Duration::from_secs(30)).await?;
 
     // 2. Handle, one caller, embedded.
-    eprintln!("[2/8] Handle 64 B, one caller, embedded ...");
+    eprintln!("[2/9] Handle 64 B, one caller, embedded ...");
     let embedded = match embedded_latency(sup, counts).await {
         Ok(s) => {
             let ratio = floor.map(|f| s.p50.as_secs_f64() / f.p50.as_secs_f64());
@@ -344,7 +369,7 @@ async fn embedded_and_daemon(
     };
 
     // 3. The same through the daemon.
-    eprintln!("[3/8] Handle 64 B, one caller, through the daemon ...");
+    eprintln!("[3/9] Handle 64 B, one caller, through the daemon ...");
     match daemon_latency(root, bins, counts).await {
         Ok(s) => {
             let ratio = embedded.map(|e| s.p50.as_secs_f64() / e.p50.as_secs_f64());
@@ -370,7 +395,7 @@ async fn embedded_and_daemon(
     }
 
     // 4. Concurrent callers.
-    eprintln!("[4/8] {CALLERS} concurrent callers, embedded ...");
+    eprintln!("[4/9] {CALLERS} concurrent callers, embedded ...");
     match concurrent(sup, counts).await {
         Ok(rate) => {
             table.push(Row::new(
@@ -389,7 +414,7 @@ async fn embedded_and_daemon(
     }
 
     // 5. HandleStream throughput.
-    eprintln!("[5/8] HandleStream 64 MiB ...");
+    eprintln!("[5/9] HandleStream 64 MiB ...");
     match stream(sup, counts).await {
         Ok((median, best)) => {
             table.push(Row::new(
@@ -408,7 +433,7 @@ async fn embedded_and_daemon(
     }
 
     // 6. spawn -> ready.
-    eprintln!("[6/8] spawn -> ready over {} restarts ...", counts.restarts);
+    eprintln!("[6/9] spawn -> ready over {} restarts ...", counts.restarts);
     match spawn_ready(sup, bins, &mut events, counts).await {
         Ok(s) => {
             table.push(Row::new(
@@ -450,7 +475,7 @@ async fn embedded_and_daemon(
 
     // 7. crash -> event, crash -> ready.
     eprintln!(
-        "[7/8] crash -> event / ready over {} crashes ...",
+        "[7/9] crash -> event / ready over {} crashes ...",
         counts.crashes
     );
     match crashes(sup, &mut events, counts).await {
@@ -641,6 +666,74 @@ fn write_manifest(dir: &Path, name: &str, setup: &Setup) -> Result<Manifest> {
     }
     std::fs::write(&path, text)?;
     Ok(Manifest::load(&path)?)
+}
+
+/// kv `set` latency without and with `state.snapshot_on_change`, the state
+/// dir on a disk filesystem (fsync on tmpfs would cost nothing and say
+/// nothing). Returns both and where the state dir was.
+async fn snapshot_cost(
+    root: &Path,
+    bins: &Setup,
+    counts: Counts,
+) -> Result<(Stats, Stats, String)> {
+    let state = tempfile::Builder::new()
+        .prefix("pvb-state")
+        .tempdir_in("/var/tmp")?;
+    let fs = format!("state dir on {}", filesystem_of(state.path()));
+    let mut options = SupervisorOptions::new(root.join("s"));
+    options.state_dir = Some(state.path().to_path_buf());
+    let sup = Supervisor::new(options)?;
+    let result = async {
+        let mut stats = Vec::new();
+        for (name, on) in [("kvoff", false), ("kvon", true)] {
+            let dir = root.join("kvm").join(name);
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join("plugin.yaml");
+            std::fs::write(
+                &path,
+                format!(
+                    "name: {name}\nversion: 0.1.0\nexec: {}\nstate: {{snapshot_interval: 0s, snapshot_on_change: {on}}}\n",
+                    serde_json::to_string(&bins.kv.display().to_string())?
+                ),
+            )?;
+            sup.add(Manifest::load(&path)?, &Default::default())?;
+            sup.wait_ready(name, Duration::from_secs(20)).await?;
+            let n = (counts.latency / 10).max(200);
+            let mut samples = Vec::with_capacity(n);
+            for i in 0..n + n / 10 {
+                // 64 B payloads over a store of up to 200 keys.
+                let body = format!("k{:03}={:0>57}", i % 200, i);
+                let started = Instant::now();
+                sup.call(name, "set", Bytes::from(body), HashMap::new(), None)
+                    .await?;
+                if i >= n / 10 {
+                    samples.push(started.elapsed());
+                }
+            }
+            stats.push(Stats::of(samples)?);
+        }
+        let on = stats.pop().ok_or("no samples")?;
+        let off = stats.pop().ok_or("no samples")?;
+        Ok::<_, BoxError>((off, on, fs))
+    }
+    .await;
+    sup.shutdown().await;
+    result
+}
+
+/// The filesystem type of `path` (from /proc/self/mounts), e.g. `ext4`.
+fn filesystem_of(path: &Path) -> String {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, point, fs) = (f.next()?, f.next()?, f.next()?);
+            path.starts_with(point)
+                .then(|| (point.len(), fs.to_string()))
+        })
+        .max()
+        .map_or_else(|| "unknown".to_string(), |(_, fs)| fs)
 }
 
 fn payload() -> Bytes {
