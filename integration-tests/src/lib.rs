@@ -109,6 +109,18 @@ impl Sandbox {
     pub fn supervisor(&self) -> Supervisor {
         Supervisor::new(SupervisorOptions::new(self.runtime_dir())).expect("supervisor starts")
     }
+
+    /// The sandbox's state dir: `<sandbox>/state`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// An embedded supervisor that keeps state snapshots in [`Self::state_dir`].
+    pub fn supervisor_with_state(&self) -> Supervisor {
+        let mut options = SupervisorOptions::new(self.runtime_dir());
+        options.state_dir = Some(self.state_dir());
+        Supervisor::new(options).expect("supervisor starts")
+    }
 }
 
 /// Polls `condition` every 5 ms until it holds or `timeout` passes.

@@ -2,19 +2,13 @@
 //! per call, periodically and at graceful stop, restored after a crash or a
 //! supervisor restart, with corrupt snapshots skipped.
 
-use plugvisor::{PluginState, Supervisor, SupervisorOptions};
+use plugvisor::{PluginState, Supervisor};
 use plugvisor_integration_tests::{Sandbox, bin, is_gone, wait_state, wait_until};
 use prost::bytes::Bytes;
 use std::path::Path;
 use std::time::Duration;
 
 const SECS_10: Duration = Duration::from_secs(10);
-
-fn supervisor(sandbox: &Sandbox, state_dir: &Path) -> Supervisor {
-    let mut options = SupervisorOptions::new(sandbox.runtime_dir());
-    options.state_dir = Some(state_dir.to_path_buf());
-    Supervisor::new(options).expect("supervisor starts")
-}
 
 async fn call(sup: &Supervisor, method: &str, payload: &str) -> Result<Bytes, plugvisor::Error> {
     sup.call(
@@ -40,8 +34,7 @@ async fn kill_and_wait_back(sup: &Supervisor) {
 #[tokio::test]
 async fn with_per_call_snapshots_no_acknowledged_write_is_lost_to_sigkill() {
     let sandbox = Sandbox::new();
-    let state_dir = sandbox.dir.path().join("state");
-    let sup = supervisor(&sandbox, &state_dir);
+    let sup = sandbox.supervisor_with_state();
     sup.add(
         sandbox.manifest(
             "kv",
@@ -75,8 +68,8 @@ async fn with_per_call_snapshots_no_acknowledged_write_is_lost_to_sigkill() {
 #[tokio::test]
 async fn periodic_snapshots_cover_writes_older_than_the_interval() {
     let sandbox = Sandbox::new();
-    let state_dir = sandbox.dir.path().join("state");
-    let sup = supervisor(&sandbox, &state_dir);
+    let state_dir = sandbox.state_dir();
+    let sup = sandbox.supervisor_with_state();
     sup.add(
         sandbox.manifest(
             "kv",
@@ -108,16 +101,15 @@ async fn periodic_snapshots_cover_writes_older_than_the_interval() {
 #[tokio::test]
 async fn a_graceful_stop_snapshots_and_a_new_supervisor_restores() {
     let sandbox = Sandbox::new();
-    let state_dir = sandbox.dir.path().join("state");
     let manifest = sandbox.manifest("kv", &bin("kv-plugin"), "state: {snapshot_interval: 0s}");
-    let sup = supervisor(&sandbox, &state_dir);
+    let sup = sandbox.supervisor_with_state();
     sup.add(manifest.clone(), &Default::default()).unwrap();
     sup.wait_ready("kv", SECS_10).await.unwrap();
     call(&sup, "set", "a=1").await.unwrap();
     call(&sup, "set", "b=2").await.unwrap();
     sup.shutdown().await;
 
-    let sup = supervisor(&sandbox, &state_dir);
+    let sup = sandbox.supervisor_with_state();
     sup.add(manifest, &Default::default()).unwrap();
     sup.wait_ready("kv", SECS_10).await.unwrap();
     assert_eq!(call(&sup, "get", "a").await.unwrap(), "1".as_bytes());
@@ -128,8 +120,8 @@ async fn a_graceful_stop_snapshots_and_a_new_supervisor_restores() {
 #[tokio::test]
 async fn a_corrupt_latest_snapshot_falls_back_to_the_previous_and_says_so() {
     let sandbox = Sandbox::new();
-    let state_dir = sandbox.dir.path().join("state");
-    let sup = supervisor(&sandbox, &state_dir);
+    let state_dir = sandbox.state_dir();
+    let sup = sandbox.supervisor_with_state();
     let mut events = sup.events();
     sup.add(
         sandbox.manifest(
@@ -180,7 +172,7 @@ async fn a_corrupt_latest_snapshot_falls_back_to_the_previous_and_says_so() {
 #[tokio::test]
 async fn a_full_disk_during_a_snapshot_keeps_the_previous_one() {
     let sandbox = Sandbox::new();
-    let state_dir = sandbox.dir.path().join("state");
+    let state_dir = sandbox.state_dir();
     std::fs::create_dir_all(&state_dir).unwrap();
     let size = "size=64k";
     let mounted = std::process::Command::new("mount")
@@ -199,7 +191,7 @@ async fn a_full_disk_during_a_snapshot_keeps_the_previous_one() {
         }
     }
     let _unmount = Unmount(&state_dir);
-    let sup = supervisor(&sandbox, &state_dir);
+    let sup = sandbox.supervisor_with_state();
     sup.add(
         sandbox.manifest(
             "kv",
