@@ -556,12 +556,16 @@ impl Supervisor {
     ) -> Result<HandleResponse, Error> {
         let slot = self.slot(plugin)?;
         let started = Instant::now();
+        // One look at the status serves the call and its metrics. Only
+        // methods the plugin lists get their own label; callers cannot grow
+        // the label set without bound.
+        let (manifest, listed) = {
+            let st = lock(&slot.status);
+            (st.manifest.clone(), st.methods.iter().any(|m| m == method))
+        };
         let result = self
-            .call_slot(&slot, plugin, method, payload, metadata, timeout)
+            .call_slot(&slot, &manifest, method, payload, metadata, timeout)
             .await;
-        // Only methods the plugin lists get their own label; callers cannot
-        // grow the label set without bound.
-        let listed = lock(&slot.status).methods.iter().any(|m| m == method);
         let code = result
             .as_ref()
             .map_or_else(Error::code, |_| tonic::Code::Ok);
@@ -577,13 +581,13 @@ impl Supervisor {
     async fn call_slot(
         &self,
         slot: &Slot,
-        plugin: &str,
+        manifest: &Manifest,
         method: &str,
         mut payload: Bytes,
         mut metadata: HashMap<String, String>,
         timeout: Option<Duration>,
     ) -> Result<HandleResponse, Error> {
-        let manifest = slot.manifest();
+        let plugin = slot.name.as_str();
         let timeout = timeout.unwrap_or(manifest.timeouts.call.0);
         let deadline = Instant::now() + timeout;
         let _permit = slot.admission.admit(deadline, timeout).await?;
