@@ -345,3 +345,26 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// Reports a test (or part of one) that cannot run on this machine. The
+/// reason is printed, and appended to the file `PLUGVISOR_SKIP_LOG` names,
+/// so `scripts/test.sh` can list every skip after the run: cargo hides the
+/// output of tests that pass, and a skip must never pass silently.
+pub fn skip(reason: impl std::fmt::Display) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("unnamed test")
+        .to_string();
+    let line = format!("SKIP: {test}: {reason}");
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("PLUGVISOR_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(file, "{line}");
+        }
+    }
+}

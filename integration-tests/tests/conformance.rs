@@ -311,7 +311,7 @@ fn python_example_conforms() {
         .expect("the workspace root");
     let launcher = repo.join("examples/python-echo/python-echo");
     if !repo.join(".venv/bin/python3").exists() || !launcher.exists() {
-        println!("SKIP: python venv missing (run scripts/setup-python.sh)");
+        plugvisor_integration_tests::skip("python venv missing (run scripts/setup-python.sh)");
         return;
     }
     let run = conformance(&launcher, &[]);

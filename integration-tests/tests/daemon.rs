@@ -394,7 +394,9 @@ fn python_echo() -> Option<std::path::PathBuf> {
         .to_path_buf();
     let launcher = repo.join("examples/python-echo/python-echo");
     if !repo.join(".venv/bin/python3").exists() {
-        eprintln!("SKIP: the Python virtualenv is missing (run scripts/setup-python.sh)");
+        plugvisor_integration_tests::skip(
+            "the Python virtualenv is missing (run scripts/setup-python.sh)",
+        );
         return None;
     }
     Some(launcher)

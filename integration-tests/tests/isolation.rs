@@ -80,7 +80,7 @@ macro_rules! or_skip {
         match $e {
             Ok(v) => v,
             Err(why) => {
-                eprintln!("SKIP: {why}");
+                plugvisor_integration_tests::skip(why);
                 return;
             }
         }
@@ -319,7 +319,7 @@ async fn a_plugin_sees_only_fds_0_to_2_plus_its_sockets() {
 #[tokio::test]
 async fn a_network_none_plugin_cannot_reach_a_local_listener() {
     if !is_root() {
-        eprintln!("SKIP: an empty network namespace needs root (CAP_SYS_ADMIN)");
+        plugvisor_integration_tests::skip("an empty network namespace needs root (CAP_SYS_ADMIN)");
         return;
     }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -358,7 +358,7 @@ async fn a_network_none_plugin_cannot_reach_a_local_listener() {
 #[tokio::test]
 async fn a_plugin_runs_as_the_user_it_names_and_owns_its_socket_directory() {
     if !is_root() {
-        eprintln!("SKIP: dropping to another user needs root");
+        plugvisor_integration_tests::skip("dropping to another user needs root");
         return;
     }
     let sandbox = Sandbox::new();
@@ -657,7 +657,7 @@ async fn stale_cgroups_of_an_earlier_run_are_killed_and_removed_at_start_up() {
     if dirs.is_empty() {
         let _ = sleeper.kill();
         let _ = sleeper.wait();
-        eprintln!("SKIP: no cgroup v1 hierarchies to leave a stale cgroup in");
+        plugvisor_integration_tests::skip("no cgroup v1 hierarchies to leave a stale cgroup in");
         return;
     }
     let sandbox = Sandbox::new();
@@ -708,7 +708,7 @@ fn inspect_json(daemon: &Daemon, name: &str) -> serde_json::Value {
 #[test]
 fn a_fork_bomb_is_held_by_the_pids_limit_while_the_daemon_and_others_answer() {
     if let Err(why) = real_cgroups("bomb-check") {
-        eprintln!("SKIP: {why}");
+        plugvisor_integration_tests::skip(why);
         return;
     }
     let sandbox = Sandbox::new();
@@ -813,7 +813,9 @@ fn inspect_shows_limits_live_usage_and_the_mechanism() {
         assert!(usage["cpu_usec"].as_u64().is_some(), "{json}");
         assert_eq!(usage["oom_kills"], 0, "{json}");
     } else {
-        eprintln!("SKIP (part): no cgroups here; checking the rlimits-only report");
+        plugvisor_integration_tests::skip(
+            "(part) no cgroups here; checking the rlimits-only report",
+        );
         assert!(text.contains("isolation:  rlimits only: "), "{text}");
     }
     drop(daemon);

@@ -20,9 +20,7 @@ const SECS_10: Duration = Duration::from_secs(10);
 /// uid and gid of `nobody` / `nogroup` on Debian.
 const NOBODY: u32 = 65534;
 
-fn skip(reason: &str) {
-    eprintln!("SKIP: {reason}");
-}
+use plugvisor_integration_tests::skip;
 
 fn is_root() -> bool {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
@@ -354,7 +352,7 @@ fn completions_are_valid_scripts_that_know_the_subcommands() {
         let script = completions(shell);
         assert!(script.contains("inspect"), "{shell} completion");
         if !have(shell) {
-            skip(&format!(
+            skip(format!(
                 "{shell} is not installed; its script's syntax is unchecked"
             ));
             continue;

@@ -181,7 +181,9 @@ async fn a_full_disk_during_a_snapshot_keeps_the_previous_one() {
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
-        eprintln!("SKIP: cannot mount a small tmpfs to fill (needs root and mount)");
+        plugvisor_integration_tests::skip(
+            "cannot mount a small tmpfs to fill (needs root and mount)",
+        );
         return;
     }
     struct Unmount<'a>(&'a Path);
