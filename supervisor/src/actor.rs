@@ -401,15 +401,12 @@ async fn start_and_run(
     loop {
         let end = watch_ready(replica, manifest, &mut instance, commands).await;
         return match end {
-            RunEnd::Exited(status) => {
-                // What the crashed child left behind in its process group
-                // (workers, double-forked helpers) goes with it.
-                let _ = instance.child.signal_group(libc::SIGKILL);
-                Ok(Outcome::Gone {
-                    reason: ExitReason::of_exit(status, instance.oom_killed(status)),
-                    ready_since: Some(ready_since),
-                })
-            }
+            // What the crashed child left in its process group goes with it
+            // when `instance` is dropped (see `Child`'s Drop).
+            RunEnd::Exited(status) => Ok(Outcome::Gone {
+                reason: ExitReason::of_exit(status, instance.oom_killed(status)),
+                ready_since: Some(ready_since),
+            }),
             RunEnd::HealthFailed(why) => {
                 replica.route(Route::Pending);
                 instance::kill_and_reap(&instance.child).await;

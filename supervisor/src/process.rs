@@ -165,11 +165,13 @@ impl Child {
 }
 
 impl Drop for Child {
-    /// A child nobody holds is a child nobody supervises: kill it and its
-    /// process group. (A no-op for a child already reaped.)
+    /// A child nobody holds is a child nobody supervises: kill it and what
+    /// is left of its process group. The group outlives its leader (a
+    /// crashed plugin's workers or double-forked helpers), so it is killed
+    /// even when the child itself has exited; an empty group is ESRCH.
     fn drop(&mut self) {
+        let _ = self.signal_group(libc::SIGKILL);
         if self.try_status().is_none() {
-            let _ = self.signal_group(libc::SIGKILL);
             let _ = self.signal(libc::SIGKILL);
         }
     }
