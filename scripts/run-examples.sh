@@ -6,6 +6,6 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-cargo build --release -p plugvisor -p plugvisor-example-echo -p plugvisor-example-kv
+cargo build --release -p plugvisor-cli -p plugvisor-example-echo -p plugvisor-example-kv
 scripts/setup-python.sh
 exec target/release/plugvisor run --plugins-dir examples/plugins "$@"

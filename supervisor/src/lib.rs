@@ -13,9 +13,12 @@
 //! - [`isolation`]: cgroups (v1, v2), rlimits, hardening, binary pinning.
 //! - [`policy`]: the restart policy as pure functions of time.
 //! - [`supervisor`]: the per-plugin state machine, events and call routing.
-//! - [`control`]: the daemon's gRPC control API; [`cli`]: the `plugvisor` binary.
-//! - [`conformance`]: checks one plugin against the protocol, rule by rule.
+//! - [`metrics`]: the Prometheus registry the supervisor feeds.
+//! - [`state`]: atomic state snapshots.
 //! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets.
+//!
+//! The daemon, its control API and the CLI are the `plugvisor-cli` crate;
+//! this one has no CLI dependencies.
 //!
 //! # Embedding
 //!
@@ -34,21 +37,15 @@
 //! ```
 
 mod actor;
-pub mod cli;
 pub mod config;
-pub mod conformance;
-pub mod control;
-pub mod daemon;
 pub mod error;
 pub mod instance;
 pub mod isolation;
 pub mod logs;
 pub mod manifest;
 pub mod metrics;
-pub mod notify;
 pub mod policy;
 pub mod process;
-pub mod reload;
 mod routing;
 pub mod state;
 pub mod supervisor;

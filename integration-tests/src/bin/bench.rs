@@ -3,7 +3,7 @@
 //! targets.
 //!
 //! ```text
-//! cargo build --release -p plugvisor -p plugvisor-example-echo \
+//! cargo build --release -p plugvisor-cli -p plugvisor-example-echo \
 //!     -p plugvisor-integration-tests --bin plugvisor-bench
 //! target/release/plugvisor-bench [--quick] [--json]
 //! ```
@@ -857,7 +857,7 @@ async fn daemon_latency(root: &Path, bins: &Setup, counts: Counts) -> Result<Sta
     let mut client = loop {
         daemon.check_alive()?;
         if socket.exists()
-            && let Ok(c) = plugvisor::control::connect(&socket).await
+            && let Ok(c) = plugvisor_cli::control::connect(&socket).await
         {
             break c;
         }

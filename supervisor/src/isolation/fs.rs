@@ -1,6 +1,6 @@
 //! The file operations cgroup managers make, behind one narrow trait, so the
 //! v1 and v2 logic runs unchanged against the real cgroupfs or against a
-//! temporary directory laid out like one (see [`super::fake::FakeCgroupFs`]).
+//! temporary directory laid out like one (the `fake` module, with the `test-support` feature).
 
 use std::fmt::Debug;
 use std::io::{self, Write};

@@ -15,6 +15,7 @@
 //!   mechanism (cgroups or "rlimits only", with the reason), prepares each
 //!   spawn, and knows each live instance's cgroup for `inspect`.
 
+#[cfg(any(test, feature = "test-support"))]
 pub mod fake;
 pub mod fs;
 pub mod pin;

@@ -5,7 +5,7 @@
 //! configured uids and gids are allowed; anyone else gets PERMISSION_DENIED.
 
 use crate::reload::Reloader;
-use crate::supervisor::{Event, PluginInfo, Supervisor};
+use plugvisor::supervisor::{Event, PluginInfo, Supervisor};
 use plugvisor_proto as pb;
 use plugvisor_proto::control_server::{Control, ControlServer};
 use prost::bytes::Bytes;
@@ -90,7 +90,7 @@ pub fn status_of(info: &PluginInfo) -> pb::PluginStatus {
 }
 
 /// The wire form of a plugin's isolation.
-pub fn isolation_of(i: &crate::isolation::IsolationStatus) -> pb::Isolation {
+pub fn isolation_of(i: &plugvisor::isolation::IsolationStatus) -> pb::Isolation {
     pb::Isolation {
         mechanism: i.mechanism.clone(),
         cgroups: i.cgroup.iter().map(|p| p.display().to_string()).collect(),
@@ -285,7 +285,7 @@ impl Control for ControlService {
             r.tail as usize
         });
         let cancel = self.cancel.clone();
-        let line_of = |l: &crate::logs::LogLine| pb::LogLine {
+        let line_of = |l: &plugvisor::logs::LogLine| pb::LogLine {
             time_ms: millis(l.time),
             instance: l.instance.clone(),
             stream: l.stream.to_string(),
@@ -487,12 +487,12 @@ pub async fn serve(
         reloader,
     };
     tonic::transport::Server::builder()
-        .initial_stream_window_size(crate::transport::STREAM_WINDOW)
-        .initial_connection_window_size(crate::transport::CONNECTION_WINDOW)
+        .initial_stream_window_size(plugvisor::transport::STREAM_WINDOW)
+        .initial_connection_window_size(plugvisor::transport::CONNECTION_WINDOW)
         .add_service(
             ControlServer::new(service)
-                .max_decoding_message_size(crate::transport::MAX_MESSAGE)
-                .max_encoding_message_size(crate::transport::MAX_MESSAGE),
+                .max_decoding_message_size(plugvisor::transport::MAX_MESSAGE)
+                .max_encoding_message_size(plugvisor::transport::MAX_MESSAGE),
         )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
@@ -504,21 +504,21 @@ pub async fn serve(
 /// A client of a daemon's control socket.
 pub async fn connect(
     path: &Path,
-) -> anyhow::Result<pb::control_client::ControlClient<crate::transport::Connection>> {
-    let channel = crate::transport::connect_unix(path).await.map_err(|e| {
+) -> anyhow::Result<pb::control_client::ControlClient<plugvisor::transport::Connection>> {
+    let channel = plugvisor::transport::connect_unix(path).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot reach the plugvisor daemon at {}: {e}\nStart one with `plugvisor run --plugins-dir DIR`, or point --control (or PLUGVISOR_CONTROL) at its socket.",
             path.display()
         )
     })?;
     Ok(
-        pb::control_client::ControlClient::with_origin(channel, crate::transport::origin())
-            .max_decoding_message_size(crate::transport::MAX_MESSAGE)
-            .max_encoding_message_size(crate::transport::MAX_MESSAGE),
+        pb::control_client::ControlClient::with_origin(channel, plugvisor::transport::origin())
+            .max_decoding_message_size(plugvisor::transport::MAX_MESSAGE)
+            .max_encoding_message_size(plugvisor::transport::MAX_MESSAGE),
     )
 }
 
 /// The path a socket should be looked for at.
 pub fn resolve(path: Option<PathBuf>) -> PathBuf {
-    path.unwrap_or_else(crate::config::default_control_socket)
+    path.unwrap_or_else(plugvisor::config::default_control_socket)
 }

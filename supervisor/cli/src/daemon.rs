@@ -2,13 +2,13 @@
 //! socket, reload on SIGHUP, and stop everything cleanly when the shutdown
 //! future resolves.
 
-use crate::config::Config;
 use crate::control::{self, Access};
-use crate::manifest;
 use crate::notify::Notifier;
 use crate::reload::{LoadConfig, Reloader};
-use crate::supervisor::{Supervisor, SupervisorOptions};
 use anyhow::Context;
+use plugvisor::config::Config;
+use plugvisor::manifest;
+use plugvisor::supervisor::{Supervisor, SupervisorOptions};
 use std::future::Future;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -82,7 +82,7 @@ pub async fn run(
                 .await
                 .with_context(|| format!("cannot serve metrics on {address}"))?;
             tracing::info!("metrics on http://{address}/metrics");
-            Some(tokio::spawn(crate::metrics::serve(
+            Some(tokio::spawn(crate::metrics_http::serve(
                 listener,
                 supervisor.clone(),
                 cancel.clone(),
@@ -154,8 +154,8 @@ pub async fn run(
 
 /// The supervisor's isolation settings from the config: cgroups probed at
 /// `cgroup.root` (unless turned off), under this daemon's own parent cgroup.
-fn isolation_options(config: &crate::config::Config) -> crate::isolation::IsolationOptions {
-    use crate::isolation::{CgroupMode, IsolationOptions};
+fn isolation_options(config: &plugvisor::config::Config) -> plugvisor::isolation::IsolationOptions {
+    use plugvisor::isolation::{CgroupMode, IsolationOptions};
     IsolationOptions {
         cgroups: if config.cgroup.enabled {
             CgroupMode::Probe {

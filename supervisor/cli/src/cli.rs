@@ -2,10 +2,10 @@
 //! (`check`), and client verbs that talk to a running daemon over its control
 //! socket. Exit codes: 0 ok, 1 error, 2 usage.
 
-use crate::config::{Config, LogFormat};
 use crate::control;
 use anyhow::{Context, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand};
+use plugvisor::config::{Config, LogFormat};
 use plugvisor_proto as pb;
 use prost::bytes::Bytes;
 use std::io::{IsTerminal, Read, Write};
@@ -136,7 +136,7 @@ pub enum Command {
         #[arg(value_name = "-")]
         stdin: Option<String>,
         /// Deadline, e.g. `5s` (default: the plugin's timeouts.call).
-        #[arg(long, value_parser = crate::units::parse_duration)]
+        #[arg(long, value_parser = plugvisor::units::parse_duration)]
         timeout: Option<Duration>,
         #[arg(long)]
         json: bool,
@@ -164,7 +164,7 @@ pub enum Command {
         #[arg(long, value_name = "JSON")]
         config: Option<String>,
         /// Deadline for the handshake, Initialize and each call.
-        #[arg(long, default_value = "10s", value_parser = crate::units::parse_duration)]
+        #[arg(long, default_value = "10s", value_parser = plugvisor::units::parse_duration)]
         timeout: Duration,
     },
     /// Print a shell completion script, e.g.
@@ -576,12 +576,12 @@ fn usage(message: &str) -> anyhow::Result<i32> {
 /// starting anything.
 fn check(args: &ConfigArgs, json: bool) -> anyhow::Result<i32> {
     let config = load_config(args)?;
-    let discovery = crate::manifest::discover(&config.plugins_dir)?;
+    let discovery = plugvisor::manifest::discover(&config.plugins_dir)?;
     let mut plugins = Vec::new();
     let mut errors: Vec<String> = Vec::new();
     for m in &discovery.manifests {
         // What a start would refuse: the pin, writability, the user.
-        match crate::isolation::check_manifest(m, config.allow_writable_executables) {
+        match plugvisor::isolation::check_manifest(m, config.allow_writable_executables) {
             Ok(()) => plugins.push(m),
             Err(why) => errors.push(format!("{}: {why}", m.path.display())),
         }

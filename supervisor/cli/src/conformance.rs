@@ -17,12 +17,12 @@ mod report;
 
 pub use report::{Check, Outcome, Report, Rule};
 
-use crate::config::merge_json;
-use crate::instance::{self, DEFAULT_PATH, Instance, StartContext, StartError};
-use crate::logs::{LineReader, LogBuffer};
-use crate::manifest::{MANIFEST_FILE, Manifest};
-use crate::process::{ProcessManager, SpawnSpec};
-use crate::units::HumanDuration;
+use plugvisor::config::merge_json;
+use plugvisor::instance::{self, DEFAULT_PATH, Instance, StartContext, StartError};
+use plugvisor::logs::{LineReader, LogBuffer};
+use plugvisor::manifest::{MANIFEST_FILE, Manifest};
+use plugvisor::process::{ProcessManager, SpawnSpec};
+use plugvisor::units::HumanDuration;
 use plugvisor_proto::handshake::{self, Handshake, HandshakeError, PROTOCOL_VERSION};
 use plugvisor_proto::{
     Chunk, ExportStateRequest, ExportStateResponse, HandleRequest, HandleResponse,
@@ -657,7 +657,7 @@ impl Checker {
         use tonic_health::pb::health_check_response::ServingStatus;
         use tonic_health::pb::health_client::HealthClient;
         let socket = a.socket_dir.join(SOCKET_FILE);
-        let connect = crate::transport::connect_plugin(&socket, a.child.pid());
+        let connect = plugvisor::transport::connect_plugin(&socket, a.child.pid());
         let channel = match tokio::time::timeout(HEALTH_TIMEOUT, connect).await {
             Ok(Ok(channel)) => channel,
             Ok(Err(e)) => return Err(format!("could not connect: {e}")),
@@ -671,7 +671,7 @@ impl Checker {
         let message = tonic_health::pb::HealthCheckRequest {
             service: String::new(),
         };
-        let mut client = HealthClient::with_origin(channel, crate::transport::origin());
+        let mut client = HealthClient::with_origin(channel, plugvisor::transport::origin());
         let call = client.check(request(message, HEALTH_TIMEOUT));
         match deadline(HEALTH_TIMEOUT, call).await {
             Ok(response) => match ServingStatus::try_from(response.status) {
@@ -969,7 +969,7 @@ mod tests {
         assert_eq!(sanitize_name("...."), "plugin");
         assert_eq!(sanitize_name(&"a".repeat(80)).len(), 63);
         for name in ["echo-plugin", "My Plugin.py", "....", "-_9z"] {
-            crate::manifest::validate_name(&sanitize_name(name)).unwrap();
+            plugvisor::manifest::validate_name(&sanitize_name(name)).unwrap();
         }
     }
 

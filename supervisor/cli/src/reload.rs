@@ -1,14 +1,14 @@
 //! Reloading the daemon's plugins: re-read the supervisor config and the
 //! plugins directory, then start added plugins, stop removed ones, and
-//! upgrade changed ones without downtime ([`crate::Supervisor::upgrade_with`]).
+//! upgrade changed ones without downtime ([`plugvisor::Supervisor::upgrade_with`]).
 //! A plugin whose manifest no longer loads keeps running as it was, and the
 //! report says why. Triggered by SIGHUP, `plugvisor reload`, and (for one
 //! plugin) `plugvisor restart NAME --upgrade`.
 
-use crate::config::{Config, PluginOverride};
-use crate::error::Error;
-use crate::manifest::{self, Manifest, ManifestError};
-use crate::supervisor::Supervisor;
+use plugvisor::config::{Config, PluginOverride};
+use plugvisor::error::Error;
+use plugvisor::manifest::{self, Manifest, ManifestError};
+use plugvisor::supervisor::Supervisor;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

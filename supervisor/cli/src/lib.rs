@@ -1,0 +1,20 @@
+//! The `plugvisor` binary's library: everything the daemon and the CLI add
+//! on top of the embeddable [`plugvisor`] core.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the command line (clap), one function per verb.
+//! - [`daemon`]: `plugvisor run`: discovery, the control server, signals.
+//! - [`control`]: the gRPC control API the CLI talks to, and its client.
+//! - [`reload`]: re-reading plugins_dir and the config on `reload` / SIGHUP.
+//! - [`metrics_http`]: the Prometheus `/metrics` endpoint.
+//! - [`notify`]: sd_notify for systemd's `Type=notify` and watchdog.
+//! - [`conformance`]: checks one plugin against the protocol, rule by rule.
+
+pub mod cli;
+pub mod conformance;
+pub mod control;
+pub mod daemon;
+pub mod metrics_http;
+pub mod notify;
+pub mod reload;
