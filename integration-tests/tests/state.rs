@@ -206,12 +206,17 @@ async fn a_full_disk_during_a_snapshot_keeps_the_previous_one() {
     sup.wait_ready("kv", SECS_10).await.unwrap();
     call(&sup, "set", "small=ok").await.unwrap();
     // A value bigger than the whole filesystem: the snapshot cannot be written,
-    // and the caller is told its change is not durable.
+    // and the caller is told its change happened but is not durable: DATA_LOSS,
+    // not a retryable UNAVAILABLE that would invite sending it again.
     let big = format!("big={}", "x".repeat(128 * 1024));
     let err = call(&sup, "set", &big).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DataLoss, "{err}");
+    assert!(err.to_string().contains("could not be saved"), "{err}");
+    // And it leaves a trace beyond the caller: the metric.
+    let metrics = sup.metrics_text();
     assert!(
-        err.to_string().contains("could not be snapshotted"),
-        "{err}"
+        metrics.contains("plugvisor_snapshot_failures_total{plugin=\"kv\"} 1"),
+        "{metrics}"
     );
     let store = plugvisor::state::SnapshotStore::new(&state_dir, "kv");
     let snapshot = store

@@ -117,7 +117,7 @@ async fn handle_stream_round_trips_64_mib() {
     sup.wait_ready("echo", SECS_10).await.unwrap();
     const CHUNK: usize = 1 << 20;
     let chunks: Vec<Bytes> = (0..64u8).map(|i| Bytes::from(vec![i; CHUNK])).collect();
-    let input = tokio_stream::iter(chunks);
+    let input = tokio_stream::iter(chunks.into_iter().map(Ok));
     let mut output = sup
         .call_stream(
             "echo",

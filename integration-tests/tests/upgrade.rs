@@ -144,7 +144,7 @@ async fn upgrading_kv_v1_to_v2_under_load_drops_no_call_and_carries_the_state() 
         .history("kv")
         .unwrap()
         .into_iter()
-        .find(|e| e.reason.contains("calls switched after"))
+        .find(|e| e.reason.contains("calls switched"))
         .expect("an upgrade event");
     println!(
         "upgrade kv 1.0.0 -> 2.0.0 under 8 callers: {} acknowledged writes, 0 failed; {}; upgrade() took {}ms including 300ms probation",
@@ -437,5 +437,247 @@ async fn a_full_call_queue_answers_resource_exhausted() {
         }
     }
     assert_eq!((ok, exhausted), (4, 2), "2 run, 2 queue, 2 are turned away");
+    sup.shutdown().await;
+}
+
+/// The pid of every replica, in replica order.
+fn replica_pids(sup: &Supervisor, name: &str) -> Vec<i32> {
+    sup.info(name)
+        .unwrap()
+        .replicas
+        .iter()
+        .map(|r| r.pid.expect("a running replica"))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_upgrade_that_fails_on_one_replica_rolls_every_replica_back() {
+    let sandbox = Sandbox::new();
+    let sup = sandbox.supervisor();
+    let mut events = sup.events();
+    let exec = bin("testplugin");
+    let v1 = versioned(&sandbox, "t", "1.0.0", &exec, "replicas: 2");
+    // Replica 0 of 2.0.0 starts fine and takes calls; replica 1 fails
+    // Initialize, after replica 0 has already switched.
+    let v2 = versioned(
+        &sandbox,
+        "t",
+        "2.0.0",
+        &exec,
+        "replicas: 2\nconfig: {init_fail_replica: 1}\nupgrade: {probation: 0s}",
+    );
+    sup.add(v1, &Default::default()).unwrap();
+    for _ in 0..2 {
+        wait_state(&mut events, "t", PluginState::Ready, SECS_10).await;
+    }
+    let before = replica_pids(&sup, "t");
+
+    let err = sup.upgrade("t", v2).await.unwrap_err();
+    assert!(matches!(err, Error::UpgradeFailed { .. }), "{err}");
+    assert!(
+        err.to_string().contains("all 2 replica(s) run 1.0.0 again"),
+        "the reply says which version runs: {err}"
+    );
+    let info = sup.info("t").unwrap();
+    assert_eq!(info.version, "1.0.0", "the plugin still says 1.0.0");
+    assert_eq!(
+        replica_pids(&sup, "t"),
+        before,
+        "both replicas are back on their original 1.0.0 instances"
+    );
+    assert!(
+        !sup.config("t").unwrap().contains_key("init_fail_replica"),
+        "the rejected config is not kept"
+    );
+    // Replica 0 said it went back, and why.
+    let history = sup.history("t").unwrap();
+    assert!(
+        history.iter().any(|e| e.replica == 0
+            && e.reason.contains("rolled back")
+            && e.reason.contains("another replica")),
+        "{history:#?}"
+    );
+    // Calls reach both old instances.
+    for _ in 0..4 {
+        sup.call("t", "echo", Bytes::from("x"), HashMap::new(), None)
+            .await
+            .unwrap();
+    }
+    // A crash-restart brings back 1.0.0 with the old config.
+    sup.call("t", "crash", Bytes::new(), HashMap::new(), None)
+        .await
+        .unwrap_err();
+    wait_state(&mut events, "t", PluginState::Backoff, SECS_10).await;
+    wait_state(&mut events, "t", PluginState::Ready, SECS_10).await;
+    assert_eq!(sup.info("t").unwrap().version, "1.0.0");
+    sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rejected_config_is_rolled_back_even_when_its_caller_goes_away() {
+    let sandbox = Sandbox::new();
+    let sup = sandbox.supervisor();
+    let mut events = sup.events();
+    sup.add(
+        versioned(&sandbox, "t", "1.0.0", &bin("testplugin"), ""),
+        &Default::default(),
+    )
+    .unwrap();
+    wait_state(&mut events, "t", PluginState::Ready, SECS_10).await;
+    let pid = sup.info("t").unwrap().pid.unwrap();
+
+    // The caller gives up long before the rollout can finish (Ctrl-C on
+    // `plugvisor config`): the rollout goes on without it.
+    let mut changes = serde_json::Map::new();
+    changes.insert("init_fail_replica".into(), serde_json::json!(0));
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(1),
+        sup.set_runtime_config("t", changes),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the caller went away mid-rollout");
+    next_event(&mut events, "t", SECS_10, |e| {
+        e.reason.contains("rolled back")
+    })
+    .await;
+    assert!(
+        !sup.config("t").unwrap().contains_key("init_fail_replica"),
+        "the rejected config was not kept"
+    );
+    assert_eq!(
+        sup.info("t").unwrap().pid,
+        Some(pid),
+        "the old instance serves"
+    );
+    // The next crash-restart starts with the old config, and succeeds.
+    sup.call("t", "crash", Bytes::new(), HashMap::new(), None)
+        .await
+        .unwrap_err();
+    wait_state(&mut events, "t", PluginState::Backoff, SECS_10).await;
+    wait_state(&mut events, "t", PluginState::Ready, SECS_10).await;
+    sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn streams_count_against_the_call_limits() {
+    let sandbox = Sandbox::new();
+    let sup = sandbox.supervisor();
+    sup.add(
+        sandbox.manifest(
+            "t",
+            &bin("testplugin"),
+            "calls: {max_in_flight: 1, max_queue: 0}",
+        ),
+        &Default::default(),
+    )
+    .unwrap();
+    sup.wait_ready("t", SECS_10).await.unwrap();
+    // A stream whose upload stays open holds the only call slot...
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, tonic::Status>>(1);
+    let streaming = sup.clone();
+    let held = tokio::spawn(async move {
+        use tokio_stream::StreamExt;
+        let mut reply = streaming
+            .call_stream(
+                "t",
+                "count",
+                HashMap::new(),
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                None,
+            )
+            .await?;
+        let mut out = Vec::new();
+        while let Some(chunk) = reply.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok::<_, Error>(out)
+    });
+    tx.send(Ok(Bytes::from("abc"))).await.unwrap();
+    let logs = sup.logs("t").unwrap();
+    plugvisor_integration_tests::wait_until(SECS_10, "the upload to start", || {
+        logs.tail(50)
+            .iter()
+            .any(|l| l.line.contains("testplugin: upload started"))
+    })
+    .await;
+    // ...so a unary call is refused until it ends.
+    let err = sup
+        .call("t", "echo", Bytes::from("x"), HashMap::new(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Overloaded { .. }),
+        "the open stream holds the call slot: {err}"
+    );
+    drop(tx);
+    assert_eq!(held.await.unwrap().unwrap(), b"3");
+    sup.call("t", "echo", Bytes::from("x"), HashMap::new(), None)
+        .await
+        .expect("the slot is free once the stream ended");
+    // And the stream is in the call metrics, with its method and code.
+    let metrics = sup.metrics_text();
+    assert!(
+        metrics.contains("plugvisor_calls_total{plugin=\"t\",method=\"count\",code=\"Ok\"} 1"),
+        "{metrics}"
+    );
+    sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_broken_upload_reaches_the_plugin_as_cancelled_never_as_a_short_payload() {
+    let sandbox = Sandbox::new();
+    let sup = sandbox.supervisor();
+    sup.add(
+        sandbox.manifest("t", &bin("testplugin"), ""),
+        &Default::default(),
+    )
+    .unwrap();
+    sup.wait_ready("t", SECS_10).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, tonic::Status>>(4);
+    let streaming = sup.clone();
+    let call = tokio::spawn(async move {
+        use tokio_stream::StreamExt;
+        let upload = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut reply = streaming
+            .call_stream("t", "count", HashMap::new(), upload, None)
+            .await?;
+        let mut out = Vec::new();
+        while let Some(chunk) = reply.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok::<_, Error>(out)
+    });
+    tx.send(Ok(Bytes::from(vec![1u8; 1000]))).await.unwrap();
+    tx.send(Ok(Bytes::from(vec![2u8; 1000]))).await.unwrap();
+    let logs = sup.logs("t").unwrap();
+    plugvisor_integration_tests::wait_until(SECS_10, "the upload to start", || {
+        logs.tail(50)
+            .iter()
+            .any(|l| l.line.contains("testplugin: upload started"))
+    })
+    .await;
+    // The caller's side breaks off mid-upload.
+    tx.send(Err(tonic::Status::cancelled("the client went away")))
+        .await
+        .unwrap();
+    let result = call.await.unwrap();
+    let err = result.expect_err("a broken upload never reads as a complete one");
+    assert_eq!(err.code(), tonic::Code::Cancelled, "{err}");
+    // The plugin saw the upload break, not end.
+    plugvisor_integration_tests::wait_until(SECS_10, "the plugin's verdict on its upload", || {
+        logs.tail(50).iter().any(|l| {
+            l.line.contains("testplugin: upload broken") || l.line.contains("upload complete")
+        })
+    })
+    .await;
+    let lines: Vec<String> = logs.tail(50).into_iter().map(|l| l.line).collect();
+    assert!(
+        lines.iter().any(|l| l.contains("upload broken after")),
+        "{lines:#?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("upload complete")),
+        "{lines:#?}"
+    );
     sup.shutdown().await;
 }

@@ -43,6 +43,24 @@ pub enum Error {
         in_flight: usize,
         queued: usize,
     },
+    /// The call happened, but the state it changed could not be saved: a
+    /// retry would apply it twice, and a restart would lose it.
+    #[error(
+        "plugin `{plugin}` instance `{instance}` answered, but its state could not be saved: {reason}; the call took effect, do not retry it blindly"
+    )]
+    NotPersisted {
+        plugin: String,
+        instance: String,
+        reason: String,
+    },
+    /// The caller's side of a streamed call broke off; the plugin was told
+    /// the call is cancelled.
+    #[error("call to `{plugin}` method `{method}` cancelled: {reason}")]
+    Cancelled {
+        plugin: String,
+        method: String,
+        reason: String,
+    },
     #[error("upgrade of `{plugin}` failed and was rolled back: {reason}")]
     UpgradeFailed { plugin: String, reason: String },
     #[error("the supervisor is shutting down")]
@@ -63,6 +81,8 @@ impl Error {
             Error::Invalid(_) => Code::InvalidArgument,
             Error::Overloaded { .. } => Code::ResourceExhausted,
             Error::UpgradeFailed { .. } => Code::FailedPrecondition,
+            Error::NotPersisted { .. } => Code::DataLoss,
+            Error::Cancelled { .. } => Code::Cancelled,
             Error::NotRunning { .. }
             | Error::NotReady { .. }
             | Error::Lost { .. }

@@ -551,3 +551,98 @@ fn kill_leftovers(instance: &Instance) {
         tracing::warn!(instance = %instance.id, "cannot kill the rest of its cgroup: {e}");
     }
 }
+
+/// A connection to one instance's `Plugin` service.
+pub type Client = PluginClient<Connection>;
+
+/// One HealthCheck with a deadline.
+pub async fn probe(
+    client: &Client,
+    timeout: Duration,
+) -> Result<(plugvisor_proto::health_check_response::Status, String), String> {
+    let mut client = client.clone();
+    let mut request = tonic::Request::new(plugvisor_proto::HealthCheckRequest {});
+    request.set_timeout(timeout);
+    match tokio::time::timeout(timeout, client.health_check(request)).await {
+        Ok(Ok(response)) => {
+            let r = response.into_inner();
+            Ok((r.status(), r.message))
+        }
+        Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
+        Err(_) => Err(format!("no answer within {}ms", timeout.as_millis())),
+    }
+}
+
+/// ExportState with a deadline.
+pub async fn export(
+    client: &Client,
+    timeout: Duration,
+) -> Result<plugvisor_proto::ExportStateResponse, String> {
+    let mut client = client.clone();
+    let mut request = tonic::Request::new(plugvisor_proto::ExportStateRequest {});
+    request.set_timeout(timeout);
+    Ok(tokio::time::timeout(timeout, client.export_state(request))
+        .await
+        .map_err(|_| {
+            format!(
+                "ExportState did not answer within {}ms",
+                timeout.as_millis()
+            )
+        })?
+        .map_err(|s| format!("ExportState failed: {:?}: {}", s.code(), s.message()))?
+        .into_inner())
+}
+
+/// One replica's snapshot store, with the lock that keeps its writes in
+/// export order. Shared by the replica's actor (periodic, at stop, at
+/// upgrade) and the calls that snapshot on change.
+#[derive(Debug)]
+pub struct Snapshots {
+    pub store: crate::state::SnapshotStore,
+    order: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The right to write the next snapshot; held from export to write.
+pub type SnapshotTurn = tokio::sync::OwnedMutexGuard<()>;
+
+impl Snapshots {
+    pub fn new(store: crate::state::SnapshotStore) -> Self {
+        Snapshots {
+            store,
+            order: Arc::default(),
+        }
+    }
+
+    /// Waits for the turn to write (snapshots land in export order).
+    pub async fn turn(&self) -> SnapshotTurn {
+        self.order.clone().lock_owned().await
+    }
+
+    /// Exports the instance's state and writes it as the newest snapshot.
+    /// Returns the snapshot's sequence number.
+    pub async fn take(&self, client: &Client, timeout: Duration) -> Result<u64, String> {
+        let turn = self.turn().await;
+        let state = export(client, timeout).await?;
+        self.write(turn, state.state.to_vec(), state.state_version)
+            .await
+    }
+
+    /// Writes `state` as the newest snapshot, holding `turn` until it is
+    /// on disk. The write runs on the blocking pool: once started, it lands
+    /// (and keeps the turn) even if the caller goes away.
+    pub async fn write(
+        &self,
+        turn: SnapshotTurn,
+        state: Vec<u8>,
+        version: u32,
+    ) -> Result<u64, String> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            store.write(&state, version)
+        })
+        .await
+        .map_err(|e| format!("the snapshot writer failed: {e}"))?
+        .map_err(|e| e.to_string())
+    }
+}

@@ -12,7 +12,12 @@
 //! - [`instance`]: one child's start (handshake, connect, Initialize) and stop.
 //! - [`isolation`]: cgroups (v1, v2), rlimits, hardening, binary pinning.
 //! - [`policy`]: the restart policy as pure functions of time.
-//! - [`supervisor`]: the per-plugin state machine, events and call routing.
+//! - [`supervisor`]: the public API (the facade) and the call paths. Behind
+//!   it, per plugin, one coordinator (`plugin`: owns what the plugin should
+//!   run, runs operations that span replicas) and one actor per replica
+//!   (`actor`: owns its child), with `upgrade` (all-or-nothing upgrades),
+//!   `replica` (the steps of a replica's life), `routing` (where calls go)
+//!   and [`status`] (states, events, the published view).
 //! - [`metrics`]: the Prometheus registry the supervisor feeds.
 //! - [`state`]: atomic state snapshots.
 //! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets.
@@ -39,20 +44,26 @@
 mod actor;
 pub mod config;
 pub mod error;
+mod host;
 pub mod instance;
 pub mod isolation;
 pub mod logs;
 pub mod manifest;
 pub mod metrics;
+mod plugin;
 pub mod policy;
 pub mod process;
+mod replica;
 mod routing;
 pub mod state;
+pub mod status;
 pub mod supervisor;
 pub mod transport;
 pub mod units;
+mod upgrade;
 
 pub use error::Error;
 pub use supervisor::{
-    Event, ExitReason, PluginInfo, PluginState, ReplicaInfo, Supervisor, SupervisorOptions,
+    Event, EventDetail, ExitReason, PluginInfo, PluginState, ReplicaInfo, Supervisor,
+    SupervisorOptions,
 };

@@ -67,6 +67,7 @@ pub struct Metrics {
     restarts: Family<ReasonLabels, Counter>,
     oom_kills: Family<PluginLabel, Counter>,
     health_failures: Family<PluginLabel, Counter>,
+    snapshot_failures: Family<PluginLabel, Counter>,
     start_duration: HistogramFamily<PluginLabel>,
     calls: Family<CallLabels, Counter>,
     call_errors: Family<MethodLabels, Counter>,
@@ -79,6 +80,7 @@ impl Default for Metrics {
             restarts: Family::default(),
             oom_kills: Family::default(),
             health_failures: Family::default(),
+            snapshot_failures: Family::default(),
             start_duration: Family::new_with_constructor(start_histogram),
             calls: Family::default(),
             call_errors: Family::default(),
@@ -134,6 +136,15 @@ impl Metrics {
 
     pub fn health_failed(&self, plugin: &str) {
         self.health_failures
+            .get_or_create(&PluginLabel {
+                plugin: plugin.to_string(),
+            })
+            .inc();
+    }
+
+    /// A state snapshot could not be taken or written.
+    pub fn snapshot_failed(&self, plugin: &str) {
+        self.snapshot_failures
             .get_or_create(&PluginLabel {
                 plugin: plugin.to_string(),
             })
@@ -252,6 +263,11 @@ impl Metrics {
             self.health_failures.clone(),
         );
         registry.register(
+            "snapshot_failures",
+            "State snapshots that could not be taken or written",
+            self.snapshot_failures.clone(),
+        );
+        registry.register(
             "start_duration_seconds",
             "Spawn to ready",
             self.start_duration.clone(),
@@ -288,6 +304,7 @@ mod tests {
         m.restarted("echo", "signal");
         m.restarted("echo", "oom");
         m.health_failed("echo");
+        m.snapshot_failed("echo");
         m.started("echo", Duration::from_millis(3));
         m.call("echo", "upper", tonic::Code::Ok, Duration::from_micros(80));
         m.call(
@@ -318,6 +335,7 @@ mod tests {
             "plugvisor_restarts_total{plugin=\"echo\",reason=\"signal\"} 1",
             "plugvisor_oom_kills_total{plugin=\"echo\"} 1",
             "plugvisor_health_check_failures_total{plugin=\"echo\"} 1",
+            "plugvisor_snapshot_failures_total{plugin=\"echo\"} 1",
             "plugvisor_start_duration_seconds_count{plugin=\"echo\"} 1",
             "plugvisor_calls_total{plugin=\"echo\",method=\"upper\",code=\"Ok\"} 1",
             "plugvisor_calls_total{plugin=\"echo\",method=\"upper\",code=\"NotFound\"} 1",

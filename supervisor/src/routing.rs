@@ -3,23 +3,25 @@
 //! channel; a call picks the least-loaded ready instance, or waits for one
 //! until its deadline. Admission bounds the calls a plugin takes at once and
 //! how many may queue for a slot, so overload answers RESOURCE_EXHAUSTED
-//! instead of growing without bound.
+//! instead of growing without bound. Every count a call holds (its call
+//! slot, its place in the queue, its instance's in-flight count) is a guard
+//! that gives it back on drop, so a call dropped at any `await` leaks nothing.
 
 use crate::error::Error;
-use crate::supervisor::PluginState;
-use crate::transport::Connection;
-use plugvisor_proto::plugin_client::PluginClient;
+use crate::instance::{Client, Snapshots};
+use crate::status::PluginState;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, Semaphore, SemaphorePermit, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 /// A ready instance that calls can go to.
 pub(crate) struct ReadyInstance {
     pub id: String,
-    /// Which replica of the plugin it is.
-    pub replica: usize,
-    pub client: PluginClient<Connection>,
+    pub client: Client,
+    /// The replica's snapshot store, for calls that change state when the
+    /// plugin snapshots on change.
+    pub snapshots: Option<Arc<Snapshots>>,
     /// Calls in flight on this instance, for least-loaded routing and drains.
     in_flight: AtomicUsize,
     /// Notified when `in_flight` drops to zero.
@@ -27,11 +29,11 @@ pub(crate) struct ReadyInstance {
 }
 
 impl ReadyInstance {
-    pub fn new(id: String, replica: usize, client: PluginClient<Connection>) -> Arc<Self> {
+    pub fn new(id: String, client: Client, snapshots: Option<Arc<Snapshots>>) -> Arc<Self> {
         Arc::new(ReadyInstance {
             id,
-            replica,
             client,
+            snapshots,
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
         })
@@ -194,17 +196,27 @@ fn choose(routes: &[Route], avoid: Option<&str>) -> Choice {
 /// `max_queue` waiting for a slot; beyond that, RESOURCE_EXHAUSTED.
 pub(crate) struct Admission {
     plugin: String,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     max_in_flight: usize,
     queued: AtomicUsize,
     max_queue: usize,
+}
+
+/// A call's place in the admission queue: given back when dropped, whether
+/// the call got its slot, timed out, or was dropped while it waited.
+struct QueuePlace<'a>(&'a AtomicUsize);
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Admission {
     pub fn new(plugin: &str, max_in_flight: usize, max_queue: usize) -> Self {
         Admission {
             plugin: plugin.to_string(),
-            permits: Semaphore::new(max_in_flight),
+            permits: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
             queued: AtomicUsize::new(0),
             max_queue,
@@ -212,24 +224,19 @@ impl Admission {
     }
 
     /// A slot for one call, waiting in the bounded queue until `deadline`.
+    /// The slot is held until the permit is dropped (a stream holds it until
+    /// it ends).
     pub async fn admit(
         &self,
         deadline: Instant,
         timeout: Duration,
-    ) -> Result<SemaphorePermit<'_>, Error> {
-        if let Ok(permit) = self.permits.try_acquire() {
+    ) -> Result<OwnedSemaphorePermit, Error> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
             return Ok(permit);
         }
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(Error::Overloaded {
-                plugin: self.plugin.clone(),
-                in_flight: self.max_in_flight,
-                queued: self.max_queue,
-            });
-        }
-        let result = tokio::time::timeout_at(deadline.into(), self.permits.acquire()).await;
-        self.queued.fetch_sub(1, Ordering::AcqRel);
+        let _place = self.queue_place()?;
+        let result =
+            tokio::time::timeout_at(deadline.into(), self.permits.clone().acquire_owned()).await;
         match result {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) => Err(Error::ShuttingDown),
@@ -239,6 +246,29 @@ impl Admission {
                 reason: format!("all {} call slots stayed busy", self.max_in_flight),
             }),
         }
+    }
+
+    /// Takes a place in the queue, or answers overloaded when it is full.
+    fn queue_place(&self) -> Result<QueuePlace<'_>, Error> {
+        let taken = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_queue).then_some(n + 1)
+            });
+        match taken {
+            Ok(_) => Ok(QueuePlace(&self.queued)),
+            Err(_) => Err(Error::Overloaded {
+                plugin: self.plugin.clone(),
+                in_flight: self.max_in_flight,
+                queued: self.max_queue,
+            }),
+        }
+    }
+
+    /// Calls waiting for a slot now.
+    #[cfg(test)]
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
     }
 }
 
@@ -251,7 +281,11 @@ mod tests {
         let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
         std::mem::forget(theirs);
         let connection = crate::transport::handshake(ours).await.unwrap();
-        ReadyInstance::new(id.to_string(), 0, PluginClient::new(connection))
+        ReadyInstance::new(
+            id.to_string(),
+            plugvisor_proto::plugin_client::PluginClient::new(connection),
+            None,
+        )
     }
 
     #[tokio::test]
@@ -340,6 +374,35 @@ mod tests {
         assert!(matches!(err, Error::Overloaded { .. }), "{err}");
         drop(held);
         assert!(queued.await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_while_queued_gives_its_place_back() {
+        let admission = Admission::new("p", 1, 2);
+        let far = Instant::now() + Duration::from_secs(5);
+        let held = admission.admit(far, Duration::from_secs(5)).await.unwrap();
+        // More cancelled waiters than the queue holds: each gives its place
+        // back when it is dropped (a client that went away, a timeout).
+        for _ in 0..5 {
+            let waiting = admission.admit(far, Duration::from_secs(5));
+            tokio::pin!(waiting);
+            assert!(futures_poll(&mut waiting).await.is_none(), "it queues");
+            assert_eq!(admission.queued(), 1);
+        }
+        assert_eq!(admission.queued(), 0, "every dropped waiter left the queue");
+        let cut_short = tokio::time::timeout(
+            Duration::from_millis(20),
+            admission.admit(far, Duration::from_secs(5)),
+        )
+        .await;
+        assert!(cut_short.is_err(), "a call cut short by a timeout");
+        assert_eq!(admission.queued(), 0);
+        // The queue still takes calls: the next one waits for the slot.
+        let next = admission.admit(far, Duration::from_secs(5));
+        tokio::pin!(next);
+        assert!(futures_poll(&mut next).await.is_none());
+        drop(held);
+        assert!(next.await.is_ok(), "and gets it once the slot is free");
     }
 
     /// Polls a future once.

@@ -141,6 +141,18 @@ impl SnapshotStore {
     }
 }
 
+impl SnapshotStore {
+    /// Removes the snapshots newer than `seq`; returns how many.
+    pub fn discard_after(&self, seq: u64) -> io::Result<usize> {
+        let mut removed = 0;
+        for newer in self.sequences().into_iter().filter(|s| *s > seq) {
+            std::fs::remove_file(self.path(newer))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+}
+
 fn read_snapshot(path: &Path, seq: u64) -> Result<Snapshot, String> {
     let mut bytes = Vec::new();
     File::open(path)

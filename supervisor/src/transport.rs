@@ -72,9 +72,89 @@ impl tower::Service<http::Request<tonic::body::Body>> for Connection {
         sender.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        if let Some(abort) = request.extensions_mut().remove::<BodyAbort>() {
+            request = request.map(|inner| tonic::body::Body::new(AbortableBody { inner, abort }));
+        }
         let mut sender = self.senders[self.current].clone();
         Box::pin(async move { sender.send_request(request).await })
+    }
+}
+
+/// Put in a streamed request's extensions, it lets the caller break the
+/// upload off with an error: the request body then fails, and HTTP/2 resets
+/// the stream with INTERNAL_ERROR, which the peer reads as an error.
+///
+/// Simply dropping the call is not enough: that resets with CANCEL, and
+/// gRPC servers (tonic among them) read a cancelled request stream as its
+/// clean end, so a plugin would take a cut-off upload for a whole one.
+#[derive(Clone, Debug, Default)]
+pub struct BodyAbort(Arc<AbortState>);
+
+#[derive(Debug, Default)]
+struct AbortState {
+    set: std::sync::atomic::AtomicBool,
+    /// The body's task, parked waiting for the next chunk.
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl BodyAbort {
+    /// Fails the body (once it is polled again, which this arranges).
+    pub fn abort(&self) {
+        self.0.set.store(true, Ordering::Release);
+        let waker = self
+            .0
+            .waker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.set.load(Ordering::Acquire)
+    }
+}
+
+struct AbortableBody {
+    inner: tonic::body::Body,
+    abort: BodyAbort,
+}
+
+impl AbortableBody {
+    fn broken() -> tonic::Status {
+        tonic::Status::cancelled("the caller's upload broke off")
+    }
+}
+
+impl hyper::body::Body for AbortableBody {
+    type Data = prost::bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        if self.abort.is_set() {
+            return Poll::Ready(Some(Err(Self::broken())));
+        }
+        *self.abort.0.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        // Polling the upload may be what broke it off.
+        if frame.is_pending() && self.abort.is_set() {
+            return Poll::Ready(Some(Err(Self::broken())));
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -946,7 +946,7 @@ async fn stream_once(sup: &Supervisor, total: usize) -> Result<Duration> {
     let chunks: Vec<Bytes> = (0..total / STREAM_CHUNK)
         .map(|i| Bytes::from(vec![(i % 251) as u8; STREAM_CHUNK]))
         .collect();
-    let input = tokio_stream::iter(chunks.clone());
+    let input = tokio_stream::iter(chunks.clone().into_iter().map(Ok));
     let start = Instant::now();
     let output = sup
         .call_stream("echo", "echo", HashMap::new(), input, None)

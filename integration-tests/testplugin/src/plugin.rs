@@ -8,8 +8,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use plugvisor_sdk::{
-    ByteStream, Health, InitContext, Plugin, Request, Response, StateSnapshot, Status, async_trait,
-    unknown_method,
+    ByteStream, Bytes, Health, InitContext, Plugin, Request, Response, StateSnapshot, Status,
+    async_trait, unknown_method,
 };
 
 /// Format of the exported state: the counter as decimal text.
@@ -271,6 +271,16 @@ impl Plugin for TestPlugin {
                 "testplugin: Initialize fails because --init-fail was given",
             ));
         }
+        // `init_fail_replica: N` in the config fails Initialize of replica N
+        // only (instance ids are `<plugin>-<replica>-<start>`).
+        if let Some(n) = ctx.config.get("init_fail_replica").and_then(|v| v.as_u64()) {
+            let replica = ctx.instance_id.rsplit('-').nth(1);
+            if replica == Some(n.to_string().as_str()) {
+                return Err(Status::failed_precondition(format!(
+                    "testplugin: Initialize of replica {n} fails as the config asks"
+                )));
+            }
+        }
         let restored = ctx.restored_state.filter(|_| !self.faults.forget_state);
         if let Some(restored) = restored {
             if restored.state_version != STATE_VERSION {
@@ -385,6 +395,9 @@ impl Plugin for TestPlugin {
                 "testplugin: HandleStream fails because --stream-fail was given",
             ));
         }
+        if method == "count" {
+            return count_upload(input).await;
+        }
         Ok(input)
     }
 
@@ -398,6 +411,30 @@ impl Plugin for TestPlugin {
             STATE_VERSION,
         ))
     }
+}
+
+/// `count` on HandleStream: reads the whole upload and answers its size.
+/// Says on stderr how the upload ended, so tests can tell a complete upload
+/// from one that broke off.
+async fn count_upload(mut input: ByteStream) -> Result<ByteStream, Status> {
+    use tokio_stream::StreamExt;
+    eprintln!("testplugin: upload started");
+    let mut total = 0usize;
+    while let Some(chunk) = input.next().await {
+        match chunk {
+            Ok(data) => total += data.len(),
+            Err(status) => {
+                eprintln!(
+                    "testplugin: upload broken after {total} bytes: {:?}",
+                    status.code()
+                );
+                return Err(status);
+            }
+        }
+    }
+    eprintln!("testplugin: upload complete: {total} bytes");
+    let reply = Bytes::from(total.to_string());
+    Ok(Box::pin(tokio_stream::once(Ok(reply))))
 }
 
 #[cfg(test)]

@@ -55,6 +55,46 @@ impl Access {
     }
 }
 
+/// The payload of a `CallStream` request: the first chunk's data and every
+/// later chunk's, up to the chunk marked `end_of_input`. A request stream
+/// that ends (or fails) before that mark yields an error, which cancels the
+/// plugin's call: the client went away mid-upload.
+fn upload_of(
+    first: pb::CallChunk,
+    mut rest: Streaming<pb::CallChunk>,
+) -> impl Stream<Item = Result<Bytes, Status>> + Send + 'static {
+    async_stream::stream! {
+        if !first.data.is_empty() {
+            yield Ok(first.data);
+        }
+        if first.end_of_input {
+            return;
+        }
+        loop {
+            match rest.message().await {
+                Ok(Some(chunk)) => {
+                    if !chunk.data.is_empty() {
+                        yield Ok(chunk.data);
+                    }
+                    if chunk.end_of_input {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    yield Err(Status::cancelled(
+                        "the request stream ended without a chunk marked end_of_input: the upload was cut short",
+                    ));
+                    return;
+                }
+                Err(status) => {
+                    yield Err(status);
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Serves the control API.
 pub struct ControlService {
     supervisor: Supervisor,
@@ -188,16 +228,14 @@ impl Control for ControlService {
                 "the first chunk must name the plugin and the method",
             ));
         }
-        let head = tokio_stream::once(first.data.clone()).filter(|d: &Bytes| !d.is_empty());
-        // A broken client stream ends the upload; the plugin sees end of input.
-        let rest = input.map_while(|chunk| chunk.ok().map(|c| c.data));
+        let upload = upload_of(first.clone(), input);
         let output = self
             .supervisor
             .call_stream(
                 &first.plugin,
                 &first.method,
                 Default::default(),
-                head.chain(rest),
+                upload,
                 None,
             )
             .await?;

@@ -1,0 +1,305 @@
+//! One replica as its actor sees it: what it starts ([`Spec`]), where it
+//! publishes (its route, its row of the board, events), and the steps every
+//! path through its life shares: launch, publish, graceful stop.
+
+use crate::config::{PluginOverride, merge_json};
+use crate::host::Host;
+use crate::instance::{self, Instance, Snapshots, StartContext, StartError};
+use crate::logs::LogBuffer;
+use crate::manifest::Manifest;
+use crate::routing::{Admission, ReadyInstance, Route, Routes};
+use crate::status::{Board, Event, EventDetail, ExitReason, PluginState, ReplicaStatus};
+use plugvisor_proto::{InitializeResponse, RestoredState};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+/// What a replica starts: a manifest with its config and environment
+/// already merged (manifest defaults < supervisor config overrides <
+/// runtime overrides). Immutable; the coordinator makes a new one for each
+/// change and hands it to every replica at once.
+#[derive(Debug)]
+pub(crate) struct Spec {
+    pub manifest: Arc<Manifest>,
+    /// Sent in Initialize.
+    pub config: serde_json::Map<String, serde_json::Value>,
+    /// Added to the child's clean environment.
+    pub env: Vec<(String, String)>,
+}
+
+impl Spec {
+    pub fn new(
+        manifest: Arc<Manifest>,
+        overrides: &PluginOverride,
+        runtime: &serde_json::Map<String, serde_json::Value>,
+    ) -> Self {
+        let mut config = manifest.config.clone();
+        merge_json(&mut config, &overrides.config);
+        merge_json(&mut config, runtime);
+        let mut env = manifest.env.clone();
+        env.extend(overrides.env.clone());
+        Spec {
+            config,
+            env: env.into_iter().collect(),
+            manifest,
+        }
+    }
+}
+
+/// What every part of one plugin shares: the facade reads it, the
+/// coordinator and the actors publish through it.
+pub(crate) struct Common {
+    pub name: String,
+    pub routes: Routes,
+    pub admission: Admission,
+    pub board: Board,
+    pub logs: Arc<LogBuffer>,
+}
+
+/// One replica of a plugin: the context its actor runs in.
+pub(crate) struct Replica {
+    pub host: Arc<Host>,
+    pub plugin: Arc<Common>,
+    pub index: usize,
+    /// The replica's snapshot store, when the supervisor has a state dir.
+    pub snapshots: Option<Arc<Snapshots>>,
+}
+
+impl Replica {
+    pub fn name(&self) -> &str {
+        &self.plugin.name
+    }
+
+    /// Records a transition: the board, the log, the event stream.
+    pub fn event(&self, state: PluginState, instance: &str, reason: String, detail: EventDetail) {
+        let event = Event {
+            time: SystemTime::now(),
+            plugin: self.plugin.name.clone(),
+            replica: self.index,
+            instance: instance.to_string(),
+            state,
+            reason,
+            detail,
+        };
+        self.plugin.board.record(&event);
+        tracing::info!(plugin = %event.plugin, instance, state = state.as_str(), "{}", event.reason);
+        let _ = self.host.events.send(event);
+    }
+
+    pub fn transition(&self, state: PluginState, instance: &str, reason: String) {
+        self.event(state, instance, reason, EventDetail::default());
+    }
+
+    pub fn route(&self, route: Route) {
+        self.plugin.routes.set(self.index, route);
+    }
+
+    /// Down: calls fail at once with this state and reason.
+    pub fn down(&self, instance: &str, state: PluginState, reason: String, detail: EventDetail) {
+        self.route(Route::Down {
+            state,
+            reason: reason.clone(),
+        });
+        self.event(state, instance, reason, detail);
+    }
+
+    /// Updates this replica's row of the board.
+    pub fn update(&self, f: impl FnOnce(&mut ReplicaStatus)) {
+        f(&mut self.plugin.board.lock().replicas[self.index]);
+    }
+
+    /// Spawns and initializes an instance of `spec`, with `restored` state.
+    /// On failure the child is already killed and reaped.
+    pub async fn launch(
+        &self,
+        spec: &Spec,
+        instance_id: &str,
+        restored: Option<RestoredState>,
+        note: &str,
+    ) -> Result<(Instance, InitializeResponse), StartError> {
+        let manifest = &spec.manifest;
+        self.event(
+            PluginState::Starting,
+            instance_id,
+            format!("spawning {} {}", manifest.exec.display(), manifest.version),
+            EventDetail {
+                version: Some(manifest.version.to_string()),
+                ..EventDetail::default()
+            },
+        );
+        let ctx = StartContext {
+            manifest,
+            instance_id: instance_id.to_string(),
+            runtime_dir: &self.host.opts.runtime_dir,
+            env: spec.env.clone(),
+            logs: self.plugin.logs.clone(),
+            processes: &self.host.processes,
+            tasks: &self.host.io_tasks,
+            isolation: Some(&self.host.isolation),
+        };
+        let mut instance = instance::spawn(ctx).await?;
+        let pid = instance.child.pid();
+        self.update(|r| {
+            r.instance = instance_id.to_string();
+            r.pid = Some(pid);
+        });
+        self.event(
+            PluginState::Initializing,
+            instance_id,
+            format!(
+                "handshake done in {}ms; calling Initialize{note}",
+                instance.spawned_at.elapsed().as_millis()
+            ),
+            EventDetail {
+                pid: Some(pid),
+                ..EventDetail::default()
+            },
+        );
+        match instance::initialize(&mut instance, manifest, &spec.config, restored).await {
+            Ok(info) => Ok((instance, info)),
+            Err(e) => {
+                instance::kill_and_reap(&instance.child).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Publishes a freshly initialized instance as ready.
+    pub fn publish(&self, instance: &Instance, info: &InitializeResponse) -> Instant {
+        let ready_since = Instant::now();
+        let pid = instance.child.pid();
+        self.host
+            .metrics
+            .started(&self.plugin.name, instance.spawned_at.elapsed());
+        {
+            let mut b = self.plugin.board.lock();
+            b.methods = info.methods.clone();
+            let r = &mut b.replicas[self.index];
+            r.ready_since = Some(ready_since);
+            r.instance = instance.id.clone();
+            r.pid = Some(pid);
+        }
+        self.route(Route::Ready(ReadyInstance::new(
+            instance.id.clone(),
+            instance.client.clone(),
+            self.snapshots.clone(),
+        )));
+        self.event(
+            PluginState::Ready,
+            &instance.id,
+            format!(
+                "ready in {}ms (pid {pid}, {} {})",
+                instance.spawned_at.elapsed().as_millis(),
+                if info.name.is_empty() {
+                    &self.plugin.name
+                } else {
+                    &info.name
+                },
+                info.version
+            ),
+            EventDetail {
+                pid: Some(pid),
+                version: Some(info.version.clone()),
+                ..EventDetail::default()
+            },
+        );
+        ready_since
+    }
+
+    /// Graceful stop of an instance, with its events. While a restart stops
+    /// the old instance (`restarting`), calls wait for the new one instead
+    /// of failing. A stop takes a last snapshot if `snapshot_first` (an
+    /// upgraded-away instance's state is already older than its
+    /// successor's).
+    pub async fn stop_instance(
+        &self,
+        manifest: &Manifest,
+        instance: &mut Instance,
+        why: &str,
+        restarting: bool,
+        snapshot_first: bool,
+    ) {
+        if restarting {
+            if self
+                .plugin
+                .routes
+                .ready(self.index)
+                .is_some_and(|r| r.id == instance.id)
+            {
+                self.route(Route::Pending);
+            }
+        } else {
+            self.route(Route::Down {
+                state: PluginState::Stopping,
+                reason: why.to_string(),
+            });
+        }
+        self.transition(PluginState::Stopping, &instance.id, why.to_string());
+        if snapshot_first
+            && instance.child.try_status().is_none()
+            && let Some(snapshots) = &self.snapshots
+            && let Err(e) = snapshots
+                .take(&instance.client, manifest.timeouts.call.0)
+                .await
+        {
+            self.snapshot_failed(&instance.id, "at stop", &e);
+        }
+        let status = instance::stop(instance, manifest.timeouts.stop.0).await;
+        let current = self.plugin.board.lock().replicas[self.index].instance == instance.id;
+        if current {
+            self.update(|r| {
+                r.last_exit = Some(status.to_string());
+                r.pid = None;
+                r.ready_since = None;
+            });
+        }
+        let reason = format!("{why}; the plugin {status}");
+        let detail = EventDetail::of_exit(&ExitReason::from_status(status));
+        if restarting {
+            self.event(PluginState::Stopped, &instance.id, reason, detail);
+        } else {
+            self.down(&instance.id, PluginState::Stopped, reason, detail);
+        }
+    }
+
+    /// A snapshot that could not be taken leaves a trace: a warning and the
+    /// metric.
+    pub fn snapshot_failed(&self, instance: &str, when: &str, why: &str) {
+        tracing::warn!(plugin = %self.plugin.name, instance, "state snapshot {when} failed: {why}");
+        self.host.metrics.snapshot_failed(&self.plugin.name);
+    }
+
+    /// The newest good snapshot as Initialize's restored state, and a note
+    /// for the event trail (which snapshot, and any newer ones found
+    /// corrupt). An unreadable snapshot is an error: starting empty would
+    /// silently lose the state.
+    pub async fn restored_state(&self) -> Result<(Option<RestoredState>, String), String> {
+        let Some(snapshots) = &self.snapshots else {
+            return Ok((None, String::new()));
+        };
+        let store = snapshots.store.clone();
+        let loaded = tokio::task::spawn_blocking(move || store.load())
+            .await
+            .map_err(|e| format!("the snapshot reader failed: {e}"))?;
+        let mut note = match &loaded.snapshot {
+            Some(s) => format!(
+                "; restoring snapshot #{} ({} bytes, state version {})",
+                s.seq,
+                s.state.len(),
+                s.state_version
+            ),
+            None => String::new(),
+        };
+        if !loaded.skipped.is_empty() {
+            tracing::warn!(plugin = %self.plugin.name, "skipped corrupt snapshots: {}", loaded.skipped.join("; "));
+            note.push_str(&format!(
+                "; skipped corrupt snapshot(s): {}",
+                loaded.skipped.join("; ")
+            ));
+        }
+        let restored = loaded.snapshot.map(|s| RestoredState {
+            state: s.state.into(),
+            state_version: s.state_version,
+        });
+        Ok((restored, note))
+    }
+}

@@ -1,0 +1,394 @@
+//! What the supervisor says about its plugins: states, exit reasons, events
+//! and point-in-time views, and the per-plugin [`Board`] they are published
+//! on. Each replica's actor writes its own row of the board; the plugin's
+//! coordinator writes the spec; everyone else only reads.
+
+use crate::instance::StartError;
+use crate::isolation::IsolationStatus;
+use crate::process::ExitStatus;
+use crate::replica::Spec;
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+pub use plugvisor_proto::health_check_response::Status as Health;
+
+/// Where a plugin (or one replica of it) is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PluginState {
+    Starting,
+    Initializing,
+    Ready,
+    Degraded,
+    Stopping,
+    Stopped,
+    Backoff,
+    Failed,
+}
+
+impl PluginState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PluginState::Starting => "starting",
+            PluginState::Initializing => "initializing",
+            PluginState::Ready => "ready",
+            PluginState::Degraded => "degraded",
+            PluginState::Stopping => "stopping",
+            PluginState::Stopped => "stopped",
+            PluginState::Backoff => "backoff",
+            PluginState::Failed => "failed",
+        }
+    }
+
+    /// Up and taking calls.
+    pub fn is_up(&self) -> bool {
+        matches!(self, PluginState::Ready | PluginState::Degraded)
+    }
+}
+
+impl std::fmt::Display for PluginState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a child is gone.
+#[derive(Debug, Clone)]
+pub enum ExitReason {
+    Exited(i32),
+    Signaled {
+        signal: i32,
+        core_dumped: bool,
+    },
+    /// Killed by the kernel's OOM killer, as its cgroup's counters show.
+    OomKilled,
+    /// Failed `failure_threshold` consecutive health checks and was killed.
+    HealthCheck(String),
+    /// Never became ready: spawn, handshake, connect or Initialize failed.
+    Start(StartError),
+    /// Its saved state could not be read, so it was not started: starting it
+    /// empty would silently lose that state.
+    Snapshot(String),
+}
+
+impl ExitReason {
+    pub(crate) fn from_status(status: ExitStatus) -> Self {
+        match status {
+            ExitStatus::Exited(code) => ExitReason::Exited(code),
+            ExitStatus::Signaled {
+                signal,
+                core_dumped,
+            } => ExitReason::Signaled {
+                signal,
+                core_dumped,
+            },
+        }
+    }
+
+    /// A short label for metrics and filtering: `exit`, `signal`, `oom`,
+    /// `health`, `start_timeout`, `initialize_timeout`, `handshake`, `start`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ExitReason::Exited(_) => "exit",
+            ExitReason::Signaled { .. } => "signal",
+            ExitReason::OomKilled => "oom",
+            ExitReason::HealthCheck(_) => "health",
+            ExitReason::Start(StartError::StartTimeout { .. }) => "start_timeout",
+            ExitReason::Start(StartError::InitializeTimeout(_)) => "initialize_timeout",
+            ExitReason::Start(StartError::Handshake(_)) => "handshake",
+            ExitReason::Start(StartError::Refused(_)) => "refused",
+            ExitReason::Start(StartError::OomKilled { .. }) => "oom",
+            ExitReason::Start(_) => "start",
+            ExitReason::Snapshot(_) => "snapshot",
+        }
+    }
+
+    /// Exited with code 0 on its own.
+    pub(crate) fn is_clean(&self) -> bool {
+        matches!(self, ExitReason::Exited(0))
+    }
+
+    /// The plugin was refused (a sha256 mismatch, a writable executable) or
+    /// its state is unreadable: restarting cannot help until someone changes
+    /// it.
+    pub(crate) fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            ExitReason::Start(StartError::Refused(_)) | ExitReason::Snapshot(_)
+        )
+    }
+
+    /// How a ready child's exit reads, given whether its cgroup counted an
+    /// OOM kill that explains it.
+    pub(crate) fn of_exit(status: ExitStatus, oom_killed: bool) -> Self {
+        if oom_killed {
+            ExitReason::OomKilled
+        } else {
+            ExitReason::from_status(status)
+        }
+    }
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::Exited(code) => write!(f, "{}", ExitStatus::Exited(*code)),
+            ExitReason::Signaled {
+                signal,
+                core_dumped,
+            } => write!(
+                f,
+                "{}",
+                ExitStatus::Signaled {
+                    signal: *signal,
+                    core_dumped: *core_dumped
+                }
+            ),
+            ExitReason::OomKilled => write!(f, "killed by the OOM killer (memory limit)"),
+            ExitReason::HealthCheck(why) => write!(f, "killed after failed health checks: {why}"),
+            ExitReason::Start(e) => write!(f, "{e}"),
+            ExitReason::Snapshot(why) => write!(f, "its saved state cannot be read: {why}"),
+        }
+    }
+}
+
+/// One state transition.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub time: SystemTime,
+    pub plugin: String,
+    /// The replica concerned.
+    pub replica: usize,
+    /// The instance concerned (`<plugin>-<replica>-<start>`); empty when none.
+    pub instance: String,
+    pub state: PluginState,
+    /// The reason, as a sentence for people.
+    pub reason: String,
+    /// The same facts as fields, for programs: nobody has to parse `reason`.
+    pub detail: EventDetail,
+}
+
+/// The structured facts of an [`Event`]; each is set where it applies.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventDetail {
+    /// The pid of the instance.
+    pub pid: Option<i32>,
+    /// The version the instance runs (or is being upgraded to).
+    pub version: Option<String>,
+    /// How the last instance ended: [`ExitReason::kind`].
+    pub exit_kind: Option<&'static str>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Ended by the OOM killer, as its cgroup counted.
+    pub oom: bool,
+    /// Which restart this backoff leads to (1 for the first).
+    pub attempt: Option<u32>,
+    /// How long the backoff waits.
+    pub delay: Option<Duration>,
+}
+
+impl EventDetail {
+    /// The fields that describe how an instance ended.
+    pub fn of_exit(reason: &ExitReason) -> Self {
+        let mut detail = EventDetail {
+            exit_kind: Some(reason.kind()),
+            ..EventDetail::default()
+        };
+        match reason {
+            ExitReason::Exited(code) => detail.exit_code = Some(*code),
+            ExitReason::Signaled { signal, .. } => detail.signal = Some(*signal),
+            ExitReason::OomKilled | ExitReason::Start(StartError::OomKilled { .. }) => {
+                detail.oom = true
+            }
+            ExitReason::Start(StartError::ExitedEarly { status, .. }) => match status {
+                ExitStatus::Exited(code) => detail.exit_code = Some(*code),
+                ExitStatus::Signaled { signal, .. } => detail.signal = Some(*signal),
+            },
+            _ => {}
+        }
+        detail
+    }
+}
+
+/// A point-in-time view of one replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaInfo {
+    pub state: PluginState,
+    pub reason: String,
+    pub instance: String,
+    pub pid: Option<i32>,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    pub ready_for: Option<Duration>,
+}
+
+/// A point-in-time view of one plugin, for `ps` and `inspect`. With one
+/// replica the top-level fields are that replica's; with several, `state`
+/// summarises them (ready when all are, degraded when some are up).
+#[derive(Debug, Clone)]
+pub struct PluginInfo {
+    pub name: String,
+    pub version: String,
+    pub state: PluginState,
+    /// Why it is in that state.
+    pub reason: String,
+    pub instance: String,
+    pub pid: Option<i32>,
+    /// Restarts of all replicas.
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    pub ready_for: Option<Duration>,
+    pub exec: PathBuf,
+    pub methods: Vec<String>,
+    pub replicas: Vec<ReplicaInfo>,
+    /// Limits, what enforces them, live usage and hardening.
+    pub isolation: IsolationStatus,
+}
+
+/// Status of one replica, written only by its actor.
+#[derive(Debug, Clone)]
+pub(crate) struct ReplicaStatus {
+    pub state: PluginState,
+    pub reason: String,
+    pub instance: String,
+    pub pid: Option<i32>,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    pub ready_since: Option<Instant>,
+}
+
+impl ReplicaStatus {
+    fn new() -> Self {
+        ReplicaStatus {
+            state: PluginState::Starting,
+            reason: "added".into(),
+            instance: String::new(),
+            pid: None,
+            restarts: 0,
+            last_exit: None,
+            ready_since: None,
+        }
+    }
+}
+
+/// What a plugin publishes about itself, behind one lock: a view, not the
+/// source of truth. The coordinator owns the spec and each actor its
+/// replica; they write their part here for readers (`ps`, `inspect`, calls).
+pub(crate) struct Board {
+    inner: Mutex<BoardInner>,
+    history_len: usize,
+}
+
+pub(crate) struct BoardInner {
+    /// The spec the plugin runs (what the coordinator last committed).
+    pub spec: Arc<Spec>,
+    /// Methods the plugin reported in Initialize.
+    pub methods: Vec<String>,
+    pub replicas: Vec<ReplicaStatus>,
+    pub history: VecDeque<Event>,
+}
+
+impl Board {
+    pub fn new(spec: Arc<Spec>, replicas: usize, history_len: usize) -> Self {
+        Board {
+            inner: Mutex::new(BoardInner {
+                spec,
+                methods: Vec::new(),
+                replicas: vec![ReplicaStatus::new(); replicas],
+                history: VecDeque::new(),
+            }),
+            history_len,
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, BoardInner> {
+        // Every write is a few assignments; a panic elsewhere cannot leave
+        // them half-done, so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn spec(&self) -> Arc<Spec> {
+        self.lock().spec.clone()
+    }
+
+    /// Records a transition of `event.replica`: its row and the bounded
+    /// history.
+    pub fn record(&self, event: &Event) {
+        let mut b = self.lock();
+        let r = &mut b.replicas[event.replica];
+        r.state = event.state;
+        r.reason = event.reason.clone();
+        if b.history.len() >= self.history_len {
+            b.history.pop_front();
+        }
+        b.history.push_back(event.clone());
+    }
+
+    /// A summary of each replica, for "not ready" errors.
+    pub fn why_waiting(&self) -> String {
+        let b = self.lock();
+        let states: Vec<String> = b
+            .replicas
+            .iter()
+            .map(|r| format!("{}: {}", r.state, r.reason))
+            .collect();
+        states.join("; ")
+    }
+}
+
+/// One plugin's view for `ps` and `inspect`, without isolation usage (the
+/// caller reads that outside the board's lock).
+pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
+    let b = board.lock();
+    let replicas: Vec<ReplicaInfo> = b
+        .replicas
+        .iter()
+        .map(|r| ReplicaInfo {
+            state: r.state,
+            reason: r.reason.clone(),
+            instance: r.instance.clone(),
+            pid: r.pid,
+            restarts: r.restarts,
+            last_exit: r.last_exit.clone(),
+            ready_for: r.ready_since.map(|t| t.elapsed()),
+        })
+        .collect();
+    let first = &replicas[0];
+    let (state, reason) = if replicas.len() == 1 {
+        (first.state, first.reason.clone())
+    } else {
+        let up = replicas.iter().filter(|r| r.state.is_up()).count();
+        let all_ready = replicas.iter().all(|r| r.state == PluginState::Ready);
+        if all_ready {
+            (
+                PluginState::Ready,
+                format!("{up}/{} replicas ready", replicas.len()),
+            )
+        } else if up > 0 {
+            (
+                PluginState::Degraded,
+                format!("{up}/{} replicas up", replicas.len()),
+            )
+        } else {
+            (first.state, first.reason.clone())
+        }
+    };
+    let manifest = &b.spec.manifest;
+    let info = PluginInfo {
+        name: name.to_string(),
+        version: manifest.version.to_string(),
+        state,
+        reason,
+        instance: first.instance.clone(),
+        pid: first.pid,
+        restarts: replicas.iter().map(|r| r.restarts).sum(),
+        last_exit: replicas.iter().find_map(|r| r.last_exit.clone()),
+        ready_for: first.ready_for,
+        exec: manifest.exec.clone(),
+        methods: b.methods.clone(),
+        isolation: Default::default(),
+        replicas,
+    };
+    (info, b.spec.clone())
+}
