@@ -54,6 +54,7 @@ mod plugin;
 pub mod policy;
 pub mod process;
 mod replica;
+mod spec;
 mod routing;
 pub mod state;
 pub mod status;

@@ -2,48 +2,16 @@
 //! publishes (its route, its row of the board, events), and the steps every
 //! path through its life shares: launch, publish, graceful stop.
 
-use crate::config::{PluginOverride, merge_json};
 use crate::host::Host;
 use crate::instance::{self, Instance, Snapshots, StartContext, StartError};
 use crate::logs::LogBuffer;
 use crate::manifest::Manifest;
+pub(crate) use crate::spec::Spec;
 use crate::routing::{Admission, ReadyInstance, Route, Routes};
 use crate::status::{Board, Event, EventDetail, ExitReason, PluginState, ReplicaStatus};
 use plugvisor_proto::{InitializeResponse, RestoredState};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
-
-/// What a replica starts: a manifest with its config and environment
-/// already merged (manifest defaults < supervisor config overrides <
-/// runtime overrides). Immutable; the coordinator makes a new one for each
-/// change and hands it to every replica at once.
-#[derive(Debug)]
-pub(crate) struct Spec {
-    pub manifest: Arc<Manifest>,
-    /// Sent in Initialize.
-    pub config: serde_json::Map<String, serde_json::Value>,
-    /// Added to the child's clean environment.
-    pub env: Vec<(String, String)>,
-}
-
-impl Spec {
-    pub fn new(
-        manifest: Arc<Manifest>,
-        overrides: &PluginOverride,
-        runtime: &serde_json::Map<String, serde_json::Value>,
-    ) -> Self {
-        let mut config = manifest.config.clone();
-        merge_json(&mut config, &overrides.config);
-        merge_json(&mut config, runtime);
-        let mut env = manifest.env.clone();
-        env.extend(overrides.env.clone());
-        Spec {
-            config,
-            env: env.into_iter().collect(),
-            manifest,
-        }
-    }
-}
 
 /// What every part of one plugin shares: the facade reads it, the
 /// coordinator and the actors publish through it.

@@ -6,7 +6,7 @@
 use crate::instance::StartError;
 use crate::isolation::IsolationStatus;
 use crate::process::ExitStatus;
-use crate::replica::Spec;
+use crate::spec::Spec;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
