@@ -390,7 +390,7 @@ async fn start_and_run(
     starts: &mut u64,
     commands: &mut mpsc::UnboundedReceiver<Command>,
 ) -> Result<Outcome, StartError> {
-    let (restored, note) = restored_state(replica).await;
+    let (restored, note) = restored_state(replica).await?;
     // Dropping a start in progress (on shutdown) kills its child: see
     // `Child`'s Drop.
     let (mut instance, info) = tokio::select! {
@@ -814,13 +814,17 @@ pub(crate) async fn snapshot(
 
 /// The newest good snapshot as Initialize's restored state, and a note for
 /// the event trail (which snapshot, and any newer ones found corrupt).
-async fn restored_state(replica: &Replica<'_>) -> (Option<RestoredState>, String) {
+/// A snapshot that cannot be read stops the start rather than losing it.
+async fn restored_state(
+    replica: &Replica<'_>,
+) -> Result<(Option<RestoredState>, String), StartError> {
     let Some(store) = replica.slot.snapshots[replica.index].clone() else {
-        return (None, String::new());
+        return Ok((None, String::new()));
     };
     let loaded = tokio::task::spawn_blocking(move || store.load())
         .await
-        .unwrap_or_default();
+        .map_err(|e| StartError::StateUnreadable(format!("the snapshot reader failed: {e}")))?
+        .map_err(|e| StartError::StateUnreadable(e.to_string()))?;
     let mut note = match &loaded.snapshot {
         Some(s) => format!(
             "; restoring snapshot #{} ({} bytes, state version {})",
@@ -841,5 +845,5 @@ async fn restored_state(replica: &Replica<'_>) -> (Option<RestoredState>, String
         state: s.state.into(),
         state_version: s.state_version,
     });
-    (restored, note)
+    Ok((restored, note))
 }

@@ -58,6 +58,11 @@ pub enum StartError {
     /// low for it to start.
     #[error("killed by the OOM killer (memory limit) before the handshake{}", last_output(.output))]
     OomKilled { output: Vec<String> },
+    /// A saved state snapshot could not be read (see
+    /// [`crate::state::LoadError`]): starting without it would silently lose
+    /// the state it may hold.
+    #[error("cannot restore its saved state: {0}")]
+    StateUnreadable(String),
 }
 
 fn last_output(lines: &[String]) -> String {
