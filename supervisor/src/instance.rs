@@ -472,14 +472,20 @@ pub async fn initialize(
         restored_state: restored,
     };
     let timeout = manifest.timeouts.initialize.0;
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut request = tonic::Request::new(request);
     request.set_timeout(timeout);
     tokio::select! {
         result = instance.client.initialize(request) => match result {
             Ok(response) => Ok(response.into_inner()),
-            // The request's own deadline (grpc-timeout) may fire first.
-            Err(status) if matches!(status.code(), tonic::Code::Cancelled | tonic::Code::DeadlineExceeded)
-                && status.message().contains("Timeout expired") =>
+            // A timeout is known by the deadline this call was given, not by
+            // the words of whoever noticed it: the plugin's server (grpcio,
+            // grpc-go, tonic) answers DEADLINE_EXCEEDED in its own words, and
+            // a client-side timeout (tonic's "Timeout expired", CANCELLED)
+            // or a reset may end the call once the deadline has passed.
+            Err(status)
+                if status.code() == tonic::Code::DeadlineExceeded
+                    || tokio::time::Instant::now() >= deadline =>
             {
                 Err(StartError::InitializeTimeout(timeout))
             }
@@ -489,7 +495,7 @@ pub async fn initialize(
                 status.message()
             ))),
         },
-        _ = tokio::time::sleep(timeout) => Err(StartError::InitializeTimeout(timeout)),
+        _ = tokio::time::sleep_until(deadline) => Err(StartError::InitializeTimeout(timeout)),
         status = instance.child.wait() => Err(StartError::InitializeFailed(format!("the plugin {status} during Initialize"))),
     }
 }
