@@ -6,6 +6,7 @@
 //! installed side by side (the highest version wins). Parsing is strict:
 //! unknown fields and bad values are errors that name the file and the field.
 
+mod host;
 mod yaml_guard;
 
 use crate::units::{HumanDuration, HumanSize};
@@ -20,6 +21,7 @@ pub const MANIFEST_FILE: &str = "plugin.yaml";
 /// Largest manifest accepted (1 MiB); real ones are a few hundred bytes, and
 /// a bigger file is refused before it is read whole.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+pub use host::{HostLimits, KERNEL_PIDS_MAX, Rlimit, host_limits_problems};
 /// Deepest nesting of collections accepted in a manifest or config file.
 pub use yaml_guard::MAX_DEPTH;
 pub(crate) use yaml_guard::{check_shape, read_bounded};
