@@ -239,6 +239,9 @@ mod tests {
             return;
         };
         assert!(pid_max >= 300, "{pid_max}");
-        assert!(host.nofile_max.as_ref().is_some_and(|(n, _)| *n >= 16), "{host:?}");
+        assert!(
+            host.nofile_max.as_ref().is_some_and(|(n, _)| *n >= 16),
+            "{host:?}"
+        );
     }
 }
