@@ -84,10 +84,10 @@ async fn periodic_snapshots_cover_writes_older_than_the_interval() {
     // Wait for a snapshot holding the write, then crash.
     let store = plugvisor::state::SnapshotStore::new(&state_dir, "kv");
     wait_until(SECS_10, "a snapshot with the write", || {
-        store
-            .load()
-            .snapshot
-            .is_some_and(|s| String::from_utf8_lossy(&s.state).contains("blue"))
+        store.load().is_ok_and(|l| {
+            l.snapshot
+                .is_some_and(|s| String::from_utf8_lossy(&s.state).contains("blue"))
+        })
     })
     .await;
     kill_and_wait_back(&sup).await;
@@ -170,6 +170,56 @@ async fn a_corrupt_latest_snapshot_falls_back_to_the_previous_and_says_so() {
 }
 
 #[tokio::test]
+async fn an_unreadable_newest_snapshot_stops_the_start_instead_of_losing_it() {
+    let sandbox = Sandbox::new();
+    let state_dir = sandbox.state_dir();
+    let sup = sandbox.supervisor_with_state();
+    let mut events = sup.events();
+    sup.add(
+        sandbox.manifest(
+            "kv",
+            &bin("kv-plugin"),
+            "state: {snapshot_on_change: true, snapshot_interval: 0s}\nrestart: {initial_backoff: 1s, jitter: 0.0}",
+        ),
+        &Default::default(),
+    )
+    .unwrap();
+    wait_state(&mut events, "kv", PluginState::Ready, SECS_10).await;
+    call(&sup, "set", "kept=yes").await.unwrap();
+    let store = plugvisor::state::SnapshotStore::new(&state_dir, "kv");
+    let newest = store.dir().join(format!(
+        "state.{:020}.snap",
+        store.latest_seq().expect("a snapshot was written")
+    ));
+    let pid = sup.info("kv").unwrap().pid.unwrap();
+    // SAFETY: signals the plugin process this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // During the 1s backoff, make the newest snapshot unreadable: a symlink
+    // to a directory fails `read` with EISDIR, for root too.
+    wait_state(&mut events, "kv", PluginState::Backoff, SECS_10).await;
+    let aside = newest.with_extension("aside");
+    std::fs::rename(&newest, &aside).unwrap();
+    let dir = newest.with_extension("dir");
+    std::fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::symlink(&dir, &newest).unwrap();
+
+    let refused = wait_state(&mut events, "kv", PluginState::Backoff, SECS_10).await;
+    assert!(
+        refused.reason.contains("cannot restore its saved state")
+            && refused.reason.contains(&newest.display().to_string()),
+        "{}",
+        refused.reason
+    );
+    assert!(std::fs::symlink_metadata(&newest).is_ok(), "not pruned");
+    // Put it back: the next attempt restores it.
+    std::fs::remove_file(&newest).unwrap();
+    std::fs::rename(&aside, &newest).unwrap();
+    wait_state(&mut events, "kv", PluginState::Ready, SECS_10).await;
+    assert_eq!(call(&sup, "get", "kept").await.unwrap(), "yes".as_bytes());
+    sup.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_full_disk_during_a_snapshot_keeps_the_previous_one() {
     let sandbox = Sandbox::new();
     let state_dir = sandbox.state_dir();
@@ -221,6 +271,7 @@ async fn a_full_disk_during_a_snapshot_keeps_the_previous_one() {
     let store = plugvisor::state::SnapshotStore::new(&state_dir, "kv");
     let snapshot = store
         .load()
+        .expect("the snapshots can be read")
         .snapshot
         .expect("the previous snapshot is intact");
     assert!(String::from_utf8_lossy(&snapshot.state).contains("small"));

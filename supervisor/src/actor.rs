@@ -5,7 +5,7 @@
 //! restart, upgrade, remove). The pure policy lives in [`crate::policy`],
 //! the steps of an upgrade in [`crate::upgrade`].
 
-use crate::instance::{self, Instance, probe};
+use crate::instance::{self, Instance, StartError, probe};
 use crate::policy::{Decision, Jitter, RestartTracker};
 use crate::process::{ExitStatus, wait_exit};
 use crate::replica::{Replica, Spec};
@@ -301,7 +301,7 @@ impl Actor {
             .replica
             .restored_state()
             .await
-            .map_err(ExitReason::Snapshot)?;
+            .map_err(|why| ExitReason::Start(StartError::StateUnreadable(why)))?;
         // Dropping a start in progress (on shutdown) kills its child: see
         // `Child`'s Drop.
         let launched = tokio::select! {

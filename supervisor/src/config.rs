@@ -5,6 +5,9 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// Largest config file accepted (1 MiB), refused before it is read whole.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// A config file that failed to load.
 #[derive(Debug, thiserror::Error)]
 #[error("{}: {message}", file.display())]
@@ -176,7 +179,9 @@ impl Config {
             file: path.to_path_buf(),
             message,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let text = crate::manifest::read_bounded(path, MAX_CONFIG_BYTES, "a supervisor config")
+            .map_err(err)?;
+        crate::manifest::check_shape(&text, crate::manifest::MAX_DEPTH).map_err(err)?;
         let mut config: Config = if text.trim().is_empty() {
             Config::default()
         } else {
@@ -263,6 +268,31 @@ mod tests {
         assert_eq!(c.plugins_dir, dir.path().join("plugins"));
         assert_eq!(c.control_socket(), c.runtime_dir.join("control.sock"));
         assert!(!c.strict);
+    }
+
+    #[test]
+    fn hostile_config_files_are_refused_before_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plugvisor.yaml");
+        let deep = format!(
+            "plugins: {{echo: {{config: {{a: {}}}}}}}\n",
+            "[".repeat(100_000)
+        );
+        std::fs::write(&path, deep).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: ", path.display())), "{e}");
+        assert!(e.contains("deeper than 64 levels"), "{e}");
+
+        std::fs::write(&path, format!("plugins_dir: \"{}\"\n", "p".repeat(2 << 20))).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("1048576-byte limit for a supervisor config"),
+            "{e}"
+        );
+
+        std::fs::write(&path, "plugins_dir: &p p\nstate_dir: *p\n").unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("aliases"), "{e}");
     }
 
     #[test]

@@ -58,6 +58,11 @@ pub enum StartError {
     /// low for it to start.
     #[error("killed by the OOM killer (memory limit) before the handshake{}", last_output(.output))]
     OomKilled { output: Vec<String> },
+    /// A saved state snapshot could not be read (see
+    /// [`crate::state::LoadError`]): starting without it would silently lose
+    /// the state it may hold.
+    #[error("cannot restore its saved state: {0}")]
+    StateUnreadable(String),
 }
 
 fn last_output(lines: &[String]) -> String {
@@ -356,6 +361,7 @@ fn forward_output(
                 }
                 record(&plugin, &logs, &instance, "stdout", line);
             }
+            logs.finish(&plugin, &instance);
         });
     }
     if let Some(stderr) = child.stderr.take() {
@@ -365,6 +371,7 @@ fn forward_output(
             while let Some(line) = reader.next_line().await {
                 record(&plugin, &logs, &instance, "stderr", line);
             }
+            logs.finish(&plugin, &instance);
         });
     }
 }
@@ -376,8 +383,7 @@ fn record(plugin: &str, logs: &LogBuffer, instance: &str, stream: &'static str, 
         stream,
         line,
     };
-    crate::logs::emit(plugin, &line);
-    logs.push(line);
+    logs.record(plugin, line);
 }
 
 /// The last few lines this instance printed, for error messages.
@@ -467,14 +473,20 @@ pub async fn initialize(
         restored_state: restored,
     };
     let timeout = manifest.timeouts.initialize.0;
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut request = tonic::Request::new(request);
     request.set_timeout(timeout);
     tokio::select! {
         result = instance.client.initialize(request) => match result {
             Ok(response) => Ok(response.into_inner()),
-            // The request's own deadline (grpc-timeout) may fire first.
-            Err(status) if matches!(status.code(), tonic::Code::Cancelled | tonic::Code::DeadlineExceeded)
-                && status.message().contains("Timeout expired") =>
+            // A timeout is known by the deadline this call was given, not by
+            // the words of whoever noticed it: the plugin's server (grpcio,
+            // grpc-go, tonic) answers DEADLINE_EXCEEDED in its own words, and
+            // a client-side timeout (tonic's "Timeout expired", CANCELLED)
+            // or a reset may end the call once the deadline has passed.
+            Err(status)
+                if status.code() == tonic::Code::DeadlineExceeded
+                    || tokio::time::Instant::now() >= deadline =>
             {
                 Err(StartError::InitializeTimeout(timeout))
             }
@@ -484,7 +496,7 @@ pub async fn initialize(
                 status.message()
             ))),
         },
-        _ = tokio::time::sleep(timeout) => Err(StartError::InitializeTimeout(timeout)),
+        _ = tokio::time::sleep_until(deadline) => Err(StartError::InitializeTimeout(timeout)),
         status = instance.child.wait() => Err(StartError::InitializeFailed(format!("the plugin {status} during Initialize"))),
     }
 }

@@ -6,6 +6,9 @@
 //! installed side by side (the highest version wins). Parsing is strict:
 //! unknown fields and bad values are errors that name the file and the field.
 
+mod host;
+mod yaml_guard;
+
 use crate::units::{HumanDuration, HumanSize};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -15,6 +18,13 @@ use std::time::Duration;
 
 /// The file name every plugin directory holds.
 pub const MANIFEST_FILE: &str = "plugin.yaml";
+/// Largest manifest accepted (1 MiB); real ones are a few hundred bytes, and
+/// a bigger file is refused before it is read whole.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+pub use host::{HostLimits, KERNEL_PIDS_MAX, Rlimit, host_limits_problems};
+/// Deepest nesting of collections accepted in a manifest or config file.
+pub use yaml_guard::MAX_DEPTH;
+pub(crate) use yaml_guard::{check_shape, read_bounded};
 
 /// A manifest that failed to load, with where and why.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -347,13 +357,26 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 impl Manifest {
     /// Reads and validates one manifest file.
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ManifestError::new(path, None, format!("cannot read: {e}")))?;
+        let text = read_bounded(path, MAX_MANIFEST_BYTES, "a plugin manifest")
+            .map_err(|m| ManifestError::new(path, None, m))?;
         Manifest::parse(path, &text)
     }
 
-    /// Validates manifest text that came from `path`.
+    /// Validates manifest text that came from `path`. Text over
+    /// [`MAX_MANIFEST_BYTES`], nesting deeper than [`MAX_DEPTH`] and YAML
+    /// aliases are refused before the text is parsed.
     pub fn parse(path: &Path, text: &str) -> Result<Manifest, ManifestError> {
+        if text.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::new(
+                path,
+                None,
+                format!(
+                    "is {} bytes, more than the {MAX_MANIFEST_BYTES}-byte limit for a plugin manifest",
+                    text.len()
+                ),
+            ));
+        }
+        check_shape(text, MAX_DEPTH).map_err(|m| ManifestError::new(path, None, m))?;
         let raw: RawManifest = serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))?;
         let err = |field: &str, msg: String| ManifestError::new(path, Some(field), msg);
         validate_name(&raw.name).map_err(|m| err("name", m))?;
@@ -996,6 +1019,97 @@ mod tests {
                 .any(|e| e.contains("does not match its directory `wrong`")),
             "{errors:#?}"
         );
+    }
+
+    const HEAD: &str = "name: echo\nversion: 1.0.0\nexec: ./x\n";
+
+    #[test]
+    fn deeply_nested_manifests_are_refused_before_parsing() {
+        // 200 KB of `[`: the YAML parser alone took over 30 s on this.
+        let text = format!("{HEAD}config: {{a: {}}}\n", "[".repeat(100_000));
+        let e = parse(&text).unwrap_err();
+        assert!(
+            e.to_string().starts_with("/plugins/echo/plugin.yaml: "),
+            "{e}"
+        );
+        assert!(e.message.contains("deeper than 64 levels"), "{e}");
+        let block: String = (0..100)
+            .map(|d| format!("{}k{d}:\n", " ".repeat(d + 2)))
+            .collect();
+        let e = parse(&format!("{HEAD}config:\n{block}")).unwrap_err();
+        assert!(e.message.contains("deeper than 64 levels"), "{e}");
+        // Reasonable nesting is fine.
+        let ok = format!(
+            "{HEAD}config: {{a: {}1{}}}\n",
+            "[".repeat(40),
+            "]".repeat(40)
+        );
+        parse(&ok).unwrap();
+    }
+
+    #[test]
+    fn alias_bombs_are_refused() {
+        let mut text =
+            format!("{HEAD}config:\n  a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        for (prev, name) in ["a", "b", "c", "d", "e", "f", "g", "h", "i"]
+            .windows(2)
+            .map(|w| (w[0], w[1]))
+        {
+            text.push_str(&format!("  {name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
+        }
+        let e = parse(&text).unwrap_err();
+        assert!(e.message.contains("aliases"), "{e}");
+    }
+
+    #[test]
+    fn oversized_manifests_are_refused_before_being_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plugin.yaml");
+        // A 10 MB string value.
+        let text = format!("{HEAD}config: {{blob: \"{}\"}}\n", "x".repeat(10 << 20));
+        std::fs::write(&path, &text).unwrap();
+        let e = Manifest::load(&path).unwrap_err();
+        assert_eq!(e.file, path);
+        assert!(
+            e.message
+                .contains("1048576-byte limit for a plugin manifest"),
+            "{e}"
+        );
+        let e = Manifest::parse(&path, &text).unwrap_err();
+        assert!(e.message.contains("1048576-byte limit"), "{e}");
+    }
+
+    #[test]
+    fn sizes_that_overflow_name_their_field() {
+        let e = parse(&format!(
+            "{HEAD}limits: {{memory: 99999999999999999999999GiB}}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("limits.memory"), "{e}");
+        assert!(e.message.contains("too large"), "{e}");
+        let e = parse(&format!(
+            "{HEAD}limits: {{pids: 99999999999999999999999}}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("limits.pids"), "{e}");
+        let e = parse(&format!(
+            "{HEAD}timeouts: {{call: 99999999999999999999999h}}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.field
+                .as_deref()
+                .unwrap_or_default()
+                .starts_with("timeouts"),
+            "{e}"
+        );
+        assert!(e.message.contains("too long"), "{e}");
+        let e = parse(&format!("{HEAD}limits: {{cpu: .nan}}\n")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("limits.cpu"), "{e}");
+        let e = parse(&format!("{HEAD}restart: {{multiplier: .inf}}\n")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("restart.multiplier"), "{e}");
+        let e = parse(&format!("{HEAD}replicas: 99999999999\n")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("replicas"), "{e}");
     }
 
     #[test]

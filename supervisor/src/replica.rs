@@ -6,8 +6,8 @@ use crate::host::Host;
 use crate::instance::{self, Instance, Snapshots, StartContext, StartError};
 use crate::logs::LogBuffer;
 use crate::manifest::Manifest;
-pub(crate) use crate::spec::Spec;
 use crate::routing::{Admission, ReadyInstance, Route, Routes};
+pub(crate) use crate::spec::Spec;
 use crate::status::{Board, Event, EventDetail, ExitReason, PluginState, ReplicaStatus};
 use plugvisor_proto::{InitializeResponse, RestoredState};
 use std::sync::Arc;
@@ -247,7 +247,8 @@ impl Replica {
         let store = snapshots.store.clone();
         let loaded = tokio::task::spawn_blocking(move || store.load())
             .await
-            .map_err(|e| format!("the snapshot reader failed: {e}"))?;
+            .map_err(|e| format!("the snapshot reader failed: {e}"))?
+            .map_err(|e| e.to_string())?;
         let mut note = match &loaded.snapshot {
             Some(s) => format!(
                 "; restoring snapshot #{} ({} bytes, state version {})",

@@ -65,11 +65,9 @@ pub enum ExitReason {
     OomKilled,
     /// Failed `failure_threshold` consecutive health checks and was killed.
     HealthCheck(String),
-    /// Never became ready: spawn, handshake, connect or Initialize failed.
+    /// Never became ready: spawn, handshake, connect or Initialize failed,
+    /// or its saved state could not be read.
     Start(StartError),
-    /// Its saved state could not be read, so it was not started: starting it
-    /// empty would silently lose that state.
-    Snapshot(String),
 }
 
 impl ExitReason {
@@ -99,8 +97,8 @@ impl ExitReason {
             ExitReason::Start(StartError::Handshake(_)) => "handshake",
             ExitReason::Start(StartError::Refused(_)) => "refused",
             ExitReason::Start(StartError::OomKilled { .. }) => "oom",
+            ExitReason::Start(StartError::StateUnreadable(_)) => "snapshot",
             ExitReason::Start(_) => "start",
-            ExitReason::Snapshot(_) => "snapshot",
         }
     }
 
@@ -109,14 +107,11 @@ impl ExitReason {
         matches!(self, ExitReason::Exited(0))
     }
 
-    /// The plugin was refused (a sha256 mismatch, a writable executable) or
-    /// its state is unreadable: restarting cannot help until someone changes
-    /// it.
+    /// The plugin was refused (a sha256 mismatch, a writable executable):
+    /// restarting cannot help until someone changes it. (Unreadable state is
+    /// retried with backoff: fixing its permissions brings the plugin back.)
     pub(crate) fn is_refusal(&self) -> bool {
-        matches!(
-            self,
-            ExitReason::Start(StartError::Refused(_)) | ExitReason::Snapshot(_)
-        )
+        matches!(self, ExitReason::Start(StartError::Refused(_)))
     }
 
     /// How a ready child's exit reads, given whether its cgroup counted an
@@ -148,7 +143,6 @@ impl std::fmt::Display for ExitReason {
             ExitReason::OomKilled => write!(f, "killed by the OOM killer (memory limit)"),
             ExitReason::HealthCheck(why) => write!(f, "killed after failed health checks: {why}"),
             ExitReason::Start(e) => write!(f, "{e}"),
-            ExitReason::Snapshot(why) => write!(f, "its saved state cannot be read: {why}"),
         }
     }
 }

@@ -28,7 +28,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             ));
         }
     };
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{text}` is out of range"))
+    Duration::try_from_secs_f64(seconds).map_err(|_| {
+        format!("`{text}` is too long a duration; the longest is about 584 billion years")
+    })
 }
 
 /// Formats a duration the way [`parse_duration`] reads it.
@@ -50,24 +52,48 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` does not start with a number"))?;
-    let factor: f64 = match unit.trim() {
-        "" | "B" => 1.0,
-        "K" | "KiB" => 1024.0,
-        "M" | "MiB" => 1024.0 * 1024.0,
-        "G" | "GiB" => 1024.0 * 1024.0 * 1024.0,
-        "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
+    if number.parse::<f64>().is_err() {
+        return Err(format!("`{text}` does not start with a number"));
+    }
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
         other => {
             return Err(format!(
-                "unknown size unit `{other}` in `{text}`; use B, KiB, MiB or GiB"
+                "unknown size unit `{other}` in `{text}`; use B, KiB, MiB, GiB or TiB"
             ));
         }
     };
-    Ok((value * factor) as u64)
+    let too_big = || {
+        format!(
+            "`{text}` is too large; a size is at most {}",
+            format_size(u64::MAX)
+        )
+    };
+    // Whole numbers are exact; a fraction (`1.5GiB`) goes through f64, whose
+    // conversion to u64 would saturate silently, so its range is checked.
+    if let Ok(whole) = number.parse::<u64>() {
+        return whole.checked_mul(factor).ok_or_else(too_big);
+    }
+    if number.bytes().all(|b| b.is_ascii_digit()) && !number.is_empty() {
+        return Err(too_big());
+    }
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` does not start with a number"))?;
+    let bytes = value * factor as f64;
+    // 2^64 is the first f64 that does not fit; anything below it does.
+    if !bytes.is_finite() || bytes >= 18_446_744_073_709_551_616.0 {
+        return Err(too_big());
+    }
+    Ok(bytes as u64)
 }
 
 /// A [`Duration`] that deserializes from the human form.
@@ -176,6 +202,55 @@ mod tests {
         assert_eq!(parse_size("128MiB"), Ok(128 << 20));
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_errors_not_unlimited() {
+        for text in [
+            "99999999999999999999999GiB",
+            "99999999999999999999999",
+            "17179869184GiB",
+            "16777216TiB",
+            "1e30",
+            "18446744073709551616",
+            "20000000000000000000.5",
+        ] {
+            let err = parse_size(text).expect_err(text);
+            assert!(
+                err.contains("too large") || err.contains("unknown"),
+                "{text}: {err}"
+            );
+        }
+        assert_eq!(parse_size("18446744073709551615"), Ok(u64::MAX));
+        assert_eq!(parse_size("16777215TiB"), Ok(16_777_215 << 40));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("0.5KiB"), Ok(512));
+        assert!(parse_size("-1MiB").is_err());
+        assert!(parse_size("NaN").is_err());
+        assert!(parse_size("inf").is_err());
+        assert!(parse_size(".").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn durations_that_overflow_or_are_not_numbers_are_errors() {
+        for text in [
+            "99999999999999999999999h",
+            "1e400s",
+            "-1s",
+            "NaNs",
+            "infs",
+            "s",
+            ".s",
+        ] {
+            assert!(parse_duration(text).is_err(), "{text}");
+        }
+        assert!(
+            parse_duration("99999999999999999999999h")
+                .unwrap_err()
+                .contains("too long")
+        );
+        assert_eq!(parse_duration("0.0000001us"), Ok(Duration::ZERO));
     }
 
     #[test]

@@ -579,7 +579,15 @@ fn check(args: &ConfigArgs, json: bool) -> anyhow::Result<i32> {
     let discovery = plugvisor::manifest::discover(&config.plugins_dir)?;
     let mut plugins = Vec::new();
     let mut errors: Vec<String> = Vec::new();
+    // Limits this host would refuse at every start (nofile above the hard
+    // limit, pids beyond pid_max): caught here rather than in a restart loop.
+    let host = plugvisor::manifest::HostLimits::probe(std::path::Path::new("/proc"));
     for m in &discovery.manifests {
+        let refused = plugvisor::manifest::host_limits_problems(m, &host);
+        if !refused.is_empty() {
+            errors.extend(refused.iter().map(ToString::to_string));
+            continue;
+        }
         // What a start would refuse: the pin, writability, the user.
         match plugvisor::isolation::check_manifest(m, config.allow_writable_executables) {
             Ok(()) => plugins.push(m),
