@@ -20,10 +20,53 @@ use tonic::{Request, Response, Status, Streaming};
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Who may use the control socket, besides root and the daemon's own user.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Access {
     pub uids: Vec<u32>,
+    /// Admitted when the caller's primary group or any of its supplementary
+    /// groups is one of these.
     pub gids: Vec<u32>,
+    /// Where procfs is mounted: a caller's supplementary groups are read
+    /// from `<proc_root>/<pid>/status`, as SO_PEERCRED carries only the
+    /// primary group.
+    pub proc_root: PathBuf,
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Access {
+            uids: Vec::new(),
+            gids: Vec::new(),
+            proc_root: PathBuf::from("/proc"),
+        }
+    }
+}
+
+/// The credentials of a control socket's peer, as SO_PEERCRED gave them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+/// The supplementary groups in the text of a `/proc/<pid>/status`, provided
+/// the process still has the effective uid and gid the socket recorded:
+/// should the peer have exited and its pid gone to another process, that
+/// process's groups must not count.
+pub fn supplementary_groups(status: &str, uid: u32, gid: u32) -> Option<Vec<u32>> {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|rest| rest.split_whitespace().collect::<Vec<_>>())
+    };
+    // `Uid:` and `Gid:` list real, effective, saved and filesystem ids.
+    let effective = |name: &str| field(name)?.get(1)?.parse::<u32>().ok();
+    if effective("Uid:")? != uid || effective("Gid:")? != gid {
+        return None;
+    }
+    field("Groups:")?.iter().map(|g| g.parse().ok()).collect()
 }
 
 impl Access {
@@ -38,20 +81,53 @@ impl Access {
                 "the control socket could not read the caller's credentials",
             ));
         };
+        self.admit(Peer {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+        })
+        .map_err(Status::permission_denied)
+    }
+
+    /// Admits root, the daemon's own user, the configured users, and members
+    /// (primary or supplementary) of the configured groups.
+    pub fn admit(&self, peer: Peer) -> Result<(), String> {
         let own = nix::unistd::geteuid().as_raw();
-        if cred.uid() == 0
-            || cred.uid() == own
-            || self.uids.contains(&cred.uid())
-            || self.gids.contains(&cred.gid())
+        if peer.uid == 0
+            || peer.uid == own
+            || self.uids.contains(&peer.uid)
+            || self.gids.contains(&peer.gid)
         {
-            Ok(())
-        } else {
-            Err(Status::permission_denied(format!(
-                "permission denied: uid {} gid {} may not use this control socket; allow it with control_uids or control_gids in the supervisor config",
-                cred.uid(),
-                cred.gid()
-            )))
+            return Ok(());
         }
+        let supplementary = match (self.gids.is_empty(), peer.pid) {
+            (false, Some(pid)) => {
+                let path = self.proc_root.join(pid.to_string()).join("status");
+                match std::fs::read_to_string(&path) {
+                    Ok(status) => supplementary_groups(&status, peer.uid, peer.gid),
+                    Err(e) => {
+                        tracing::debug!(
+                            "cannot read the control peer's groups from {}: {e}",
+                            path.display()
+                        );
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        if supplementary
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|g| self.gids.contains(g))
+        {
+            return Ok(());
+        }
+        Err(format!(
+            "permission denied: uid {} gid {} may not use this control socket; allow it with control_uids or control_gids in the supervisor config",
+            peer.uid, peer.gid
+        ))
     }
 }
 
@@ -521,4 +597,98 @@ pub async fn connect(
 /// The path a socket should be looked for at.
 pub fn resolve(path: Option<PathBuf>) -> PathBuf {
     path.unwrap_or_else(plugvisor::config::default_control_socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATUS: &str = "Name:\tplugvisor\nUid:\t65534\t65534\t65534\t65534\nGid:\t65534\t65534\t65534\t65534\nFDSize:\t64\nGroups:\t27 4242 \nNStgid:\t7\n";
+
+    /// A procfs laid out with one process, `pid`, whose status is `status`.
+    fn proc_with(pid: i32, status: &str) -> tempfile::TempDir {
+        let root = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(root.path().join(pid.to_string())).expect("pid dir");
+        std::fs::write(root.path().join(pid.to_string()).join("status"), status)
+            .expect("status file");
+        root
+    }
+
+    fn nobody(pid: i32) -> Peer {
+        Peer {
+            uid: 65534,
+            gid: 65534,
+            pid: Some(pid),
+        }
+    }
+
+    #[test]
+    fn reads_supplementary_groups_of_the_process_the_socket_recorded() {
+        assert_eq!(
+            supplementary_groups(STATUS, 65534, 65534),
+            Some(vec![27, 4242])
+        );
+        let none = STATUS.replace("Groups:\t27 4242 ", "Groups:\t");
+        assert_eq!(supplementary_groups(&none, 65534, 65534), Some(vec![]));
+        // Another uid or gid than SO_PEERCRED's: not the same process.
+        assert_eq!(supplementary_groups(STATUS, 1000, 65534), None);
+        assert_eq!(supplementary_groups(STATUS, 65534, 1000), None);
+        assert_eq!(supplementary_groups("Name:\tx\n", 65534, 65534), None);
+    }
+
+    #[test]
+    fn admits_a_member_of_an_allowed_supplementary_group() {
+        let proc = proc_with(7, STATUS);
+        let access = Access {
+            gids: vec![4242],
+            proc_root: proc.path().to_path_buf(),
+            ..Default::default()
+        };
+        assert_eq!(access.admit(nobody(7)), Ok(()));
+    }
+
+    #[test]
+    fn refuses_without_an_allowed_group_or_when_the_groups_cannot_be_read() {
+        let proc = proc_with(7, STATUS);
+        let access = Access {
+            gids: vec![5555],
+            proc_root: proc.path().to_path_buf(),
+            ..Default::default()
+        };
+        let refused = access.admit(nobody(7)).unwrap_err();
+        assert!(
+            refused.contains("uid 65534 gid 65534") && refused.contains("control_gids"),
+            "{refused}"
+        );
+        let access = Access {
+            gids: vec![4242],
+            ..access
+        };
+        // No such process: its groups are unknown, so they do not count.
+        assert!(access.admit(nobody(8)).is_err());
+        assert!(
+            access
+                .admit(Peer {
+                    pid: None,
+                    ..nobody(7)
+                })
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn admits_configured_uids_and_primary_groups_without_reading_proc() {
+        let access = Access {
+            uids: vec![65534],
+            proc_root: PathBuf::from("/nonexistent"),
+            ..Default::default()
+        };
+        assert_eq!(access.admit(nobody(1)), Ok(()));
+        let access = Access {
+            uids: vec![],
+            gids: vec![65534],
+            ..access
+        };
+        assert_eq!(access.admit(nobody(1)), Ok(()));
+    }
 }

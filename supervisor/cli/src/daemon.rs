@@ -96,6 +96,7 @@ pub async fn run(
         Access {
             uids: config.control_uids.clone(),
             gids: config.control_gids.clone(),
+            ..Access::default()
         },
         Some(reloader.clone()),
         cancel.clone(),
