@@ -4,6 +4,7 @@
 //! the caller's SO_PEERCRED credentials: root, the daemon's own user, and the
 //! configured uids and gids are allowed; anyone else gets PERMISSION_DENIED.
 
+use crate::connections::Connections;
 use crate::reload::Reloader;
 use plugvisor::supervisor::{Event, PluginInfo, Supervisor};
 use plugvisor_proto as pb;
@@ -548,13 +549,21 @@ pub async fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-/// Serves the control API on `listener` until `cancel` fires.
+/// How long control calls in flight when shutdown begins may run on before
+/// their connections are closed.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves the control API on `listener` until `cancel` fires. Then the
+/// listener is closed at once, calls in flight get `grace` to finish, and
+/// every connection still open after that (idle ones, half-sent requests)
+/// is closed, so shutdown never waits on a client.
 pub async fn serve(
     supervisor: Supervisor,
     listener: tokio::net::UnixListener,
     access: Access,
     reloader: Option<Arc<Reloader>>,
     cancel: CancellationToken,
+    grace: Duration,
 ) -> Result<(), tonic::transport::Error> {
     let service = ControlService {
         supervisor,
@@ -562,7 +571,39 @@ pub async fn serve(
         cancel: cancel.clone(),
         reloader,
     };
-    tonic::transport::Server::builder()
+    let connections = Connections::default();
+    let (accepted, incoming) = tokio::sync::mpsc::channel(16);
+    // Owns the listener, so that it is closed as soon as shutdown begins
+    // (tonic would hold an incoming stream until every connection is gone).
+    let acceptor = tokio::spawn({
+        let (cancel, connections) = (cancel.clone(), connections.clone());
+        async move {
+            loop {
+                let stream = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            // Out of descriptors, say: let some close first.
+                            tracing::warn!("control socket: cannot accept a connection: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let stream = connections.track(stream);
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    sent = accepted.send(Ok::<_, std::io::Error>(stream)) => {
+                        if sent.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    let server = tonic::transport::Server::builder()
         .initial_stream_window_size(plugvisor::transport::STREAM_WINDOW)
         .initial_connection_window_size(plugvisor::transport::CONNECTION_WINDOW)
         .add_service(
@@ -571,10 +612,28 @@ pub async fn serve(
                 .max_encoding_message_size(plugvisor::transport::MAX_MESSAGE),
         )
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
-            cancel.cancelled_owned(),
-        )
-        .await
+            tokio_stream::wrappers::ReceiverStream::new(incoming),
+            cancel.clone().cancelled_owned(),
+        );
+    tokio::pin!(server);
+    let result = tokio::select! {
+        ended = &mut server => ended,
+        _ = cancel.cancelled() => match tokio::time::timeout(grace, &mut server).await {
+            Ok(ended) => ended,
+            Err(_) => {
+                tracing::info!(
+                    "closing {} control connection(s) still open {grace:?} after shutdown began",
+                    connections.len()
+                );
+                connections.close_all();
+                server.await
+            }
+        },
+    };
+    // Ended already when shutdown began; else the server failed.
+    acceptor.abort();
+    let _ = acceptor.await;
+    result
 }
 
 /// A client of a daemon's control socket.

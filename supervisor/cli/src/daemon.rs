@@ -100,6 +100,7 @@ pub async fn run(
         },
         Some(reloader.clone()),
         cancel.clone(),
+        control::SHUTDOWN_GRACE,
     ));
     let _ = notifier
         .announce(&format!("READY=1\nSTATUS=supervising {started} plugin(s)"))
