@@ -85,6 +85,7 @@ pub async fn run(
             Some(tokio::spawn(crate::metrics_http::serve(
                 listener,
                 supervisor.clone(),
+                crate::metrics_http::Limits::default(),
                 cancel.clone(),
             )))
         }
