@@ -167,15 +167,16 @@ fn metrics_are_served_and_follow_what_happens() {
     if info.contains("enforcement=\"cgroup") {
         assert!(value(&samples, "plugvisor_plugin_memory_bytes{plugin=\"echo\"}") > 0.0);
         assert!(value(&samples, "plugvisor_plugin_pids{plugin=\"echo\"}") >= 1.0);
-        assert!(samples.contains_key("plugvisor_plugin_cpu_seconds{plugin=\"echo\"}"));
+        assert!(samples.contains_key("plugvisor_plugin_cpu_seconds_total{plugin=\"echo\"}"));
     } else {
         plugvisor_integration_tests::skip(format!("usage gauges need cgroups here ({info})"));
     }
     // The OOM counter is exercised end to end by the isolation tests and in
-    // the metrics unit test; here it must at least be declared.
+    // the metrics unit test; here it must exist, at 0, from the start.
     let (_, body) = get(&address, "/metrics");
     assert!(
-        body.contains("# TYPE plugvisor_oom_kills counter"),
+        body.contains("# TYPE plugvisor_oom_kills counter")
+            && body.contains("plugvisor_oom_kills_total{plugin=\"echo\"} 0"),
         "{body}"
     );
     let (status, _) = get(&address, "/other");
