@@ -44,7 +44,9 @@ pub struct ConfigArgs {
     /// config's metrics_address).
     #[arg(long, value_name = "ADDR")]
     pub metrics_address: Option<std::net::SocketAddr>,
-    /// Treat any plugin error as fatal.
+    /// Refuse to start when any manifest fails to load or any plugin cannot
+    /// be added; a reload then changes nothing while a manifest is broken.
+    /// (Plugins that crash after starting are restarted, not fatal.)
     #[arg(long)]
     pub strict: bool,
 }
@@ -470,6 +472,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 let v = serde_json::json!({
                     "added": r.added, "removed": r.removed, "upgraded": r.upgraded,
                     "unchanged": r.unchanged, "failed": failed,
+                    "settings_applied": r.settings_applied,
+                    "settings_need_restart": r.settings_need_restart,
                 });
                 println!("{v}");
             } else {
@@ -486,6 +490,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 println!("unchanged: {}", list(&r.unchanged));
                 for f in &r.failed {
                     println!("failed:    {}: {}", f.name, f.reason);
+                }
+                if !r.settings_applied.is_empty() {
+                    println!("settings applied: {}", r.settings_applied.join(", "));
+                }
+                if !r.settings_need_restart.is_empty() {
+                    println!(
+                        "settings changed but not applied until the daemon restarts: {}",
+                        r.settings_need_restart.join(", ")
+                    );
                 }
             }
             Ok(if r.failed.is_empty() { 0 } else { 1 })

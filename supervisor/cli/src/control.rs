@@ -135,7 +135,8 @@ impl Access {
 /// Serves the control API.
 pub struct ControlService {
     supervisor: Supervisor,
-    access: Access,
+    /// Who may call; a reload can change it.
+    access: tokio::sync::watch::Receiver<Access>,
     /// Ends follow streams when the daemon stops, so shutdown does not wait on them.
     cancel: CancellationToken,
     /// Reloads and upgrades from the plugins directory; `None` when the
@@ -208,7 +209,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let plugins = self.supervisor.list().iter().map(status_of).collect();
         Ok(Response::new(pb::ListResponse { plugins }))
     }
@@ -217,7 +218,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::InspectRequest>,
     ) -> Result<Response<pb::InspectResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let name = &request.get_ref().name;
         let info = self.supervisor.info(name)?;
         let history = self
@@ -236,7 +237,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::CallRequest>,
     ) -> Result<Response<pb::CallResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let r = request.into_inner();
         let timeout = (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms));
         let reply = self
@@ -255,7 +256,7 @@ impl Control for ControlService {
         &self,
         request: Request<Streaming<pb::CallChunk>>,
     ) -> Result<Response<Self::CallStreamStream>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let mut input = request.into_inner();
         let first = input.message().await?.ok_or_else(|| {
             Status::invalid_argument("empty stream: the first chunk must name plugin and method")
@@ -294,7 +295,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let r = request.into_inner();
         // Subscribe before reading history so nothing falls in between.
         let mut live = self.supervisor.events();
@@ -352,7 +353,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let r = request.into_inner();
         let buffer = self.supervisor.logs(&r.plugin)?;
         let mut live = buffer.subscribe();
@@ -399,7 +400,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::PluginRequest>,
     ) -> Result<Response<pb::CommandResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let name = &request.get_ref().name;
         self.supervisor.start(name).await?;
         self.command_response(name)
@@ -409,7 +410,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::PluginRequest>,
     ) -> Result<Response<pb::CommandResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let name = &request.get_ref().name;
         self.supervisor.stop(name).await?;
         self.command_response(name)
@@ -419,7 +420,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::PluginRequest>,
     ) -> Result<Response<pb::CommandResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let name = &request.get_ref().name;
         if request.get_ref().upgrade {
             let reloader = self.reloader.as_ref().ok_or_else(|| {
@@ -438,7 +439,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::PluginRequest>,
     ) -> Result<Response<pb::ExportStateResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let state = self
             .supervisor
             .export_state(&request.get_ref().name, None)
@@ -450,7 +451,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::ConfigRequest>,
     ) -> Result<Response<pb::ConfigResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let r = request.into_inner();
         if !r.set_json.is_empty() {
             let changes: serde_json::Map<String, serde_json::Value> =
@@ -471,7 +472,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::ReloadRequest>,
     ) -> Result<Response<pb::ReloadResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let reloader = self
             .reloader
             .as_ref()
@@ -490,6 +491,8 @@ impl Control for ControlService {
                 .into_iter()
                 .map(|(name, reason)| pb::ReloadFailure { name, reason })
                 .collect(),
+            settings_applied: report.settings_applied,
+            settings_need_restart: report.settings_need_restart,
         }))
     }
 
@@ -497,7 +500,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::PluginRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let (status, message) = self
             .supervisor
             .health_check(&request.get_ref().name)
@@ -549,6 +552,22 @@ pub async fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
+/// Gives the control socket to the first of `gids`, if any: its mode 0660
+/// lets only the owner and the socket's group connect, so members of that
+/// group get as far as the credential check.
+pub fn give_socket_to_group(path: &Path, gids: &[u32]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(gid) = gids.first() {
+        std::os::unix::fs::chown(path, None, Some(*gid)).with_context(|| {
+            format!(
+                "cannot give the control socket {} to group {gid}",
+                path.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// How long control calls in flight when shutdown begins may run on before
 /// their connections are closed.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -560,7 +579,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub async fn serve(
     supervisor: Supervisor,
     listener: tokio::net::UnixListener,
-    access: Access,
+    access: tokio::sync::watch::Receiver<Access>,
     reloader: Option<Arc<Reloader>>,
     cancel: CancellationToken,
     grace: Duration,
