@@ -275,3 +275,37 @@ fn the_binaries_under_test_are_not_older_than_their_sources() {
         );
     }
 }
+
+#[test]
+fn health_prints_no_trailing_space_and_an_oversized_call_names_the_limit() {
+    let sandbox = sandbox();
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("echo");
+    assert_eq!(daemon.cli_ok(&["health", "echo"]), "echo: SERVING\n");
+
+    let big = sandbox.dir.path().join("big.bin");
+    let file = std::fs::File::create(&big).expect("create the payload file");
+    file.set_len(64 << 20).expect("a 64 MiB payload");
+    drop(file);
+    let out = daemon.cli(&[
+        "call",
+        "echo",
+        "upper",
+        "--data-file",
+        big.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains("67108864-byte (64 MiB) limit of one control message")
+            && stderr.contains("HandleStream")
+            && stderr.contains("Control.CallStream")
+            && !stderr.contains("h2 protocol error"),
+        "{stderr}"
+    );
+    // The daemon is unharmed.
+    assert_eq!(
+        daemon.cli_ok(&["call", "echo", "upper", "--data", "ok"]),
+        "OK"
+    );
+}
