@@ -9,20 +9,84 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A binary built by this workspace (`target/<profile>/<name>`), found next
-/// to the running test executable.
+/// to the running test executable, and fresh: the first call in a test
+/// process runs `cargo build --workspace --bins` (see [`build_bins`]), so a
+/// test never runs a binary older than the source.
 pub fn bin(name: &str) -> PathBuf {
+    let dir = bin_dir();
+    if let Err(e) = BUILT.get_or_init(|| build_bins(&dir)) {
+        panic!("{e}");
+    }
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built by `cargo build --workspace --bins`",
+        path.display()
+    );
+    path
+}
+
+/// Whether this process built the workspace's binaries, and how it went.
+static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+
+/// `target/<profile>`: where the running test executable and the binaries
+/// of the same profile are.
+fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("the test knows its own path");
     let mut dir = exe.parent().expect("the test executable has a directory");
     if dir.ends_with("deps") {
         dir = dir.parent().expect("deps has a parent");
     }
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is not built; run `cargo build --workspace --bins` first",
-        path.display()
-    );
-    path
+    dir.to_path_buf()
+}
+
+/// Runs `cargo build --workspace --bins` with the cargo that runs the tests
+/// (`$CARGO`), the profile the test was built with (the name of `dir`) and
+/// the target directory `dir` is in. Quiet, and quick when nothing changed.
+fn build_bins(dir: &Path) -> Result<(), String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("integration-tests sits in the workspace")
+        .join("Cargo.toml");
+    let target_dir = dir
+        .parent()
+        .expect("a profile directory is in the target dir");
+    let mut command = Command::new(&cargo);
+    command
+        .args([
+            "build",
+            "--workspace",
+            "--bins",
+            "--quiet",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(target_dir);
+    match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => {}
+        Some("release") => {
+            command.arg("--release");
+        }
+        Some(profile) => {
+            command.args(["--profile", profile]);
+        }
+        None => return Err(format!("{} is not a profile directory", dir.display())),
+    }
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", Path::new(&cargo).display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`cargo build --workspace --bins` for the end-to-end tests failed with {}:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
 }
 
 /// A temporary plugins directory plus runtime dir, with short paths so that

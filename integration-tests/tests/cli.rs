@@ -240,3 +240,72 @@ fn check_json_lists_plugins_errors_and_warnings() {
         "{v}"
     );
 }
+
+/// The newest modification time of the files under `dir`.
+fn newest_under(dir: &std::path::Path) -> std::time::SystemTime {
+    let mut newest = std::time::UNIX_EPOCH;
+    for entry in std::fs::read_dir(dir).expect("read the source dir") {
+        let entry = entry.expect("a directory entry");
+        let meta = entry.metadata().expect("metadata");
+        let time = if meta.is_dir() {
+            newest_under(&entry.path())
+        } else {
+            meta.modified().expect("mtime")
+        };
+        newest = newest.max(time);
+    }
+    newest
+}
+
+#[test]
+fn the_binaries_under_test_are_not_older_than_their_sources() {
+    let plugvisor = bin("plugvisor");
+    let built = std::fs::metadata(&plugvisor)
+        .and_then(|m| m.modified())
+        .expect("the binary's mtime");
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root");
+    for sources in ["supervisor/src", "supervisor/cli/src"] {
+        let newest = newest_under(&repo.join(sources));
+        assert!(
+            built >= newest,
+            "{} is older than {sources}: the tests would run a stale binary",
+            plugvisor.display()
+        );
+    }
+}
+
+#[test]
+fn health_prints_no_trailing_space_and_an_oversized_call_names_the_limit() {
+    let sandbox = sandbox();
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("echo");
+    assert_eq!(daemon.cli_ok(&["health", "echo"]), "echo: SERVING\n");
+
+    let big = sandbox.dir.path().join("big.bin");
+    let file = std::fs::File::create(&big).expect("create the payload file");
+    file.set_len(64 << 20).expect("a 64 MiB payload");
+    drop(file);
+    let out = daemon.cli(&[
+        "call",
+        "echo",
+        "upper",
+        "--data-file",
+        big.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains("67108864-byte (64 MiB) limit of one control message")
+            && stderr.contains("HandleStream")
+            && stderr.contains("Control.CallStream")
+            && !stderr.contains("h2 protocol error"),
+        "{stderr}"
+    );
+    // The daemon is unharmed.
+    assert_eq!(
+        daemon.cli_ok(&["call", "echo", "upper", "--data", "ok"]),
+        "OK"
+    );
+}

@@ -164,6 +164,47 @@ fn sigterm_stops_every_plugin_and_its_descendants() {
 }
 
 #[test]
+fn idle_and_half_sent_control_connections_do_not_keep_the_daemon_alive() {
+    use std::io::{Read, Write};
+    let sandbox = Sandbox::new();
+    sandbox.plugin("echo", &bin("echo-plugin"), "");
+    let mut daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("echo");
+    let connect = || std::os::unix::net::UnixStream::connect(&daemon.control).expect("connect");
+    // Three clients that never send the HTTP/2 preface, one that stops halfway.
+    let mut streams: Vec<_> = (0..3).map(|_| connect()).collect();
+    let mut half = connect();
+    half.write_all(b"PRI * HTTP/2.0\r\n")
+        .expect("half a preface");
+    streams.push(half);
+    // The daemon accepts in order: once a later client is answered, all four
+    // are connections the server holds, not sockets waiting in the backlog.
+    assert!(daemon.cli_ok(&["ps"]).contains("echo"));
+
+    let status = daemon.stop_with(libc::SIGTERM);
+    assert!(
+        status.success(),
+        "the daemon exits 0 on SIGTERM: {status}\n{}",
+        daemon.log_text()
+    );
+    for mut stream in streams {
+        stream
+            .set_read_timeout(Some(SECS_10))
+            .expect("read timeout");
+        let mut rest = Vec::new();
+        // The daemon closed it: end of file (after any GOAWAY), or a reset.
+        let _ = stream.read_to_end(&mut rest);
+    }
+    assert!(
+        daemon
+            .log_text()
+            .contains("closing 4 control connection(s)"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+#[test]
 fn sigkill_to_the_daemon_takes_its_plugins_down_within_a_second() {
     let sandbox = sandbox_with_examples();
     let mut daemon = Daemon::start(&sandbox, &[]);

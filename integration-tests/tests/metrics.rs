@@ -167,17 +167,76 @@ fn metrics_are_served_and_follow_what_happens() {
     if info.contains("enforcement=\"cgroup") {
         assert!(value(&samples, "plugvisor_plugin_memory_bytes{plugin=\"echo\"}") > 0.0);
         assert!(value(&samples, "plugvisor_plugin_pids{plugin=\"echo\"}") >= 1.0);
-        assert!(samples.contains_key("plugvisor_plugin_cpu_seconds{plugin=\"echo\"}"));
+        assert!(samples.contains_key("plugvisor_plugin_cpu_seconds_total{plugin=\"echo\"}"));
     } else {
         plugvisor_integration_tests::skip(format!("usage gauges need cgroups here ({info})"));
     }
     // The OOM counter is exercised end to end by the isolation tests and in
-    // the metrics unit test; here it must at least be declared.
+    // the metrics unit test; here it must exist, at 0, from the start.
     let (_, body) = get(&address, "/metrics");
     assert!(
-        body.contains("# TYPE plugvisor_oom_kills counter"),
+        body.contains("# TYPE plugvisor_oom_kills counter")
+            && body.contains("plugvisor_oom_kills_total{plugin=\"echo\"} 0"),
         "{body}"
     );
     let (status, _) = get(&address, "/other");
     assert_eq!(status, "HTTP/1.1 404 Not Found");
+}
+
+#[test]
+fn idle_connections_neither_stop_a_scrape_nor_keep_the_daemon_alive() {
+    let sandbox = Sandbox::new();
+    sandbox.plugin("echo", &bin("echo-plugin"), "");
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut daemon = Daemon::start(&sandbox, &["--metrics-address", &address]);
+    daemon.wait_ready("echo");
+    wait_until_blocking(SECS_10, "the metrics endpoint to listen", || {
+        std::net::TcpStream::connect(&address).is_ok()
+    });
+
+    // More silent clients than the endpoint serves at once, and one that
+    // stops in the middle of its headers.
+    let mut idle: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect(&address).expect("connect"))
+        .collect();
+    idle[0]
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x")
+        .expect("half a request");
+
+    let mut scrape = std::net::TcpStream::connect(&address).expect("connect");
+    scrape
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(scrape, "GET /metrics HTTP/1.1\r\nHost: {address}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    scrape
+        .read_to_string(&mut response)
+        .expect("the scrape is answered despite the idle clients");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(
+        head.to_lowercase()
+            .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+        "{head}"
+    );
+    assert!(
+        body.contains("plugvisor_plugin_up{plugin=\"echo\"} 1"),
+        "{body}"
+    );
+
+    // The daemon disconnects clients that do not send their headers in time.
+    for stream in &mut idle {
+        stream.set_read_timeout(Some(SECS_10)).unwrap();
+        let mut rest = Vec::new();
+        // End of file, or a reset: either way the daemon let go of it.
+        let _ = stream.read_to_end(&mut rest);
+        assert!(rest.is_empty() || String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 408"));
+    }
+
+    // Fresh idle clients at shutdown do not hold the daemon up.
+    let _idle: Vec<_> = (0..10)
+        .map(|_| std::net::TcpStream::connect(&address).expect("connect"))
+        .collect();
+    let status = daemon.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{status}\n{}", daemon.log_text());
 }

@@ -306,6 +306,79 @@ fn control_socket_refuses_users_not_allowed_and_admits_configured_ones() {
     }
 }
 
+/// A group no account here has as its primary group.
+const EXTRA_GROUP: u32 = 4242;
+
+/// Runs the CLI as `nobody` with primary group `nobody` and exactly the
+/// supplementary groups `groups`.
+fn cli_as_nobody_in(daemon: &Daemon, cli: &Path, groups: &[u32], args: &[&str]) -> Output {
+    let groups: Vec<libc::gid_t> = groups.to_vec();
+    let mut command = Command::new(cli);
+    command
+        .arg("--control")
+        .arg(&daemon.control)
+        .args(args)
+        .stdin(Stdio::null());
+    // SAFETY: the closure only makes the setgroups(2), setgid(2) and
+    // setuid(2) system calls on memory allocated before the fork, all
+    // async-signal-safe; the order drops root last, after the groups are set.
+    // (`Command::uid` would clear the supplementary groups after this ran.)
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(NOBODY) != 0
+                || libc::setuid(NOBODY) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command.output().expect("the CLI runs")
+}
+
+#[test]
+fn control_socket_admits_a_user_through_a_supplementary_group() {
+    if !is_root() {
+        return skip("running the CLI as another user with other groups needs root");
+    }
+    let (sandbox, cli) = sandbox_for_nobody();
+    let config = sandbox.dir.path().join("plugvisor.yaml");
+    std::fs::write(&config, format!("control_gids: [{EXTRA_GROUP}]\n")).expect("write the config");
+    let daemon = Daemon::start(&sandbox, &["--config", config.to_str().unwrap()]);
+    daemon.wait_ready("echo");
+
+    // The group reaches the 0660 socket and passes the credential check,
+    // though SO_PEERCRED names only the primary group, nobody.
+    let out = cli_as_nobody_in(&daemon, &cli, &[EXTRA_GROUP], &["ps"]);
+    assert!(
+        out.status.success(),
+        "{out:?}\ndaemon log:\n{}",
+        daemon.log_text()
+    );
+    assert!(text(&out.stdout).contains("echo"), "{out:?}");
+    let out = cli_as_nobody_in(
+        &daemon,
+        &cli,
+        &[27, EXTRA_GROUP],
+        &["call", "echo", "upper", "--data", "hi"],
+    );
+    assert_eq!(text(&out.stdout), "HI", "{out:?}");
+
+    // Without the group, the socket's mode refuses the connection...
+    let out = cli_as_nobody_in(&daemon, &cli, &[], &["ps"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // ...and, world-connectable, so does the credential check.
+    make_world_connectable(&daemon);
+    let out = cli_as_nobody_in(&daemon, &cli, &[27], &["ps"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.to_lowercase().contains("permission denied") && stderr.contains("uid 65534"),
+        "{stderr}"
+    );
+}
+
 // ------------------------------------------------------- shell completions
 
 #[test]

@@ -123,3 +123,122 @@ fn restart_upgrade_moves_kv_to_v2_with_its_state() {
     let events = daemon.cli_ok(&["events", "kv"]);
     assert!(events.contains("upgraded from 1.0.0 to 2.0.0"), "{events}");
 }
+
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `plugvisor ps` run as user `nobody` with a copy of the CLI it may run.
+fn ps_as_nobody(daemon: &Daemon, cli: &std::path::Path) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(cli)
+        .arg("--control")
+        .arg(&daemon.control)
+        .arg("ps")
+        .uid(65534)
+        .gid(65534)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("the CLI runs")
+}
+
+#[test]
+fn reload_applies_live_settings_and_names_those_needing_a_restart() {
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = Sandbox::new();
+    sandbox.plugin("echo", &bin("echo-plugin"), "");
+    std::fs::set_permissions(sandbox.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the sandbox");
+    let cli = sandbox.dir.path().join("plugvisor-cli");
+    std::fs::copy(bin("plugvisor"), &cli).expect("copy the CLI");
+    let config = sandbox.dir.path().join("plugvisor.yaml");
+    std::fs::write(&config, "strict: false\n").expect("write the config");
+    let daemon = Daemon::start(&sandbox, &["--config", config.to_str().unwrap()]);
+    daemon.wait_ready("echo");
+    std::fs::set_permissions(&daemon.control, std::fs::Permissions::from_mode(0o666))
+        .expect("chmod the control socket");
+    let root = is_root();
+    if root {
+        let out = ps_as_nobody(&daemon, &cli);
+        assert_eq!(out.status.code(), Some(1), "not allowed yet: {out:?}");
+    } else {
+        plugvisor_integration_tests::skip("running the CLI as another user needs root");
+    }
+
+    std::fs::write(&config, "control_uids: [65534]\nlog_format: json\n").expect("write");
+    let reload = || -> serde_json::Value {
+        serde_json::from_str(&daemon.cli_ok(&["reload", "--json"])).expect("JSON")
+    };
+    let report = reload();
+    assert_eq!(
+        report["settings_applied"],
+        serde_json::json!(["control_uids"]),
+        "{report}"
+    );
+    assert_eq!(
+        report["settings_need_restart"],
+        serde_json::json!(["log_format"]),
+        "{report}"
+    );
+    // Applied once; a restart-only setting stays reported until a restart.
+    let report = reload();
+    assert_eq!(
+        report["settings_applied"],
+        serde_json::json!([]),
+        "{report}"
+    );
+    assert_eq!(
+        report["settings_need_restart"],
+        serde_json::json!(["log_format"]),
+        "{report}"
+    );
+    let text = daemon.cli_ok(&["reload"]);
+    assert!(
+        text.contains("settings changed but not applied until the daemon restarts: log_format"),
+        "{text}"
+    );
+    assert!(
+        daemon
+            .log_text()
+            .contains("changed settings not applied until the daemon restarts: log_format"),
+        "{}",
+        daemon.log_text()
+    );
+    if root {
+        let out = ps_as_nobody(&daemon, &cli);
+        assert!(out.status.success(), "control_uids reloaded: {out:?}");
+    }
+}
+
+#[test]
+fn strict_reload_changes_nothing_when_a_manifest_is_broken() {
+    let sandbox = Sandbox::new();
+    let echo = bin("echo-plugin");
+    sandbox.plugin("echo", &echo, "");
+    let config = sandbox.dir.path().join("plugvisor.yaml");
+    std::fs::write(&config, "strict: true\n").expect("write the config");
+    let daemon = Daemon::start(&sandbox, &["--config", config.to_str().unwrap()]);
+    daemon.wait_ready("echo");
+
+    sandbox.plugin("added", &echo, "");
+    write_manifest(
+        &sandbox,
+        "broken",
+        "name: broken\nversion: 1.0.0\nexec: ./x\nbogus: 1\n",
+    );
+    let out = daemon.cli(&["reload"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains("`strict` is set") && stderr.contains("bogus"),
+        "{stderr}"
+    );
+    let names: Vec<_> = daemon.ps().iter().map(|p| p["name"].clone()).collect();
+    assert_eq!(names, ["echo"], "nothing was added");
+
+    std::fs::remove_dir_all(sandbox.plugins_dir().join("broken")).expect("rm");
+    let report: serde_json::Value =
+        serde_json::from_str(&daemon.cli_ok(&["reload", "--json"])).expect("JSON");
+    assert_eq!(report["added"], serde_json::json!(["added"]), "{report}");
+}

@@ -189,12 +189,20 @@ impl Metrics {
         let state = Family::<StateLabels, Gauge>::default();
         let info = Family::<InfoLabels, Gauge>::default();
         let memory = Family::<PluginLabel, Gauge>::default();
-        let cpu = Family::<PluginLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        // A counter, built afresh for each scrape with the cgroup's total:
+        // CPU time only grows (a restarted instance's new cgroup starts at
+        // zero again, which `rate()` reads as a counter reset).
+        let cpu = Family::<PluginLabel, Counter<f64, std::sync::atomic::AtomicU64>>::default();
         let pids = Family::<PluginLabel, Gauge>::default();
         for s in samples {
             let plugin = PluginLabel {
                 plugin: s.plugin.clone(),
             };
+            // Per-plugin counters exist from the start at 0, so the first
+            // OOM kill or failed probe is an increase `rate()` can see (and
+            // the encoder leaves out families without series).
+            let _ = self.oom_kills.get_or_create(&plugin);
+            let _ = self.health_failures.get_or_create(&plugin);
             up.get_or_create(&plugin).set(i64::from(s.up));
             for name in STATES {
                 state
@@ -215,7 +223,7 @@ impl Metrics {
                 memory.get_or_create(&plugin).set(bytes as i64);
             }
             if let Some(seconds) = s.cpu_seconds {
-                cpu.get_or_create(&plugin).set(seconds);
+                cpu.get_or_create(&plugin).inc_by(seconds);
             }
             if let Some(n) = s.pids {
                 pids.get_or_create(&plugin).set(n as i64);
@@ -239,7 +247,7 @@ impl Metrics {
         );
         registry.register(
             "plugin_cpu_seconds",
-            "CPU time used by the plugin's cgroup",
+            "CPU time used by the plugin's cgroup since it was made",
             cpu,
         );
         registry.register(
@@ -330,7 +338,8 @@ mod tests {
             "plugvisor_plugin_state{plugin=\"echo\",state=\"failed\"} 0",
             "plugvisor_plugin_info{plugin=\"echo\",version=\"1.0.0\",sha256=\"ab\",enforcement=\"cgroup v1\"} 1",
             "plugvisor_plugin_memory_bytes{plugin=\"echo\"} 1024",
-            "plugvisor_plugin_cpu_seconds{plugin=\"echo\"} 0.5",
+            "# TYPE plugvisor_plugin_cpu_seconds counter",
+            "plugvisor_plugin_cpu_seconds_total{plugin=\"echo\"} 0.5",
             "plugvisor_plugin_pids{plugin=\"echo\"} 3",
             "plugvisor_restarts_total{plugin=\"echo\",reason=\"signal\"} 1",
             "plugvisor_oom_kills_total{plugin=\"echo\"} 1",
@@ -344,5 +353,28 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
         }
+    }
+
+    #[test]
+    fn per_plugin_counters_start_at_zero() {
+        let m = Metrics::default();
+        let text = m.encode(&[PluginSample {
+            plugin: "echo".into(),
+            version: "1.0.0".into(),
+            state: "ready".into(),
+            up: true,
+            sha256: String::new(),
+            enforcement: "rlimits".into(),
+            memory_bytes: None,
+            cpu_seconds: None,
+            pids: None,
+        }]);
+        for needle in [
+            "plugvisor_oom_kills_total{plugin=\"echo\"} 0",
+            "plugvisor_health_check_failures_total{plugin=\"echo\"} 0",
+        ] {
+            assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+        }
+        assert!(!text.contains("plugvisor_plugin_cpu_seconds"), "{text}");
     }
 }

@@ -44,7 +44,9 @@ pub struct ConfigArgs {
     /// config's metrics_address).
     #[arg(long, value_name = "ADDR")]
     pub metrics_address: Option<std::net::SocketAddr>,
-    /// Treat any plugin error as fatal.
+    /// Refuse to start when any manifest fails to load or any plugin cannot
+    /// be added; a reload then changes nothing while a manifest is broken.
+    /// (Plugins that crash after starting are restarted, not fatal.)
     #[arg(long)]
     pub strict: bool,
 }
@@ -348,7 +350,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     serde_json::json!({"status": h.status, "message": h.message})
                 );
             } else {
-                println!("{name}: {} {}", h.status, h.message);
+                println!("{}", health_line(name, &h.status, &h.message));
             }
             Ok(if h.status == "SERVING" { 0 } else { 1 })
         }
@@ -470,6 +472,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 let v = serde_json::json!({
                     "added": r.added, "removed": r.removed, "upgraded": r.upgraded,
                     "unchanged": r.unchanged, "failed": failed,
+                    "settings_applied": r.settings_applied,
+                    "settings_need_restart": r.settings_need_restart,
                 });
                 println!("{v}");
             } else {
@@ -486,6 +490,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 println!("unchanged: {}", list(&r.unchanged));
                 for f in &r.failed {
                     println!("failed:    {}: {}", f.name, f.reason);
+                }
+                if !r.settings_applied.is_empty() {
+                    println!("settings applied: {}", r.settings_applied.join(", "));
+                }
+                if !r.settings_need_restart.is_empty() {
+                    println!(
+                        "settings changed but not applied until the daemon restarts: {}",
+                        r.settings_need_restart.join(", ")
+                    );
                 }
             }
             Ok(if r.failed.is_empty() { 0 } else { 1 })
@@ -534,16 +547,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 }
                 _ => return usage("give the payload once: --data, --data-file or -"),
             };
+            let request = pb::CallRequest {
+                plugin: name.clone(),
+                method: method.clone(),
+                payload,
+                metadata: Default::default(),
+                timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
+            };
+            check_message_size(&request)?;
             let mut client = control::connect(&control_path()).await?;
-            let reply = client
-                .call(pb::CallRequest {
-                    plugin: name.clone(),
-                    method: method.clone(),
-                    payload,
-                    metadata: Default::default(),
-                    timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
-                })
-                .await;
+            let reply = client.call(request).await;
             let reply = match reply {
                 Ok(r) => r.into_inner(),
                 Err(status) => bail!("{name}.{method}: {:?}: {}", status.code(), status.message()),
@@ -565,6 +578,35 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `NAME: STATUS MESSAGE`, without a trailing space when there is no message.
+fn health_line(name: &str, status: &str, message: &str) -> String {
+    if message.is_empty() {
+        format!("{name}: {status}")
+    } else {
+        format!("{name}: {status} {message}")
+    }
+}
+
+/// Refuses, before sending, a call larger than one control message may be
+/// (the daemon would reset the stream with an unhelpful protocol error).
+fn check_message_size(request: &pb::CallRequest) -> anyhow::Result<()> {
+    use prost::Message;
+    let size = request.encoded_len();
+    let limit = plugvisor::transport::MAX_MESSAGE;
+    if size > limit {
+        bail!(
+            "the call to {}.{} is {size} bytes ({} of payload), over the {limit}-byte ({} MiB) limit of one control message. \
+             Payloads this large go as a stream: the plugin's HandleStream, reached through the daemon's Control.CallStream RPC \
+             (Supervisor::call_stream when embedding the supervisor).",
+            request.plugin,
+            request.method,
+            request.payload.len(),
+            limit >> 20,
+        );
+    }
+    Ok(())
 }
 
 fn usage(message: &str) -> anyhow::Result<i32> {
@@ -820,5 +862,36 @@ fn print_table(plugins: &[pb::PluginStatus]) {
     line(header.to_vec());
     for row in &rows {
         line(row.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_line_has_no_trailing_space_without_a_message() {
+        assert_eq!(health_line("echo", "SERVING", ""), "echo: SERVING");
+        assert_eq!(
+            health_line("echo", "DEGRADED", "disk low"),
+            "echo: DEGRADED disk low"
+        );
+    }
+
+    #[test]
+    fn a_call_over_the_message_limit_is_refused_before_sending() {
+        let mut request = pb::CallRequest {
+            plugin: "echo".into(),
+            method: "upper".into(),
+            payload: Bytes::from(vec![b'x'; plugvisor::transport::MAX_MESSAGE]),
+            ..Default::default()
+        };
+        let error = check_message_size(&request).unwrap_err().to_string();
+        assert!(
+            error.contains("67108864-byte (64 MiB) limit") && error.contains("CallStream"),
+            "{error}"
+        );
+        request.payload = Bytes::from(vec![b'x'; 1024]);
+        assert!(check_message_size(&request).is_ok());
     }
 }

@@ -4,6 +4,7 @@
 //! the caller's SO_PEERCRED credentials: root, the daemon's own user, and the
 //! configured uids and gids are allowed; anyone else gets PERMISSION_DENIED.
 
+use crate::connections::Connections;
 use crate::reload::Reloader;
 use plugvisor::supervisor::{Event, PluginInfo, Supervisor};
 use plugvisor_proto as pb;
@@ -20,10 +21,53 @@ use tonic::{Request, Response, Status, Streaming};
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Who may use the control socket, besides root and the daemon's own user.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Access {
     pub uids: Vec<u32>,
+    /// Admitted when the caller's primary group or any of its supplementary
+    /// groups is one of these.
     pub gids: Vec<u32>,
+    /// Where procfs is mounted: a caller's supplementary groups are read
+    /// from `<proc_root>/<pid>/status`, as SO_PEERCRED carries only the
+    /// primary group.
+    pub proc_root: PathBuf,
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Access {
+            uids: Vec::new(),
+            gids: Vec::new(),
+            proc_root: PathBuf::from("/proc"),
+        }
+    }
+}
+
+/// The credentials of a control socket's peer, as SO_PEERCRED gave them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+/// The supplementary groups in the text of a `/proc/<pid>/status`, provided
+/// the process still has the effective uid and gid the socket recorded:
+/// should the peer have exited and its pid gone to another process, that
+/// process's groups must not count.
+pub fn supplementary_groups(status: &str, uid: u32, gid: u32) -> Option<Vec<u32>> {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|rest| rest.split_whitespace().collect::<Vec<_>>())
+    };
+    // `Uid:` and `Gid:` list real, effective, saved and filesystem ids.
+    let effective = |name: &str| field(name)?.get(1)?.parse::<u32>().ok();
+    if effective("Uid:")? != uid || effective("Gid:")? != gid {
+        return None;
+    }
+    field("Groups:")?.iter().map(|g| g.parse().ok()).collect()
 }
 
 impl Access {
@@ -38,20 +82,53 @@ impl Access {
                 "the control socket could not read the caller's credentials",
             ));
         };
+        self.admit(Peer {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+        })
+        .map_err(Status::permission_denied)
+    }
+
+    /// Admits root, the daemon's own user, the configured users, and members
+    /// (primary or supplementary) of the configured groups.
+    pub fn admit(&self, peer: Peer) -> Result<(), String> {
         let own = nix::unistd::geteuid().as_raw();
-        if cred.uid() == 0
-            || cred.uid() == own
-            || self.uids.contains(&cred.uid())
-            || self.gids.contains(&cred.gid())
+        if peer.uid == 0
+            || peer.uid == own
+            || self.uids.contains(&peer.uid)
+            || self.gids.contains(&peer.gid)
         {
-            Ok(())
-        } else {
-            Err(Status::permission_denied(format!(
-                "permission denied: uid {} gid {} may not use this control socket; allow it with control_uids or control_gids in the supervisor config",
-                cred.uid(),
-                cred.gid()
-            )))
+            return Ok(());
         }
+        let supplementary = match (self.gids.is_empty(), peer.pid) {
+            (false, Some(pid)) => {
+                let path = self.proc_root.join(pid.to_string()).join("status");
+                match std::fs::read_to_string(&path) {
+                    Ok(status) => supplementary_groups(&status, peer.uid, peer.gid),
+                    Err(e) => {
+                        tracing::debug!(
+                            "cannot read the control peer's groups from {}: {e}",
+                            path.display()
+                        );
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        if supplementary
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|g| self.gids.contains(g))
+        {
+            return Ok(());
+        }
+        Err(format!(
+            "permission denied: uid {} gid {} may not use this control socket; allow it with control_uids or control_gids in the supervisor config",
+            peer.uid, peer.gid
+        ))
     }
 }
 
@@ -98,7 +175,8 @@ fn upload_of(
 /// Serves the control API.
 pub struct ControlService {
     supervisor: Supervisor,
-    access: Access,
+    /// Who may call; a reload can change it.
+    access: tokio::sync::watch::Receiver<Access>,
     /// Ends follow streams when the daemon stops, so shutdown does not wait on them.
     cancel: CancellationToken,
     /// Reloads and upgrades from the plugins directory; `None` when the
@@ -171,7 +249,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let plugins = self.supervisor.list().iter().map(status_of).collect();
         Ok(Response::new(pb::ListResponse { plugins }))
     }
@@ -180,7 +258,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::InspectRequest>,
     ) -> Result<Response<pb::InspectResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let name = &request.get_ref().name;
         let info = self.supervisor.info(name)?;
         let history = self
@@ -199,7 +277,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::CallRequest>,
     ) -> Result<Response<pb::CallResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let r = request.into_inner();
         let timeout = (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms));
         let reply = self
@@ -218,7 +296,7 @@ impl Control for ControlService {
         &self,
         request: Request<Streaming<pb::CallChunk>>,
     ) -> Result<Response<Self::CallStreamStream>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let mut input = request.into_inner();
         let first = input.message().await?.ok_or_else(|| {
             Status::invalid_argument("empty stream: the first chunk must name plugin and method")
@@ -255,7 +333,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let r = request.into_inner();
         // Subscribe before reading history so nothing falls in between.
         let mut live = self.supervisor.events();
@@ -313,7 +391,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let r = request.into_inner();
         let buffer = self.supervisor.logs(&r.plugin)?;
         let mut live = buffer.subscribe();
@@ -360,7 +438,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::PluginRequest>,
     ) -> Result<Response<pb::CommandResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let name = &request.get_ref().name;
         self.supervisor.start(name).await?;
         self.command_response(name)
@@ -370,7 +448,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::PluginRequest>,
     ) -> Result<Response<pb::CommandResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let name = &request.get_ref().name;
         self.supervisor.stop(name).await?;
         self.command_response(name)
@@ -380,7 +458,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::PluginRequest>,
     ) -> Result<Response<pb::CommandResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let name = &request.get_ref().name;
         if request.get_ref().upgrade {
             let reloader = self.reloader.as_ref().ok_or_else(|| {
@@ -399,7 +477,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::PluginRequest>,
     ) -> Result<Response<pb::ExportStateResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let state = self
             .supervisor
             .export_state(&request.get_ref().name, None)
@@ -411,7 +489,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::ConfigRequest>,
     ) -> Result<Response<pb::ConfigResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let r = request.into_inner();
         if !r.set_json.is_empty() {
             let changes: serde_json::Map<String, serde_json::Value> =
@@ -432,7 +510,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::ReloadRequest>,
     ) -> Result<Response<pb::ReloadResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let reloader = self
             .reloader
             .as_ref()
@@ -451,6 +529,8 @@ impl Control for ControlService {
                 .into_iter()
                 .map(|(name, reason)| pb::ReloadFailure { name, reason })
                 .collect(),
+            settings_applied: report.settings_applied,
+            settings_need_restart: report.settings_need_restart,
         }))
     }
 
@@ -458,7 +538,7 @@ impl Control for ControlService {
         &self,
         request: Request<pb::PluginRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        self.access.check(&request)?;
+        self.access.borrow().check(&request)?;
         let (status, message) = self
             .supervisor
             .health_check(&request.get_ref().name)
@@ -510,13 +590,37 @@ pub async fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-/// Serves the control API on `listener` until `cancel` fires.
+/// Gives the control socket to the first of `gids`, if any: its mode 0660
+/// lets only the owner and the socket's group connect, so members of that
+/// group get as far as the credential check.
+pub fn give_socket_to_group(path: &Path, gids: &[u32]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(gid) = gids.first() {
+        std::os::unix::fs::chown(path, None, Some(*gid)).with_context(|| {
+            format!(
+                "cannot give the control socket {} to group {gid}",
+                path.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// How long control calls in flight when shutdown begins may run on before
+/// their connections are closed.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves the control API on `listener` until `cancel` fires. Then the
+/// listener is closed at once, calls in flight get `grace` to finish, and
+/// every connection still open after that (idle ones, half-sent requests)
+/// is closed, so shutdown never waits on a client.
 pub async fn serve(
     supervisor: Supervisor,
     listener: tokio::net::UnixListener,
-    access: Access,
+    access: tokio::sync::watch::Receiver<Access>,
     reloader: Option<Arc<Reloader>>,
     cancel: CancellationToken,
+    grace: Duration,
 ) -> Result<(), tonic::transport::Error> {
     let service = ControlService {
         supervisor,
@@ -524,7 +628,39 @@ pub async fn serve(
         cancel: cancel.clone(),
         reloader,
     };
-    tonic::transport::Server::builder()
+    let connections = Connections::default();
+    let (accepted, incoming) = tokio::sync::mpsc::channel(16);
+    // Owns the listener, so that it is closed as soon as shutdown begins
+    // (tonic would hold an incoming stream until every connection is gone).
+    let acceptor = tokio::spawn({
+        let (cancel, connections) = (cancel.clone(), connections.clone());
+        async move {
+            loop {
+                let stream = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            // Out of descriptors, say: let some close first.
+                            tracing::warn!("control socket: cannot accept a connection: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let stream = connections.track(stream);
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    sent = accepted.send(Ok::<_, std::io::Error>(stream)) => {
+                        if sent.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    let server = tonic::transport::Server::builder()
         .initial_stream_window_size(plugvisor::transport::STREAM_WINDOW)
         .initial_connection_window_size(plugvisor::transport::CONNECTION_WINDOW)
         .add_service(
@@ -533,10 +669,28 @@ pub async fn serve(
                 .max_encoding_message_size(plugvisor::transport::MAX_MESSAGE),
         )
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
-            cancel.cancelled_owned(),
-        )
-        .await
+            tokio_stream::wrappers::ReceiverStream::new(incoming),
+            cancel.clone().cancelled_owned(),
+        );
+    tokio::pin!(server);
+    let result = tokio::select! {
+        ended = &mut server => ended,
+        _ = cancel.cancelled() => match tokio::time::timeout(grace, &mut server).await {
+            Ok(ended) => ended,
+            Err(_) => {
+                tracing::info!(
+                    "closing {} control connection(s) still open {grace:?} after shutdown began",
+                    connections.len()
+                );
+                connections.close_all();
+                server.await
+            }
+        },
+    };
+    // Ended already when shutdown began; else the server failed.
+    acceptor.abort();
+    let _ = acceptor.await;
+    result
 }
 
 /// A client of a daemon's control socket.
@@ -559,4 +713,98 @@ pub async fn connect(
 /// The path a socket should be looked for at.
 pub fn resolve(path: Option<PathBuf>) -> PathBuf {
     path.unwrap_or_else(plugvisor::config::default_control_socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATUS: &str = "Name:\tplugvisor\nUid:\t65534\t65534\t65534\t65534\nGid:\t65534\t65534\t65534\t65534\nFDSize:\t64\nGroups:\t27 4242 \nNStgid:\t7\n";
+
+    /// A procfs laid out with one process, `pid`, whose status is `status`.
+    fn proc_with(pid: i32, status: &str) -> tempfile::TempDir {
+        let root = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(root.path().join(pid.to_string())).expect("pid dir");
+        std::fs::write(root.path().join(pid.to_string()).join("status"), status)
+            .expect("status file");
+        root
+    }
+
+    fn nobody(pid: i32) -> Peer {
+        Peer {
+            uid: 65534,
+            gid: 65534,
+            pid: Some(pid),
+        }
+    }
+
+    #[test]
+    fn reads_supplementary_groups_of_the_process_the_socket_recorded() {
+        assert_eq!(
+            supplementary_groups(STATUS, 65534, 65534),
+            Some(vec![27, 4242])
+        );
+        let none = STATUS.replace("Groups:\t27 4242 ", "Groups:\t");
+        assert_eq!(supplementary_groups(&none, 65534, 65534), Some(vec![]));
+        // Another uid or gid than SO_PEERCRED's: not the same process.
+        assert_eq!(supplementary_groups(STATUS, 1000, 65534), None);
+        assert_eq!(supplementary_groups(STATUS, 65534, 1000), None);
+        assert_eq!(supplementary_groups("Name:\tx\n", 65534, 65534), None);
+    }
+
+    #[test]
+    fn admits_a_member_of_an_allowed_supplementary_group() {
+        let proc = proc_with(7, STATUS);
+        let access = Access {
+            gids: vec![4242],
+            proc_root: proc.path().to_path_buf(),
+            ..Default::default()
+        };
+        assert_eq!(access.admit(nobody(7)), Ok(()));
+    }
+
+    #[test]
+    fn refuses_without_an_allowed_group_or_when_the_groups_cannot_be_read() {
+        let proc = proc_with(7, STATUS);
+        let access = Access {
+            gids: vec![5555],
+            proc_root: proc.path().to_path_buf(),
+            ..Default::default()
+        };
+        let refused = access.admit(nobody(7)).unwrap_err();
+        assert!(
+            refused.contains("uid 65534 gid 65534") && refused.contains("control_gids"),
+            "{refused}"
+        );
+        let access = Access {
+            gids: vec![4242],
+            ..access
+        };
+        // No such process: its groups are unknown, so they do not count.
+        assert!(access.admit(nobody(8)).is_err());
+        assert!(
+            access
+                .admit(Peer {
+                    pid: None,
+                    ..nobody(7)
+                })
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn admits_configured_uids_and_primary_groups_without_reading_proc() {
+        let access = Access {
+            uids: vec![65534],
+            proc_root: PathBuf::from("/nonexistent"),
+            ..Default::default()
+        };
+        assert_eq!(access.admit(nobody(1)), Ok(()));
+        let access = Access {
+            uids: vec![],
+            gids: vec![65534],
+            ..access
+        };
+        assert_eq!(access.admit(nobody(1)), Ok(()));
+    }
 }

@@ -41,24 +41,24 @@ pub async fn run(
         )
     })?;
     let listener = control::bind(&config.control_socket()).await?;
-    // Mode 0660 lets only the owner and the socket's group connect: give the
-    // socket the first allowed group, so its members get as far as the
-    // credential check.
-    if let Some(gid) = config.control_gids.first() {
-        std::os::unix::fs::chown(config.control_socket(), None, Some(*gid)).with_context(|| {
-            format!(
-                "cannot give the control socket {} to group {gid}",
-                config.control_socket().display()
-            )
-        })?;
-    }
+    control::give_socket_to_group(&config.control_socket(), &config.control_gids)?;
 
     let mut options = SupervisorOptions::new(&config.runtime_dir);
     options.subreaper = true;
     options.state_dir = Some(config.state_dir.clone());
     options.isolation = isolation_options(&config);
     let supervisor = Supervisor::new(options).context("cannot start the supervisor")?;
-    let reloader = Arc::new(Reloader::new(supervisor.clone(), load_config));
+    let (access, access_now) = tokio::sync::watch::channel(Access {
+        uids: config.control_uids.clone(),
+        gids: config.control_gids.clone(),
+        ..Access::default()
+    });
+    let reloader = Arc::new(Reloader::new(
+        supervisor.clone(),
+        load_config,
+        config.clone(),
+        access,
+    ));
     let (started, errors) = reloader.start().await?;
     for error in &errors {
         tracing::error!("plugin not loaded: {error}");
@@ -85,6 +85,7 @@ pub async fn run(
             Some(tokio::spawn(crate::metrics_http::serve(
                 listener,
                 supervisor.clone(),
+                crate::metrics_http::Limits::default(),
                 cancel.clone(),
             )))
         }
@@ -93,12 +94,10 @@ pub async fn run(
     let server = tokio::spawn(control::serve(
         supervisor.clone(),
         listener,
-        Access {
-            uids: config.control_uids.clone(),
-            gids: config.control_gids.clone(),
-        },
+        access_now,
         Some(reloader.clone()),
         cancel.clone(),
+        control::SHUTDOWN_GRACE,
     ));
     let _ = notifier
         .announce(&format!("READY=1\nSTATUS=supervising {started} plugin(s)"))

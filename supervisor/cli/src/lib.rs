@@ -6,6 +6,7 @@
 //! - [`cli`]: the command line (clap), one function per verb.
 //! - [`daemon`]: `plugvisor run`: discovery, the control server, signals.
 //! - [`control`]: the gRPC control API the CLI talks to, and its client.
+//! - [`connections`]: the control server's open connections, closed at shutdown.
 //! - [`reload`]: re-reading plugins_dir and the config on `reload` / SIGHUP.
 //! - [`metrics_http`]: the Prometheus `/metrics` endpoint.
 //! - [`notify`]: sd_notify for systemd's `Type=notify` and watchdog.
@@ -13,6 +14,7 @@
 
 pub mod cli;
 pub mod conformance;
+pub mod connections;
 pub mod control;
 pub mod daemon;
 pub mod metrics_http;

@@ -4,7 +4,13 @@
 //! A plugin whose manifest no longer loads keeps running as it was, and the
 //! report says why. Triggered by SIGHUP, `plugvisor reload`, and (for one
 //! plugin) `plugvisor restart NAME --upgrade`.
+//!
+//! Of the global settings, a reload applies those that can change live
+//! (`plugins_dir`, `plugins`, `control_uids`, `control_gids`, `strict`) and
+//! reports the others that changed (see [`RESTART_SETTINGS`]) as needing a
+//! restart: they keep their running values until then.
 
+use crate::control::Access;
 use plugvisor::config::{Config, PluginOverride};
 use plugvisor::error::Error;
 use plugvisor::manifest::{self, Manifest, ManifestError};
@@ -24,6 +30,69 @@ pub struct ReloadReport {
     pub unchanged: Vec<String>,
     /// Plugins left as they were, and why.
     pub failed: Vec<(String, String)>,
+    /// Global settings that changed and now apply.
+    pub settings_applied: Vec<String>,
+    /// Global settings that changed but apply only after a restart.
+    pub settings_need_restart: Vec<String>,
+}
+
+/// Global settings a reload applies.
+pub const LIVE_SETTINGS: &[&str] = &[
+    "plugins_dir",
+    "plugins",
+    "control_uids",
+    "control_gids",
+    "strict",
+];
+
+/// Global settings only a restart of the daemon applies: the directories
+/// and sockets the running supervisor was built on, the log subscriber, the
+/// metrics listener and the cgroup tree.
+pub const RESTART_SETTINGS: &[&str] = &[
+    "runtime_dir",
+    "state_dir",
+    "control_socket",
+    "log_format",
+    "metrics_address",
+    "cgroup",
+    "allow_writable_executables",
+];
+
+/// The global settings that differ between `running` and `new`, as
+/// (applied by a reload, needing a restart), each in the order of
+/// [`LIVE_SETTINGS`] and [`RESTART_SETTINGS`].
+pub fn changed_settings(running: &Config, new: &Config) -> (Vec<String>, Vec<String>) {
+    // Config is compared through its Debug form where a field has no Eq.
+    let same =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+    let live = [
+        running.plugins_dir == new.plugins_dir,
+        same(&running.plugins, &new.plugins),
+        running.control_uids == new.control_uids,
+        running.control_gids == new.control_gids,
+        running.strict == new.strict,
+    ];
+    let restart = [
+        running.runtime_dir == new.runtime_dir,
+        running.state_dir == new.state_dir,
+        running.control_socket() == new.control_socket(),
+        running.log_format == new.log_format,
+        running.metrics_address == new.metrics_address,
+        same(&running.cgroup, &new.cgroup),
+        running.allow_writable_executables == new.allow_writable_executables,
+    ];
+    let names = |names: &[&str], same: &[bool]| {
+        names
+            .iter()
+            .zip(same)
+            .filter(|(_, same)| !**same)
+            .map(|(name, _)| name.to_string())
+            .collect()
+    };
+    (
+        names(LIVE_SETTINGS, &live),
+        names(RESTART_SETTINGS, &restart),
+    )
 }
 
 impl std::fmt::Display for ReloadReport {
@@ -46,6 +115,20 @@ impl std::fmt::Display for ReloadReport {
         for (name, why) in &self.failed {
             write!(f, "; {name} unchanged because {why}")?;
         }
+        if !self.settings_applied.is_empty() {
+            write!(
+                f,
+                "; settings applied: {}",
+                self.settings_applied.join(", ")
+            )?;
+        }
+        if !self.settings_need_restart.is_empty() {
+            write!(
+                f,
+                "; settings changed but not applied until a restart: {}",
+                self.settings_need_restart.join(", ")
+            )?;
+        }
         Ok(())
     }
 }
@@ -54,8 +137,20 @@ impl std::fmt::Display for ReloadReport {
 pub struct Reloader {
     supervisor: Supervisor,
     load_config: LoadConfig,
+    /// What runs now. One lock, so reloads and upgrades take turns.
+    known: tokio::sync::Mutex<Known>,
+    /// Who may use the control socket; the control service reads it on
+    /// every call.
+    access: tokio::sync::watch::Sender<Access>,
+}
+
+/// What the daemon runs now.
+struct Known {
     /// What each running plugin was started from, to see what changed.
-    fingerprints: tokio::sync::Mutex<BTreeMap<String, String>>,
+    fingerprints: BTreeMap<String, String>,
+    /// The settings in force: the live ones as last reloaded, the others as
+    /// the daemon started with them.
+    settings: Config,
 }
 
 /// Identifies what a plugin runs: the manifest file's text, the executable's
@@ -87,11 +182,45 @@ fn plugin_of(error: &ManifestError, plugins_dir: &Path) -> Option<String> {
 }
 
 impl Reloader {
-    pub fn new(supervisor: Supervisor, load_config: LoadConfig) -> Reloader {
+    /// `running` is the config the daemon started with; `access` is where the
+    /// control service reads who may call it.
+    pub fn new(
+        supervisor: Supervisor,
+        load_config: LoadConfig,
+        running: Config,
+        access: tokio::sync::watch::Sender<Access>,
+    ) -> Reloader {
         Reloader {
             supervisor,
             load_config,
-            fingerprints: tokio::sync::Mutex::default(),
+            known: tokio::sync::Mutex::new(Known {
+                fingerprints: BTreeMap::new(),
+                settings: running,
+            }),
+            access,
+        }
+    }
+
+    /// Applies the live global settings of `new` over `running`.
+    fn apply_settings(&self, running: &mut Config, new: &Config, changed: &[String]) {
+        running.plugins_dir = new.plugins_dir.clone();
+        running.plugins = new.plugins.clone();
+        running.strict = new.strict;
+        if changed
+            .iter()
+            .any(|s| s == "control_uids" || s == "control_gids")
+        {
+            running.control_uids = new.control_uids.clone();
+            running.control_gids = new.control_gids.clone();
+            self.access.send_modify(|access| {
+                access.uids = new.control_uids.clone();
+                access.gids = new.control_gids.clone();
+            });
+            if let Err(e) =
+                crate::control::give_socket_to_group(&running.control_socket(), &new.control_gids)
+            {
+                tracing::error!("reload: {e:#}");
+            }
         }
     }
 
@@ -106,8 +235,36 @@ impl Reloader {
     /// cannot be read.
     pub async fn reload(&self) -> anyhow::Result<ReloadReport> {
         let (config, discovery) = self.discover()?;
-        let mut known = self.fingerprints.lock().await;
+        if config.strict && !discovery.errors.is_empty() {
+            for error in &discovery.errors {
+                tracing::error!("plugin not loaded: {error}");
+            }
+            anyhow::bail!(
+                "{} plugin(s) failed to load and `strict` is set: {}",
+                discovery.errors.len(),
+                discovery
+                    .errors
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+        }
+        let mut guard = self.known.lock().await;
+        let Known {
+            fingerprints: known,
+            settings,
+        } = &mut *guard;
         let mut report = ReloadReport::default();
+        (report.settings_applied, report.settings_need_restart) =
+            changed_settings(settings, &config);
+        self.apply_settings(settings, &config, &report.settings_applied);
+        if !report.settings_need_restart.is_empty() {
+            tracing::warn!(
+                "reload: changed settings not applied until the daemon restarts: {}",
+                report.settings_need_restart.join(", ")
+            );
+        }
         let mut broken: BTreeMap<String, String> = BTreeMap::new();
         for error in &discovery.errors {
             tracing::error!("plugin not loaded: {error}");
@@ -193,7 +350,8 @@ impl Reloader {
     /// start). Returns the plugins started and the discovery errors.
     pub async fn start(&self) -> anyhow::Result<(usize, Vec<ManifestError>)> {
         let (config, discovery) = self.discover()?;
-        let mut known = self.fingerprints.lock().await;
+        let mut guard = self.known.lock().await;
+        let known = &mut guard.fingerprints;
         let mut started = 0;
         for manifest in discovery.manifests {
             let overrides = config
@@ -236,9 +394,66 @@ impl Reloader {
             })?;
         let overrides = config.plugins.get(name).cloned().unwrap_or_default();
         let print = fingerprint(&manifest, &overrides);
-        let mut known = self.fingerprints.lock().await;
+        let mut known = self.known.lock().await;
         self.replace(name, manifest, overrides).await?;
-        known.insert(name.to_string(), print);
+        known.fingerprints.insert(name.to_string(), print);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unchanged_settings_are_not_reported() {
+        let config = Config::default();
+        let (applied, restart) = changed_settings(&config, &config.clone());
+        assert!(applied.is_empty() && restart.is_empty());
+    }
+
+    #[test]
+    fn separates_live_settings_from_those_needing_a_restart() {
+        let running = Config::default();
+        let mut new = running.clone();
+        new.control_uids = vec![1000];
+        new.control_gids = vec![27];
+        new.strict = true;
+        new.plugins.insert("echo".into(), PluginOverride::default());
+        new.runtime_dir = "/run/elsewhere".into();
+        new.cgroup.enabled = false;
+        new.metrics_address = Some(([127, 0, 0, 1], 9464).into());
+        new.log_format = plugvisor::config::LogFormat::Json;
+        let (applied, restart) = changed_settings(&running, &new);
+        assert_eq!(
+            applied,
+            ["plugins", "control_uids", "control_gids", "strict"]
+        );
+        // The control socket defaults to one in runtime_dir: it moves too.
+        assert_eq!(
+            restart,
+            [
+                "runtime_dir",
+                "control_socket",
+                "log_format",
+                "metrics_address",
+                "cgroup"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_report_says_which_settings_wait_for_a_restart() {
+        let report = ReloadReport {
+            settings_applied: vec!["control_uids".into()],
+            settings_need_restart: vec!["state_dir".into(), "cgroup".into()],
+            ..Default::default()
+        };
+        let text = report.to_string();
+        assert!(text.contains("settings applied: control_uids"), "{text}");
+        assert!(
+            text.contains("not applied until a restart: state_dir, cgroup"),
+            "{text}"
+        );
     }
 }
