@@ -104,7 +104,9 @@ pub struct Config {
     /// Where Prometheus metrics are served (`GET /metrics`), e.g.
     /// `127.0.0.1:9464`; not served when unset.
     pub metrics_address: Option<std::net::SocketAddr>,
-    /// Any plugin error (bad manifest, failed start) stops the daemon.
+    /// Refuse to start when any manifest fails to load or any plugin cannot
+    /// be added; a reload then changes nothing while a manifest is broken.
+    /// Plugins that fail to start or crash later are restarted, not fatal.
     pub strict: bool,
     /// Users (besides root and the daemon's own user) allowed on the control socket.
     pub control_uids: Vec<u32>,
