@@ -490,3 +490,96 @@ fn the_python_plugin_runs_beside_the_rust_ones_and_comes_back_after_a_kill() {
     let logs = daemon.cli_ok(&["logs", "python-echo", "--tail", "50"]);
     assert!(!logs.is_empty(), "the python plugin's output is captured");
 }
+
+/// Uploads `chunks` to the test plugin's `count` through `Control.CallStream`,
+/// marking the last chunk `end_of_input` only when `complete`.
+fn upload(daemon: &Daemon, chunks: usize, complete: bool) -> Result<Vec<u8>, tonic::Status> {
+    use plugvisor_proto as pb;
+    use tokio_stream::StreamExt;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = plugvisor_cli::control::connect(&daemon.control)
+            .await
+            .unwrap();
+        let requests: Vec<pb::CallChunk> = (0..chunks)
+            .map(|i| pb::CallChunk {
+                plugin: if i == 0 { "tp".into() } else { String::new() },
+                method: if i == 0 {
+                    "count".into()
+                } else {
+                    String::new()
+                },
+                data: vec![7u8; 1000].into(),
+                end_of_input: complete && i + 1 == chunks,
+            })
+            .collect();
+        let mut reply = client
+            .call_stream(tokio_stream::iter(requests))
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(chunk) = reply.next().await {
+            out.extend_from_slice(&chunk?.data);
+        }
+        Ok(out)
+    })
+}
+
+#[test]
+fn an_upload_without_its_end_mark_is_cancelled_not_taken_as_whole() {
+    let sandbox = Sandbox::new();
+    sandbox.plugin("tp", &bin("testplugin"), "");
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("tp");
+    // Marked complete: the plugin counts every byte.
+    assert_eq!(upload(&daemon, 3, true).unwrap(), b"3000");
+    // The stream ends without the mark (the client went away): the call is
+    // cancelled and the plugin sees its input fail.
+    let err = upload(&daemon, 3, false).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Cancelled, "{err:?}");
+    assert_eq!(upload(&daemon, 2, true).unwrap(), b"2000");
+    // Depending on timing the plugin sees the cut upload fail, or never sees
+    // it at all; it never counts it as complete.
+    let logs = daemon.cli_ok(&["logs", "tp", "--tail", "50"]);
+    let complete: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("upload complete"))
+        .collect();
+    assert_eq!(
+        complete.len(),
+        2,
+        "only the two marked uploads were taken whole:\n{logs}"
+    );
+}
+
+#[test]
+fn events_json_carries_the_exit_as_fields() {
+    let sandbox = Sandbox::new();
+    sandbox.plugin(
+        "tp",
+        &bin("testplugin"),
+        "restart: {initial_backoff: 50ms, jitter: 0.0}",
+    );
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("tp");
+    let out = daemon.cli(&["call", "tp", "crash", "--data", "9"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let backoff = || {
+        daemon
+            .cli_ok(&["events", "tp", "--json"])
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|e| e["state"] == "backoff")
+    };
+    wait_until_blocking(SECS_10, "a backoff event", || backoff().is_some());
+    let e = backoff().unwrap();
+    assert_eq!(e["exit"]["kind"], "exit", "{e}");
+    assert_eq!(e["exit"]["code"], 9, "{e}");
+    assert_eq!(e["exit"]["oom"], false, "{e}");
+    assert_eq!(e["attempt"], 1, "{e}");
+    assert_eq!(e["delay_ms"], 50, "{e}");
+    assert_eq!(e["replica"], 0, "{e}");
+}

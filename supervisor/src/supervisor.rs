@@ -258,10 +258,12 @@ impl Supervisor {
         request.extensions_mut().insert(abort.body.clone());
         let mut client = ready.client.clone();
         let started = tokio::select! {
-            r = tokio::time::timeout_at(deadline.into(), client.handle_stream(request)) => r,
+            // An upload that broke off also fails the reply: say why first.
+            biased;
             why = abort.wait() => {
                 return Err(fail(&mut record, cancelled(&common.name, method, why)));
             }
+            r = tokio::time::timeout_at(deadline.into(), client.handle_stream(request)) => r,
         };
         let response = match started {
             Ok(Ok(response)) => response.into_inner(),
@@ -704,7 +706,11 @@ impl Stream for Download {
             Poll::Ready(Some(Ok(chunk))) => Poll::Ready(Some(Ok(chunk.data))),
             Poll::Ready(Some(Err(status))) => {
                 this.inner = None;
-                let e = call_error(status, &this.record.plugin, &this.ready.id);
+                // The upload breaking off resets the stream: that is the cause.
+                let e = match this.abort.get() {
+                    Some(why) => cancelled(&this.record.plugin, &this.method, why),
+                    None => call_error(status, &this.record.plugin, &this.ready.id),
+                };
                 this.record.code = e.code();
                 Poll::Ready(Some(Err(e)))
             }

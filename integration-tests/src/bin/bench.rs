@@ -1168,7 +1168,8 @@ async fn crashes(
             next_event(events, "echo", |e| e.state == PluginState::Ready, wait).await?;
         slept.push(since(starting.time, first.time));
         restarted.push(since(ready.time, starting.time));
-        to_ready.push((ready_at - t0).saturating_sub(backoff_of(&first.reason)));
+        let backoff = first.detail.delay.unwrap_or(BACKOFF);
+        to_ready.push((ready_at - t0).saturating_sub(backoff));
     }
     Ok(CrashFigures {
         event: Stats::of(to_event)?,
@@ -1221,16 +1222,6 @@ mod pidfd {
             }
         }
     }
-}
-
-/// The delay a backoff event announces (`... restart #N in 10ms`), else the
-/// configured one.
-fn backoff_of(reason: &str) -> Duration {
-    reason
-        .rsplit_once(" in ")
-        .and_then(|(_, tail)| tail.strip_suffix("ms"))
-        .and_then(|ms| ms.trim().parse::<u64>().ok())
-        .map_or(BACKOFF, Duration::from_millis)
 }
 
 // ---------------------------------------------------------------------------

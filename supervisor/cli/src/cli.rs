@@ -788,13 +788,36 @@ fn human_bytes(n: u64) -> String {
 }
 
 fn event_json(e: &pb::Event) -> serde_json::Value {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "time_ms": e.time_ms,
         "plugin": e.plugin,
+        "replica": e.replica,
         "instance": e.instance,
         "state": e.state,
         "reason": e.reason,
-    })
+    });
+    // Structured facts, present only where they apply.
+    if e.pid != 0 {
+        v["pid"] = e.pid.into();
+    }
+    if !e.version.is_empty() {
+        v["version"] = e.version.clone().into();
+    }
+    if let Some(exit) = &e.exit {
+        let mut x = serde_json::json!({"kind": exit.kind, "oom": exit.oom});
+        if exit.kind == "exit" || exit.code != 0 {
+            x["code"] = exit.code.into();
+        }
+        if exit.signal != 0 {
+            x["signal"] = exit.signal.into();
+        }
+        v["exit"] = x;
+    }
+    if e.attempt != 0 {
+        v["attempt"] = e.attempt.into();
+        v["delay_ms"] = e.delay_ms.into();
+    }
+    v
 }
 
 fn event_line(e: &pb::Event) -> String {

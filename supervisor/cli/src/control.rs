@@ -240,6 +240,17 @@ fn event_of(e: &Event) -> pb::Event {
         instance: e.instance.clone(),
         state: e.state.to_string(),
         reason: e.reason.clone(),
+        replica: e.replica as u32,
+        pid: e.detail.pid.unwrap_or(0),
+        version: e.detail.version.clone().unwrap_or_default(),
+        exit: e.detail.exit_kind.map(|kind| pb::ExitInfo {
+            kind: kind.to_string(),
+            code: e.detail.exit_code.unwrap_or(0),
+            signal: e.detail.signal.unwrap_or(0),
+            oom: e.detail.oom,
+        }),
+        attempt: e.detail.attempt.unwrap_or(0),
+        delay_ms: e.detail.delay.map_or(0, |d| d.as_millis() as u64),
     }
 }
 
