@@ -583,3 +583,44 @@ fn events_json_carries_the_exit_as_fields() {
     assert_eq!(e["delay_ms"], 50, "{e}");
     assert_eq!(e["replica"], 0, "{e}");
 }
+
+#[test]
+fn a_runtime_dir_others_can_write_or_a_planted_symlink_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = Sandbox::new();
+    let run = |runtime: &std::path::Path| {
+        std::process::Command::new(bin("plugvisor"))
+            .args(["run", "--plugins-dir"])
+            .arg(sandbox.plugins_dir())
+            .arg("--runtime-dir")
+            .arg(runtime)
+            .arg("--state-dir")
+            .arg(sandbox.dir.path().join("state"))
+            .output()
+            .unwrap()
+    };
+    // Pre-created by someone else as a world-writable directory.
+    let open = sandbox.dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = run(&open);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("writable by everyone (mode 0777)"),
+        "{stderr}"
+    );
+    // Its `plugins` subdirectory planted as a symlink to another directory.
+    let planted = sandbox.dir.path().join("planted");
+    std::fs::create_dir(&planted).unwrap();
+    let elsewhere = sandbox.dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, planted.join("plugins")).unwrap();
+    let out = run(&planted);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("plugins") && stderr.contains("symbolic link"),
+        "{stderr}"
+    );
+}

@@ -132,12 +132,9 @@ fn socket_dir(
         reason,
     };
     let _ = std::fs::remove_dir_all(&dir);
-    // `recursive` applies the mode to every level it creates.
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o711)
-        .create(&plugins)
-        .map_err(|e| fail(e.to_string()))?;
+    // Checked, not just created: a `plugins` that is a planted symlink, or
+    // that others may write in, is refused.
+    crate::rundir::secure_dir(&plugins, 0o711).map_err(|e| fail(e.to_string()))?;
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)

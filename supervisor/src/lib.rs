@@ -21,6 +21,8 @@
 //! - [`metrics`]: the Prometheus registry the supervisor feeds.
 //! - [`state`]: atomic state snapshots.
 //! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets.
+//! - [`rundir`]: the runtime directory, created and checked so no other
+//!   user can plant or replace a socket in it.
 //!
 //! The daemon, its control API and the CLI are the `plugvisor-cli` crate;
 //! this one has no CLI dependencies.
@@ -55,6 +57,7 @@ pub mod policy;
 pub mod process;
 mod replica;
 mod routing;
+pub mod rundir;
 mod spec;
 pub mod state;
 pub mod status;

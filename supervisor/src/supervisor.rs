@@ -49,6 +49,15 @@ pub struct Supervisor {
 impl Supervisor {
     /// Creates a supervisor. Must be called inside a tokio runtime.
     pub fn new(opts: SupervisorOptions) -> std::io::Result<Supervisor> {
+        // Sockets live there: refuse a directory others could write in, and
+        // clear what an earlier run left.
+        let swept = crate::rundir::prepare(&opts.runtime_dir).map_err(std::io::Error::other)?;
+        if swept > 0 {
+            tracing::info!(
+                "removed {swept} stale socket director{} of an earlier run",
+                if swept == 1 { "y" } else { "ies" }
+            );
+        }
         let io_tasks = TaskTracker::new();
         let processes = ProcessManager::new(io_tasks.clone())?;
         let isolation =

@@ -34,12 +34,9 @@ pub async fn run(
             );
         }
     }
-    std::fs::create_dir_all(&config.runtime_dir).with_context(|| {
-        format!(
-            "cannot create the runtime directory {}",
-            config.runtime_dir.display()
-        )
-    })?;
+    // The control socket and every plugin socket live here: it must be
+    // ours alone (not a symlink, not writable by others).
+    plugvisor::rundir::secure_dir(&config.runtime_dir, 0o711)?;
     let listener = control::bind(&config.control_socket()).await?;
     control::give_socket_to_group(&config.control_socket(), &config.control_gids)?;
 
