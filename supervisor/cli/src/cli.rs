@@ -267,7 +267,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
             init_logging(config.log_format);
             let (args, control) = (args.clone(), cli.control.clone());
-            let reload = Box::new(move || {
+            let reload = std::sync::Arc::new(move || {
                 let mut config = load_config(&args)?;
                 if let Some(control) = &control {
                     config.control_socket = Some(control.clone());

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Reads the supervisor config afresh (the file, with command-line overrides).
-pub type LoadConfig = Box<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
+pub type LoadConfig = std::sync::Arc<dyn Fn() -> anyhow::Result<Config> + Send + Sync>;
 
 /// What a reload did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -224,17 +224,25 @@ impl Reloader {
         }
     }
 
-    fn discover(&self) -> anyhow::Result<(Config, manifest::Discovery)> {
-        let config = (self.load_config)()?;
-        let discovery = manifest::discover(&config.plugins_dir)?;
-        Ok((config, discovery))
+    /// Reads the config and the plugins directory on the blocking pool:
+    /// file reads and YAML parsing never hold up a runtime worker, so the
+    /// control API keeps answering during a reload.
+    async fn discover(&self) -> anyhow::Result<(Config, manifest::Discovery)> {
+        let load_config = self.load_config.clone();
+        tokio::task::spawn_blocking(move || {
+            let config = load_config()?;
+            let discovery = manifest::discover(&config.plugins_dir)?;
+            Ok((config, discovery))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("the plugins directory reader failed: {e}"))?
     }
 
     /// Brings the running plugins in line with the config and plugins dir.
     /// Fails (changing nothing) only when the config or the directory itself
     /// cannot be read.
     pub async fn reload(&self) -> anyhow::Result<ReloadReport> {
-        let (config, discovery) = self.discover()?;
+        let (config, discovery) = self.discover().await?;
         if config.strict && !discovery.errors.is_empty() {
             for error in &discovery.errors {
                 tracing::error!("plugin not loaded: {error}");
@@ -349,7 +357,7 @@ impl Reloader {
     /// Starts every plugin the config and plugins dir name (the daemon's
     /// start). Returns the plugins started and the discovery errors.
     pub async fn start(&self) -> anyhow::Result<(usize, Vec<ManifestError>)> {
-        let (config, discovery) = self.discover()?;
+        let (config, discovery) = self.discover().await?;
         let mut guard = self.known.lock().await;
         let known = &mut guard.fingerprints;
         let mut started = 0;
@@ -375,6 +383,7 @@ impl Reloader {
     pub async fn upgrade(&self, name: &str) -> Result<(), Error> {
         let (config, discovery) = self
             .discover()
+            .await
             .map_err(|e| Error::Invalid(format!("{e:#}")))?;
         let dir: PathBuf = config.plugins_dir.join(name);
         if let Some(error) = discovery.errors.iter().find(|e| e.file.starts_with(&dir)) {

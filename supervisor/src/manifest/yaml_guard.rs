@@ -15,6 +15,7 @@
 //! matters for files near the limit that no real manifest comes close to.
 
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// Deepest nesting of block and flow collections accepted.
@@ -23,7 +24,23 @@ pub const MAX_DEPTH: usize = 64;
 /// Reads `path` as UTF-8 if it holds at most `max` bytes; larger files are
 /// refused before they are read whole.
 pub fn read_bounded(path: &Path, max: u64, what: &str) -> Result<String, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    // O_NONBLOCK: opening a FIFO planted as the file must not wait for a
+    // writer (it would hang discovery); it is refused below. On a regular
+    // file the flag changes nothing.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    match file.metadata() {
+        Ok(meta) if !meta.is_file() => {
+            return Err(
+                "is not a regular file (a FIFO, device or directory); refusing to read it".into(),
+            );
+        }
+        Err(e) => return Err(format!("cannot read: {e}")),
+        Ok(_) => {}
+    }
     let too_big = |size: String| {
         format!("is {size}, more than the {max}-byte limit for {what}; is this the right file?")
     };
@@ -204,6 +221,15 @@ pub fn check_shape(text: &str, max_depth: usize) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("plugin.yaml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = read_bounded(&fifo, 1024, "a manifest").unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+    }
 
     fn depth_ok(text: &str, max: usize) -> bool {
         match check_shape(text, max) {
