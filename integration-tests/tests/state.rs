@@ -262,7 +262,14 @@ async fn a_full_disk_during_a_snapshot_keeps_the_previous_one() {
     let err = call(&sup, "set", &big).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::DataLoss, "{err}");
     assert!(err.to_string().contains("could not be saved"), "{err}");
-    // And it leaves a trace beyond the caller: the metric.
+    // And it leaves a trace beyond the caller: an event and the metric.
+    let history = sup.history("kv").unwrap();
+    assert!(
+        history.iter().any(|e| e
+            .reason
+            .contains("state snapshot after a `set` call that changed state failed")),
+        "{history:#?}"
+    );
     let metrics = sup.metrics_text();
     assert!(
         metrics.contains("plugvisor_snapshot_failures_total{plugin=\"kv\"} 1"),

@@ -148,6 +148,7 @@ impl Replica {
         }
         self.route(Route::Ready(ReadyInstance::new(
             instance.id.clone(),
+            self.index,
             instance.client.clone(),
             self.snapshots.clone(),
         )));
@@ -229,11 +230,10 @@ impl Replica {
         }
     }
 
-    /// A snapshot that could not be taken leaves a trace: a warning and the
-    /// metric.
+    /// A snapshot that could not be taken leaves a trace: an event, a
+    /// warning and the metric.
     pub fn snapshot_failed(&self, instance: &str, when: &str, why: &str) {
-        tracing::warn!(plugin = %self.plugin.name, instance, "state snapshot {when} failed: {why}");
-        self.host.metrics.snapshot_failed(&self.plugin.name);
+        snapshot_failed(&self.host, &self.plugin, self.index, instance, when, why);
     }
 
     /// The newest good snapshot as Initialize's restored state, and a note
@@ -271,4 +271,31 @@ impl Replica {
         });
         Ok((restored, note))
     }
+}
+
+/// Records a failed snapshot of `instance` (replica `replica`): an event in
+/// the plugin's current state, a warning and the metric. Nobody learns of it
+/// only by chance.
+pub(crate) fn snapshot_failed(
+    host: &Host,
+    plugin: &Common,
+    replica: usize,
+    instance: &str,
+    when: &str,
+    why: &str,
+) {
+    let state = plugin.board.lock().replicas[replica].state;
+    let event = Event {
+        time: SystemTime::now(),
+        plugin: plugin.name.clone(),
+        replica,
+        instance: instance.to_string(),
+        state,
+        reason: format!("state snapshot {when} failed: {why}"),
+        detail: EventDetail::default(),
+    };
+    plugin.board.record(&event);
+    tracing::warn!(plugin = %plugin.name, instance, "{}", event.reason);
+    host.metrics.snapshot_failed(&plugin.name);
+    let _ = host.events.send(event);
 }

@@ -18,6 +18,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 /// A ready instance that calls can go to.
 pub(crate) struct ReadyInstance {
     pub id: String,
+    /// Which replica of the plugin it is.
+    pub replica: usize,
     pub client: Client,
     /// The replica's snapshot store, for calls that change state when the
     /// plugin snapshots on change.
@@ -29,9 +31,15 @@ pub(crate) struct ReadyInstance {
 }
 
 impl ReadyInstance {
-    pub fn new(id: String, client: Client, snapshots: Option<Arc<Snapshots>>) -> Arc<Self> {
+    pub fn new(
+        id: String,
+        replica: usize,
+        client: Client,
+        snapshots: Option<Arc<Snapshots>>,
+    ) -> Arc<Self> {
         Arc::new(ReadyInstance {
             id,
+            replica,
             client,
             snapshots,
             in_flight: AtomicUsize::new(0),
@@ -283,6 +291,7 @@ mod tests {
         let connection = crate::transport::handshake(ours).await.unwrap();
         ReadyInstance::new(
             id.to_string(),
+            0,
             plugvisor_proto::plugin_client::PluginClient::new(connection),
             None,
         )

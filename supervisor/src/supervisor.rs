@@ -537,8 +537,14 @@ async fn call_once(
                         .take(&ready.client, manifest.timeouts.call.0)
                         .await
                 {
-                    tracing::warn!(plugin, instance = %ready.id, method, "the call succeeded but its state could not be snapshotted: {why}");
-                    host.metrics.snapshot_failed(plugin);
+                    crate::replica::snapshot_failed(
+                        host,
+                        common,
+                        ready.replica,
+                        &ready.id,
+                        &format!("after a `{method}` call that changed state"),
+                        &why,
+                    );
                     return Err(Error::NotPersisted {
                         plugin: plugin.to_string(),
                         instance: ready.id.clone(),
