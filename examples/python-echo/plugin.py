@@ -222,6 +222,7 @@ class EchoPlugin:
             name=PLUGIN_NAME,
             version=PLUGIN_VERSION,
             methods=list(METHODS),
+            stream_methods=list(METHODS),
             state_version=STATE_VERSION,
             protocol_version=PROTOCOL_VERSION,
         )
