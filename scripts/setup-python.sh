@@ -88,6 +88,27 @@ fi
 imports_ok ||
     die "the packages in $venv do not import; delete $venv and re-run this script"
 
+# The plugin helper package (<repo>/python), reinstalled when it changes.
+# Not editable: a plain install copies plugin.proto, which the package
+# compiles at import time.
+helper="$repo/python"
+helper_stamp="$venv/.plugvisor-helper.sha256"
+helper_want=$(cd "$helper" && find . -path ./build -prune -o -name '*.egg-info' -prune -o -type f -print -o -type l -print | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1)
+if [ "$helper_want" != "$(cat "$helper_stamp" 2>/dev/null || true)" ] ||
+        ! "$venv/bin/python3" -c 'import plugvisor.v1' >/dev/null 2>&1; then
+    say "installing the plugvisor helper package from $helper"
+    log=$(mktemp)
+    # --no-build-isolation: build with the pinned setuptools above, offline.
+    if ! "$venv/bin/python3" -m pip install --disable-pip-version-check --no-input --quiet \
+            --no-deps --no-build-isolation "$helper" >"$log" 2>&1; then
+        tail -n 25 "$log" >&2
+        die "pip install $helper failed (full log: $log)"
+    fi
+    rm -rf "$helper/build" "$helper"/*.egg-info
+    rm -f "$log"
+    printf '%s\n' "$helper_want" >"$helper_stamp"
+fi
+
 "$venv/bin/python3" "$example/gen_stubs.py" ||
     die "generating the Python stubs failed (see above)"
 

@@ -252,7 +252,19 @@ fn a_failing_stream_fails_rule_7_and_no_stream_skips_it() {
     let run = testplugin(&sandbox, "--no-stream", &[]);
     run.expect(0, &[], &["stream"]);
     assert!(
-        run.line("stream").contains("plugin does not stream"),
+        run.line("stream")
+            .contains("plugin does not stream: Initialize's stream_methods is empty"),
+        "{run}"
+    );
+}
+
+#[test]
+fn a_declared_stream_method_that_is_unimplemented_fails_rule_7() {
+    let run = testplugin(&Sandbox::new(), "--no-stream, --claim-stream", &[]);
+    run.expect(1, &["stream"], &[]);
+    assert!(
+        run.line("stream")
+            .contains("`echo` is declared in Initialize's stream_methods, but HandleStream answered UNIMPLEMENTED"),
         "{run}"
     );
 }

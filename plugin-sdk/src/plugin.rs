@@ -144,11 +144,18 @@ pub trait Plugin: Send + Sync + 'static {
         "0.0.0"
     }
 
-    /// The methods [`handle`](Plugin::handle) and
-    /// [`handle_stream`](Plugin::handle_stream) accept, reported in
+    /// The methods [`handle`](Plugin::handle) accepts, reported in
     /// `Initialize` so operators and the supervisor can see them. Empty by
     /// default, which means "not advertised".
     fn methods(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// The methods [`handle_stream`](Plugin::handle_stream) accepts,
+    /// reported in `Initialize` (`stream_methods`). Empty by default, which
+    /// declares that the plugin does not stream; a plugin that implements
+    /// `handle_stream` lists its methods here.
+    fn stream_methods(&self) -> Vec<String> {
         Vec::new()
     }
 

@@ -101,6 +101,7 @@ impl<P: Plugin> PluginService for PluginAdapter<P> {
             name,
             version: self.plugin.version().to_string(),
             methods: self.plugin.methods(),
+            stream_methods: self.plugin.stream_methods(),
             state_version: self.plugin.state_version(),
             protocol_version: PROTOCOL_VERSION,
         }))

@@ -68,6 +68,10 @@ impl Plugin for Echo {
         ["echo", "upper", "greet"].map(String::from).to_vec()
     }
 
+    fn stream_methods(&self) -> Vec<String> {
+        ["echo", "upper"].map(String::from).to_vec()
+    }
+
     async fn initialize(&self, ctx: InitContext) -> Result<(), Status> {
         let greeting = match ctx.config.get("greeting") {
             None | Some(serde_json::Value::Null) => DEFAULT_GREETING.to_string(),

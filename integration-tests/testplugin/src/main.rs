@@ -90,6 +90,7 @@ impl Args {
                 "--unknown-ok" => parsed.faults.unknown_ok = true,
                 "--forget-state" => parsed.faults.forget_state = true,
                 "--no-stream" => parsed.faults.no_stream = true,
+                "--claim-stream" => parsed.faults.claim_stream = true,
                 "--stream-fail" => parsed.faults.stream_fail = true,
                 "--not-serving" => parsed.faults.not_serving = true,
                 "--phantom-method" => parsed.faults.phantom_method = true,

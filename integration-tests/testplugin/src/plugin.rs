@@ -35,6 +35,9 @@ pub struct Faults {
     pub forget_state: bool,
     /// `--no-stream`: `HandleStream` answers UNIMPLEMENTED.
     pub no_stream: bool,
+    /// `--claim-stream`: declare `echo` in `stream_methods` even with
+    /// `--no-stream`.
+    pub claim_stream: bool,
     /// `--stream-fail`: `HandleStream` answers INTERNAL.
     pub stream_fail: bool,
     /// `--not-serving`: `HealthCheck` reports NOT_SERVING from the start.
@@ -224,6 +227,16 @@ impl TestPlugin {
 impl Plugin for TestPlugin {
     fn version(&self) -> &str {
         env!("CARGO_PKG_VERSION")
+    }
+
+    /// `echo` streams, unless `--no-stream`; `--claim-stream` declares it
+    /// even then.
+    fn stream_methods(&self) -> Vec<String> {
+        if self.faults.no_stream && !self.faults.claim_stream {
+            Vec::new()
+        } else {
+            vec!["echo".into()]
+        }
     }
 
     fn methods(&self) -> Vec<String> {

@@ -8,7 +8,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use plugvisor::config::{Config, LogFormat};
 use plugvisor_proto as pb;
 use prost::bytes::Bytes;
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -137,11 +137,17 @@ pub enum Command {
         /// `-`: read the payload from standard input.
         #[arg(value_name = "-")]
         stdin: Option<String>,
-        /// Deadline, e.g. `5s` (default: the plugin's timeouts.call).
+        /// Deadline, e.g. `5s` (default: the plugin's timeouts.call; none
+        /// for a stream).
         #[arg(long, value_parser = plugvisor::units::parse_duration)]
         timeout: Option<Duration>,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "stream")]
         json: bool,
+        /// Stream the payload (stdin unless --data/--data-file) to the
+        /// plugin's HandleStream and write its reply to stdout as it comes.
+        /// Payloads over one message's limit (64 MiB) stream by themselves.
+        #[arg(long)]
+        stream: bool,
     },
     /// Plugin state: `state export NAME` prints what ExportState returns.
     State {
@@ -528,24 +534,38 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             stdin,
             timeout,
             json,
+            stream,
         } => {
+            use crate::stream::Payload;
             let payload = match (data, data_file, stdin.as_deref()) {
-                (Some(d), None, None) => Bytes::from(d.clone()),
-                (None, Some(f), None) => Bytes::from(
-                    std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?,
-                ),
-                (None, None, Some("-")) => {
-                    let mut buf = Vec::new();
-                    std::io::stdin().read_to_end(&mut buf)?;
-                    Bytes::from(buf)
-                }
-                (None, None, None) => Bytes::new(),
+                (Some(d), None, None) => Payload::data(d, *stream),
+                (None, Some(f), None) => Payload::file(f, *stream)?,
+                (None, None, Some("-")) => Payload::stdin(*stream)?,
+                (None, None, None) if *stream => Payload::stdin(true)?,
+                (None, None, None) => Payload::Whole(Bytes::new()),
                 (_, _, Some(other)) if other != "-" => {
                     return usage(&format!(
                         "unexpected argument `{other}`; use `-` to read the payload from stdin"
                     ));
                 }
                 _ => return usage("give the payload once: --data, --data-file or -"),
+            };
+            let payload = match payload {
+                Payload::Whole(bytes) => bytes,
+                Payload::Stream { source, reason } => {
+                    if let Some(reason) = reason {
+                        if *json {
+                            bail!(
+                                "{reason}; it must go as a stream (--stream), whose reply --json cannot show"
+                            );
+                        }
+                        eprintln!(
+                            "plugvisor: {reason}: streaming it to {name}.{method} (HandleStream)"
+                        );
+                    }
+                    return crate::stream::call(&control_path(), name, method, source, *timeout)
+                        .await;
+                }
             };
             let request = pb::CallRequest {
                 plugin: name.clone(),

@@ -67,6 +67,14 @@ const REAP_WAIT: Duration = Duration::from_secs(5);
 /// Stdout and stderr lines kept from the run without the cookie.
 const KEPT_LINES: usize = 100;
 
+/// What a plugin declared in its `InitializeResponse`.
+struct Declared {
+    /// `methods`: rules 6 and 9 call the first.
+    methods: Vec<String>,
+    /// `stream_methods`: rule 7 streams to the first.
+    stream_methods: Vec<String>,
+}
+
 /// How to run the checks.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -376,10 +384,10 @@ impl Checker {
                 first.child.pid()
             ),
         ));
-        let (check, methods) = self.initialize(&mut first).await;
+        let (check, declared) = self.initialize(&mut first).await;
         checks.push(check);
-        match methods {
-            Some(methods) => self.check_initialized(&first, &methods, &mut checks).await,
+        match declared {
+            Some(declared) => self.check_initialized(&first, &declared, &mut checks).await,
             None => {
                 for rule in &Rule::ALL[Rule::Initialize.number()..Rule::Shutdown.number()] {
                     checks.push(Check::skip(*rule, "Initialize failed (rule 3)"));
@@ -393,8 +401,8 @@ impl Checker {
     }
 
     /// Rules 4 to 9, on the initialized first instance.
-    async fn check_initialized(&self, a: &Instance, methods: &[String], checks: &mut Vec<Check>) {
-        let first = methods.first().map(String::as_str);
+    async fn check_initialized(&self, a: &Instance, declared: &Declared, checks: &mut Vec<Check>) {
+        let first = declared.methods.first().map(String::as_str);
         let no_method = |rule| Check::skip(rule, "the plugin lists no methods (rule 3)");
         checks.push(match exited(a, Rule::Health) {
             Some(skip) => skip,
@@ -409,11 +417,16 @@ impl Checker {
             (None, None) => no_method(Rule::Handle),
             (None, Some(method)) => self.handle(a, method).await,
         });
-        checks.push(match (exited(a, Rule::Stream), first) {
-            (Some(skip), _) => skip,
-            (None, None) => no_method(Rule::Stream),
-            (None, Some(method)) => self.stream(a, method).await,
-        });
+        checks.push(
+            match (exited(a, Rule::Stream), declared.stream_methods.first()) {
+                (Some(skip), _) => skip,
+                (None, None) => Check::skip(
+                    Rule::Stream,
+                    "plugin does not stream: Initialize's stream_methods is empty",
+                ),
+                (None, Some(method)) => self.stream(a, method).await,
+            },
+        );
         checks.push(match exited(a, Rule::State) {
             Some(skip) => skip,
             None => self.state(a).await,
@@ -567,9 +580,9 @@ impl Checker {
         }
     }
 
-    /// Rule 3: Initialize with the token in the config. Returns the methods
-    /// when Initialize succeeded.
-    async fn initialize(&self, a: &mut Instance) -> (Check, Option<Vec<String>>) {
+    /// Rule 3: Initialize with the token in the config. Returns the declared
+    /// methods when Initialize succeeded.
+    async fn initialize(&self, a: &mut Instance) -> (Check, Option<Declared>) {
         let rule = Rule::Initialize;
         let response = match instance::initialize(a, &self.manifest, &self.config, None).await {
             Ok(response) => response,
@@ -577,9 +590,14 @@ impl Checker {
         };
         let mut problems = Vec::new();
         let mut notes = vec![format!(
-            "protocol version {}, methods: {}",
+            "protocol version {}, methods: {}; stream methods: {}",
             response.protocol_version,
-            response.methods.join(", ")
+            response.methods.join(", "),
+            if response.stream_methods.is_empty() {
+                "none".to_string()
+            } else {
+                response.stream_methods.join(", ")
+            }
         )];
         if response.protocol_version != PROTOCOL_VERSION {
             problems.push(format!(
@@ -609,7 +627,10 @@ impl Checker {
         }
         (
             Check::verdict(rule, problems, notes),
-            Some(response.methods),
+            Some(Declared {
+                methods: response.methods,
+                stream_methods: response.stream_methods,
+            }),
         )
     }
 
@@ -739,8 +760,8 @@ impl Checker {
         }
     }
 
-    /// Rule 7: three chunks to the first listed method; the reply stream
-    /// must end. UNIMPLEMENTED means the plugin does not stream.
+    /// Rule 7: three chunks to the first declared stream method; the reply
+    /// stream must end. UNIMPLEMENTED fails: the method was declared.
     async fn stream(&self, a: &Instance, method: &str) -> Check {
         let rule = Rule::Stream;
         let chunks: Vec<Chunk> = (1..=3)
@@ -773,10 +794,10 @@ impl Checker {
                     "sent 3 chunks ({sent} bytes) to `{method}`, received {count} chunks ({bytes} bytes) and the end of the stream"
                 ),
             ),
-            Ok(Err(s)) if s.code() == Code::Unimplemented => Check::skip(
+            Ok(Err(s)) if s.code() == Code::Unimplemented => Check::fail(
                 rule,
                 format!(
-                    "plugin does not stream (`{method}` answered {})",
+                    "`{method}` is declared in Initialize's stream_methods, but HandleStream answered {}",
                     status_text(&s)
                 ),
             ),

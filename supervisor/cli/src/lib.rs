@@ -11,6 +11,7 @@
 //! - [`metrics_http`]: the Prometheus `/metrics` endpoint.
 //! - [`notify`]: sd_notify for systemd's `Type=notify` and watchdog.
 //! - [`conformance`]: checks one plugin against the protocol, rule by rule.
+//! - [`stream`]: `call --stream`, chunked through `Control.CallStream`.
 
 pub mod cli;
 pub mod conformance;
@@ -20,3 +21,4 @@ pub mod daemon;
 pub mod metrics_http;
 pub mod notify;
 pub mod reload;
+pub mod stream;

@@ -63,7 +63,7 @@ impl Rule {
             Rule::Health => "HealthCheck answers SERVING within 1s",
             Rule::UnknownMethod => "unknown methods answer UNIMPLEMENTED",
             Rule::Handle => "Handle answers the first listed method",
-            Rule::Stream => "HandleStream round trip completes",
+            Rule::Stream => "HandleStream round trip on a declared stream method completes",
             Rule::State => "ExportState survives a restore through Initialize",
             Rule::Shutdown => "Shutdown drains and exits 0 within its deadline",
             Rule::Sigterm => "SIGTERM makes it exit 0 within 5s",
