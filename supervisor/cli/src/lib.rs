@@ -11,6 +11,8 @@
 //! - [`metrics_http`]: the Prometheus `/metrics` endpoint.
 //! - [`notify`]: sd_notify for systemd's `Type=notify` and watchdog.
 //! - [`conformance`]: checks one plugin against the protocol, rule by rule.
+//! - [`top`]: `plugvisor top`, the live full-screen view.
+//! - [`progress`]: live step lines for long verbs, and terminal colours.
 
 pub mod cli;
 pub mod conformance;
@@ -19,4 +21,6 @@ pub mod control;
 pub mod daemon;
 pub mod metrics_http;
 pub mod notify;
+pub mod progress;
 pub mod reload;
+pub mod top;
