@@ -1,0 +1,2 @@
+//! Helpers shared by the terminal tests.
+pub mod tmux;
