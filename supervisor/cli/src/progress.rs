@@ -39,8 +39,9 @@ pub fn state_sgr(state: &str) -> &'static str {
     }
 }
 
-/// The SGR colour of a log level found in a line, if any.
-pub fn level_sgr(line: &str) -> Option<&'static str> {
+/// The SGR colour of a log level found in a line: `Some(None)` for a level
+/// shown plain (INFO), `None` when the line names no level.
+pub fn level_sgr(line: &str) -> Option<Option<&'static str>> {
     let upper = line.to_ascii_uppercase();
     let has = |level: &str| {
         upper.contains(&format!("\"LEVEL\":\"{level}\""))
@@ -49,11 +50,13 @@ pub fn level_sgr(line: &str) -> Option<&'static str> {
                 .any(|word| word == level)
     };
     if has("ERROR") || has("FATAL") || has("PANIC") {
-        Some("31")
+        Some(Some("31"))
     } else if has("WARN") || has("WARNING") {
-        Some("33")
+        Some(Some("33"))
     } else if has("DEBUG") || has("TRACE") {
-        Some("2")
+        Some(Some("2"))
+    } else if has("INFO") {
+        Some(None)
     } else {
         None
     }
@@ -85,7 +88,7 @@ pub fn event_line(e: &pb::Event, color: bool) -> String {
 /// one in yellow) when `color`.
 pub fn log_line(l: &pb::LogLine, color: bool) -> String {
     let text = format!("{} {} {}", l.instance, l.stream, l.line);
-    let sgr = level_sgr(&l.line).or((l.stream == "stderr").then_some("33"));
+    let sgr = level_sgr(&l.line).unwrap_or((l.stream == "stderr").then_some("33"));
     match sgr {
         Some(sgr) => paint(&text, sgr, color),
         None => text,
@@ -184,9 +187,18 @@ mod tests {
 
     #[test]
     fn finds_levels_in_text_and_json_lines() {
-        assert_eq!(level_sgr("2024 ERROR db down"), Some("31"));
-        assert_eq!(level_sgr(r#"{"level":"warn","msg":"x"}"#), Some("33"));
+        assert_eq!(level_sgr("2024 ERROR db down"), Some(Some("31")));
+        assert_eq!(level_sgr(r#"{"level":"warn","msg":"x"}"#), Some(Some("33")));
+        assert_eq!(level_sgr(r#"{"level":"INFO","msg":"x"}"#), Some(None));
         assert_eq!(level_sgr("all good"), None);
         assert_eq!(level_sgr("terrorism is not a level"), None);
+        let line = |stream: &str, text: &str| pb::LogLine {
+            stream: stream.into(),
+            line: text.into(),
+            ..Default::default()
+        };
+        assert!(log_line(&line("stderr", "oops"), true).starts_with("\x1b[33m"));
+        assert!(!log_line(&line("stderr", "level=info ok"), true).contains('\x1b'));
+        assert!(!log_line(&line("stderr", "oops"), false).contains('\x1b'));
     }
 }
