@@ -243,6 +243,7 @@ impl Metrics {
             // the encoder leaves out families without series).
             let _ = self.oom_kills.get_or_create(&plugin);
             let _ = self.health_failures.get_or_create(&plugin);
+            let _ = self.snapshot_failures.get_or_create(&plugin);
             up.get_or_create(&plugin).set(i64::from(s.up));
             for name in STATES {
                 state
@@ -455,6 +456,7 @@ mod tests {
         for needle in [
             "plugvisor_oom_kills_total{plugin=\"echo\"} 0",
             "plugvisor_health_check_failures_total{plugin=\"echo\"} 0",
+            "plugvisor_snapshot_failures_total{plugin=\"echo\"} 0",
         ] {
             assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
         }
