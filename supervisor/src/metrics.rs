@@ -72,6 +72,22 @@ pub struct Metrics {
     calls: Family<CallLabels, Counter>,
     call_errors: Family<MethodLabels, Counter>,
     call_duration: HistogramFamily<MethodLabels>,
+    /// Calls admitted and not yet answered; fed by [`Metrics::in_flight`].
+    in_flight: Family<PluginLabel, Gauge>,
+    /// Calls waiting for an admission slot; fed by [`Metrics::queued`].
+    queued: Family<PluginLabel, Gauge>,
+}
+
+/// Holds one unit of a gauge (a call in flight, a call queued) and gives it
+/// back when dropped, however the call ends: a `+1` before an await and a
+/// `-1` after it would leak on cancellation.
+#[must_use = "the gauge goes back down when this is dropped"]
+pub struct GaugeGuard(Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Default for Metrics {
@@ -85,6 +101,8 @@ impl Default for Metrics {
             calls: Family::default(),
             call_errors: Family::default(),
             call_duration: Family::new_with_constructor(latency_histogram),
+            in_flight: Family::default(),
+            queued: Family::default(),
         }
     }
 }
@@ -182,6 +200,28 @@ impl Metrics {
             .inc();
     }
 
+    /// One call of `plugin` is in flight (admitted, not yet answered) until
+    /// the guard is dropped.
+    pub fn in_flight(&self, plugin: &str) -> GaugeGuard {
+        Self::hold(&self.in_flight, plugin)
+    }
+
+    /// One call of `plugin` waits for an admission slot until the guard is
+    /// dropped.
+    pub fn queued(&self, plugin: &str) -> GaugeGuard {
+        Self::hold(&self.queued, plugin)
+    }
+
+    fn hold(family: &Family<PluginLabel, Gauge>, plugin: &str) -> GaugeGuard {
+        let gauge = family
+            .get_or_create(&PluginLabel {
+                plugin: plugin.to_string(),
+            })
+            .clone();
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+
     /// The text exposition of every series, with gauges from `samples`.
     pub fn encode(&self, samples: &[PluginSample]) -> String {
         let mut registry = Registry::with_prefix("plugvisor");
@@ -203,6 +243,7 @@ impl Metrics {
             // the encoder leaves out families without series).
             let _ = self.oom_kills.get_or_create(&plugin);
             let _ = self.health_failures.get_or_create(&plugin);
+            let _ = self.snapshot_failures.get_or_create(&plugin);
             up.get_or_create(&plugin).set(i64::from(s.up));
             for name in STATES {
                 state
@@ -295,6 +336,16 @@ impl Metrics {
             "Call latency, admission to reply",
             self.call_duration.clone(),
         );
+        registry.register(
+            "calls_in_flight",
+            "Calls admitted and not yet answered",
+            self.in_flight.clone(),
+        );
+        registry.register(
+            "calls_queued",
+            "Calls waiting for one of the plugin's call slots (calls.max_in_flight)",
+            self.queued.clone(),
+        );
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
@@ -356,6 +407,39 @@ mod tests {
     }
 
     #[test]
+    fn in_flight_and_queued_follow_their_guards() {
+        let m = Metrics::default();
+        let a = m.in_flight("echo");
+        let b = m.in_flight("echo");
+        let q = m.queued("echo");
+        let text = m.encode(&[]);
+        assert!(
+            text.contains("plugvisor_calls_in_flight{plugin=\"echo\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("plugvisor_calls_queued{plugin=\"echo\"} 1"),
+            "{text}"
+        );
+        drop((a, q));
+        let text = m.encode(&[]);
+        assert!(
+            text.contains("plugvisor_calls_in_flight{plugin=\"echo\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("plugvisor_calls_queued{plugin=\"echo\"} 0"),
+            "{text}"
+        );
+        drop(b);
+        let text = m.encode(&[]);
+        assert!(
+            text.contains("plugvisor_calls_in_flight{plugin=\"echo\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn per_plugin_counters_start_at_zero() {
         let m = Metrics::default();
         let text = m.encode(&[PluginSample {
@@ -372,6 +456,7 @@ mod tests {
         for needle in [
             "plugvisor_oom_kills_total{plugin=\"echo\"} 0",
             "plugvisor_health_check_failures_total{plugin=\"echo\"} 0",
+            "plugvisor_snapshot_failures_total{plugin=\"echo\"} 0",
         ] {
             assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
         }

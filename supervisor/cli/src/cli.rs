@@ -181,6 +181,24 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Live view of every plugin (state, CPU, memory, calls/s, errors/s,
+    /// latency), refreshed every interval; keys: q quit, / filter, 1-9 sort,
+    /// Enter details, r restart, x stop. Without a terminal, or with
+    /// `--once`, prints one snapshot.
+    Top {
+        /// Print one plain snapshot (rates over one interval) and exit.
+        #[arg(long)]
+        once: bool,
+        /// Refresh interval.
+        #[arg(long, default_value = "1s", value_parser = plugvisor::units::parse_duration)]
+        interval: Duration,
+        /// Sort by this column (name, state, cpu, mem, calls, err, p99, ...).
+        #[arg(long, default_value = "name")]
+        sort: String,
+        /// Only plugins whose name contains this, or whose state is this.
+        #[arg(long, default_value = "")]
+        filter: String,
+    },
     /// Print the version.
     Version,
 }
@@ -369,6 +387,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
+        Command::Top {
+            once,
+            interval,
+            sort,
+            filter,
+        } => {
+            let options = crate::top::Options {
+                interval: *interval,
+                once: *once,
+                sort: sort.clone(),
+                filter: filter.clone(),
+            };
+            crate::top::command(&control_path(), &options).await
+        }
         Command::Version => {
             println!("plugvisor {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
@@ -435,12 +467,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 .await?
                 .into_inner();
             let mut out = std::io::stdout();
+            let color = crate::progress::stdout_color();
             while let Some(line) = stream.message().await? {
                 if *json {
                     let v = serde_json::json!({"time_ms": line.time_ms, "instance": line.instance, "stream": line.stream, "line": line.line});
                     writeln!(out, "{v}")?;
                 } else {
-                    writeln!(out, "{} {} {}", line.instance, line.stream, line.line)?;
+                    writeln!(out, "{}", crate::progress::log_line(&line, color))?;
                 }
                 out.flush()?;
             }
@@ -456,11 +489,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 .await?
                 .into_inner();
             let mut out = std::io::stdout();
+            let color = crate::progress::stdout_color();
             while let Some(e) = stream.message().await? {
                 if *json {
                     writeln!(out, "{}", event_json(&e))?;
                 } else {
-                    writeln!(out, "{}", event_line(&e))?;
+                    writeln!(out, "{}", crate::progress::event_line(&e, color))?;
                 }
                 out.flush()?;
             }
@@ -468,7 +502,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Reload { json } => {
             let mut client = control::connect(&control_path()).await?;
-            let r = client.reload(pb::ReloadRequest {}).await?.into_inner();
+            let reload = client.reload(pb::ReloadRequest {});
+            let r = if *json {
+                reload.await?
+            } else {
+                crate::progress::with_steps(&control_path(), None, reload).await?
+            }
+            .into_inner();
             let failed: Vec<_> = r
                 .failed
                 .iter()
@@ -516,12 +556,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 name: name.clone(),
                 upgrade,
             };
-            let (verb, response) = match &cli.command {
-                Command::Start { .. } => ("started", client.start(request).await?),
-                Command::Stop { .. } => ("stopped", client.stop(request).await?),
-                _ if upgrade => ("upgraded", client.restart(request).await?),
-                _ => ("restarted", client.restart(request).await?),
-            };
+            // Each transition is printed as it happens, the result at the end.
+            type Reply = Result<tonic::Response<pb::CommandResponse>, tonic::Status>;
+            let (verb, command): (_, std::pin::Pin<Box<dyn Future<Output = Reply> + Send>>) =
+                match &cli.command {
+                    Command::Start { .. } => ("started", Box::pin(client.start(request))),
+                    Command::Stop { .. } => ("stopped", Box::pin(client.stop(request))),
+                    _ if upgrade => ("upgraded", Box::pin(client.restart(request))),
+                    _ => ("restarted", Box::pin(client.restart(request))),
+                };
+            let response =
+                crate::progress::with_steps(&control_path(), Some(name), command).await?;
             let status = response.into_inner().status.unwrap_or_default();
             println!("{name}: {verb} (now {})", status.state);
             Ok(0)

@@ -204,6 +204,19 @@ pub fn status_of(info: &PluginInfo) -> pb::PluginStatus {
         methods: info.methods.clone(),
         reason: info.reason.clone(),
         isolation: Some(isolation_of(&info.isolation)),
+        replicas: info
+            .replicas
+            .iter()
+            .map(|r| pb::ReplicaStatus {
+                instance: r.instance.clone(),
+                state: r.state.to_string(),
+                pid: r.pid.map_or(0, |p| p as u32),
+                restarts: r.restarts,
+                last_exit: r.last_exit.clone().unwrap_or_default(),
+                uptime_secs: r.ready_for.map_or(0, |d| d.as_secs()),
+                reason: r.reason.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -558,6 +571,19 @@ impl Control for ControlService {
             status: status.as_str_name().to_string(),
             message,
         }))
+    }
+
+    async fn metrics(
+        &self,
+        request: Request<pb::MetricsRequest>,
+    ) -> Result<Response<pb::MetricsResponse>, Status> {
+        self.access.borrow().check(&request)?;
+        let supervisor = self.supervisor.clone();
+        // Reading cgroup usage is file I/O; keep it off the async workers.
+        let text = tokio::task::spawn_blocking(move || supervisor.metrics_text())
+            .await
+            .map_err(|e| Status::internal(format!("reading the metrics failed: {e}")))?;
+        Ok(Response::new(pb::MetricsResponse { text }))
     }
 }
 

@@ -12,6 +12,8 @@
 //! - [`notify`]: sd_notify for systemd's `Type=notify` and watchdog.
 //! - [`conformance`]: checks one plugin against the protocol, rule by rule.
 //! - [`stream`]: `call --stream`, chunked through `Control.CallStream`.
+//! - [`top`]: `plugvisor top`, the live full-screen view.
+//! - [`progress`]: live step lines for long verbs, and terminal colours.
 
 pub mod cli;
 pub mod conformance;
@@ -20,5 +22,7 @@ pub mod control;
 pub mod daemon;
 pub mod metrics_http;
 pub mod notify;
+pub mod progress;
 pub mod reload;
 pub mod stream;
+pub mod top;
