@@ -186,11 +186,11 @@ fn reachable_by(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
 
 /// Isolation's part of a start: the executable checked, credentials
 /// resolved, rlimits computed, the cgroup made. `None` without isolation.
-fn prepare_isolation(ctx: &StartContext<'_>) -> Result<Option<Prepared>, StartError> {
+async fn prepare_isolation(ctx: &StartContext<'_>) -> Result<Option<Prepared>, StartError> {
     let Some(isolation) = ctx.isolation else {
         return Ok(None);
     };
-    match isolation.prepare(ctx.manifest, &ctx.instance_id) {
+    match isolation.prepare(ctx.manifest, &ctx.instance_id).await {
         Ok(prepared) => Ok(Some(prepared)),
         Err(PrepareError::Refused(why)) => Err(StartError::Refused(why)),
         Err(PrepareError::Failed(why)) => Err(StartError::Isolation {
@@ -205,7 +205,7 @@ fn prepare_isolation(ctx: &StartContext<'_>) -> Result<Option<Prepared>, StartEr
 pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
     let m = ctx.manifest;
     // Checks and cgroup first: a refused plugin leaves nothing behind.
-    let prepared = prepare_isolation(&ctx)?;
+    let prepared = prepare_isolation(&ctx).await?;
     // Dropping the lease (on any failure below) kills and removes the cgroup.
     let cg = prepared.as_ref().and_then(|p| p.cgroup.clone());
     let cgroup = match (ctx.isolation, cg) {

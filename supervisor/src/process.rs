@@ -1,31 +1,44 @@
 //! Child processes: spawning with the hygiene a supervisor owes its children,
-//! waiting on them through pidfds, and signalling them without ever hitting a
-//! reused PID.
+//! reaping them, and signalling them without ever hitting a reused PID.
 //!
-//! - Every child is forked from one long-lived *spawner thread*. The
-//!   parent-death signal (`PR_SET_PDEATHSIG`) fires when the thread that
-//!   forked exits, not the process, so forking from a short-lived thread would
-//!   kill children at random.
-//! - Each child gets a pidfd right after fork. Exit is awaited by polling the
-//!   pidfd and then reaping that one PID, so a host application's own
-//!   children are never reaped by us, and signals go through
-//!   `pidfd_send_signal`.
-//! - A child starts a new session, so it leads its own process group and
-//!   its descendants can be signalled together.
-//! - In daemon mode the supervisor is a child subreaper: orphaned
-//!   grandchildren are reparented to it, and [`ProcessManager::sweep_orphans`]
-//!   reaps those it does not track.
+//! - Every child is forked from one long-lived *process thread*, which is
+//!   also the one reaper. The parent-death signal (`PR_SET_PDEATHSIG`) fires
+//!   when the thread that forked exits, not the process, so forking from a
+//!   short-lived thread would kill children at random. Forking and reaping
+//!   on the same thread means a PID is never reaped while the standard
+//!   library is still waiting for its exec to succeed or fail.
+//! - Each child gets a pidfd right after fork. The thread sleeps in `poll`
+//!   on the pidfds of its children (and an eventfd for new work), so no
+//!   blocking wait ever runs on a runtime worker and no task per child is
+//!   needed. Tracked children are waited for one by one
+//!   (`waitid(P_PIDFD)`), so a host application's own children are never
+//!   reaped by us. Signals to one child go through `pidfd_send_signal`.
+//! - A child starts a new session, so it leads its own process group, whose
+//!   ID is its PID. The group is signalled with `kill(-pid)`, which is only
+//!   safe while that PID cannot name anyone else: while the child is alive
+//!   or an unreaped zombie. So when a child exits, the reaper first sees the
+//!   exit without reaping (`WNOWAIT`), SIGKILLs what is left of its group
+//!   while the zombie pins the PID, and only then reaps it and publishes the
+//!   status. [`Child::signal_group`] takes the same per-child lock and sends
+//!   nothing once the child is reaped: no group signal is ever sent after
+//!   the leader's PID was released.
+//! - In daemon mode the supervisor is a child subreaper
+//!   ([`ProcessManager::adopt_orphans`]): orphaned grandchildren are
+//!   reparented to it, and the reaper also collects every exited child it
+//!   does not track (`waitid(P_ALL, WNOHANG | WNOWAIT)`, then that PID) — in
+//!   the style of containerd's shim reaper. Only a process that owns all of
+//!   its children may do that; an embedded supervisor never does.
 
 use crate::isolation::preexec::{ChildSetup, ExecArgs, ExecFd, PreExec};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 use tokio::sync::{oneshot, watch};
 
@@ -39,16 +52,26 @@ pub enum ExitStatus {
 }
 
 impl ExitStatus {
-    fn from_wait_status(status: libc::c_int) -> ExitStatus {
-        if libc::WIFEXITED(status) {
-            ExitStatus::Exited(libc::WEXITSTATUS(status))
-        } else {
-            ExitStatus::Signaled {
-                signal: libc::WTERMSIG(status),
-                core_dumped: libc::WCOREDUMP(status),
-            }
+    /// From what `waitid` reported for an exited child.
+    fn from_siginfo(info: &libc::siginfo_t) -> ExitStatus {
+        // SAFETY: `si_status` reads the union member waitid fills for
+        // CLD_* codes, which are the only ones WEXITED reports.
+        let status = unsafe { info.si_status() };
+        match info.si_code {
+            libc::CLD_EXITED => ExitStatus::Exited(status),
+            code => ExitStatus::Signaled {
+                signal: status,
+                core_dumped: code == libc::CLD_DUMPED,
+            },
         }
     }
+
+    /// What is reported when the real status is lost (the runtime or the
+    /// reaper went away, or someone else in the process reaped the child).
+    const LOST: ExitStatus = ExitStatus::Signaled {
+        signal: libc::SIGKILL,
+        core_dumped: false,
+    };
 
     /// Exit code 0.
     pub fn success(&self) -> bool {
@@ -92,12 +115,90 @@ pub struct SpawnSpec {
     pub cwd: PathBuf,
 }
 
-/// A running (or exited, not yet observed) child.
+/// What the reaper and a child's owner share: the child's PID and whether it
+/// has been reaped, under one lock, so that a group signal and the reap never
+/// interleave.
+#[derive(Debug)]
+struct Leader {
+    pid: i32,
+    /// `true` once reaped: from then on the PID, and so the group ID, may name
+    /// another process. Held while the owner signals the group, and while the
+    /// reaper kills the leftover group and reaps.
+    reaped: Mutex<bool>,
+    /// What was done to the group, in order, for tests to check.
+    #[cfg(test)]
+    log: Mutex<Vec<GroupEvent>>,
+}
+
+/// A step in a leader's end, as recorded for tests.
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GroupEvent {
+    /// `kill(-pid)` was sent.
+    Signaled(i32),
+    /// A group signal was asked for after the reap, and not sent.
+    Refused(i32),
+    /// The leader was reaped: its PID is free.
+    Reaped,
+}
+
+impl Leader {
+    fn new(pid: i32) -> Leader {
+        Leader {
+            pid,
+            reaped: Mutex::new(false),
+            #[cfg(test)]
+            log: Mutex::default(),
+        }
+    }
+
+    #[cfg(test)]
+    fn record(&self, event: GroupEvent) {
+        lock(&self.log).push(event);
+    }
+
+    #[cfg(not(test))]
+    fn record(&self, _event: GroupEvent) {}
+
+    /// Signals the group unless the leader was reaped; `Ok(false)` when not
+    /// sent.
+    fn signal_group(&self, signal: i32) -> io::Result<bool> {
+        let reaped = lock(&self.reaped);
+        if *reaped {
+            self.record(GroupEvent::Refused(signal));
+            return Ok(false);
+        }
+        self.record(GroupEvent::Signaled(signal));
+        kill_group(self.pid, signal)?;
+        Ok(true)
+    }
+}
+
+/// `kill(-pid, signal)`. ESRCH (an empty group) is not an error.
+///
+/// Callers guarantee that `pid` is a child of ours that has not been reaped
+/// (alive or a zombie): that pins the PID, so `-pid` names that child's own
+/// group — it leads one as a session leader, which cannot change group.
+fn kill_group(pid: i32, signal: i32) -> io::Result<()> {
+    // SAFETY: kill(2) with a negative pid signals a process group; no memory
+    // is passed.
+    let rc = unsafe { libc::kill(-pid, signal) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ESRCH) {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// A running (or exited) child.
 #[derive(Debug)]
 pub struct Child {
-    pid: i32,
+    leader: Arc<Leader>,
     pidfd: Arc<OwnedFd>,
-    /// `Some` once the child has exited and been reaped.
+    /// `Some` once the child has exited, its leftover group was killed, and
+    /// it was reaped.
     exit: watch::Receiver<Option<ExitStatus>>,
     pub stdout: Option<pipe::Receiver>,
     pub stderr: Option<pipe::Receiver>,
@@ -105,20 +206,21 @@ pub struct Child {
 
 impl Child {
     pub fn pid(&self) -> i32 {
-        self.pid
+        self.leader.pid
     }
 
-    /// A receiver that turns `Some` when the child has exited.
+    /// A receiver that turns `Some` when the child has exited and was reaped.
     pub fn exit_watch(&self) -> watch::Receiver<Option<ExitStatus>> {
         self.exit.clone()
     }
 
-    /// The exit status, if it has exited.
+    /// The exit status, if it has exited (and was reaped).
     pub fn try_status(&self) -> Option<ExitStatus> {
         *self.exit.borrow()
     }
 
-    /// Waits for the child to exit.
+    /// Waits for the child to exit. By the time this returns, what was left
+    /// of its process group has been sent SIGKILL.
     pub async fn wait(&self) -> ExitStatus {
         wait_exit(self.exit.clone()).await
     }
@@ -126,49 +228,25 @@ impl Child {
     /// Sends `signal` to the child through its pidfd: never to a process that
     /// merely reuses its PID. ESRCH (already exited) is not an error.
     pub fn signal(&self, signal: i32) -> io::Result<()> {
-        // SAFETY: pidfd_send_signal takes a pidfd we own, a signal number, a
-        // null siginfo and zero flags; it touches no memory of ours.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::ESRCH) {
-                return Err(err);
-            }
-        }
-        Ok(())
+        pidfd_send_signal(&self.pidfd, signal)
     }
 
     /// Sends `signal` to the child's whole process group (it leads one, having
     /// started a new session), so grandchildren that stayed in the group get
-    /// it too. The group ID cannot be reused while any member is alive, and a
-    /// group with no members answers ESRCH, which is not an error.
-    pub fn signal_group(&self, signal: i32) -> io::Result<()> {
-        // SAFETY: kill(2) with a negative pid signals a process group; no memory
-        // is passed.
-        let rc = unsafe { libc::kill(-self.pid, signal) };
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::ESRCH) {
-                return Err(err);
-            }
-        }
-        Ok(())
+    /// it too. Sent only while the child is unreaped — alive, or a zombie
+    /// that pins its PID — so `-pid` cannot name another process's group.
+    /// Once the child is reaped nothing is sent and `Ok(false)` is returned:
+    /// the reaper SIGKILLed the leftover group just before reaping, and
+    /// members that left the group are the cgroup's to kill.
+    pub fn signal_group(&self, signal: i32) -> io::Result<bool> {
+        self.leader.signal_group(signal)
     }
 }
 
 impl Drop for Child {
-    /// A child nobody holds is a child nobody supervises: kill it and what
-    /// is left of its process group. The group outlives its leader (a
-    /// crashed plugin's workers or double-forked helpers), so it is killed
-    /// even when the child itself has exited; an empty group is ESRCH.
+    /// A child nobody holds is a child nobody supervises: kill it and its
+    /// process group. If it has already been reaped, its leftover group was
+    /// killed then, and nothing is sent now.
     fn drop(&mut self) {
         let _ = self.signal_group(libc::SIGKILL);
         if self.try_status().is_none() {
@@ -184,76 +262,124 @@ pub async fn wait_exit(mut exit: watch::Receiver<Option<ExitStatus>>) -> ExitSta
             return status;
         }
         if exit.changed().await.is_err() {
-            // The waiter task is gone without a status (runtime shutting down).
-            return exit.borrow().unwrap_or(ExitStatus::Signaled {
-                signal: libc::SIGKILL,
-                core_dumped: false,
-            });
+            // The reaper is gone without a status (the process is exiting).
+            return exit.borrow().unwrap_or(ExitStatus::LOST);
         }
     }
 }
 
-type SpawnReply = oneshot::Sender<io::Result<(std::process::Child, OwnedFd)>>;
+/// What the process thread hands back for a spawn.
+struct Spawned {
+    child: std::process::Child,
+    pidfd: Arc<OwnedFd>,
+    leader: Arc<Leader>,
+    exit: watch::Receiver<Option<ExitStatus>>,
+}
 
-/// Spawns children from one long-lived thread and tracks which PIDs are ours.
+struct SpawnJob {
+    command: Command,
+    reply: oneshot::Sender<io::Result<Spawned>>,
+}
+
+/// How long the reaper sleeps between looks for orphans when it adopts
+/// them and nobody calls [`ProcessManager::reap_orphans`]: a safety net for
+/// a missed SIGCHLD, not the normal path.
+const ORPHAN_POLL_MS: libc::c_int = 1000;
+
+/// Spawns children from one long-lived thread, which also reaps them.
 pub struct ProcessManager {
-    jobs: std::sync::mpsc::Sender<(Command, SpawnReply)>,
-    /// PIDs of live children that a waiter task will reap. Held while forking
-    /// and while reaping so the orphan sweeper never reaps a tracked child.
-    tracked: Arc<Mutex<HashSet<i32>>>,
-    tasks: tokio_util::task::TaskTracker,
+    /// `None` only while dropping: the thread then finds the channel closed.
+    jobs: Option<std::sync::mpsc::Sender<SpawnJob>>,
+    /// An eventfd the thread polls with its children's pidfds: written to
+    /// hand it work.
+    wake: Arc<OwnedFd>,
+    /// Reap every exited child, tracked or not (daemon mode).
+    adopt: Arc<AtomicBool>,
+    /// Untracked children reaped so far.
+    orphans: Arc<AtomicUsize>,
 }
 
 impl ProcessManager {
-    /// Starts the spawner thread.
-    pub fn new(tasks: tokio_util::task::TaskTracker) -> io::Result<ProcessManager> {
-        let (jobs, rx) = std::sync::mpsc::channel::<(Command, SpawnReply)>();
-        let tracked: Arc<Mutex<HashSet<i32>>> = Arc::default();
-        let registry = tracked.clone();
+    /// Starts the process thread. It runs until the manager is dropped and
+    /// every child it spawned has been reaped. (`_tasks` is no longer used:
+    /// no task is spawned per child.)
+    pub fn new(_tasks: tokio_util::task::TaskTracker) -> io::Result<ProcessManager> {
+        let (jobs, rx) = std::sync::mpsc::channel::<SpawnJob>();
+        // SAFETY: eventfd takes an initial value and flags and returns a new
+        // descriptor, which nobody else owns.
+        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if wake < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: just returned by eventfd, owned by nobody else.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(wake) });
+        let adopt = Arc::new(AtomicBool::new(false));
+        let orphans = Arc::new(AtomicUsize::new(0));
+        let reaper = Reaper {
+            jobs: rx,
+            wake: wake.clone(),
+            adopt: adopt.clone(),
+            orphans: orphans.clone(),
+            children: HashMap::new(),
+        };
         std::thread::Builder::new()
-            .name("plugvisor-spawner".into())
-            .spawn(move || {
-                // Lives until the ProcessManager (the only sender) is dropped,
-                // which is after every child was stopped.
-                while let Ok((mut command, reply)) = rx.recv() {
-                    let mut tracked = lock(&registry);
-                    let result = command.spawn().and_then(|child| {
-                        let pid = child.id() as i32;
-                        match pidfd_open(pid) {
-                            Ok(fd) => {
-                                tracked.insert(pid);
-                                Ok((child, fd))
-                            }
-                            Err(e) => {
-                                // Cannot happen for our own unreaped child;
-                                // kill it rather than leave it unsupervised.
-                                // SAFETY: signals our own child, which cannot
-                                // have been reaped yet: nobody waits for it.
-                                unsafe { libc::kill(pid, libc::SIGKILL) };
-                                Err(e)
-                            }
-                        }
-                    });
-                    drop(tracked);
-                    let _ = reply.send(result);
-                }
-            })?;
+            .name("plugvisor-procs".into())
+            .spawn(move || reaper.run())?;
         Ok(ProcessManager {
-            jobs,
-            tracked,
-            tasks,
+            jobs: Some(jobs),
+            wake,
+            adopt,
+            orphans,
         })
     }
 
     /// Makes this process a child subreaper, so orphaned descendants of
-    /// plugins are reparented here (and reaped by [`Self::sweep_orphans`])
-    /// instead of escaping to init.
+    /// plugins are reparented here instead of escaping to init. Prefer
+    /// [`Self::adopt_orphans`], which also reaps them.
     pub fn become_subreaper() -> io::Result<()> {
         // SAFETY: prctl with integer arguments only.
         if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Daemon mode: makes this process a child subreaper and lets the reaper
+    /// reap *every* exited child, tracked or not. Only for a process that
+    /// owns all of its children (not a host application that embeds the
+    /// supervisor and spawns children of its own: their statuses would be
+    /// taken from it). Call [`Self::reap_orphans`] on SIGCHLD for prompt
+    /// reaping; without it orphans are collected within a second.
+    pub fn adopt_orphans(&self) -> io::Result<()> {
+        Self::become_subreaper()?;
+        self.adopt.store(true, Ordering::SeqCst);
+        wake(&self.wake);
+        Ok(())
+    }
+
+    /// Wakes the reaper to collect exited children now (call on SIGCHLD).
+    pub fn reap_orphans(&self) {
+        wake(&self.wake);
+    }
+
+    /// How many untracked children (orphans) the reaper has reaped.
+    pub fn orphans_reaped(&self) -> usize {
+        self.orphans.load(Ordering::SeqCst)
+    }
+
+    /// For callers of the former `/proc`-listing sweeper: if this process is
+    /// a child subreaper, turns on [`Self::adopt_orphans`]'s reaping; then
+    /// wakes the reaper. `_proc_root` is not read. Returns
+    /// [`Self::orphans_reaped`].
+    pub fn sweep_orphans(&self, _proc_root: &std::path::Path) -> usize {
+        let mut subreaper: libc::c_int = 0;
+        // SAFETY: prctl writes one int to the pointer we pass, which is valid.
+        let rc = unsafe { libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut subreaper, 0, 0, 0) };
+        if rc == 0 && subreaper != 0 {
+            self.adopt.store(true, Ordering::SeqCst);
+        }
+        self.reap_orphans();
+        self.orphans_reaped()
     }
 
     /// Spawns `spec` with a clean environment, stdin from /dev/null, stdout
@@ -267,6 +393,8 @@ impl ProcessManager {
     /// (join its cgroups, rlimits, namespaces, credentials, no_new_privs;
     /// see [`crate::isolation::preexec`]), and optionally executing an
     /// already opened, verified file instead of looking up `spec.program`.
+    ///
+    /// Cancel safe: a child whose spawn is abandoned is killed (and reaped).
     pub async fn spawn_with(
         &self,
         spec: &SpawnSpec,
@@ -298,91 +426,347 @@ impl ProcessManager {
         unsafe {
             command.pre_exec(move || pre_exec.run());
         }
+        let stopped = || io::Error::other("the process thread has stopped");
         let (reply, result) = oneshot::channel();
         self.jobs
-            .send((command, reply))
-            .map_err(|_| io::Error::other("the spawner thread has stopped"))?;
-        let (mut std_child, pidfd) = result
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(SpawnJob { command, reply })
+            .map_err(|_| stopped())?;
+        wake(&self.wake);
+        let Spawned {
+            child: mut std_child,
+            pidfd,
+            leader,
+            exit,
+        } = result
             .await
-            .map_err(|_| io::Error::other("the spawner thread has stopped"))?
+            .map_err(|_| stopped())?
             .map_err(|e| report.explain(e))?;
-        let pid = std_child.id() as i32;
-        let stdout = std_child
+        // From here on, a failure drops `child`, which kills it.
+        let mut child = Child {
+            leader,
+            pidfd,
+            exit,
+            stdout: None,
+            stderr: None,
+        };
+        child.stdout = std_child
             .stdout
             .take()
             .map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s)))
             .transpose()?;
-        let stderr = std_child
+        child.stderr = std_child
             .stderr
             .take()
             .map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s)))
             .transpose()?;
-        // The std Child is dropped without waiting: the waiter below reaps.
+        // The std Child is dropped without waiting: the process thread reaps.
         drop(std_child);
-        let pidfd = Arc::new(pidfd);
-        let (tx, exit) = watch::channel(None);
-        let tracked = self.tracked.clone();
-        let waiter_fd = pidfd.clone();
-        self.tasks.spawn(async move {
-            let status = reap_when_exited(pid, &waiter_fd, &tracked).await;
-            let _ = tx.send(Some(status));
-        });
-        Ok(Child {
-            pid,
-            pidfd,
-            exit,
-            stdout,
-            stderr,
-        })
-    }
-
-    /// Reaps exited processes that are our children but not tracked: the
-    /// orphaned descendants reparented to us as subreaper. Lists children
-    /// from `proc_root` (normally `/proc`).
-    pub fn sweep_orphans(&self, proc_root: &std::path::Path) -> usize {
-        let tracked = lock(&self.tracked);
-        let mut reaped = 0;
-        for pid in list_children(proc_root) {
-            if tracked.contains(&pid) {
-                continue;
-            }
-            let mut status = 0;
-            // SAFETY: waitpid on a specific PID that is our untracked child;
-            // WNOHANG so a live one is left alone.
-            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
-                reaped += 1;
-            }
-        }
-        reaped
+        Ok(child)
     }
 }
 
-/// Children of this process, from `/proc/self/task/*/children`.
-fn list_children(proc_root: &std::path::Path) -> Vec<i32> {
-    let Ok(tasks) = std::fs::read_dir(proc_root.join("self/task")) else {
-        return Vec::new();
-    };
-    let mut pids = Vec::new();
-    for task in tasks.filter_map(Result::ok) {
-        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
-            pids.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok()),
-            );
+impl Drop for ProcessManager {
+    fn drop(&mut self) {
+        // Closing the channel and waking the thread lets it exit once its
+        // children are reaped.
+        self.jobs = None;
+        wake(&self.wake);
+    }
+}
+
+/// Writes to an eventfd to wake the thread polling it.
+fn wake(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: write(2) of 8 bytes from a valid u64 to our own eventfd; a full
+    // counter (EAGAIN) still leaves it readable, which is all we need.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+/// A child the reaper watches.
+struct Tracked {
+    leader: Arc<Leader>,
+    pidfd: Arc<OwnedFd>,
+    exit: watch::Sender<Option<ExitStatus>>,
+}
+
+/// Whether a tracked child can be reaped.
+enum Peek {
+    Running,
+    /// Exited, unreaped: a zombie that pins its PID.
+    Exited,
+    /// Not waitable: someone else in this process reaped it.
+    Gone,
+}
+
+/// The process thread: forks every child and reaps them.
+struct Reaper {
+    jobs: std::sync::mpsc::Receiver<SpawnJob>,
+    wake: Arc<OwnedFd>,
+    adopt: Arc<AtomicBool>,
+    orphans: Arc<AtomicUsize>,
+    /// Children spawned and not yet reaped, by PID. Only this thread touches
+    /// it, so forking and reaping never race.
+    children: HashMap<i32, Tracked>,
+}
+
+impl Reaper {
+    fn run(mut self) {
+        let mut open = true;
+        loop {
+            while open {
+                match self.jobs.try_recv() {
+                    Ok(job) => self.spawn(job),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            self.reap();
+            if !open && self.children.is_empty() {
+                return;
+            }
+            self.sleep(open && self.adopt.load(Ordering::SeqCst));
         }
     }
-    pids
+
+    /// Forks one child and starts tracking it.
+    fn spawn(&mut self, mut job: SpawnJob) {
+        let result = job.command.spawn().and_then(|child| {
+            let pid = child.id() as i32;
+            match pidfd_open(pid) {
+                Ok(fd) => Ok((child, fd)),
+                Err(e) => {
+                    // Cannot happen for our own unreaped child; kill and
+                    // reap it rather than leave it unsupervised.
+                    // SAFETY: signals and then waits for our own child, which
+                    // cannot have been reaped yet: only this thread reaps.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                        libc::waitpid(pid, std::ptr::null_mut(), 0);
+                    }
+                    Err(e)
+                }
+            }
+        });
+        let result = result.map(|(child, pidfd)| {
+            let pid = child.id() as i32;
+            let pidfd = Arc::new(pidfd);
+            let leader = Arc::new(Leader::new(pid));
+            let (tx, exit) = watch::channel(None);
+            self.children.insert(
+                pid,
+                Tracked {
+                    leader: leader.clone(),
+                    pidfd: pidfd.clone(),
+                    exit: tx,
+                },
+            );
+            Spawned {
+                child,
+                pidfd,
+                leader,
+                exit,
+            }
+        });
+        if let Err(Ok(abandoned)) = job.reply.send(result) {
+            // The caller is gone: nobody would supervise this child.
+            let _ = abandoned.leader.signal_group(libc::SIGKILL);
+            let _ = pidfd_send_signal(&abandoned.pidfd, libc::SIGKILL);
+        }
+    }
+
+    /// Reaps every child that has exited: tracked ones one by one; in
+    /// adopting mode, every other child too.
+    fn reap(&mut self) {
+        let done: Vec<(i32, Peek)> = self
+            .children
+            .iter()
+            .filter_map(|(pid, t)| match peek(&t.pidfd) {
+                Peek::Running => None,
+                other => Some((*pid, other)),
+            })
+            .collect();
+        for (pid, how) in done {
+            if let Some(t) = self.children.remove(&pid) {
+                finish(t, how);
+            }
+        }
+        if !self.adopt.load(Ordering::SeqCst) {
+            return;
+        }
+        loop {
+            // SAFETY: zeroed siginfo_t is a valid value to be filled.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid with a valid siginfo pointer; WNOWAIT leaves the
+            // child waitable, WNOHANG never blocks.
+            let rc = unsafe {
+                libc::waitid(
+                    libc::P_ALL,
+                    0,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                )
+            };
+            // SAFETY: si_pid is the member waitid fills (0 when none exited).
+            let pid = unsafe { info.si_pid() };
+            if rc < 0 || pid == 0 {
+                return;
+            }
+            if let Some(t) = self.children.remove(&pid) {
+                finish(t, Peek::Exited);
+                continue;
+            }
+            // Not ours to supervise: an orphan reparented to us. This thread
+            // is the only one that forks or reaps here, so the PID is still
+            // that exited child's.
+            // SAFETY: as above, on that one PID.
+            let rc = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG,
+                )
+            };
+            // SAFETY: as above.
+            if rc < 0 || unsafe { info.si_pid() } == 0 {
+                return;
+            }
+            self.orphans.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Sleeps until a child exits, work arrives, or (when adopting orphans)
+    /// the orphan poll interval passes.
+    fn sleep(&self, adopting: bool) {
+        let mut fds: Vec<libc::pollfd> = std::iter::once(self.wake.as_raw_fd())
+            .chain(self.children.values().map(|t| t.pidfd.as_raw_fd()))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let timeout = if adopting { ORPHAN_POLL_MS } else { -1 };
+        // SAFETY: poll on a valid array of pollfds of descriptors we own. An
+        // error (EINTR) just means another round.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        let mut count = 0u64;
+        // SAFETY: read(2) of 8 bytes into a valid u64 from our non-blocking
+        // eventfd, which resets it.
+        unsafe { libc::read(self.wake.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
+    }
+}
+
+/// Whether the child behind `pidfd` has exited, without reaping it.
+fn peek(pidfd: &OwnedFd) -> Peek {
+    // SAFETY: zeroed siginfo_t is a valid value to be filled.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on our own pidfd with a valid siginfo pointer; WNOWAIT
+    // leaves it waitable, WNOHANG never blocks.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    if rc < 0 {
+        return match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => Peek::Running,
+            _ => Peek::Gone,
+        };
+    }
+    // SAFETY: si_pid is the member waitid fills (0 while it runs).
+    match unsafe { info.si_pid() } {
+        0 => Peek::Running,
+        _ => Peek::Exited,
+    }
+}
+
+/// Ends a tracked child: while its zombie still pins the PID, SIGKILLs what
+/// is left of its process group; then reaps it and publishes the status.
+/// The leader's lock is held throughout, so the owner's
+/// [`Child::signal_group`] happens wholly before (while the PID is pinned)
+/// or is refused after.
+fn finish(t: Tracked, how: Peek) {
+    let mut reaped = lock(&t.leader.reaped);
+    let status = match how {
+        Peek::Exited => {
+            t.leader.record(GroupEvent::Signaled(libc::SIGKILL));
+            if let Err(e) = kill_group(t.leader.pid, libc::SIGKILL) {
+                tracing::warn!(
+                    pid = t.leader.pid,
+                    "cannot kill the process group of an exited child: {e}"
+                );
+            }
+            // SAFETY: zeroed siginfo_t is a valid value to be filled.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid on our own pidfd, which is an exited zombie, with
+            // a valid siginfo pointer.
+            let rc = unsafe {
+                libc::waitid(
+                    libc::P_PIDFD,
+                    t.pidfd.as_raw_fd() as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG,
+                )
+            };
+            // SAFETY: as in `peek`.
+            if rc == 0 && unsafe { info.si_pid() } != 0 {
+                ExitStatus::from_siginfo(&info)
+            } else {
+                ExitStatus::LOST
+            }
+        }
+        // Someone else reaped it, so its PID may already be reused: its
+        // group is left to the cgroup, never signalled by number.
+        Peek::Gone | Peek::Running => {
+            tracing::warn!(
+                pid = t.leader.pid,
+                "a child was reaped by someone else in this process; its exit status is lost"
+            );
+            ExitStatus::LOST
+        }
+    };
+    *reaped = true;
+    t.leader.record(GroupEvent::Reaped);
+    drop(reaped);
+    t.exit.send_replace(Some(status));
+}
+
+fn pidfd_send_signal(pidfd: &OwnedFd, signal: i32) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal takes a pidfd we own, a signal number, a
+    // null siginfo and zero flags; it touches no memory of ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ESRCH) {
+            return Err(err);
+        }
+    }
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A poisoned lock only means a thread panicked while holding it; the set
-    // of PIDs is still consistent (inserts and removes are single calls).
+    // A poisoned lock only means a thread panicked while holding it; the
+    // guarded values are single booleans and lists, always consistent.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::O_NONBLOCK as libc::c_uint) };
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -390,54 +774,223 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Waits until the pidfd is readable (the child exited), then reaps it.
-async fn reap_when_exited(
-    pid: i32,
-    pidfd: &Arc<OwnedFd>,
-    tracked: &Mutex<HashSet<i32>>,
-) -> ExitStatus {
-    // SAFETY: `PidFd` holds an `Arc<OwnedFd>`, so the descriptor stays open
-    // and refers to the same pidfd for as long as the AsyncFd owns it, and
-    // `as_raw_fd` always returns that descriptor.
-    let registered = unsafe {
-        AsyncFd::register_with_interest(PidFd(pidfd.clone()), tokio::io::Interest::READABLE)
-    };
-    match registered {
-        Ok(async_fd) => {
-            if let Ok(guard) = async_fd.readable().await {
-                drop(guard);
-            }
-        }
-        Err(_) => {
-            // Cannot poll the pidfd (should not happen): fall back to a
-            // blocking wait on a worker thread.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncBufReadExt;
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    fn sh(script: &str) -> SpawnSpec {
+        SpawnSpec {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            cwd: "/".into(),
         }
     }
-    let reap = move || {
-        let mut tracked = lock(tracked);
-        let mut status = 0;
-        // SAFETY: waitpid on our own tracked child. It is a zombie (the pidfd
-        // became readable) or we block until it is one; only this task reaps
-        // tracked PIDs, so the PID cannot have been reused.
-        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
-        tracked.remove(&pid);
-        if rc == pid {
-            ExitStatus::from_wait_status(status)
-        } else {
+
+    async fn first_line(child: &mut Child) -> String {
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .expect("no line within the deadline")
+            .expect("stdout read")
+            .expect("stdout closed without a line")
+    }
+
+    /// Waits (blocking, up to the deadline) until `pidfd`'s process exits.
+    fn exits_within(pidfd: &OwnedFd, deadline: Duration) -> bool {
+        let mut fd = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one valid pollfd.
+        let n = unsafe { libc::poll(&mut fd, 1, deadline.as_millis() as libc::c_int) };
+        n == 1
+    }
+
+    #[tokio::test]
+    async fn a_leftover_group_is_killed_before_the_leader_is_reaped() {
+        let pm = ProcessManager::new(Default::default()).unwrap();
+        // The shell leads the group; `sleep` stays in it when the shell dies.
+        let mut child = pm.spawn(&sh("sleep 1000 & echo $!; wait")).await.unwrap();
+        let grandchild: i32 = first_line(&mut child).await.parse().unwrap();
+        let grandchild = pidfd_open(grandchild).expect("the grandchild is alive");
+        // Kill the leader alone.
+        child.signal(libc::SIGKILL).unwrap();
+        let status = tokio::time::timeout(DEADLINE, child.wait()).await.unwrap();
+        assert_eq!(
+            status,
             ExitStatus::Signaled {
                 signal: libc::SIGKILL,
-                core_dumped: false,
+                core_dumped: false
+            }
+        );
+        // Nobody asked for the group to be killed: the reaper did, before
+        // it released the leader's PID.
+        assert!(
+            exits_within(&grandchild, DEADLINE),
+            "the grandchild outlived its group leader"
+        );
+        assert_eq!(
+            *lock(&child.leader.log),
+            [GroupEvent::Signaled(libc::SIGKILL), GroupEvent::Reaped]
+        );
+        // After the reap, a group signal is refused rather than sent to a
+        // number that may name another group by now.
+        assert!(!child.signal_group(libc::SIGTERM).unwrap());
+        drop(child.stdout.take());
+        let log = child.leader.log.lock().unwrap().clone();
+        assert_eq!(
+            log,
+            [
+                GroupEvent::Signaled(libc::SIGKILL),
+                GroupEvent::Reaped,
+                GroupEvent::Refused(libc::SIGTERM)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_a_child_kills_its_group_and_it_is_still_reaped() {
+        let pm = ProcessManager::new(Default::default()).unwrap();
+        let mut child = pm.spawn(&sh("sleep 1000 & echo $!; wait")).await.unwrap();
+        let grandchild: i32 = first_line(&mut child).await.parse().unwrap();
+        let grandchild = pidfd_open(grandchild).unwrap();
+        let leader = child.leader.clone();
+        let mut exit = child.exit_watch();
+        drop(child);
+        let status = tokio::time::timeout(DEADLINE, wait_exit(exit.clone()))
+            .await
+            .unwrap();
+        assert!(!status.success());
+        assert!(exit.borrow_and_update().is_some());
+        assert!(exits_within(&grandchild, DEADLINE));
+        let log = lock(&leader.log).clone();
+        let reaped_at = log.iter().position(|e| *e == GroupEvent::Reaped).unwrap();
+        assert!(
+            log[reaped_at + 1..].is_empty()
+                && log[..reaped_at].contains(&GroupEvent::Signaled(libc::SIGKILL)),
+            "{log:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn host_children_are_not_reaped_when_embedded() {
+        let pm = ProcessManager::new(Default::default()).unwrap();
+        let mut host_child = std::process::Command::new("/bin/sh")
+            .args(["-c", "exit 7"])
+            .spawn()
+            .unwrap();
+        for _ in 0..5 {
+            let child = pm.spawn(&sh("exit 3")).await.unwrap();
+            let status = tokio::time::timeout(DEADLINE, child.wait()).await.unwrap();
+            assert_eq!(status, ExitStatus::Exited(3));
+        }
+        // The host's child exited long ago, and its status is still the host's.
+        assert_eq!(host_child.wait().unwrap().code(), Some(7));
+        assert_eq!(pm.orphans_reaped(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_spawn_is_killed() {
+        let pm = ProcessManager::new(Default::default()).unwrap();
+        // Each start is cancelled at some point of its way; none may leave
+        // a process behind. `pidfd_open` on a reaped PID fails with ESRCH,
+        // but the PID might be reused, so count our children in /proc.
+        let sleeper = sh("exec sleep 1000");
+        for _ in 0..20 {
+            let spawn = pm.spawn(&sleeper);
+            let _ = tokio::time::timeout(Duration::from_micros(50), spawn).await;
+        }
+        let child = pm.spawn(&sh("exit 0")).await.unwrap();
+        child.wait().await;
+        let me = std::process::id().to_string();
+        let deadline = std::time::Instant::now() + DEADLINE;
+        loop {
+            let sleepers = sleepers_of(&me);
+            if sleepers.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "abandoned children still run: {sleepers:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Our children that run `sleep`.
+    fn sleepers_of(parent: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...
+            let Some(close) = stat.rfind(')') else {
+                continue;
+            };
+            let comm = &stat[stat.find('(').unwrap_or(0) + 1..close];
+            let mut rest = stat[close + 1..].split_whitespace();
+            let state = rest.next().unwrap_or("");
+            let ppid = rest.next().unwrap_or("");
+            if ppid == parent && comm == "sleep" && state != "Z" {
+                found.push(entry.file_name().to_string_lossy().into_owned());
             }
         }
-    };
-    reap()
-}
+        found
+    }
 
-/// A pidfd as something tokio can poll.
-struct PidFd(Arc<OwnedFd>);
+    const IN_SUBPROCESS: &str = "PLUGVISOR_PROCESS_TEST_SUBREAPER";
 
-impl AsRawFd for PidFd {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.as_raw_fd()
+    /// Becoming a subreaper changes the whole process, so this test reruns
+    /// itself alone in a child process of the test binary.
+    #[test]
+    fn orphans_are_reaped_by_an_adopting_reaper_without_listing_proc() {
+        let name = "process::tests::orphans_are_reaped_by_an_adopting_reaper_without_listing_proc";
+        if std::env::var_os(IN_SUBPROCESS).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([name, "--exact", "--nocapture", "--test-threads=1"])
+                .env(IN_SUBPROCESS, "1")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{text}");
+            assert!(text.contains("1 passed"), "{text}");
+            return;
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let pm = ProcessManager::new(Default::default()).unwrap();
+            pm.adopt_orphans().unwrap();
+            // The grandchild leaves the group (setsid), so it survives its
+            // parent, is reparented to us, and exits on its own later.
+            let mut child = pm.spawn(&sh("setsid sleep 0.3 & echo $!")).await.unwrap();
+            let orphan = first_line(&mut child).await;
+            assert_eq!(
+                tokio::time::timeout(DEADLINE, child.wait()).await.unwrap(),
+                ExitStatus::Exited(0)
+            );
+            let stat = std::path::Path::new("/proc").join(&orphan);
+            let deadline = std::time::Instant::now() + DEADLINE;
+            // Gone from /proc means reaped, and the count says by us.
+            while stat.exists() || pm.orphans_reaped() == 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "orphan {orphan} not reaped: {:?}",
+                    std::fs::read_to_string(stat.join("stat"))
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
     }
 }

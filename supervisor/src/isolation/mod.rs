@@ -14,6 +14,13 @@
 //! - [`Isolation`]: the supervisor's entry point. It owns the choice of
 //!   mechanism (cgroups or "rlimits only", with the reason), prepares each
 //!   spawn, and knows each live instance's cgroup for `inspect`.
+//!
+//! Blocking work — hashing the executable, NSS user and group lookups,
+//! cgroupfs calls, freeze-and-poll kills, stale-cgroup cleanup — runs on
+//! tokio's blocking pool behind the async entry points
+//! ([`Isolation::start_async`], [`Isolation::prepare`],
+//! [`CgroupLease::kill_all`], a dropped lease's disposal), never on a
+//! runtime worker.
 
 #[cfg(any(test, feature = "test-support"))]
 pub mod fake;
@@ -436,6 +443,9 @@ impl Isolation {
     /// cleans what an earlier run left. Without a usable tree it warns once
     /// and runs on rlimits alone, unless cgroups are required: then the
     /// reason is the error.
+    ///
+    /// Blocks (cgroupfs, and waiting for stale processes to die): call it
+    /// from a blocking context, or use [`Self::start_async`].
     pub fn start(opts: &IsolationOptions, proc_root: &Path) -> Result<Isolation, String> {
         let (tree, require) = match &opts.cgroups {
             CgroupMode::Off => (
@@ -501,6 +511,20 @@ impl Isolation {
         })
     }
 
+    /// [`Self::start`] on the blocking pool: probing, setting up the tree
+    /// and killing an earlier run's stale cgroups read and write cgroupfs
+    /// and wait for processes to die. Prefer it inside a runtime.
+    pub async fn start_async(
+        opts: &IsolationOptions,
+        proc_root: &Path,
+    ) -> Result<Isolation, String> {
+        let opts = opts.clone();
+        let proc_root = proc_root.to_path_buf();
+        tokio::task::spawn_blocking(move || Isolation::start(&opts, &proc_root))
+            .await
+            .map_err(|e| format!("starting isolation stopped before it finished: {e}"))?
+    }
+
     /// At a clean shutdown, after every instance is gone: removes the
     /// parent cgroup if nothing is left in it.
     pub fn shutdown(&self) {
@@ -527,69 +551,37 @@ impl Isolation {
     /// the executable opened and checked, credentials resolved, rlimits
     /// computed, and the instance's cgroup made with its `cgroup.procs`
     /// files opened. Side effects (the cgroup) come last.
-    pub fn prepare(
+    ///
+    /// All of it blocks (hashing the executable, user and group lookups
+    /// through NSS, cgroup files), so it runs on the blocking pool, never on
+    /// a runtime worker. Cancel safe: if the caller stops waiting, a cgroup
+    /// made for the start is removed.
+    pub async fn prepare(
         &self,
         manifest: &Manifest,
         instance_id: &str,
     ) -> Result<Prepared, PrepareError> {
-        let exec = pin::Executable::open(
-            &manifest.exec,
-            manifest.sha256.as_deref(),
-            self.allow_writable_executables,
-        )
-        .map_err(|e| match e {
-            pin::PinError::Refused(why) => PrepareError::Refused(why),
-            pin::PinError::Io(why) => PrepareError::Failed(why),
-        })?;
-        let credentials = preexec::Credentials::resolve(
-            manifest.isolation.user.as_deref(),
-            manifest.isolation.group.as_deref(),
-        )
-        .map_err(PrepareError::Refused)?;
-        if credentials.is_some() && !(capable(CAP_SETUID) && capable(CAP_SETGID)) {
-            return Err(PrepareError::Refused(
-                "isolation.user/group: running a plugin as another user needs a supervisor running as root (CAP_SETUID, CAP_SETGID)"
-                    .into(),
-            ));
-        }
-        if manifest.isolation.network == NetworkMode::None && !capable(CAP_SYS_ADMIN) {
-            return Err(PrepareError::Refused(
-                "isolation.network: none needs a supervisor running as root (CAP_SYS_ADMIN) to make a network namespace".into(),
-            ));
-        }
-        let cgroups = matches!(self.enforcement, Enforcement::Cgroups(_));
-        let data_fallback = (!cgroups).then_some(manifest.limits.memory).flatten();
-        let limits = rlimits::from_limits(&manifest.limits, data_fallback.map(|s| s.0));
-        rlimits::check_feasible(&limits, capable(CAP_SYS_RESOURCE))
-            .map_err(PrepareError::Refused)?;
-        let (cgroup, procs) = match &self.enforcement {
-            Enforcement::Cgroups(tree) => {
-                let cg = tree
-                    .create(instance_id, &CgroupLimits::from_manifest(&manifest.limits))
-                    .map_err(|e| PrepareError::Failed(format!("cgroup: {e}")))?;
-                match cg.open_procs() {
-                    Ok(procs) => (Some(cg), procs),
-                    Err(e) => {
-                        let _ = cg.remove();
-                        return Err(PrepareError::Failed(format!("cgroup: {e}")));
-                    }
-                }
+        let enforcement = self.enforcement.clone();
+        let allow_writable = self.allow_writable_executables;
+        let manifest = manifest.clone();
+        let instance_id = instance_id.to_string();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            let prepared = prepare_blocking(&enforcement, allow_writable, &manifest, &instance_id);
+            if let Err(Ok(Prepared {
+                cgroup: Some(cgroup),
+                ..
+            })) = tx.send(prepared)
+            {
+                // Nobody is waiting for this start any more.
+                let _ = cgroup.remove();
             }
-            Enforcement::RlimitsOnly { .. } => (None, Vec::new()),
-        };
-        let owner = credentials.as_ref().map(|c| (c.uid, c.gid));
-        let child = preexec::ChildSetup {
-            cgroup_procs: procs,
-            rlimits: limits,
-            credentials,
-            network_none: manifest.isolation.network == NetworkMode::None,
-            no_new_privs: manifest.isolation.no_new_privs,
-        };
-        Ok(Prepared {
-            exec,
-            child,
-            cgroup,
-            owner,
+        });
+        rx.await.unwrap_or_else(|_| {
+            Err(PrepareError::Failed(
+                "preparing the start stopped before it finished (a panic on the blocking pool)"
+                    .into(),
+            ))
         })
     }
 
@@ -635,6 +627,69 @@ impl Isolation {
     }
 }
 
+/// [`Isolation::prepare`]'s blocking part.
+fn prepare_blocking(
+    enforcement: &Enforcement,
+    allow_writable: bool,
+    manifest: &Manifest,
+    instance_id: &str,
+) -> Result<Prepared, PrepareError> {
+    let exec = pin::Executable::open(&manifest.exec, manifest.sha256.as_deref(), allow_writable)
+        .map_err(|e| match e {
+            pin::PinError::Refused(why) => PrepareError::Refused(why),
+            pin::PinError::Io(why) => PrepareError::Failed(why),
+        })?;
+    let credentials = preexec::Credentials::resolve(
+        manifest.isolation.user.as_deref(),
+        manifest.isolation.group.as_deref(),
+    )
+    .map_err(PrepareError::Refused)?;
+    if credentials.is_some() && !(capable(CAP_SETUID) && capable(CAP_SETGID)) {
+        return Err(PrepareError::Refused(
+            "isolation.user/group: running a plugin as another user needs a supervisor running as root (CAP_SETUID, CAP_SETGID)"
+                .into(),
+        ));
+    }
+    if manifest.isolation.network == NetworkMode::None && !capable(CAP_SYS_ADMIN) {
+        return Err(PrepareError::Refused(
+            "isolation.network: none needs a supervisor running as root (CAP_SYS_ADMIN) to make a network namespace".into(),
+        ));
+    }
+    let cgroups = matches!(*enforcement, Enforcement::Cgroups(_));
+    let data_fallback = (!cgroups).then_some(manifest.limits.memory).flatten();
+    let limits = rlimits::from_limits(&manifest.limits, data_fallback.map(|s| s.0));
+    rlimits::check_feasible(&limits, capable(CAP_SYS_RESOURCE)).map_err(PrepareError::Refused)?;
+    let (cgroup, procs) = match enforcement {
+        Enforcement::Cgroups(tree) => {
+            let cg = tree
+                .create(instance_id, &CgroupLimits::from_manifest(&manifest.limits))
+                .map_err(|e| PrepareError::Failed(format!("cgroup: {e}")))?;
+            match cg.open_procs() {
+                Ok(procs) => (Some(cg), procs),
+                Err(e) => {
+                    let _ = cg.remove();
+                    return Err(PrepareError::Failed(format!("cgroup: {e}")));
+                }
+            }
+        }
+        Enforcement::RlimitsOnly { .. } => (None, Vec::new()),
+    };
+    let owner = credentials.as_ref().map(|c| (c.uid, c.gid));
+    let child = preexec::ChildSetup {
+        cgroup_procs: procs,
+        rlimits: limits,
+        credentials,
+        network_none: manifest.isolation.network == NetworkMode::None,
+        no_new_privs: manifest.isolation.no_new_privs,
+    };
+    Ok(Prepared {
+        exec,
+        child,
+        cgroup,
+        owner,
+    })
+}
+
 /// What a start of `m` would refuse, checked offline (`plugvisor check`):
 /// the executable (pin, writability) and the user and group.
 pub fn check_manifest(m: &Manifest, allow_writable_executables: bool) -> Result<(), String> {
@@ -659,6 +714,21 @@ impl CgroupLease {
     pub fn cgroup(&self) -> &Arc<dyn CgroupManager> {
         &self.cgroup
     }
+
+    /// SIGKILLs every process in the cgroup, on the blocking pool (a v1
+    /// cgroup is frozen first, which is waited for).
+    pub async fn kill_all(&self) -> Result<(), CgroupError> {
+        let cgroup = self.cgroup.clone();
+        tokio::task::spawn_blocking(move || cgroup.kill_all())
+            .await
+            .unwrap_or_else(|e| {
+                Err(CgroupError::io(
+                    "cannot kill the processes of",
+                    &self.cgroup.paths().first().cloned().unwrap_or_default(),
+                    io::Error::other(e.to_string()),
+                ))
+            })
+    }
 }
 
 impl Drop for CgroupLease {
@@ -668,7 +738,7 @@ impl Drop for CgroupLease {
         let instance = std::mem::take(&mut self.instance);
         if tokio::runtime::Handle::try_current().is_ok() {
             self.tasks
-                .spawn(async move { dispose(&instance, &*cgroup).await });
+                .spawn(async move { dispose(&instance, cgroup).await });
         } else {
             // No runtime (the process is exiting): one attempt, no waiting.
             let _ = cgroup.kill_all();
@@ -679,8 +749,15 @@ impl Drop for CgroupLease {
 
 /// Kills every process in `cgroup`, waits until it is empty, and removes it.
 /// Gives up (with a warning) after a few seconds: the directory is then
-/// removed as stale by the next start.
-pub async fn dispose(instance: &str, cgroup: &dyn CgroupManager) {
+/// removed as stale by the next start. Runs on the blocking pool: killing a
+/// v1 cgroup freezes it and polls, and every step is a cgroupfs call.
+pub async fn dispose(instance: &str, cgroup: Arc<dyn CgroupManager>) {
+    let instance = instance.to_string();
+    let _ = tokio::task::spawn_blocking(move || dispose_blocking(&instance, &*cgroup)).await;
+}
+
+/// [`dispose`], on the calling thread.
+fn dispose_blocking(instance: &str, cgroup: &dyn CgroupManager) {
     const STEP: Duration = Duration::from_millis(5);
     const ATTEMPTS: u32 = 1000; // 5 s
     let mut last = None;
@@ -694,7 +771,7 @@ pub async fn dispose(instance: &str, cgroup: &dyn CgroupManager) {
             {
                 last = Some(e.to_string());
             }
-            tokio::time::sleep(STEP).await;
+            std::thread::sleep(STEP);
             continue;
         }
         match cgroup.remove() {
@@ -702,7 +779,7 @@ pub async fn dispose(instance: &str, cgroup: &dyn CgroupManager) {
             // A process is still on its way out.
             Err(e) if e.errno() == Some(libc::EBUSY) => {
                 last = Some(e.to_string());
-                tokio::time::sleep(STEP).await;
+                std::thread::sleep(STEP);
             }
             Err(e) => {
                 tracing::warn!(instance, "cannot remove the cgroup: {e}");
@@ -846,6 +923,114 @@ mod tests {
         };
         assert!(fallback.explains(killed));
         assert!(!OomEvidence::default().explains(killed));
+    }
+
+    /// A cgroupfs that notes which thread touched it.
+    #[derive(Debug)]
+    struct ThreadNoting {
+        inner: Arc<fake::FakeCgroupFs>,
+        threads: Mutex<Vec<std::thread::ThreadId>>,
+    }
+
+    impl ThreadNoting {
+        fn note(&self) {
+            lock(&self.threads).push(std::thread::current().id());
+        }
+    }
+
+    impl CgroupFs for ThreadNoting {
+        fn read(&self, path: &Path) -> io::Result<String> {
+            self.note();
+            self.inner.read(path)
+        }
+        fn write(&self, path: &Path, value: &str) -> io::Result<()> {
+            self.note();
+            self.inner.write(path, value)
+        }
+        fn mkdir(&self, path: &Path) -> io::Result<()> {
+            self.note();
+            self.inner.mkdir(path)
+        }
+        fn rmdir(&self, path: &Path) -> io::Result<()> {
+            self.note();
+            self.inner.rmdir(path)
+        }
+        fn subdirs(&self, path: &Path) -> io::Result<Vec<String>> {
+            self.note();
+            self.inner.subdirs(path)
+        }
+        fn exists(&self, path: &Path) -> bool {
+            self.note();
+            self.inner.exists(path)
+        }
+        fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+            self.note();
+            self.inner.canonicalize(path)
+        }
+        fn open_write(&self, path: &Path) -> io::Result<OwnedFd> {
+            self.note();
+            self.inner.open_write(path)
+        }
+    }
+
+    /// The test runs on a current-thread runtime: its one worker is this
+    /// thread, which must never do cgroupfs work, hashing or NSS lookups.
+    #[tokio::test]
+    async fn start_prepare_and_dispose_block_only_off_the_runtime_thread() {
+        use std::os::unix::fs::PermissionsExt;
+        let fake = Arc::new(fake::FakeCgroupFs::v2(&["memory", "pids"]).unwrap());
+        let fs = Arc::new(ThreadNoting {
+            inner: fake.clone(),
+            threads: Mutex::default(),
+        });
+        let runtime_thread = std::thread::current().id();
+        let tree = probe(&ProbeOptions {
+            fs: fs.clone(),
+            root: fake.root(),
+            proc_root: fake.proc_root(),
+            parent: "plugvisor".into(),
+            pid: 4_194_400,
+        })
+        .unwrap();
+        lock(&fs.threads).clear();
+        let iso = Isolation::start_async(
+            &IsolationOptions {
+                cgroups: CgroupMode::Tree(tree),
+                allow_writable_executables: false,
+            },
+            &fake.proc_root(),
+        )
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("plugin");
+        std::fs::write(&bin, "#!/bin/sh\nexit 0\n").unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let digest = pin::sha256_file(&bin).unwrap();
+        let manifest = Manifest::parse(
+            &dir.path().join("plugin.yaml"),
+            &format!(
+                "name: echo\nversion: 1.0.0\nexec: ./plugin\nsha256: {digest}\nlimits: {{memory: 64MiB, pids: 16}}\n"
+            ),
+        )
+        .unwrap();
+        let prepared = iso.prepare(&manifest, "echo-1").await.unwrap();
+        assert_eq!(prepared.exec.sha256.as_deref(), Some(digest.as_str()));
+        let tasks = tokio_util::task::TaskTracker::new();
+        let lease = iso.lease("echo-1", prepared.cgroup.clone().unwrap(), &tasks);
+        assert!(fake.root().join("plugvisor/echo-1").is_dir());
+        lease.kill_all().await.unwrap();
+        drop(lease);
+        tasks.close();
+        tasks.wait().await;
+        let threads = lock(&fs.threads).clone();
+        assert!(threads.len() > 3, "{threads:?}");
+        assert!(
+            !threads.contains(&runtime_thread),
+            "cgroupfs was touched on the runtime thread"
+        );
+        // The lease's disposal removed the cgroup.
+        assert!(!fake.root().join("plugvisor/echo-1").exists());
     }
 
     fn probe_of(

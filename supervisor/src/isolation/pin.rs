@@ -1,25 +1,30 @@
 //! The plugin executable, opened once. Every check is made on that open
-//! descriptor — never on the path again — so what was checked is what runs:
+//! descriptor — never on the path again:
 //!
 //! - it must be a regular, executable file, and not writable by group or
 //!   others (unless the config allows it): such a file can be swapped by
 //!   someone other than its owner;
-//! - with a `sha256:` pin, the digest is computed from the descriptor and the
-//!   child executes that same descriptor (`execveat(fd, "", AT_EMPTY_PATH)`),
-//!   so replacing the file after the check (a rename, a new inode) changes
-//!   nothing. Rewriting the *same* inode in place between the check and exec
-//!   would need write permission on the file, which only its owner has
-//!   (group/world-writable files are refused).
+//! - with a `sha256:` pin, its bytes are copied into a sealed memfd
+//!   (`memfd_create`, then `F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW |
+//!   F_SEAL_SEAL`), the digest is computed from the sealed copy, and the
+//!   child executes that copy (`execveat(fd, "", AT_EMPTY_PATH)`). The
+//!   guarantee: the bytes that run are exactly the bytes that were hashed.
+//!   Nobody — not the file's owner, not root — can change a sealed memfd,
+//!   so neither replacing the file (a rename, a new inode) nor rewriting
+//!   the same inode in place after the check changes what runs. A pinned
+//!   binary costs its size in memory per start, for as long as it runs.
 //!
 //! Scripts (`#!`): executing a descriptor makes the kernel hand the
 //! interpreter `/dev/fd/N`, which must stay open across exec. So a pinned
-//! script keeps that one extra descriptor and sees `$0` as `/dev/fd/N`; an
-//! unpinned one (like the Python example's launcher) is executed by path.
-//! A pin on a script covers the script, not its interpreter.
+//! script keeps that one extra descriptor (the sealed copy) and sees `$0` as
+//! `/dev/fd/N`; an unpinned one (like the Python example's launcher) is
+//! executed by path. A pin on a script covers the script, not its
+//! interpreter, nor anything the script reads.
 
 use sha2::{Digest, Sha256};
-use std::io::Read;
-use std::os::fd::{AsFd, OwnedFd};
+use std::io::{Read, Seek};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -39,9 +44,10 @@ pub enum PinError {
 #[derive(Debug)]
 pub struct Executable {
     pub path: PathBuf,
-    /// Open read-only, close-on-exec.
+    /// What to execute: with a pin, the sealed in-memory copy whose digest
+    /// was checked; without one, the file itself (read-only). Close-on-exec.
     pub fd: OwnedFd,
-    /// The digest computed from `fd`, when the manifest pins one.
+    /// The digest computed from the sealed copy, when the manifest pins one.
     pub sha256: Option<String>,
     /// Starts with `#!`.
     pub script: bool,
@@ -83,33 +89,31 @@ impl Executable {
                 meta.mode() & 0o7777
             )));
         }
-        let mut head = [0u8; 2];
-        let mut hasher = expected.map(|_| Sha256::new());
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut total = 0usize;
-        loop {
-            let n = file
-                .read(&mut buf)
+        let Some(expected) = expected else {
+            let mut head = [0u8; 2];
+            let n = read_head(&mut file, &mut head)
                 .map_err(|e| PinError::Io(format!("cannot read {}: {e}", path.display())))?;
-            if n == 0 {
-                break;
-            }
-            if total < 2 {
-                let take = (2 - total).min(n);
-                head[total..total + take].copy_from_slice(&buf[..take]);
-            }
-            total += n;
-            match hasher.as_mut() {
-                Some(h) => h.update(&buf[..n]),
-                // Only the first bytes matter without a pin.
-                None if total >= 2 => break,
-                None => {}
-            }
-        }
-        let sha256 = hasher.map(|h| hex(&h.finalize()));
-        if let (Some(expected), Some(actual)) = (expected, &sha256)
-            && !expected.eq_ignore_ascii_case(actual)
-        {
+            return Ok(Executable {
+                path: path.to_path_buf(),
+                fd: OwnedFd::from(file),
+                sha256: None,
+                script: n == 2 && head == *b"#!",
+            });
+        };
+        let sealed = sealed_copy(&mut file, path)?;
+        drop(file);
+        let mut sealed = std::fs::File::from(sealed);
+        let mut hasher = Sha256::new();
+        let mut head = [0u8; 2];
+        let n = read_head(&mut sealed, &mut head).map_err(|e| {
+            PinError::Io(format!("cannot read the copy of {}: {e}", path.display()))
+        })?;
+        hasher.update(&head[..n]);
+        std::io::copy(&mut sealed, &mut hasher).map_err(|e| {
+            PinError::Io(format!("cannot read the copy of {}: {e}", path.display()))
+        })?;
+        let actual = hex(&hasher.finalize());
+        if !expected.eq_ignore_ascii_case(&actual) {
             return Err(PinError::Refused(format!(
                 "sha256 mismatch for {}: expected {expected}, actual {actual}; refusing to run it. If this binary is intended, update `sha256:` in the manifest",
                 path.display()
@@ -117,9 +121,9 @@ impl Executable {
         }
         Ok(Executable {
             path: path.to_path_buf(),
-            fd: OwnedFd::from(file),
-            sha256,
-            script: head == *b"#!",
+            fd: OwnedFd::from(sealed),
+            sha256: Some(actual),
+            script: n == 2 && head == *b"#!",
         })
     }
 
@@ -133,6 +137,64 @@ impl Executable {
     pub fn try_clone_fd(&self) -> std::io::Result<OwnedFd> {
         self.fd.as_fd().try_clone_to_owned()
     }
+}
+
+/// Reads up to `head.len()` bytes from the start; returns how many.
+fn read_head(file: &mut std::fs::File, head: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < head.len() {
+        match file.read(&mut head[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// The seals that make a memfd immutable: no write, no size change, and no
+/// removing them.
+const SEALS: libc::c_int =
+    libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// Copies `file` into a new memfd and seals it; the returned descriptor is
+/// close-on-exec and positioned at the start.
+fn sealed_copy(file: &mut std::fs::File, path: &Path) -> Result<OwnedFd, PinError> {
+    let fail = |what: &str, e: std::io::Error| {
+        PinError::Io(format!(
+            "cannot make a sealed copy of {} to execute ({what}): {e}",
+            path.display()
+        ))
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.as_bytes().to_vec())
+        .unwrap_or_default();
+    let name = std::ffi::CString::new([b"plugvisor:".as_slice(), &name].concat())
+        .unwrap_or_else(|_| c"plugvisor".to_owned());
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    // MFD_EXEC (Linux 6.3) keeps it executable under vm.memfd_noexec=1;
+    // older kernels reject the flag, and their memfds are executable anyway.
+    // SAFETY: memfd_create with a valid C string and flags returns a new
+    // descriptor.
+    let mut fd = unsafe { libc::memfd_create(name.as_ptr(), flags | libc::MFD_EXEC) };
+    if fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        // SAFETY: as above.
+        fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    }
+    if fd < 0 {
+        return Err(fail("memfd_create", std::io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create just returned it; nobody else owns it.
+    let mut memfd = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    std::io::copy(file, &mut memfd).map_err(|e| fail("copy", e))?;
+    // SAFETY: fcntl on our own descriptor with integer arguments.
+    if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, SEALS) } < 0 {
+        return Err(fail("F_ADD_SEALS", std::io::Error::last_os_error()));
+    }
+    memfd
+        .seek(std::io::SeekFrom::Start(0))
+        .map_err(|e| fail("seek", e))?;
+    Ok(OwnedFd::from(memfd))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -220,5 +282,116 @@ mod tests {
         assert!(Executable::open(&path, None, false).unwrap().script);
         let one = file(dir.path(), "one", b"#", 0o755);
         assert!(!Executable::open(&one, None, false).unwrap().script);
+    }
+}
+
+/// A pinned executable runs the bytes that were hashed, whatever happens to
+/// the file afterwards.
+#[cfg(test)]
+mod exec_tests {
+    use super::*;
+    use crate::isolation::preexec::{ChildSetup, ExecFd};
+    use crate::process::{ExitStatus, ProcessManager, SpawnSpec};
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
+
+    fn spec(program: &Path) -> SpawnSpec {
+        SpawnSpec {
+            program: program.to_path_buf(),
+            args: Vec::new(),
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            cwd: "/".into(),
+        }
+    }
+
+    /// Rewrites `path` in place: same inode, by its owner.
+    fn rewrite_in_place(path: &Path, bytes: &[u8]) {
+        let before = std::fs::metadata(path).unwrap().ino();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .unwrap();
+        f.write_all(bytes).unwrap();
+        f.sync_all().unwrap();
+        assert_eq!(std::fs::metadata(path).unwrap().ino(), before);
+    }
+
+    async fn run(exe: Executable) -> (ExitStatus, String) {
+        let pm = ProcessManager::new(Default::default()).unwrap();
+        let exec = ExecFd {
+            keep_open: exe.script,
+            fd: exe.fd,
+        };
+        let mut child = pm
+            .spawn_with(&spec(&exe.path), ChildSetup::default(), Some(exec))
+            .await
+            .unwrap();
+        let mut out = String::new();
+        let mut stdout = child.stdout.take().unwrap();
+        let read = tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut out);
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .unwrap()
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .unwrap();
+        (status, out)
+    }
+
+    #[tokio::test]
+    async fn a_binary_rewritten_in_place_after_the_check_still_runs_the_checked_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plugin");
+        let truth = std::fs::read("/bin/true").unwrap();
+        let lie = std::fs::read("/bin/false").unwrap();
+        std::fs::write(&path, &truth).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let pin = sha256_file(&path).unwrap();
+        let exe = Executable::open(&path, Some(&pin), false).unwrap();
+        rewrite_in_place(&path, &lie);
+        let (status, _) = run(exe).await;
+        assert_eq!(status, ExitStatus::Exited(0), "the rewritten bytes ran");
+    }
+
+    #[tokio::test]
+    async fn a_script_rewritten_in_place_after_the_check_still_runs_the_checked_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plugin.sh");
+        std::fs::write(&path, "#!/bin/sh\necho verified\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let pin = sha256_file(&path).unwrap();
+        let exe = Executable::open(&path, Some(&pin), false).unwrap();
+        assert!(exe.script);
+        rewrite_in_place(&path, b"#!/bin/sh\necho swapped\n");
+        let (status, out) = run(exe).await;
+        assert_eq!(
+            (status, out.as_str()),
+            (ExitStatus::Exited(0), "verified\n")
+        );
+    }
+
+    #[test]
+    fn the_copy_that_runs_is_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plugin.sh");
+        std::fs::write(&path, "#!/bin/sh\nexit 0\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let pin = sha256_file(&path).unwrap();
+        let exe = Executable::open(&path, Some(&pin), false).unwrap();
+        // SAFETY: fcntl on our own descriptor.
+        let seals = unsafe { libc::fcntl(exe.fd.as_raw_fd(), libc::F_GET_SEALS) };
+        assert!(
+            seals >= 0,
+            "not a memfd: {}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(seals & SEALS, SEALS);
+        // Open for writing, and still refused: the seal holds.
+        let mut f = std::fs::File::from(exe.fd);
+        let e = f.write_all(b"x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
     }
 }

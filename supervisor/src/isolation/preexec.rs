@@ -15,7 +15,7 @@
 //!    clears it — and checks the supervisor did not die meanwhile;
 //! 7. sets `no_new_privs`;
 //! 8. marks every descriptor beyond 0-2 close-on-exec;
-//! 9. executes the pinned descriptor (`execveat`), or returns and lets the
+//! 9. executes the pinned, sealed copy (`execveat`), or returns and lets the
 //!    standard library execute the path.
 //!
 //! A step that fails writes its number to a report pipe before returning
@@ -450,7 +450,7 @@ impl Report {
             Step::CloseRange => "marking inherited descriptors close-on-exec".into(),
             Step::KeepExecFd => "keeping the script's descriptor open".into(),
             Step::Exec => format!(
-                "executing the verified descriptor of {}",
+                "executing the sealed, verified copy of {}",
                 self.exec
                     .as_ref()
                     .map(|p| p.display().to_string())
