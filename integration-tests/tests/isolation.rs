@@ -448,8 +448,7 @@ async fn a_binary_replaced_after_verification_is_not_the_one_executed() {
     std::fs::rename(&other, &path).unwrap();
     assert_ne!(sha256_file(&path).unwrap(), digest);
 
-    let tasks = tokio_util::task::TaskTracker::new();
-    let processes = ProcessManager::new(tasks.clone()).unwrap();
+    let processes = ProcessManager::new().unwrap();
     // testplugin exits with 7 when told so; echo-plugin knows no such flag.
     let spec = SpawnSpec {
         program: path.clone(),

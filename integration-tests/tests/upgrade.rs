@@ -371,6 +371,9 @@ async fn replicas_survive_one_crash_without_failing_idempotent_calls() {
                         .await
                     {
                         failures.push(e.to_string());
+                        // A failing call can return without awaiting
+                        // anything; let the supervisor's tasks run.
+                        tokio::task::yield_now().await;
                     }
                 }
                 (n, failures)

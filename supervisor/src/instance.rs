@@ -515,7 +515,7 @@ pub async fn stop(instance: &mut Instance, timeout: Duration) -> ExitStatus {
     let half = timeout / 2;
     let child = &instance.child;
     if let Some(status) = child.try_status() {
-        kill_leftovers(instance);
+        kill_leftovers(instance).await;
         return status;
     }
     let mut request = tonic::Request::new(ShutdownRequest {
@@ -546,16 +546,16 @@ pub async fn stop(instance: &mut Instance, timeout: Duration) -> ExitStatus {
             }
         }
     };
-    kill_leftovers(instance);
+    kill_leftovers(instance).await;
     status
 }
 
 /// Kills what is left of a stopped instance: its process group, and its
 /// whole cgroup (descendants that left the group included).
-fn kill_leftovers(instance: &Instance) {
+async fn kill_leftovers(instance: &Instance) {
     let _ = instance.child.signal_group(libc::SIGKILL);
     if let Some(lease) = &instance.cgroup
-        && let Err(e) = lease.cgroup().kill_all()
+        && let Err(e) = lease.kill_all().await
     {
         tracing::warn!(instance = %instance.id, "cannot kill the rest of its cgroup: {e}");
     }

@@ -303,7 +303,7 @@ impl ProcessManager {
     /// Starts the process thread. It runs until the manager is dropped and
     /// every child it spawned has been reaped. (`_tasks` is no longer used:
     /// no task is spawned per child.)
-    pub fn new(_tasks: tokio_util::task::TaskTracker) -> io::Result<ProcessManager> {
+    pub fn new() -> io::Result<ProcessManager> {
         let (jobs, rx) = std::sync::mpsc::channel::<SpawnJob>();
         // SAFETY: eventfd takes an initial value and flags and returns a new
         // descriptor, which nobody else owns.
@@ -365,21 +365,6 @@ impl ProcessManager {
     /// How many untracked children (orphans) the reaper has reaped.
     pub fn orphans_reaped(&self) -> usize {
         self.orphans.load(Ordering::SeqCst)
-    }
-
-    /// For callers of the former `/proc`-listing sweeper: if this process is
-    /// a child subreaper, turns on [`Self::adopt_orphans`]'s reaping; then
-    /// wakes the reaper. `_proc_root` is not read. Returns
-    /// [`Self::orphans_reaped`].
-    pub fn sweep_orphans(&self, _proc_root: &std::path::Path) -> usize {
-        let mut subreaper: libc::c_int = 0;
-        // SAFETY: prctl writes one int to the pointer we pass, which is valid.
-        let rc = unsafe { libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut subreaper, 0, 0, 0) };
-        if rc == 0 && subreaper != 0 {
-            self.adopt.store(true, Ordering::SeqCst);
-        }
-        self.reap_orphans();
-        self.orphans_reaped()
     }
 
     /// Spawns `spec` with a clean environment, stdin from /dev/null, stdout
@@ -815,7 +800,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_leftover_group_is_killed_before_the_leader_is_reaped() {
-        let pm = ProcessManager::new(Default::default()).unwrap();
+        let pm = ProcessManager::new().unwrap();
         // The shell leads the group; `sleep` stays in it when the shell dies.
         let mut child = pm.spawn(&sh("sleep 1000 & echo $!; wait")).await.unwrap();
         let grandchild: i32 = first_line(&mut child).await.parse().unwrap();
@@ -857,7 +842,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_a_child_kills_its_group_and_it_is_still_reaped() {
-        let pm = ProcessManager::new(Default::default()).unwrap();
+        let pm = ProcessManager::new().unwrap();
         let mut child = pm.spawn(&sh("sleep 1000 & echo $!; wait")).await.unwrap();
         let grandchild: i32 = first_line(&mut child).await.parse().unwrap();
         let grandchild = pidfd_open(grandchild).unwrap();
@@ -881,7 +866,7 @@ mod tests {
 
     #[tokio::test]
     async fn host_children_are_not_reaped_when_embedded() {
-        let pm = ProcessManager::new(Default::default()).unwrap();
+        let pm = ProcessManager::new().unwrap();
         let mut host_child = std::process::Command::new("/bin/sh")
             .args(["-c", "exit 7"])
             .spawn()
@@ -898,7 +883,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_abandoned_spawn_is_killed() {
-        let pm = ProcessManager::new(Default::default()).unwrap();
+        let pm = ProcessManager::new().unwrap();
         // Each start is cancelled at some point of its way; none may leave
         // a process behind. `pidfd_open` on a reaped PID fails with ESRCH,
         // but the PID might be reused, so count our children in /proc.
@@ -970,7 +955,7 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let pm = ProcessManager::new(Default::default()).unwrap();
+            let pm = ProcessManager::new().unwrap();
             pm.adopt_orphans().unwrap();
             // The grandchild leaves the group (setsid), so it survives its
             // parent, is reparented to us, and exits on its own later.

@@ -47,8 +47,29 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// Creates a supervisor. Must be called inside a tokio runtime.
+    /// Creates a supervisor. Must be called inside a tokio runtime. Probing
+    /// the cgroup tree and cleaning what an earlier run left there reads and
+    /// writes cgroupfs in this call; [`Self::launch`] does that on the
+    /// blocking pool instead.
     pub fn new(opts: SupervisorOptions) -> std::io::Result<Supervisor> {
+        let isolation =
+            Isolation::start(&opts.isolation, &opts.proc_root).map_err(std::io::Error::other)?;
+        Self::with_isolation(opts, isolation)
+    }
+
+    /// [`Self::new`], with the cgroup probing and stale-cgroup cleanup on
+    /// the blocking pool (what the daemon uses).
+    pub async fn launch(opts: SupervisorOptions) -> std::io::Result<Supervisor> {
+        let isolation = Isolation::start_async(&opts.isolation, &opts.proc_root)
+            .await
+            .map_err(std::io::Error::other)?;
+        Self::with_isolation(opts, isolation)
+    }
+
+    fn with_isolation(
+        opts: SupervisorOptions,
+        isolation: Isolation,
+    ) -> std::io::Result<Supervisor> {
         // Sockets live there: refuse a directory others could write in, and
         // clear what an earlier run left.
         let swept = crate::rundir::prepare(&opts.runtime_dir).map_err(std::io::Error::other)?;
@@ -59,9 +80,7 @@ impl Supervisor {
             );
         }
         let io_tasks = TaskTracker::new();
-        let processes = ProcessManager::new(io_tasks.clone())?;
-        let isolation =
-            Isolation::start(&opts.isolation, &opts.proc_root).map_err(std::io::Error::other)?;
+        let processes = ProcessManager::new()?;
         let host = Arc::new(Host {
             processes,
             isolation,
@@ -73,7 +92,9 @@ impl Supervisor {
             opts,
         });
         if host.opts.subreaper {
-            ProcessManager::become_subreaper()?;
+            // Orphaned descendants of plugins are reparented here and reaped
+            // by the process manager's reaper, woken on SIGCHLD.
+            host.processes.adopt_orphans()?;
             let mut sigchld =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
             let sweeper = host.clone();
@@ -85,7 +106,7 @@ impl Supervisor {
                         _ = sigchld.recv() => {}
                         _ = tick.tick() => {}
                     }
-                    sweeper.processes.sweep_orphans(&sweeper.opts.proc_root);
+                    sweeper.processes.reap_orphans();
                 }
             });
         }

@@ -69,7 +69,15 @@ impl tower::Service<http::Request<tonic::body::Body>> for Connection {
             self.current = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
         }
         let mut sender = self.senders[self.current].clone();
-        sender.poll_ready(cx)
+        match sender.poll_ready(cx) {
+            // A closed connection is reported by the call itself: tonic turns
+            // a failed `poll_ready` into a status without its cause ("Service
+            // was not ready"), which would read as the plugin's own error,
+            // while a failed send keeps the transport error as its source and
+            // reads as a lost instance (retried when idempotent).
+            Poll::Ready(Err(_)) => Poll::Ready(Ok(())),
+            other => other,
+        }
     }
 
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {

@@ -196,7 +196,7 @@ pub async fn run(mut manifest: Manifest, options: Options) -> std::io::Result<Re
     // Short prefix: socket paths must stay under the 107-byte limit.
     let runtime = tempfile::Builder::new().prefix("pvc-").tempdir()?;
     let tasks = TaskTracker::new();
-    let processes = ProcessManager::new(tasks.clone())?;
+    let processes = ProcessManager::new()?;
     let checker = Checker {
         manifest,
         config,

@@ -44,7 +44,9 @@ pub async fn run(
     options.subreaper = true;
     options.state_dir = Some(config.state_dir.clone());
     options.isolation = isolation_options(&config);
-    let supervisor = Supervisor::new(options).context("cannot start the supervisor")?;
+    let supervisor = Supervisor::launch(options)
+        .await
+        .context("cannot start the supervisor")?;
     let (access, access_now) = tokio::sync::watch::channel(Access {
         uids: config.control_uids.clone(),
         gids: config.control_gids.clone(),

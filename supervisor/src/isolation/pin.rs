@@ -319,7 +319,7 @@ mod exec_tests {
     }
 
     async fn run(exe: Executable) -> (ExitStatus, String) {
-        let pm = ProcessManager::new(Default::default()).unwrap();
+        let pm = ProcessManager::new().unwrap();
         let exec = ExecFd {
             keep_open: exe.script,
             fd: exe.fd,
