@@ -612,6 +612,11 @@ async fn streams_count_against_the_call_limits() {
         matches!(err, Error::Overloaded { .. }),
         "the open stream holds the call slot: {err}"
     );
+    let metrics = sup.metrics_text();
+    assert!(
+        metrics.contains("plugvisor_calls_in_flight{plugin=\"t\"} 1"),
+        "the open stream is in flight: {metrics}"
+    );
     drop(tx);
     assert_eq!(held.await.unwrap().unwrap(), b"3");
     sup.call("t", "echo", Bytes::from("x"), HashMap::new(), None)
@@ -619,6 +624,10 @@ async fn streams_count_against_the_call_limits() {
         .expect("the slot is free once the stream ended");
     // And the stream is in the call metrics, with its method and code.
     let metrics = sup.metrics_text();
+    assert!(
+        metrics.contains("plugvisor_calls_in_flight{plugin=\"t\"} 0"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("plugvisor_calls_total{plugin=\"t\",method=\"count\",code=\"Ok\"} 1"),
         "{metrics}"

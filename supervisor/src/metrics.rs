@@ -84,6 +84,14 @@ pub struct Metrics {
 #[must_use = "the gauge goes back down when this is dropped"]
 pub struct GaugeGuard(Gauge);
 
+impl GaugeGuard {
+    /// Counts one on `gauge` until dropped.
+    pub fn hold(gauge: Gauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
@@ -213,13 +221,24 @@ impl Metrics {
     }
 
     fn hold(family: &Family<PluginLabel, Gauge>, plugin: &str) -> GaugeGuard {
-        let gauge = family
+        GaugeGuard::hold(Self::gauge(family, plugin))
+    }
+
+    fn gauge(family: &Family<PluginLabel, Gauge>, plugin: &str) -> Gauge {
+        family
             .get_or_create(&PluginLabel {
                 plugin: plugin.to_string(),
             })
-            .clone();
-        gauge.inc();
-        GaugeGuard(gauge)
+            .clone()
+    }
+
+    /// The plugin's in-flight and queued gauges, for callers that keep the
+    /// handles (no label lookup per call).
+    pub fn call_gauges(&self, plugin: &str) -> (Gauge, Gauge) {
+        (
+            Self::gauge(&self.in_flight, plugin),
+            Self::gauge(&self.queued, plugin),
+        )
     }
 
     /// The text exposition of every series, with gauges from `samples`.

@@ -94,6 +94,7 @@ pub(crate) fn spawn(
     let manifest = Arc::new(manifest);
     let runtime = serde_json::Map::new();
     let spec = Arc::new(Spec::new(manifest.clone(), &overrides, &runtime));
+    let (in_flight, queued) = host.metrics.call_gauges(&name);
     let common = Arc::new(Common {
         name: name.clone(),
         routes: Routes::new(&name, replicas),
@@ -101,7 +102,9 @@ pub(crate) fn spawn(
             &name,
             manifest.calls.max_in_flight,
             manifest.calls.max_queue,
+            queued,
         ),
+        in_flight,
         board: Board::new(spec.clone(), replicas, host.opts.history),
         logs: Arc::new(LogBuffer::new(host.opts.log_lines)),
     });

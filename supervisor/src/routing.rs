@@ -204,6 +204,8 @@ fn choose(routes: &[Route], avoid: Option<&str>) -> Choice {
 /// `max_queue` waiting for a slot; beyond that, RESOURCE_EXHAUSTED.
 pub(crate) struct Admission {
     plugin: String,
+    /// The plugin's `plugvisor_calls_queued` gauge.
+    queued_gauge: prometheus_client::metrics::gauge::Gauge,
     permits: Arc<Semaphore>,
     max_in_flight: usize,
     queued: AtomicUsize,
@@ -212,18 +214,28 @@ pub(crate) struct Admission {
 
 /// A call's place in the admission queue: given back when dropped, whether
 /// the call got its slot, timed out, or was dropped while it waited.
-struct QueuePlace<'a>(&'a AtomicUsize);
+struct QueuePlace<'a> {
+    count: &'a AtomicUsize,
+    /// Counts the place in `plugvisor_calls_queued` too.
+    _gauge: crate::metrics::GaugeGuard,
+}
 
 impl Drop for QueuePlace<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl Admission {
-    pub fn new(plugin: &str, max_in_flight: usize, max_queue: usize) -> Self {
+    pub fn new(
+        plugin: &str,
+        max_in_flight: usize,
+        max_queue: usize,
+        queued_gauge: prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
         Admission {
             plugin: plugin.to_string(),
+            queued_gauge,
             permits: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
             queued: AtomicUsize::new(0),
@@ -264,7 +276,10 @@ impl Admission {
                 (n < self.max_queue).then_some(n + 1)
             });
         match taken {
-            Ok(_) => Ok(QueuePlace(&self.queued)),
+            Ok(_) => Ok(QueuePlace {
+                count: &self.queued,
+                _gauge: crate::metrics::GaugeGuard::hold(self.queued_gauge.clone()),
+            }),
             Err(_) => Err(Error::Overloaded {
                 plugin: self.plugin.clone(),
                 in_flight: self.max_in_flight,
@@ -367,7 +382,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_answers_overloaded() {
-        let admission = Admission::new("p", 1, 1);
+        let admission = Admission::new("p", 1, 1, Default::default());
         let far = Instant::now() + Duration::from_secs(5);
         let held = admission.admit(far, Duration::from_secs(5)).await.unwrap();
         let queued = admission.admit(far, Duration::from_secs(5));
@@ -387,7 +402,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_dropped_while_queued_gives_its_place_back() {
-        let admission = Admission::new("p", 1, 2);
+        let gauge = prometheus_client::metrics::gauge::Gauge::default();
+        let admission = Admission::new("p", 1, 2, gauge.clone());
         let far = Instant::now() + Duration::from_secs(5);
         let held = admission.admit(far, Duration::from_secs(5)).await.unwrap();
         // More cancelled waiters than the queue holds: each gives its place
@@ -397,8 +413,10 @@ mod tests {
             tokio::pin!(waiting);
             assert!(futures_poll(&mut waiting).await.is_none(), "it queues");
             assert_eq!(admission.queued(), 1);
+            assert_eq!(gauge.get(), 1, "and the queued gauge says so");
         }
         assert_eq!(admission.queued(), 0, "every dropped waiter left the queue");
+        assert_eq!(gauge.get(), 0);
         let cut_short = tokio::time::timeout(
             Duration::from_millis(20),
             admission.admit(far, Duration::from_secs(5)),

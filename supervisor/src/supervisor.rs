@@ -224,7 +224,7 @@ impl Supervisor {
         let common = self.common(plugin)?;
         let (manifest, listed) = Self::call_setup(&common, method);
         // Recorded when dropped: a call dropped mid-way counts as cancelled.
-        let mut record = CallRecord::new(&self.host, &common.name, method, listed);
+        let mut record = CallRecord::new(&self.host, &common, method, listed);
         let result = call_once(
             &self.host, &common, &manifest, method, payload, metadata, timeout,
         )
@@ -258,7 +258,7 @@ impl Supervisor {
     {
         let common = self.common(plugin)?;
         let (manifest, listed) = Self::call_setup(&common, method);
-        let mut record = CallRecord::new(&self.host, &common.name, method, listed);
+        let mut record = CallRecord::new(&self.host, &common, method, listed);
         let timeout = timeout.unwrap_or(manifest.timeouts.call.0);
         let deadline = Instant::now() + timeout;
         let fail = |record: &mut CallRecord, e: Error| {
@@ -601,11 +601,15 @@ struct CallRecord {
     method: String,
     started: Instant,
     code: tonic::Code,
+    /// Counts the call in `plugvisor_calls_in_flight` until it ends.
+    _in_flight: crate::metrics::GaugeGuard,
 }
 
 impl CallRecord {
-    fn new(host: &Arc<Host>, plugin: &str, method: &str, listed: bool) -> Self {
+    fn new(host: &Arc<Host>, common: &Common, method: &str, listed: bool) -> Self {
+        let plugin = common.name.as_str();
         CallRecord {
+            _in_flight: crate::metrics::GaugeGuard::hold(common.in_flight.clone()),
             host: host.clone(),
             plugin: plugin.to_string(),
             method: if listed { method } else { "other" }.to_string(),
