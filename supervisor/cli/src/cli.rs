@@ -175,6 +175,29 @@ pub enum Command {
         #[arg(long, default_value = "10s", value_parser = plugvisor::units::parse_duration)]
         timeout: Duration,
     },
+    /// Write a plugin skeleton that passes `plugvisor conformance` as
+    /// generated: source, plugin.yaml, build script or launcher, and a test.
+    New {
+        /// The plugin's name: 1-63 characters of a-z, 0-9, `_` or `-`.
+        name: String,
+        #[arg(long, value_enum)]
+        lang: crate::new::Lang,
+        /// Where to write it (default: ./NAME); must be missing or empty.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Write into a non-empty directory, replacing the skeleton's files.
+        #[arg(long)]
+        force: bool,
+        /// Rust: depend on plugvisor-sdk at this path (default: by path
+        /// inside a plugvisor checkout, else by version).
+        #[arg(long, value_name = "DIR")]
+        sdk_path: Option<PathBuf>,
+        /// Python: the interpreter the launcher execs, set as
+        /// PYTHON in plugin.yaml (default: the active virtualenv's,
+        /// else the checkout's .venv, else python3 on PATH).
+        #[arg(long, value_name = "PATH")]
+        python: Option<PathBuf>,
+    },
     /// Print a shell completion script, e.g.
     /// `plugvisor completions bash > /etc/bash_completion.d/plugvisor`.
     Completions {
@@ -411,6 +434,21 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             config,
             timeout,
         } => crate::conformance::command(target, *json, config.as_deref(), *timeout).await,
+        Command::New {
+            name,
+            lang,
+            dir,
+            force,
+            sdk_path,
+            python,
+        } => crate::new::command(&crate::new::Options {
+            name: name.clone(),
+            lang: *lang,
+            dir: dir.clone(),
+            force: *force,
+            sdk_path: sdk_path.clone(),
+            python: python.clone(),
+        }),
         Command::Ps { json } => {
             let mut client = control::connect(&control_path()).await?;
             let list = client.list(pb::ListRequest {}).await?.into_inner();

@@ -13,6 +13,7 @@
 //! - [`conformance`]: checks one plugin against the protocol, rule by rule.
 //! - [`stream`]: `call --stream`, chunked through `Control.CallStream`.
 //! - [`top`]: `plugvisor top`, the live full-screen view.
+//! - [`new`]: `plugvisor new`, plugin skeletons in Rust, Python and Go.
 //! - [`progress`]: live step lines for long verbs, and terminal colours.
 
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod connections;
 pub mod control;
 pub mod daemon;
 pub mod metrics_http;
+pub mod new;
 pub mod notify;
 pub mod progress;
 pub mod reload;
