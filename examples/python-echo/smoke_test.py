@@ -73,8 +73,8 @@ class Plugin:
             "PLUGVISOR_PROTOCOL_VERSIONS": "1",
             "PLUGVISOR_MAGIC_COOKIE": COOKIE,
         }
-        if "PLUGVISOR_PYTHON" in os.environ:
-            env["PLUGVISOR_PYTHON"] = os.environ["PLUGVISOR_PYTHON"]
+        if "PYTHON" in os.environ:
+            env["PYTHON"] = os.environ["PYTHON"]
         self.proc = subprocess.Popen(
             [LAUNCHER], cwd=HERE, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
@@ -148,8 +148,8 @@ def expect_status(code, fn, *args, contains=None, **kwargs):
 
 def run_by_hand_checks(workdir: str):
     env = {"PATH": CLEAN_PATH}
-    if "PLUGVISOR_PYTHON" in os.environ:
-        env["PLUGVISOR_PYTHON"] = os.environ["PLUGVISOR_PYTHON"]
+    if "PYTHON" in os.environ:
+        env["PYTHON"] = os.environ["PYTHON"]
     r = subprocess.run([LAUNCHER], env=env, cwd=workdir, capture_output=True, timeout=TIMEOUT)
     assert r.returncode == 1, f"without the cookie: exit {r.returncode}"
     assert b"This is a plugvisor plugin" in r.stderr, r.stderr

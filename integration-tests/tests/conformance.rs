@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// The rule keys, in order, as the report prints them.
-const RULES: [&str; 10] = [
+const RULES: [&str; 11] = [
     "cookie",
     "handshake",
     "initialize",
@@ -14,6 +14,7 @@ const RULES: [&str; 10] = [
     "unknown-method",
     "handle",
     "stream",
+    "session",
     "state",
     "shutdown",
     "sigterm",
@@ -105,7 +106,7 @@ fn echo_example_conforms() {
         "{run}"
     );
     assert!(run.stdout.ends_with(
-        "10 passed, 0 failed, 0 skipped: echo-plugin conforms to plugvisor protocol 1\n"
+        "11 passed, 0 failed, 0 skipped: echo-plugin conforms to plugvisor protocol 1\n"
     ));
 }
 
@@ -143,7 +144,7 @@ fn json_report_lists_every_rule() {
     assert_eq!(run.code, 0, "{run}");
     let report: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON");
     assert_eq!(report["conforms"], true);
-    assert_eq!(report["passed"], 10);
+    assert_eq!(report["passed"], 11);
     let keys: Vec<&str> = report["rules"]
         .as_array()
         .expect("rules")
@@ -202,7 +203,7 @@ fn no_handshake_fails_within_the_timeout() {
 #[test]
 fn a_failing_initialize_fails_rule_3_and_skips_what_needs_it() {
     let run = testplugin(&Sandbox::new(), "--init-fail", &[]);
-    run.expect(1, &["initialize"], &RULES[3..9]);
+    run.expect(1, &["initialize"], &RULES[3..10]);
     assert!(
         run.line("initialize").contains("FailedPrecondition"),
         "{run}"
@@ -223,7 +224,8 @@ fn not_serving_fails_rule_4() {
 #[test]
 fn answering_unknown_methods_fails_rule_5() {
     let run = testplugin(&Sandbox::new(), "--unknown-ok", &[]);
-    run.expect(1, &["unknown-method"], &[]);
+    // The session rule sends an unknown method too.
+    run.expect(1, &["unknown-method", "session"], &[]);
     assert!(
         run.line("unknown-method")
             .contains("`plugvisor.conformance.no-such-method` answered OK; expected UNIMPLEMENTED"),
@@ -234,7 +236,8 @@ fn answering_unknown_methods_fails_rule_5() {
 #[test]
 fn a_listed_but_unserved_method_fails_rule_6() {
     let run = testplugin(&Sandbox::new(), "--phantom-method", &[]);
-    run.expect(1, &["handle"], &[]);
+    // The session rule calls the first listed method too.
+    run.expect(1, &["handle", "session"], &[]);
     assert!(
         run.line("handle")
             .contains("`phantom` is listed in Initialize's methods but answered UNIMPLEMENTED"),
@@ -270,7 +273,7 @@ fn a_declared_stream_method_that_is_unimplemented_fails_rule_7() {
 }
 
 #[test]
-fn forgetting_restored_state_fails_rule_8() {
+fn forgetting_restored_state_fails_rule_9() {
     let run = testplugin(&Sandbox::new(), "--forget-state", &[]);
     run.expect(1, &["state"], &[]);
     assert!(
@@ -280,7 +283,7 @@ fn forgetting_restored_state_fails_rule_8() {
 }
 
 #[test]
-fn ignoring_shutdown_fails_rule_9() {
+fn ignoring_shutdown_fails_rule_10() {
     let run = testplugin(&Sandbox::new(), "--ignore-shutdown", &[]);
     run.expect(1, &["shutdown"], &[]);
     assert!(
@@ -327,6 +330,7 @@ fn python_example_conforms() {
         return;
     }
     let run = conformance(&launcher, &[]);
-    run.expect(0, &[], &[]);
+    // grpcio plugins do not offer sessions: that optional rule is skipped.
+    run.expect(0, &[], &["session"]);
     assert!(run.line("state").contains("exports it unchanged"), "{run}");
 }

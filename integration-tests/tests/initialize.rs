@@ -51,6 +51,17 @@ impl Plugin for RawPlugin {
         Err(Status::unimplemented("handle_stream"))
     }
 
+    type SessionStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<SessionResponse, Status>> + Send + 'static>>;
+
+    /// Sessions are optional: a plugin without them serves Handle only.
+    async fn session(
+        &self,
+        _: Request<Streaming<SessionRequest>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        Err(Status::unimplemented("session"))
+    }
+
     async fn health_check(
         &self,
         _: Request<HealthCheckRequest>,

@@ -16,8 +16,8 @@ use plugvisor_proto::handshake::PROTOCOL_VERSION;
 use plugvisor_proto::plugin_server::{Plugin as PluginService, PluginServer};
 use plugvisor_proto::{
     Chunk, ExportStateRequest, ExportStateResponse, HandleRequest, HandleResponse,
-    HealthCheckRequest, HealthCheckResponse, InitializeRequest, InitializeResponse,
-    ShutdownRequest, ShutdownResponse, health_check_response,
+    HealthCheckRequest, HealthCheckResponse, InitializeRequest, InitializeResponse, SessionRequest,
+    SessionResponse, ShutdownRequest, ShutdownResponse, health_check_response,
 };
 use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt};
@@ -56,6 +56,100 @@ pub(crate) struct PluginAdapter<P> {
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send + 'static>>;
+type SessionStream = Pin<Box<dyn Stream<Item = Result<SessionResponse, Status>> + Send + 'static>>;
+
+/// Serves one session: reads calls, runs each in its own task, and sends
+/// each outcome back tagged with its id. A cancellation aborts its call.
+async fn run_session<P: Plugin>(
+    plugin: Arc<P>,
+    mut requests: Streaming<SessionRequest>,
+    replies: tokio::sync::mpsc::UnboundedSender<SessionResponse>,
+    mut draining: watch::Receiver<bool>,
+) {
+    let mut calls = tokio::task::JoinSet::new();
+    let mut running: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
+    let mut reading = true;
+    loop {
+        if !reading && calls.is_empty() {
+            return;
+        }
+        tokio::select! {
+            request = requests.message(), if reading => match request {
+                Ok(Some(r)) if r.cancel => {
+                    if let Some(call) = running.remove(&r.id) {
+                        call.abort();
+                    }
+                }
+                Ok(Some(SessionRequest { id, call: Some(call), .. })) => {
+                    let (plugin, replies) = (plugin.clone(), replies.clone());
+                    let task = calls.spawn(async move {
+                        let outcome = plugin
+                            .handle(Request {
+                                method: call.method,
+                                payload: call.payload,
+                                metadata: call.metadata,
+                            })
+                            .await;
+                        let reply = match outcome {
+                            Ok(resp) => SessionResponse {
+                                id,
+                                reply: Some(HandleResponse {
+                                    payload: resp.payload,
+                                    metadata: resp.metadata,
+                                    state_changed: resp.state_changed,
+                                }),
+                                code: 0,
+                                message: String::new(),
+                            },
+                            Err(status) => SessionResponse {
+                                id,
+                                reply: None,
+                                code: status.code() as i32,
+                                message: status.message().to_string(),
+                            },
+                        };
+                        let _ = replies.send(reply);
+                        id
+                    });
+                    running.insert(id, task);
+                }
+                Ok(Some(_)) => {}
+                // The supervisor closed its side (or the connection broke):
+                // answer what runs, then end.
+                Ok(None) | Err(_) => reading = false,
+            },
+            changed = draining.changed(), if reading => {
+                if changed.is_err() || *draining.borrow() {
+                    reading = false;
+                }
+            }
+            Some(done) = calls.join_next_with_id() => match done {
+                Ok((_, id)) => {
+                    running.remove(&id);
+                }
+                Err(e) => {
+                    // Aborted (cancelled: no reply wanted) or panicked: a
+                    // panic still answers, so its caller is not left waiting.
+                    let id = running
+                        .iter()
+                        .find(|(_, h)| h.id() == e.id())
+                        .map(|(id, _)| *id);
+                    if let Some(id) = id {
+                        running.remove(&id);
+                        if e.is_panic() {
+                            let _ = replies.send(SessionResponse {
+                                id,
+                                reply: None,
+                                code: tonic::Code::Internal as i32,
+                                message: "the plugin's handler panicked".into(),
+                            });
+                        }
+                    }
+                }
+            },
+        }
+    }
+}
 
 /// Parses `config_json`: empty means an empty object.
 fn parse_config(config_json: &str) -> Result<serde_json::Value, Status> {
@@ -104,6 +198,7 @@ impl<P: Plugin> PluginService for PluginAdapter<P> {
             stream_methods: self.plugin.stream_methods(),
             state_version: self.plugin.state_version(),
             protocol_version: PROTOCOL_VERSION,
+            sessions: true,
         }))
     }
 
@@ -125,6 +220,27 @@ impl<P: Plugin> PluginService for PluginAdapter<P> {
             metadata: resp.metadata,
             state_changed: resp.state_changed,
         }))
+    }
+
+    type SessionStream = SessionStream;
+
+    /// Many `Handle` calls on one stream: each runs in a task of its own and
+    /// its outcome goes back tagged with its id, in whatever order calls
+    /// finish. The stream ends once the supervisor closes its side, or the
+    /// plugin drains, and every call it started has answered, so a drain is
+    /// never held up by an idle session.
+    async fn session(
+        &self,
+        request: tonic::Request<Streaming<SessionRequest>>,
+    ) -> Result<tonic::Response<Self::SessionStream>, Status> {
+        let requests = request.into_inner();
+        let (replies, rx) = tokio::sync::mpsc::unbounded_channel();
+        let plugin = self.plugin.clone();
+        let draining = self.shared.draining.subscribe();
+        tokio::spawn(run_session(plugin, requests, replies, draining));
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok),
+        )))
     }
 
     type HandleStreamStream = ChunkStream;

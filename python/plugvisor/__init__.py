@@ -263,6 +263,22 @@ class _Servicer:
             _abort(context, err)
         return self.pb.ExportStateResponse(state=state, state_version=self.plugin.state_version)
 
+    def Session(self, request_iterator, context):
+        # Optional in the protocol: Initialize does not offer sessions, so
+        # the supervisor sends unary Handle calls; answer the RPC the way a
+        # generated servicer answers one it does not implement.
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "sessions are not offered; use Handle")
+
+    def __getattr__(self, name):
+        # RPCs added to the protocol after this helper was written answer
+        # UNIMPLEMENTED, as a generated servicer's would, instead of
+        # breaking the plugin's start.
+        if name[:1].isupper():
+            def unimplemented(request, context):
+                context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented")
+            return unimplemented
+        raise AttributeError(name)
+
     def Shutdown(self, request, context):
         grace = request.deadline_ms / 1000 * 0.95 if request.deadline_ms else DEFAULT_DRAIN_SECONDS
         log("info", "shutdown requested", deadline_ms=request.deadline_ms)

@@ -85,6 +85,8 @@ pub struct Instance {
     /// The instance's cgroup, when cgroups are in use: killed and removed
     /// when the instance is dropped.
     pub cgroup: Option<CgroupLease>,
+    /// Its `Session` streams, once it said in Initialize that it serves them.
+    pub(crate) sessions: Option<Arc<crate::session::Sessions>>,
 }
 
 impl Instance {
@@ -317,6 +319,7 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
             socket_dir: dir,
             spawned_at,
             cgroup,
+            sessions: None,
         }),
         Err(e) => {
             kill_and_reap(&child).await;

@@ -58,6 +58,7 @@ pub mod process;
 mod replica;
 mod routing;
 pub mod rundir;
+mod session;
 mod spec;
 pub mod state;
 pub mod status;

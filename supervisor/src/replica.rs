@@ -11,7 +11,7 @@ pub(crate) use crate::spec::Spec;
 use crate::status::{Board, Event, EventDetail, ExitReason, PluginState, ReplicaStatus};
 use plugvisor_proto::{InitializeResponse, RestoredState};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// What every part of one plugin shares: the facade reads it, the
 /// coordinator and the actors publish through it.
@@ -125,11 +125,40 @@ impl Replica {
             },
         );
         match instance::initialize(&mut instance, manifest, &spec.config, restored).await {
-            Ok(info) => Ok((instance, info)),
+            Ok(info) => {
+                if info.sessions {
+                    self.open_sessions(&mut instance).await;
+                }
+                Ok((instance, info))
+            }
             Err(e) => {
                 instance::kill_and_reap(&instance.child).await;
                 Err(e)
             }
+        }
+    }
+
+    /// Opens the instance's sessions (one per connection). A plugin that
+    /// offered them but cannot open them still serves unary Handle: the
+    /// failure is logged, not fatal.
+    async fn open_sessions(&self, instance: &mut Instance) {
+        let timeout = instance.spawned_at.elapsed().max(Duration::from_secs(1));
+        match crate::session::Sessions::open(
+            &instance.client,
+            crate::transport::PLUGIN_CONNECTIONS,
+            timeout,
+            &self.host.io_tasks,
+        )
+        .await
+        {
+            Ok(sessions) => instance.sessions = Some(Arc::new(sessions)),
+            Err(status) => tracing::warn!(
+                plugin = %self.plugin.name,
+                instance = %instance.id,
+                "the plugin offers sessions but none opened ({:?}: {}); calls use Handle",
+                status.code(),
+                status.message()
+            ),
         }
     }
 
@@ -152,6 +181,7 @@ impl Replica {
             instance.id.clone(),
             self.index,
             instance.client.clone(),
+            instance.sessions.clone(),
             self.snapshots.clone(),
         )));
         self.event(

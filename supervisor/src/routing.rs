@@ -21,6 +21,8 @@ pub(crate) struct ReadyInstance {
     /// Which replica of the plugin it is.
     pub replica: usize,
     pub client: Client,
+    /// Its session streams, when the plugin serves them (else unary Handle).
+    pub sessions: Option<Arc<crate::session::Sessions>>,
     /// The replica's snapshot store, for calls that change state when the
     /// plugin snapshots on change.
     pub snapshots: Option<Arc<Snapshots>>,
@@ -35,12 +37,14 @@ impl ReadyInstance {
         id: String,
         replica: usize,
         client: Client,
+        sessions: Option<Arc<crate::session::Sessions>>,
         snapshots: Option<Arc<Snapshots>>,
     ) -> Arc<Self> {
         Arc::new(ReadyInstance {
             id,
             replica,
             client,
+            sessions,
             snapshots,
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -308,6 +312,7 @@ mod tests {
             id.to_string(),
             0,
             plugvisor_proto::plugin_client::PluginClient::new(connection),
+            None,
             None,
         )
     }

@@ -540,17 +540,16 @@ async fn call_once(
         } else {
             (std::mem::take(&mut payload), std::mem::take(&mut metadata))
         };
-        let mut client = ready.client.clone();
-        let mut request = tonic::Request::new(HandleRequest {
+        let call = HandleRequest {
             method: method.to_string(),
             payload,
             metadata,
-        });
-        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
-        let result = tokio::time::timeout_at(deadline.into(), client.handle(request)).await;
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let result =
+            tokio::time::timeout_at(deadline.into(), send(plugin, &ready, call, remaining)).await;
         return match result {
             Ok(Ok(response)) => {
-                let response = response.into_inner();
                 if response.state_changed
                     && manifest.state.snapshot_on_change
                     && let Some(snapshots) = &ready.snapshots
@@ -574,7 +573,7 @@ async fn call_once(
                 }
                 Ok(response)
             }
-            Ok(Err(status)) => match call_error(status, plugin, &ready.id) {
+            Ok(Err(e)) => match e {
                 Error::Lost { .. } if retry => {
                     tracing::debug!(plugin, method, instance = %ready.id, "instance lost mid-call; sending the idempotent call again");
                     lost = Some(ready.id.clone());
@@ -589,6 +588,40 @@ async fn call_once(
             }),
         };
     }
+}
+
+/// Sends one Handle call to `ready`: over one of its sessions when it has
+/// them, else as a unary call.
+async fn send(
+    plugin: &str,
+    ready: &InFlight,
+    call: HandleRequest,
+    remaining: Duration,
+) -> Result<HandleResponse, Error> {
+    let call = match &ready.sessions {
+        Some(sessions) => match sessions.call(call, remaining).await {
+            Ok(crate::session::Outcome::Reply(reply)) => return Ok(reply),
+            Ok(crate::session::Outcome::Status(status)) => return Err(Error::Plugin(status)),
+            Ok(crate::session::Outcome::Lost(reason)) => {
+                return Err(Error::Lost {
+                    plugin: plugin.to_string(),
+                    instance: ready.id.clone(),
+                    reason,
+                });
+            }
+            // No live session: unary below.
+            Err(call) => call,
+        },
+        None => call,
+    };
+    let mut client = ready.client.clone();
+    let mut request = tonic::Request::new(call);
+    request.set_timeout(remaining);
+    client
+        .handle(request)
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|status| call_error(status, plugin, &ready.id))
 }
 
 /// A call's metrics, recorded once when dropped: whatever way the call

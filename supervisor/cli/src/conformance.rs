@@ -69,10 +69,12 @@ const KEPT_LINES: usize = 100;
 
 /// What a plugin declared in its `InitializeResponse`.
 struct Declared {
-    /// `methods`: rules 6 and 9 call the first.
+    /// `methods`: rules 6, 8 and 10 call the first.
     methods: Vec<String>,
     /// `stream_methods`: rule 7 streams to the first.
     stream_methods: Vec<String>,
+    /// `sessions`: rule 8 checks Session when offered.
+    sessions: bool,
 }
 
 /// How to run the checks.
@@ -400,7 +402,7 @@ impl Checker {
         checks
     }
 
-    /// Rules 4 to 9, on the initialized first instance.
+    /// Rules 4 to 10, on the initialized first instance.
     async fn check_initialized(&self, a: &Instance, declared: &Declared, checks: &mut Vec<Check>) {
         let first = declared.methods.first().map(String::as_str);
         let no_method = |rule| Check::skip(rule, "the plugin lists no methods (rule 3)");
@@ -427,6 +429,15 @@ impl Checker {
                 (None, Some(method)) => self.stream(a, method).await,
             },
         );
+        checks.push(match (exited(a, Rule::Session), declared.sessions, first) {
+            (Some(skip), _, _) => skip,
+            (None, false, _) => Check::skip(
+                Rule::Session,
+                "plugin does not offer sessions (optional): Initialize's sessions is false",
+            ),
+            (None, true, None) => no_method(Rule::Session),
+            (None, true, Some(method)) => self.session(a, method).await,
+        });
         checks.push(match exited(a, Rule::State) {
             Some(skip) => skip,
             None => self.state(a).await,
@@ -630,6 +641,7 @@ impl Checker {
             Some(Declared {
                 methods: response.methods,
                 stream_methods: response.stream_methods,
+                sessions: response.sessions,
             }),
         )
     }
@@ -815,7 +827,95 @@ impl Checker {
         }
     }
 
-    /// Rule 8: a second instance initialized with the first one's export
+    /// Rule 8 (when offered): on one Session, two calls to the first listed
+    /// method and one to an unknown method, sent together; each must be
+    /// answered under its own id (the unknown one with UNIMPLEMENTED), and
+    /// the plugin must end the session once the checker closes its side.
+    async fn session(&self, a: &Instance, method: &str) -> Check {
+        use plugvisor_proto::SessionRequest;
+        let rule = Rule::Session;
+        let call = |id: u64, method: &str| SessionRequest {
+            id,
+            call: Some(HandleRequest {
+                method: method.to_string(),
+                payload: Bytes::from_static(PROBE_PAYLOAD),
+                metadata: Default::default(),
+            }),
+            cancel: false,
+            timeout_ms: self.timeout.as_millis() as u64,
+        };
+        let requests = vec![call(7, method), call(8, UNKNOWN_METHOD), call(9, method)];
+        let mut client = a.client.clone();
+        let round_trip = async move {
+            let mut replies = client
+                .session(request(tokio_stream::iter(requests), self.timeout))
+                .await?
+                .into_inner();
+            let mut answers = std::collections::BTreeMap::new();
+            while let Some(reply) = replies.message().await? {
+                answers.insert(reply.id, reply);
+            }
+            Ok::<_, tonic::Status>(answers)
+        };
+        let answers = match tokio::time::timeout(self.timeout, round_trip).await {
+            Ok(Ok(answers)) => answers,
+            Ok(Err(s)) => {
+                return Check::fail(
+                    rule,
+                    format!(
+                        "Initialize offers sessions, but Session failed: {}",
+                        status_text(&s)
+                    ),
+                );
+            }
+            Err(_) => {
+                return Check::fail(
+                    rule,
+                    format!(
+                        "the session did not answer its 3 calls and end within {}ms of the checker closing its side",
+                        self.timeout.as_millis()
+                    ),
+                );
+            }
+        };
+        let ids: Vec<u64> = answers.keys().copied().collect();
+        if ids != [7, 8, 9] {
+            return Check::fail(
+                rule,
+                format!(
+                    "calls 7, 8 and 9 were answered with ids {ids:?}; each call must be answered once, under its id"
+                ),
+            );
+        }
+        let unimplemented = Code::Unimplemented as i32;
+        for id in [7, 9] {
+            if answers[&id].code == unimplemented {
+                return Check::fail(
+                    rule,
+                    format!(
+                        "`{method}` is listed in Initialize's methods but call {id} on the session answered UNIMPLEMENTED"
+                    ),
+                );
+            }
+        }
+        if answers[&8].code != unimplemented {
+            return Check::fail(
+                rule,
+                format!(
+                    "`{UNKNOWN_METHOD}` on the session answered code {}; expected UNIMPLEMENTED ({unimplemented})",
+                    answers[&8].code
+                ),
+            );
+        }
+        Check::pass(
+            rule,
+            format!(
+                "3 calls answered by id (`{method}` twice, UNIMPLEMENTED once), then the session ended"
+            ),
+        )
+    }
+
+    /// Rule 9: a second instance initialized with the first one's export
     /// must export the same.
     async fn state(&self, a: &Instance) -> Check {
         let rule = Rule::State;
@@ -876,7 +976,7 @@ impl Checker {
         check
     }
 
-    /// Rule 9: Shutdown(2s) with a Handle call in flight; the call must end
+    /// Rule 10: Shutdown(2s) with a Handle call in flight; the call must end
     /// and the process exit 0 within the deadline plus 1s.
     async fn shutdown(&self, a: &Instance, method: Option<&str>) -> Check {
         let rule = Rule::Shutdown;
@@ -940,7 +1040,7 @@ impl Checker {
         Check::verdict(rule, problems, notes)
     }
 
-    /// Rule 10: a fresh, initialized instance gets SIGTERM through its pidfd.
+    /// Rule 11: a fresh, initialized instance gets SIGTERM through its pidfd.
     async fn sigterm(&self) -> Check {
         let rule = Rule::Sigterm;
         let mut c = match self.start().await {

@@ -15,13 +15,14 @@ pub enum Rule {
     UnknownMethod,
     Handle,
     Stream,
+    Session,
     State,
     Shutdown,
     Sigterm,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 10] = [
+    pub const ALL: [Rule; 11] = [
         Rule::Cookie,
         Rule::Handshake,
         Rule::Initialize,
@@ -29,6 +30,7 @@ impl Rule {
         Rule::UnknownMethod,
         Rule::Handle,
         Rule::Stream,
+        Rule::Session,
         Rule::State,
         Rule::Shutdown,
         Rule::Sigterm,
@@ -49,6 +51,7 @@ impl Rule {
             Rule::UnknownMethod => "unknown-method",
             Rule::Handle => "handle",
             Rule::Stream => "stream",
+            Rule::Session => "session",
             Rule::State => "state",
             Rule::Shutdown => "shutdown",
             Rule::Sigterm => "sigterm",
@@ -64,6 +67,7 @@ impl Rule {
             Rule::UnknownMethod => "unknown methods answer UNIMPLEMENTED",
             Rule::Handle => "Handle answers the first listed method",
             Rule::Stream => "HandleStream round trip on a declared stream method completes",
+            Rule::Session => "Session answers each call by its id, and ends when its caller does",
             Rule::State => "ExportState survives a restore through Initialize",
             Rule::Shutdown => "Shutdown drains and exits 0 within its deadline",
             Rule::Sigterm => "SIGTERM makes it exit 0 within 5s",
