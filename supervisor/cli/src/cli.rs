@@ -686,6 +686,7 @@ fn check(args: &ConfigArgs, json: bool) -> anyhow::Result<i32> {
     let discovery = plugvisor::manifest::discover(&config.plugins_dir)?;
     let mut plugins = Vec::new();
     let mut errors: Vec<String> = Vec::new();
+    let mut unpinned: Vec<String> = Vec::new();
     // Limits this host would refuse at every start (nofile above the hard
     // limit, pids beyond pid_max): caught here rather than in a restart loop.
     let host = plugvisor::manifest::HostLimits::probe(std::path::Path::new("/proc"));
@@ -696,8 +697,15 @@ fn check(args: &ConfigArgs, json: bool) -> anyhow::Result<i32> {
             continue;
         }
         // What a start would refuse: the pin, writability, the user.
-        match plugvisor::isolation::check_manifest(m, config.allow_writable_executables) {
-            Ok(()) => plugins.push(m),
+        match plugvisor::isolation::check_manifest(
+            m,
+            config.allow_writable_executables,
+            config.isolation.require_pinning,
+        ) {
+            Ok(warnings) => {
+                unpinned.extend(warnings);
+                plugins.push(m)
+            }
             Err(why) => errors.push(format!("{}: {why}", m.path.display())),
         }
     }
@@ -712,6 +720,7 @@ fn check(args: &ConfigArgs, json: bool) -> anyhow::Result<i32> {
                 config.plugins_dir.display()
             )
         })
+        .chain(unpinned)
         .collect();
     if json {
         let plugins: Vec<_> = plugins
@@ -784,6 +793,13 @@ fn isolation_json(i: &pb::Isolation) -> serde_json::Value {
             "oom_kills": u.oom_kills,
         })),
         "hardening": i.hardening,
+        "uid": i.uid,
+        "gid": i.gid,
+        "identity": i.identity,
+        "dynamic_user": i.dynamic_user,
+        "capabilities": i.capabilities,
+        "no_new_privs": i.no_new_privs,
+        "degraded": i.degraded,
     })
 }
 
@@ -835,6 +851,25 @@ fn print_isolation(i: &pb::Isolation) {
         }
     }
     println!("hardening:  {}", i.hardening.join(", "));
+    let id = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    println!(
+        "user:       uid {} gid {} ({})",
+        id(i.uid),
+        id(i.gid),
+        or_dash(&i.identity)
+    );
+    println!(
+        "caps:       {}",
+        if i.capabilities.is_empty() {
+            "none".to_string()
+        } else {
+            i.capabilities.join(", ")
+        }
+    );
+    println!("nnp:        {}", if i.no_new_privs { "yes" } else { "no" });
+    for d in &i.degraded {
+        println!("degraded:   {d}");
+    }
 }
 
 /// `12.3MiB`: a byte count for people.

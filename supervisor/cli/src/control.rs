@@ -243,6 +243,13 @@ pub fn isolation_of(i: &plugvisor::isolation::IsolationStatus) -> pb::Isolation 
             oom_kills: u.oom_kills,
         }),
         hardening: i.hardening.clone(),
+        uid: i.uid,
+        gid: i.gid,
+        identity: i.identity.clone(),
+        dynamic_user: i.dynamic_user,
+        capabilities: i.capabilities.clone(),
+        no_new_privs: i.no_new_privs,
+        degraded: i.degraded.clone(),
     }
 }
 
