@@ -435,7 +435,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("name:       {}", status.name);
-                println!("version:    {}", status.version);
+                if status.reported_version.is_empty() || status.reported_version == status.version {
+                    println!("version:    {}", status.version);
+                } else {
+                    println!(
+                        "version:    {} (manifest; the plugin reports {})",
+                        status.version, status.reported_version
+                    );
+                }
                 println!("state:      {} ({})", status.state, status.reason);
                 println!("pid:        {}", dash(status.pid));
                 println!("restarts:   {}", status.restarts);
@@ -763,6 +770,7 @@ fn status_json(s: &pb::PluginStatus) -> serde_json::Value {
     serde_json::json!({
         "name": s.name,
         "version": s.version,
+        "reported_version": (!s.reported_version.is_empty()).then_some(&s.reported_version),
         "state": s.state,
         "reason": s.reason,
         "pid": (s.pid != 0).then_some(s.pid),

@@ -203,6 +203,7 @@ pub fn status_of(info: &PluginInfo) -> pb::PluginStatus {
         executable: info.exec.display().to_string(),
         methods: info.methods.clone(),
         reason: info.reason.clone(),
+        reported_version: info.reported_version.clone().unwrap_or_default(),
         isolation: Some(isolation_of(&info.isolation)),
         replicas: info
             .replicas
