@@ -135,6 +135,13 @@ impl Sandbox {
             .prefix("pv")
             .tempdir_in("/tmp")
             .expect("a temp dir in /tmp");
+        // Plugins run as their own unprivileged users under a root
+        // supervisor: they must reach their executables and sockets here.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod 0755 the sandbox");
         std::fs::create_dir_all(dir.path().join("plugins")).expect("plugins dir");
         Sandbox { dir }
     }

@@ -69,6 +69,20 @@ impl Default for CgroupConfig {
     }
 }
 
+/// `isolation:` — who plugins run as, and what every plugin must have.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IsolationConfig {
+    /// The uids (and same-numbered gids) plugins without `isolation.user`
+    /// get, one per plugin, when the supervisor is root.
+    pub dynamic_users: crate::isolation::privileges::DynamicUsers,
+    /// Run plugins without `isolation.user` as this user instead of a
+    /// dynamic one (a name or a uid).
+    pub user: Option<String>,
+    /// Refuse to start a plugin whose manifest has no `sha256:` pin.
+    pub require_pinning: bool,
+}
+
 /// Checks `cgroup.parent`: path components of letters, digits, `.`, `_`, `-`.
 fn validate_cgroup_parent(parent: &str) -> Result<(), String> {
     let relative = parent.strip_prefix('/').unwrap_or(parent);
@@ -117,6 +131,7 @@ pub struct Config {
     /// Start executables that users other than their owner may write to.
     /// Off by default: such a file can be swapped under the supervisor.
     pub allow_writable_executables: bool,
+    pub isolation: IsolationConfig,
 }
 
 impl Default for Config {
@@ -135,6 +150,7 @@ impl Default for Config {
             plugins: BTreeMap::new(),
             cgroup: CgroupConfig::default(),
             allow_writable_executables: false,
+            isolation: IsolationConfig::default(),
         }
     }
 }
@@ -202,6 +218,18 @@ impl Config {
         }
         if let Some(parent) = &config.cgroup.parent {
             validate_cgroup_parent(parent).map_err(|m| err(format!("cgroup.parent: {m}")))?;
+        }
+        config
+            .isolation
+            .dynamic_users
+            .validate()
+            .map_err(|m| err(format!("isolation.dynamic_users: {m}")))?;
+        if let Some(user) = &config.isolation.user
+            && (user.is_empty() || user.contains(['/', ':', '\0']) || user.trim() != user)
+        {
+            return Err(err(format!(
+                "isolation.user: `{user}` is not a valid user name or number"
+            )));
         }
         for name in config.plugins.keys() {
             crate::manifest::validate_name(name)
@@ -355,6 +383,32 @@ mod tests {
     }
 
     #[test]
+    fn isolation_settings_default_to_dynamic_users_outside_debians_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plugvisor.yaml");
+        std::fs::write(&path, "").unwrap();
+        let c = Config::load(&path).unwrap();
+        // Above Debian's normal users (1000-59999), systemd's DynamicUser range.
+        assert_eq!(
+            (
+                c.isolation.dynamic_users.first,
+                c.isolation.dynamic_users.last
+            ),
+            (61184, 65519)
+        );
+        assert!(c.isolation.user.is_none() && !c.isolation.require_pinning);
+        std::fs::write(
+            &path,
+            "isolation: {dynamic_users: {first: 70000, last: 70100}, user: nobody, require_pinning: true}\n",
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.isolation.dynamic_users.first, 70000);
+        assert_eq!(c.isolation.user.as_deref(), Some("nobody"));
+        assert!(c.isolation.require_pinning);
+    }
+
+    #[test]
     fn bad_cgroup_settings_name_the_field() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("plugvisor.yaml");
@@ -369,6 +423,12 @@ mod tests {
                 "allow_writable_executables: 1\n",
                 "allow_writable_executables",
             ),
+            (
+                "isolation: {dynamic_users: {first: 0, last: 10}}\n",
+                "isolation.dynamic_users",
+            ),
+            ("isolation: {user: 'a:b'}\n", "isolation.user"),
+            ("isolation: {require_pining: true}\n", "require_pining"),
         ] {
             std::fs::write(&path, text).unwrap();
             let e = Config::load(&path).unwrap_err().to_string();

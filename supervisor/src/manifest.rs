@@ -214,6 +214,13 @@ pub struct IsolationSpec {
     /// `PR_SET_NO_NEW_PRIVS`: setuid binaries and file capabilities grant
     /// nothing to the plugin or its descendants.
     pub no_new_privs: bool,
+    // Privileges (see crate::isolation::privileges).
+    /// Capabilities kept across exec (`CAP_NET_BIND_SERVICE`, or `ALL`);
+    /// every other one is dropped, the bounding set included.
+    pub capabilities: Vec<String>,
+    /// A plugin whose Initialize reports another version than `version:`
+    /// fails to start, instead of starting with a warning.
+    pub require_version_match: bool,
 }
 
 impl Default for IsolationSpec {
@@ -223,6 +230,8 @@ impl Default for IsolationSpec {
             group: None,
             network: NetworkMode::Host,
             no_new_privs: true,
+            capabilities: Vec::new(),
+            require_version_match: false,
         }
     }
 }
@@ -592,6 +601,8 @@ fn validate_isolation(i: &IsolationSpec) -> Result<(), (&'static str, String)> {
             ));
         }
     }
+    crate::isolation::privileges::validate_capabilities(&i.capabilities)
+        .map_err(|m| ("capabilities", m))?;
     Ok(())
 }
 
@@ -953,6 +964,11 @@ mod tests {
                 "isolation: {netwrk: none}",
                 "isolation",
                 "unknown field `netwrk`",
+            ),
+            (
+                "isolation: {capabilities: [CAP_NET_BIND_SERVICE, CAP_FLY]}",
+                "isolation.capabilities",
+                "`CAP_FLY` is not a capability",
             ),
         ] {
             let text = format!("{base}{extra}\n");

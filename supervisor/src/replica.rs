@@ -126,6 +126,14 @@ impl Replica {
         );
         match instance::initialize(&mut instance, manifest, &spec.config, restored).await {
             Ok(info) => {
+                if manifest.isolation.require_version_match
+                    && let Some(m) = version_mismatch(manifest, &info)
+                {
+                    instance::kill_and_reap(&instance.child).await;
+                    return Err(StartError::Refused(format!(
+                        "{m}; refused because the manifest sets isolation.require_version_match: true"
+                    )));
+                }
                 if info.sessions {
                     self.open_sessions(&mut instance).await;
                 }
@@ -172,6 +180,7 @@ impl Replica {
         {
             let mut b = self.plugin.board.lock();
             b.methods = info.methods.clone();
+            b.reported_version = (!info.version.is_empty()).then(|| info.version.clone());
             let r = &mut b.replicas[self.index];
             r.ready_since = Some(ready_since);
             r.instance = instance.id.clone();
@@ -184,18 +193,25 @@ impl Replica {
             instance.sessions.clone(),
             self.snapshots.clone(),
         )));
+        let mismatch = version_mismatch(&self.plugin.board.lock().spec.manifest, info);
+        if let Some(m) = &mismatch {
+            tracing::warn!(plugin = %self.plugin.name, instance = %instance.id, "{m}");
+        }
         self.event(
             PluginState::Ready,
             &instance.id,
             format!(
-                "ready in {}ms (pid {pid}, {} {})",
+                "ready in {}ms (pid {pid}, {} {}){}",
                 instance.spawned_at.elapsed().as_millis(),
                 if info.name.is_empty() {
                     &self.plugin.name
                 } else {
                     &info.name
                 },
-                info.version
+                info.version,
+                mismatch
+                    .map(|m| format!("; warning: {m}"))
+                    .unwrap_or_default()
             ),
             EventDetail {
                 pid: Some(pid),
@@ -330,4 +346,17 @@ pub(crate) fn snapshot_failed(
     tracing::warn!(plugin = %plugin.name, instance, "{}", event.reason);
     host.metrics.snapshot_failed(&plugin.name);
     let _ = host.events.send(event);
+}
+
+/// "the plugin reports version X, its manifest says Y", when they differ
+/// (a plugin that reports none is not held to it).
+fn version_mismatch(manifest: &Manifest, info: &InitializeResponse) -> Option<String> {
+    let manifest_version = manifest.version.to_string();
+    (!info.version.is_empty() && info.version != manifest_version).then(|| {
+        format!(
+            "the plugin reports version {} in Initialize, but its manifest {} says {manifest_version}",
+            info.version,
+            manifest.path.display()
+        )
+    })
 }

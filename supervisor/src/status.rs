@@ -235,6 +235,9 @@ pub struct PluginInfo {
     pub ready_for: Option<Duration>,
     pub exec: PathBuf,
     pub methods: Vec<String>,
+    /// The version the plugin itself reported in Initialize (its manifest's
+    /// is `version`); they may differ.
+    pub reported_version: Option<String>,
     pub replicas: Vec<ReplicaInfo>,
     /// Limits, what enforces them, live usage and hardening.
     pub isolation: IsolationStatus,
@@ -279,6 +282,8 @@ pub(crate) struct BoardInner {
     pub spec: Arc<Spec>,
     /// Methods the plugin reported in Initialize.
     pub methods: Vec<String>,
+    /// The version the plugin reported in Initialize, when it said one.
+    pub reported_version: Option<String>,
     pub replicas: Vec<ReplicaStatus>,
     pub history: VecDeque<Event>,
 }
@@ -289,6 +294,7 @@ impl Board {
             inner: Mutex::new(BoardInner {
                 spec,
                 methods: Vec::new(),
+                reported_version: None,
                 replicas: vec![ReplicaStatus::new(); replicas],
                 history: VecDeque::new(),
             }),
@@ -381,6 +387,7 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
         ready_for: first.ready_for,
         exec: manifest.exec.clone(),
         methods: b.methods.clone(),
+        reported_version: b.reported_version.clone(),
         isolation: Default::default(),
         replicas,
     };

@@ -28,6 +28,7 @@ fn errno_name(errno: i32) -> String {
         libc::ENETUNREACH => "ENETUNREACH".into(),
         libc::ECONNREFUSED => "ECONNREFUSED".into(),
         libc::EPERM => "EPERM".into(),
+        libc::EACCES => "EACCES".into(),
         other => format!("errno {other}"),
     }
 }
@@ -177,6 +178,37 @@ pub fn connect(req: &Request) -> Result<Response, Status> {
     ))
 }
 
+fn outcome(result: std::io::Result<()>) -> serde_json::Value {
+    match result {
+        Ok(()) => serde_json::json!({"ok": true, "error": null}),
+        Err(e) => serde_json::json!({
+            "ok": false,
+            "error": match e.raw_os_error() {
+                Some(errno) => format!("{} ({e})", errno_name(errno)),
+                None => e.to_string(),
+            },
+        }),
+    }
+}
+
+/// `bind HOST:PORT`: binds a TCP listener there and closes it. Answers
+/// `{"ok": bool, "error"}` (`EACCES` for a privileged port without
+/// CAP_NET_BIND_SERVICE).
+pub fn bind(req: &Request) -> Result<Response, Status> {
+    let addr: std::net::SocketAddr = text(req)?
+        .parse()
+        .map_err(|e| Status::invalid_argument(format!("bind: not HOST:PORT: {e}")))?;
+    let result = std::net::TcpListener::bind(addr).map(drop);
+    Ok(Response::new(outcome(result).to_string()))
+}
+
+/// `connect_unix PATH`: connects to a Unix socket (another plugin's, say)
+/// and closes the connection. Answers `{"ok": bool, "error"}`.
+pub fn connect_unix(req: &Request) -> Result<Response, Status> {
+    let result = std::os::unix::net::UnixStream::connect(text(req)?).map(drop);
+    Ok(Response::new(outcome(result).to_string()))
+}
+
 fn rlimit(resource: libc::__rlimit_resource_t) -> [u64; 2] {
     let mut r = libc::rlimit {
         rlim_cur: 0,
@@ -212,6 +244,11 @@ pub fn identity() -> Result<Response, Status> {
             "gid": field("Gid:"),
             "groups": field("Groups:"),
             "no_new_privs": field("NoNewPrivs:").first().cloned().unwrap_or_default(),
+            "cap_eff": field("CapEff:").first().cloned().unwrap_or_default(),
+            "cap_prm": field("CapPrm:").first().cloned().unwrap_or_default(),
+            "cap_inh": field("CapInh:").first().cloned().unwrap_or_default(),
+            "cap_bnd": field("CapBnd:").first().cloned().unwrap_or_default(),
+            "cap_amb": field("CapAmb:").first().cloned().unwrap_or_default(),
             "rlimits": {
                 "nofile": rlimit(libc::RLIMIT_NOFILE),
                 "core": rlimit(libc::RLIMIT_CORE),

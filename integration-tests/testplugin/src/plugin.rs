@@ -264,6 +264,8 @@ impl Plugin for TestPlugin {
             "open_files",
             "connect",
             "identity",
+            "bind",
+            "connect_unix",
             "flood",
             "flood_line",
         ]
@@ -390,6 +392,8 @@ impl Plugin for TestPlugin {
             "open_files" => crate::isolation::open_files(&req),
             "connect" => crate::isolation::connect(&req),
             "identity" => crate::isolation::identity(),
+            "bind" => crate::isolation::bind(&req),
+            "connect_unix" => crate::isolation::connect_unix(&req),
             other => Err(unknown_method(other)),
         }
     }

@@ -473,7 +473,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("name:       {}", status.name);
-                println!("version:    {}", status.version);
+                if status.reported_version.is_empty() || status.reported_version == status.version {
+                    println!("version:    {}", status.version);
+                } else {
+                    println!(
+                        "version:    {} (manifest; the plugin reports {})",
+                        status.version, status.reported_version
+                    );
+                }
                 println!("state:      {} ({})", status.state, status.reason);
                 println!("pid:        {}", dash(status.pid));
                 println!("restarts:   {}", status.restarts);
@@ -724,6 +731,7 @@ fn check(args: &ConfigArgs, json: bool) -> anyhow::Result<i32> {
     let discovery = plugvisor::manifest::discover(&config.plugins_dir)?;
     let mut plugins = Vec::new();
     let mut errors: Vec<String> = Vec::new();
+    let mut unpinned: Vec<String> = Vec::new();
     // Limits this host would refuse at every start (nofile above the hard
     // limit, pids beyond pid_max): caught here rather than in a restart loop.
     let host = plugvisor::manifest::HostLimits::probe(std::path::Path::new("/proc"));
@@ -734,8 +742,15 @@ fn check(args: &ConfigArgs, json: bool) -> anyhow::Result<i32> {
             continue;
         }
         // What a start would refuse: the pin, writability, the user.
-        match plugvisor::isolation::check_manifest(m, config.allow_writable_executables) {
-            Ok(()) => plugins.push(m),
+        match plugvisor::isolation::check_manifest(
+            m,
+            config.allow_writable_executables,
+            config.isolation.require_pinning,
+        ) {
+            Ok(warnings) => {
+                unpinned.extend(warnings);
+                plugins.push(m)
+            }
             Err(why) => errors.push(format!("{}: {why}", m.path.display())),
         }
     }
@@ -750,6 +765,7 @@ fn check(args: &ConfigArgs, json: bool) -> anyhow::Result<i32> {
                 config.plugins_dir.display()
             )
         })
+        .chain(unpinned)
         .collect();
     if json {
         let plugins: Vec<_> = plugins
@@ -792,6 +808,7 @@ fn status_json(s: &pb::PluginStatus) -> serde_json::Value {
     serde_json::json!({
         "name": s.name,
         "version": s.version,
+        "reported_version": (!s.reported_version.is_empty()).then_some(&s.reported_version),
         "state": s.state,
         "reason": s.reason,
         "pid": (s.pid != 0).then_some(s.pid),
@@ -822,6 +839,13 @@ fn isolation_json(i: &pb::Isolation) -> serde_json::Value {
             "oom_kills": u.oom_kills,
         })),
         "hardening": i.hardening,
+        "uid": i.uid,
+        "gid": i.gid,
+        "identity": i.identity,
+        "dynamic_user": i.dynamic_user,
+        "capabilities": i.capabilities,
+        "no_new_privs": i.no_new_privs,
+        "degraded": i.degraded,
     })
 }
 
@@ -873,6 +897,25 @@ fn print_isolation(i: &pb::Isolation) {
         }
     }
     println!("hardening:  {}", i.hardening.join(", "));
+    let id = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    println!(
+        "user:       uid {} gid {} ({})",
+        id(i.uid),
+        id(i.gid),
+        or_dash(&i.identity)
+    );
+    println!(
+        "caps:       {}",
+        if i.capabilities.is_empty() {
+            "none".to_string()
+        } else {
+            i.capabilities.join(", ")
+        }
+    );
+    println!("nnp:        {}", if i.no_new_privs { "yes" } else { "no" });
+    for d in &i.degraded {
+        println!("degraded:   {d}");
+    }
 }
 
 /// `12.3MiB`: a byte count for people.

@@ -203,6 +203,7 @@ pub fn status_of(info: &PluginInfo) -> pb::PluginStatus {
         executable: info.exec.display().to_string(),
         methods: info.methods.clone(),
         reason: info.reason.clone(),
+        reported_version: info.reported_version.clone().unwrap_or_default(),
         isolation: Some(isolation_of(&info.isolation)),
         replicas: info
             .replicas
@@ -243,6 +244,13 @@ pub fn isolation_of(i: &plugvisor::isolation::IsolationStatus) -> pb::Isolation 
             oom_kills: u.oom_kills,
         }),
         hardening: i.hardening.clone(),
+        uid: i.uid,
+        gid: i.gid,
+        identity: i.identity.clone(),
+        dynamic_user: i.dynamic_user,
+        capabilities: i.capabilities.clone(),
+        no_new_privs: i.no_new_privs,
+        degraded: i.degraded.clone(),
     }
 }
 

@@ -165,5 +165,8 @@ fn isolation_options(config: &plugvisor::config::Config) -> plugvisor::isolation
             CgroupMode::Off
         },
         allow_writable_executables: config.allow_writable_executables,
+        dynamic_users: config.isolation.dynamic_users,
+        default_user: config.isolation.user.clone(),
+        require_pinning: config.isolation.require_pinning,
     }
 }

@@ -56,6 +56,7 @@ pub const RESTART_SETTINGS: &[&str] = &[
     "metrics_address",
     "cgroup",
     "allow_writable_executables",
+    "isolation",
 ];
 
 /// The global settings that differ between `running` and `new`, as
@@ -80,6 +81,7 @@ pub fn changed_settings(running: &Config, new: &Config) -> (Vec<String>, Vec<Str
         running.metrics_address == new.metrics_address,
         same(&running.cgroup, &new.cgroup),
         running.allow_writable_executables == new.allow_writable_executables,
+        running.isolation == new.isolation,
     ];
     let names = |names: &[&str], same: &[bool]| {
         names

@@ -8,6 +8,8 @@
 //! - [`rlimits`]: NOFILE, CORE, DATA, CPU, NPROC from the manifest.
 //! - [`pin`]: the executable, opened once, checked (sha256, writability) on
 //!   that descriptor and executed from it.
+//! - [`privileges`]: who a plugin runs as (its own dynamic uid under a root
+//!   supervisor) and which capabilities it keeps (none by default).
 //! - [`preexec`]: what the child does between fork and exec (join its
 //!   cgroups, rlimits, namespaces, credentials, no_new_privs), prepared
 //!   before fork so the child only makes raw system calls.
@@ -27,6 +29,7 @@ pub mod fake;
 pub mod fs;
 pub mod pin;
 pub mod preexec;
+pub mod privileges;
 pub mod rlimits;
 pub mod v1;
 pub mod v2;
@@ -366,6 +369,12 @@ pub struct IsolationOptions {
     pub cgroups: CgroupMode,
     /// Start group- or world-writable executables.
     pub allow_writable_executables: bool,
+    /// Where plugins without `isolation.user` get their uid (root only).
+    pub dynamic_users: privileges::DynamicUsers,
+    /// Run plugins without `isolation.user` as this user instead.
+    pub default_user: Option<String>,
+    /// Refuse plugins whose manifest has no `sha256:` pin.
+    pub require_pinning: bool,
 }
 
 /// What enforces a supervisor's limits.
@@ -420,6 +429,19 @@ pub struct IsolationStatus {
     pub usage: Option<Usage>,
     /// `no_new_privs`, `user nobody`, `network none`, `sha256 9f86d0…`.
     pub hardening: Vec<String>,
+    // Privileges (see [`privileges`]).
+    /// The uid and gid it runs as; `None` before its first start.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Where the identity came from: `dynamic`, `manifest isolation.user`, ...
+    pub identity: String,
+    /// Whether the uid was allocated from the dynamic range.
+    pub dynamic_user: bool,
+    /// Capabilities it holds (`CAP_NET_BIND_SERVICE`); empty: none.
+    pub capabilities: Vec<String>,
+    pub no_new_privs: bool,
+    /// What could not be applied, and why.
+    pub degraded: Vec<String>,
 }
 
 /// The supervisor's isolation: the mechanism chosen at start-up and the
@@ -430,6 +452,153 @@ pub struct Isolation {
     allow_writable_executables: bool,
     /// Instance id → its cgroup, while the instance lives.
     live: Arc<Mutex<HashMap<String, Arc<dyn CgroupManager>>>>,
+    privileges: Privileges,
+}
+
+/// What `prepare` needs to decide who a plugin runs as and what it keeps.
+#[derive(Debug, Clone)]
+struct Privileges {
+    dynamic_users: privileges::DynamicUsers,
+    default_user: Option<String>,
+    require_pinning: bool,
+    /// The supervisor may change users (`CAP_SETUID` and `CAP_SETGID`).
+    can_setid: bool,
+    /// The supervisor's effective capabilities: what it can hand on.
+    own_caps: u64,
+    /// `/proc/sys/kernel/cap_last_cap`, read at start-up.
+    last_cap: u32,
+    /// Dynamic uids by plugin name.
+    users: Arc<Mutex<privileges::Allocator>>,
+    /// Plugin name → what its last start resolved, for `inspect`.
+    held: Arc<Mutex<HashMap<String, privileges::Held>>>,
+}
+
+impl Privileges {
+    fn new(opts: &IsolationOptions, proc_root: &Path) -> Privileges {
+        let can_setid = capable(CAP_SETUID) && capable(CAP_SETGID);
+        if !can_setid {
+            tracing::warn!(
+                "the supervisor is not root (uid {}): plugins run as uid {} too, without their own users, and keep whatever capabilities it has; run it as root for per-plugin users",
+                nix::unistd::geteuid(),
+                nix::unistd::geteuid()
+            );
+        }
+        Privileges {
+            dynamic_users: opts.dynamic_users,
+            default_user: opts.default_user.clone(),
+            require_pinning: opts.require_pinning,
+            can_setid,
+            own_caps: privileges::effective_caps(),
+            last_cap: privileges::last_cap(proc_root),
+            users: Arc::default(),
+            held: Arc::default(),
+        }
+    }
+
+    /// What cannot be applied to any plugin of this supervisor.
+    fn degraded(&self) -> Vec<String> {
+        let mut d = Vec::new();
+        if !self.can_setid {
+            let uid = nix::unistd::geteuid();
+            d.push(format!(
+                "supervisor not root, running as uid {uid}: no per-plugin user"
+            ));
+        }
+        if self.own_caps & (1 << privileges::CAP_SETPCAP) == 0 {
+            d.push("capability bounding set not emptied: the supervisor lacks CAP_SETPCAP".into());
+        }
+        d
+    }
+
+    /// Who `m` runs as, its capability plan and what `inspect` shows.
+    fn resolve(
+        &self,
+        m: &Manifest,
+    ) -> Result<
+        (
+            Option<preexec::Credentials>,
+            privileges::CapsPlan,
+            privileges::Held,
+        ),
+        PrepareError,
+    > {
+        use privileges::IdentitySource;
+        let euid = nix::unistd::geteuid().as_raw();
+        let egid = nix::unistd::getegid().as_raw();
+        if self.require_pinning && m.sha256.is_none() {
+            return Err(PrepareError::Refused(format!(
+                "the supervisor config requires pinned executables (isolation.require_pinning: true) and {} has no `sha256:`; add `sha256: <output of sha256sum {}>`",
+                m.path.display(),
+                m.exec.display()
+            )));
+        }
+        let (credentials, source) = if m.isolation.user.is_some() || m.isolation.group.is_some() {
+            let c = preexec::Credentials::resolve(
+                m.isolation.user.as_deref(),
+                m.isolation.group.as_deref(),
+            )
+            .map_err(PrepareError::Refused)?;
+            if !self.can_setid {
+                return Err(PrepareError::Refused(
+                    "isolation.user/group: running a plugin as another user needs a supervisor running as root (CAP_SETUID, CAP_SETGID)"
+                        .into(),
+                ));
+            }
+            (c, IdentitySource::Manifest)
+        } else if !self.can_setid {
+            (None, IdentitySource::Supervisor)
+        } else if let Some(user) = &self.default_user {
+            let c = preexec::Credentials::resolve(Some(user), None)
+                .map_err(|e| PrepareError::Refused(format!("supervisor config {e}")))?;
+            (c, IdentitySource::Config)
+        } else {
+            let uid = lock(&self.users)
+                .uid_for(&m.name, self.dynamic_users, privileges::id_in_use)
+                .map_err(PrepareError::Refused)?;
+            (
+                Some(preexec::Credentials {
+                    uid,
+                    gid: uid,
+                    groups: vec![uid],
+                }),
+                IdentitySource::Dynamic,
+            )
+        };
+        let all = m
+            .isolation
+            .capabilities
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case("ALL"));
+        let asked = privileges::mask_of(&m.isolation.capabilities, self.last_cap);
+        // `ALL`: everything the supervisor holds.
+        let keep = if all { asked & self.own_caps } else { asked };
+        let missing = keep & !self.own_caps;
+        if missing != 0 {
+            return Err(PrepareError::Refused(format!(
+                "isolation.capabilities: the supervisor does not hold {}, so it cannot give it to the plugin; run it as root or remove it from the manifest",
+                privileges::names_of(missing).join(", ")
+            )));
+        }
+        let (uid, gid) = credentials
+            .as_ref()
+            .map(|c| (c.uid, c.gid))
+            .unwrap_or((euid, egid));
+        let plan = privileges::CapsPlan {
+            keep,
+            last_cap: self.last_cap,
+            drop_bounding: self.own_caps & (1 << privileges::CAP_SETPCAP) != 0,
+            changes_uid: uid != euid,
+        };
+        let held = privileges::Held {
+            uid,
+            gid,
+            source,
+            capabilities: keep,
+            no_new_privs: m.isolation.no_new_privs,
+            degraded: self.degraded(),
+        };
+        Ok((credentials, plan, held))
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -508,6 +677,7 @@ impl Isolation {
             enforcement,
             allow_writable_executables: opts.allow_writable_executables,
             live: Arc::default(),
+            privileges: Privileges::new(opts, proc_root),
         })
     }
 
@@ -563,11 +733,18 @@ impl Isolation {
     ) -> Result<Prepared, PrepareError> {
         let enforcement = self.enforcement.clone();
         let allow_writable = self.allow_writable_executables;
+        let privileges = self.privileges.clone();
         let manifest = manifest.clone();
         let instance_id = instance_id.to_string();
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::task::spawn_blocking(move || {
-            let prepared = prepare_blocking(&enforcement, allow_writable, &manifest, &instance_id);
+            let prepared = prepare_blocking(
+                &enforcement,
+                allow_writable,
+                &privileges,
+                &manifest,
+                &instance_id,
+            );
             if let Err(Ok(Prepared {
                 cgroup: Some(cgroup),
                 ..
@@ -617,12 +794,34 @@ impl Isolation {
                 .collect()
         };
         let usage = cgroups.iter().map(|c| c.usage()).reduce(|a, b| a.plus(&b));
+        let held = lock(&self.privileges.held).get(&manifest.name).cloned();
+        let p = &self.privileges;
         IsolationStatus {
             mechanism: self.mechanism(),
             cgroup: cgroups.iter().flat_map(|c| c.paths()).collect(),
             limits: limit_table(&manifest.limits, &self.enforcement),
             usage,
             hardening: hardening_of(manifest),
+            uid: held.as_ref().map(|h| h.uid),
+            gid: held.as_ref().map(|h| h.gid),
+            identity: match &held {
+                Some(h) => h.source.to_string(),
+                None => "not started yet".to_string(),
+            },
+            dynamic_user: held
+                .as_ref()
+                .is_some_and(|h| h.source == privileges::IdentitySource::Dynamic),
+            capabilities: held
+                .as_ref()
+                .map(|h| privileges::names_of(h.capabilities))
+                .unwrap_or_else(|| {
+                    privileges::names_of(privileges::mask_of(
+                        &manifest.isolation.capabilities,
+                        p.last_cap,
+                    ))
+                }),
+            no_new_privs: manifest.isolation.no_new_privs,
+            degraded: held.map(|h| h.degraded).unwrap_or_else(|| p.degraded()),
         }
     }
 }
@@ -631,6 +830,7 @@ impl Isolation {
 fn prepare_blocking(
     enforcement: &Enforcement,
     allow_writable: bool,
+    privileges: &Privileges,
     manifest: &Manifest,
     instance_id: &str,
 ) -> Result<Prepared, PrepareError> {
@@ -639,16 +839,18 @@ fn prepare_blocking(
             pin::PinError::Refused(why) => PrepareError::Refused(why),
             pin::PinError::Io(why) => PrepareError::Failed(why),
         })?;
-    let credentials = preexec::Credentials::resolve(
-        manifest.isolation.user.as_deref(),
-        manifest.isolation.group.as_deref(),
-    )
-    .map_err(PrepareError::Refused)?;
-    if credentials.is_some() && !(capable(CAP_SETUID) && capable(CAP_SETGID)) {
-        return Err(PrepareError::Refused(
-            "isolation.user/group: running a plugin as another user needs a supervisor running as root (CAP_SETUID, CAP_SETGID)"
-                .into(),
-        ));
+    let (credentials, caps, held) = privileges.resolve(manifest)?;
+    if let Some(c) = &credentials
+        && !exec.exec_from_fd()
+    {
+        // Executed by path, as the plugin's user: it must reach the file.
+        let want = if exec.script { 0o5 } else { 0o1 };
+        privileges::reachable(&manifest.exec, c.uid, &c.groups, want).map_err(|why| {
+            PrepareError::Refused(format!(
+                "{} runs as uid {} ({}), which cannot run its executable: {why}. Make the directories searchable (chmod o+x) and the file executable (and readable, for a script) by others, pin it with sha256 (a pinned copy is executed from memory), or set isolation.user",
+                manifest.name, c.uid, held.source
+            ))
+        })?;
     }
     if manifest.isolation.network == NetworkMode::None && !capable(CAP_SYS_ADMIN) {
         return Err(PrepareError::Refused(
@@ -681,7 +883,9 @@ fn prepare_blocking(
         credentials,
         network_none: manifest.isolation.network == NetworkMode::None,
         no_new_privs: manifest.isolation.no_new_privs,
+        caps: Some(caps),
     };
+    lock(&privileges.held).insert(manifest.name.clone(), held);
     Ok(Prepared {
         exec,
         child,
@@ -691,12 +895,33 @@ fn prepare_blocking(
 }
 
 /// What a start of `m` would refuse, checked offline (`plugvisor check`):
-/// the executable (pin, writability) and the user and group.
-pub fn check_manifest(m: &Manifest, allow_writable_executables: bool) -> Result<(), String> {
+/// the executable (pin, writability, set-user-ID), the user and group, and
+/// a missing pin when `require_pinning`. Returns what is allowed but worth
+/// a warning: an unpinned executable.
+pub fn check_manifest(
+    m: &Manifest,
+    allow_writable_executables: bool,
+    require_pinning: bool,
+) -> Result<Vec<String>, String> {
     pin::Executable::open(&m.exec, m.sha256.as_deref(), allow_writable_executables)
         .map_err(|e| e.to_string())?;
     preexec::Credentials::resolve(m.isolation.user.as_deref(), m.isolation.group.as_deref())?;
-    Ok(())
+    let mut warnings = Vec::new();
+    if m.sha256.is_none() {
+        let what = format!(
+            "{}: {} is not pinned (no `sha256:`), so any change to the file runs unchecked; add `sha256: <output of sha256sum {}>`",
+            m.path.display(),
+            m.exec.display(),
+            m.exec.display()
+        );
+        if require_pinning {
+            return Err(format!(
+                "{what} (the supervisor config sets isolation.require_pinning: true)"
+            ));
+        }
+        warnings.push(what);
+    }
+    Ok(warnings)
 }
 
 /// Holds a live instance's cgroup. Dropping it kills whatever is left in
@@ -873,8 +1098,10 @@ fn hardening_of(m: &Manifest) -> Vec<String> {
     if m.isolation.no_new_privs {
         h.push("no_new_privs".into());
     }
-    if let Some(user) = &m.isolation.user {
-        h.push(format!("user {user}"));
+    match m.isolation.user.as_deref() {
+        Some(user @ ("root" | "0")) => h.push(format!("user {user} (explicit opt-in)")),
+        Some(user) => h.push(format!("user {user}")),
+        None => {}
     }
     if let Some(group) = &m.isolation.group {
         h.push(format!("group {group}"));
@@ -997,6 +1224,7 @@ mod tests {
             &IsolationOptions {
                 cgroups: CgroupMode::Tree(tree),
                 allow_writable_executables: false,
+                ..IsolationOptions::default()
             },
             &fake.proc_root(),
         )
@@ -1092,6 +1320,7 @@ mod tests {
                 require,
             },
             allow_writable_executables: false,
+            ..IsolationOptions::default()
         };
         let iso = Isolation::start(&probe(false), dir.path()).unwrap();
         assert!(
@@ -1115,6 +1344,7 @@ mod tests {
             &IsolationOptions {
                 cgroups: CgroupMode::Tree(tree),
                 allow_writable_executables: false,
+                ..IsolationOptions::default()
             },
             dir.path(),
         )

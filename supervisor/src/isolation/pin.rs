@@ -77,6 +77,13 @@ impl Executable {
                 meta.mode() & 0o7777
             )));
         }
+        if meta.mode() & 0o6000 != 0 {
+            return Err(PinError::Refused(format!(
+                "{} is set-user-ID or set-group-ID (mode {:04o}); plugins run with no_new_privs, under which the bit grants nothing, and a privileged binary has no place among plugins: `chmod ug-s` it",
+                path.display(),
+                meta.mode() & 0o7777
+            )));
+        }
         if meta.mode() & 0o022 != 0 && !allow_writable {
             return Err(PinError::Refused(format!(
                 "{} is writable by {} (mode {:04o}), so someone other than its owner could replace what runs; `chmod go-w` it, or set allow_writable_executables: true in the supervisor config",

@@ -10,18 +10,23 @@
 //! 2. starts a new session (own process group, no controlling terminal);
 //! 3. sets its rlimits;
 //! 4. enters an empty network namespace (`network: none`);
-//! 5. drops to the plugin's user and groups (while still privileged for 1-4);
-//! 6. sets the parent-death signal — after 5, since a credential change
+//! 5. empties the capability bounding set but for the manifest's
+//!    `isolation.capabilities` (and keeps them across the uid change);
+//! 6. drops to the plugin's user and groups (while still privileged for 1-5);
+//! 7. sets its permitted, effective, inheritable and ambient capabilities
+//!    to exactly the kept ones (none by default);
+//! 8. sets the parent-death signal — after 6, since a credential change
 //!    clears it — and checks the supervisor did not die meanwhile;
-//! 7. sets `no_new_privs`;
-//! 8. marks every descriptor beyond 0-2 close-on-exec;
-//! 9. executes the pinned, sealed copy (`execveat`), or returns and lets the
-//!    standard library execute the path.
+//! 9. sets `no_new_privs`;
+//! 10. marks every descriptor beyond 0-2 close-on-exec;
+//! 11. executes the pinned, sealed copy (`execveat`), or returns and lets the
+//!     standard library execute the path.
 //!
 //! A step that fails writes its number to a report pipe before returning
 //! the errno, so the parent can say which step failed on what.
 
 use super::ProcsFile;
+use super::privileges::{CapsPlan, CapsStep};
 use super::rlimits::Rlimit;
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -119,6 +124,8 @@ pub struct ChildSetup {
     /// Enter a new, empty network namespace.
     pub network_none: bool,
     pub no_new_privs: bool,
+    /// Capabilities: `None` leaves them as inherited (no isolation asked).
+    pub caps: Option<CapsPlan>,
 }
 
 /// Execute this open file instead of the path.
@@ -156,10 +163,14 @@ enum Step {
     CloseRange,
     KeepExecFd,
     Exec,
+    CapBounding,
+    KeepCaps,
+    Capset,
+    CapAmbient,
 }
 
 impl Step {
-    const ALL: [Step; 13] = [
+    const ALL: [Step; 17] = [
         Step::JoinCgroup,
         Step::Setsid,
         Step::Rlimit,
@@ -173,6 +184,10 @@ impl Step {
         Step::CloseRange,
         Step::KeepExecFd,
         Step::Exec,
+        Step::CapBounding,
+        Step::KeepCaps,
+        Step::Capset,
+        Step::CapAmbient,
     ];
 }
 
@@ -223,6 +238,7 @@ pub struct PreExec {
     gid: Option<libc::gid_t>,
     uid: Option<libc::uid_t>,
     no_new_privs: bool,
+    caps: Option<CapsPlan>,
     exec: Option<Exec>,
     /// Write end of the report pipe (close-on-exec, non-blocking).
     report: OwnedFd,
@@ -308,6 +324,7 @@ impl PreExec {
             gid: creds.as_ref().map(|c| c.gid),
             uid: creds.as_ref().map(|c| c.uid),
             no_new_privs: setup.no_new_privs,
+            caps: setup.caps,
             exec,
             report: write,
         };
@@ -354,6 +371,11 @@ impl PreExec {
             if self.network_none && libc::syscall(libc::SYS_unshare, libc::CLONE_NEWNET) < 0 {
                 return Err(self.fail(Step::NetNamespace, 0));
             }
+            if let Some(caps) = &self.caps
+                && let Err((step, cap)) = caps.apply_before_setuid()
+            {
+                return Err(self.fail(Step::from(step), cap as usize));
+            }
             if let Some(groups) = &self.groups
                 && libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) < 0
             {
@@ -368,6 +390,11 @@ impl PreExec {
                 && libc::syscall(libc::SYS_setresuid, uid, uid, uid) < 0
             {
                 return Err(self.fail(Step::Setuid, 0));
+            }
+            if let Some(caps) = &self.caps
+                && let Err((step, cap)) = caps.apply_after_setuid()
+            {
+                return Err(self.fail(Step::from(step), cap as usize));
             }
             // Die with the supervisor, even when it is SIGKILLed.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
@@ -412,6 +439,17 @@ impl PreExec {
     }
 }
 
+impl From<CapsStep> for Step {
+    fn from(s: CapsStep) -> Step {
+        match s {
+            CapsStep::Bounding => Step::CapBounding,
+            CapsStep::KeepCaps => Step::KeepCaps,
+            CapsStep::Capset => Step::Capset,
+            CapsStep::Ambient => Step::CapAmbient,
+        }
+    }
+}
+
 impl Report {
     /// Explains a failed spawn: which step failed on what, and how to fix it.
     pub fn explain(&self, err: io::Error) -> io::Error {
@@ -449,6 +487,18 @@ impl Report {
             Step::NoNewPrivs => "setting no_new_privs".into(),
             Step::CloseRange => "marking inherited descriptors close-on-exec".into(),
             Step::KeepExecFd => "keeping the script's descriptor open".into(),
+            Step::CapBounding => format!(
+                "dropping {} from the capability bounding set (needs CAP_SETPCAP)",
+                super::privileges::names_of(1 << (i as u64 & 63)).join("")
+            ),
+            Step::KeepCaps => {
+                "keeping isolation.capabilities across the uid change (PR_SET_KEEPCAPS)".into()
+            }
+            Step::Capset => "setting the capability sets to isolation.capabilities (capset)".into(),
+            Step::CapAmbient => format!(
+                "raising {} in the ambient set (isolation.capabilities)",
+                super::privileges::names_of(1 << (i as u64 & 63)).join("")
+            ),
             Step::Exec => format!(
                 "executing the sealed, verified copy of {}",
                 self.exec
