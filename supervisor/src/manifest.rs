@@ -214,6 +214,14 @@ pub struct IsolationSpec {
     /// `PR_SET_NO_NEW_PRIVS`: setuid binaries and file capabilities grant
     /// nothing to the plugin or its descendants.
     pub no_new_privs: bool,
+    // --- seccomp and PID namespace (isolation/seccomp.rs, isolation/pidns.rs)
+    /// The seccomp filter: `default`, `unconfined`, or
+    /// `{profile, action, allow, deny}`.
+    pub seccomp: crate::isolation::seccomp::SeccompSpec,
+    /// Run the plugin as PID 1 of its own PID namespace, so that its
+    /// descendants die with it. On by default where the kernel allows.
+    pub pid_namespace: bool,
+    // --- end seccomp and PID namespace
 }
 
 impl Default for IsolationSpec {
@@ -223,6 +231,8 @@ impl Default for IsolationSpec {
             group: None,
             network: NetworkMode::Host,
             no_new_privs: true,
+            seccomp: Default::default(),
+            pid_namespace: true,
         }
     }
 }

@@ -264,6 +264,8 @@ impl Plugin for TestPlugin {
             "open_files",
             "connect",
             "identity",
+            "syscall",
+            "pid_info",
             "flood",
             "flood_line",
         ]
@@ -390,6 +392,8 @@ impl Plugin for TestPlugin {
             "open_files" => crate::isolation::open_files(&req),
             "connect" => crate::isolation::connect(&req),
             "identity" => crate::isolation::identity(),
+            "syscall" => crate::isolation::syscall(&req),
+            "pid_info" => crate::isolation::pid_info(),
             other => Err(unknown_method(other)),
         }
     }

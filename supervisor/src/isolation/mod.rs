@@ -25,9 +25,11 @@
 #[cfg(any(test, feature = "test-support"))]
 pub mod fake;
 pub mod fs;
+pub mod pidns;
 pub mod pin;
 pub mod preexec;
 pub mod rlimits;
+pub mod seccomp;
 pub mod v1;
 pub mod v2;
 
@@ -430,7 +432,64 @@ pub struct Isolation {
     allow_writable_executables: bool,
     /// Instance id → its cgroup, while the instance lives.
     live: Arc<Mutex<HashMap<String, Arc<dyn CgroupManager>>>>,
+    /// What this host allows of seccomp and PID namespaces.
+    confinement: Confinement,
 }
+
+// --- seccomp and PID namespace
+/// Whether this host can apply seccomp filters and PID namespaces, probed
+/// once at start-up: `Err` says why not.
+#[derive(Debug, Clone)]
+pub struct Confinement {
+    pub seccomp: Result<(), String>,
+    pub pid_namespace: Result<(), String>,
+}
+
+impl Confinement {
+    /// Probes the kernel and says once what cannot be applied.
+    pub fn probe() -> Confinement {
+        let c = Confinement {
+            seccomp: seccomp::probe(),
+            pid_namespace: pidns::probe(),
+        };
+        if let Err(why) = &c.seccomp {
+            tracing::warn!("plugins run without their seccomp filters: {why}");
+        }
+        if let Err(why) = &c.pid_namespace {
+            tracing::warn!("plugins run without PID namespaces of their own: {why}");
+        }
+        c
+    }
+
+    /// The filter a spawn of `m` installs, compiled for this machine.
+    fn seccomp_for(&self, m: &Manifest) -> Result<Option<seccomp::Compiled>, PrepareError> {
+        if self.seccomp.is_err() {
+            return Ok(None);
+        }
+        let arch = seccomp::host_arch().map_err(PrepareError::Refused)?;
+        seccomp::compile(&m.isolation.seccomp, arch)
+            .map_err(|e| PrepareError::Refused(format!("isolation.seccomp: {e}")))
+    }
+
+    /// `inspect`'s lines for `m`: what is applied, and what is not and why.
+    pub fn describe(&self, m: &Manifest) -> Vec<String> {
+        let spec = &m.isolation.seccomp;
+        let seccomp = match &self.seccomp {
+            _ if spec.is_unconfined() => spec.describe(),
+            Ok(()) => spec.describe(),
+            Err(why) => format!("seccomp not applied: {why}"),
+        };
+        let pid_ns = match &self.pid_namespace {
+            _ if !m.isolation.pid_namespace => {
+                "shared PID namespace (isolation.pid_namespace: false)".to_string()
+            }
+            Ok(()) => "own PID namespace (the plugin is PID 1)".to_string(),
+            Err(why) => format!("own PID namespace not applied: {why}"),
+        };
+        vec![seccomp, pid_ns]
+    }
+}
+// --- end seccomp and PID namespace
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Inserts and removes are single calls; a panic elsewhere leaves the map
@@ -508,6 +567,7 @@ impl Isolation {
             enforcement,
             allow_writable_executables: opts.allow_writable_executables,
             live: Arc::default(),
+            confinement: Confinement::probe(),
         })
     }
 
@@ -562,12 +622,19 @@ impl Isolation {
         instance_id: &str,
     ) -> Result<Prepared, PrepareError> {
         let enforcement = self.enforcement.clone();
+        let confinement = self.confinement.clone();
         let allow_writable = self.allow_writable_executables;
         let manifest = manifest.clone();
         let instance_id = instance_id.to_string();
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::task::spawn_blocking(move || {
-            let prepared = prepare_blocking(&enforcement, allow_writable, &manifest, &instance_id);
+            let prepared = prepare_blocking(
+                &enforcement,
+                &confinement,
+                allow_writable,
+                &manifest,
+                &instance_id,
+            );
             if let Err(Ok(Prepared {
                 cgroup: Some(cgroup),
                 ..
@@ -622,7 +689,10 @@ impl Isolation {
             cgroup: cgroups.iter().flat_map(|c| c.paths()).collect(),
             limits: limit_table(&manifest.limits, &self.enforcement),
             usage,
-            hardening: hardening_of(manifest),
+            hardening: hardening_of(manifest)
+                .into_iter()
+                .chain(self.confinement.describe(manifest))
+                .collect(),
         }
     }
 }
@@ -630,6 +700,7 @@ impl Isolation {
 /// [`Isolation::prepare`]'s blocking part.
 fn prepare_blocking(
     enforcement: &Enforcement,
+    confinement: &Confinement,
     allow_writable: bool,
     manifest: &Manifest,
     instance_id: &str,
@@ -655,6 +726,7 @@ fn prepare_blocking(
             "isolation.network: none needs a supervisor running as root (CAP_SYS_ADMIN) to make a network namespace".into(),
         ));
     }
+    let seccomp = confinement.seccomp_for(manifest)?;
     let cgroups = matches!(*enforcement, Enforcement::Cgroups(_));
     let data_fallback = (!cgroups).then_some(manifest.limits.memory).flatten();
     let limits = rlimits::from_limits(&manifest.limits, data_fallback.map(|s| s.0));
@@ -681,6 +753,8 @@ fn prepare_blocking(
         credentials,
         network_none: manifest.isolation.network == NetworkMode::None,
         no_new_privs: manifest.isolation.no_new_privs,
+        seccomp,
+        pid_namespace: manifest.isolation.pid_namespace && confinement.pid_namespace.is_ok(),
     };
     Ok(Prepared {
         exec,

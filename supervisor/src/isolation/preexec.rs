@@ -14,9 +14,15 @@
 //! 6. sets the parent-death signal — after 5, since a credential change
 //!    clears it — and checks the supervisor did not die meanwhile;
 //! 7. sets `no_new_privs`;
-//! 8. marks every descriptor beyond 0-2 close-on-exec;
+//! 8. marks every descriptor beyond 0-2 close-on-exec, then installs the
+//!    seccomp filter compiled before fork (last, so nothing above is
+//!    filtered; see [`super::seccomp`]);
 //! 9. executes the pinned, sealed copy (`execveat`), or returns and lets the
 //!    standard library execute the path.
+//!
+//! A child that wants a PID namespace of its own is forked into one (see
+//! [`super::pidns`]): it is PID 1 there and `getppid` is 0, so step 6
+//! checks the supervisor through a pidfd instead.
 //!
 //! A step that fails writes its number to a report pipe before returning
 //! the errno, so the parent can say which step failed on what.
@@ -119,6 +125,12 @@ pub struct ChildSetup {
     /// Enter a new, empty network namespace.
     pub network_none: bool,
     pub no_new_privs: bool,
+    // --- seccomp and PID namespace
+    /// The filter to install last, compiled before fork.
+    pub seccomp: Option<super::seccomp::Compiled>,
+    /// Fork the child as PID 1 of a new PID namespace.
+    pub pid_namespace: bool,
+    // --- end seccomp and PID namespace
 }
 
 /// Execute this open file instead of the path.
@@ -156,10 +168,11 @@ enum Step {
     CloseRange,
     KeepExecFd,
     Exec,
+    Seccomp,
 }
 
 impl Step {
-    const ALL: [Step; 13] = [
+    const ALL: [Step; 14] = [
         Step::JoinCgroup,
         Step::Setsid,
         Step::Rlimit,
@@ -173,6 +186,7 @@ impl Step {
         Step::CloseRange,
         Step::KeepExecFd,
         Step::Exec,
+        Step::Seccomp,
     ];
 }
 
@@ -223,6 +237,11 @@ pub struct PreExec {
     gid: Option<libc::gid_t>,
     uid: Option<libc::uid_t>,
     no_new_privs: bool,
+    /// The seccomp filter, installed after everything else.
+    seccomp: Option<super::seccomp::Installed>,
+    /// A pidfd of the supervisor, for a child in its own PID namespace to
+    /// check it is alive (`getppid` is 0 there).
+    parent_pidfd: Option<OwnedFd>,
     exec: Option<Exec>,
     /// Write end of the report pipe (close-on-exec, non-blocking).
     report: OwnedFd,
@@ -295,6 +314,11 @@ impl PreExec {
             exec: exec_path,
         };
         let creds = setup.credentials;
+        let parent_pidfd = if setup.pid_namespace {
+            Some(super::pidns::own_pidfd()?)
+        } else {
+            None
+        };
         let pre = PreExec {
             parent: std::process::id() as libc::pid_t,
             procs: setup.cgroup_procs.into_iter().map(|p| p.fd).collect(),
@@ -308,6 +332,8 @@ impl PreExec {
             gid: creds.as_ref().map(|c| c.gid),
             uid: creds.as_ref().map(|c| c.uid),
             no_new_privs: setup.no_new_privs,
+            seccomp: setup.seccomp.map(super::seccomp::Installed::new),
+            parent_pidfd,
             exec,
             report: write,
         };
@@ -374,7 +400,11 @@ impl PreExec {
                 return Err(self.fail(Step::ParentDeathSignal, 0));
             }
             // The supervisor may have died before prctl took effect.
-            if libc::getppid() != self.parent {
+            let parent_gone = match &self.parent_pidfd {
+                Some(pidfd) => super::pidns::exited(pidfd),
+                None => libc::getppid() != self.parent,
+            };
+            if parent_gone {
                 *libc::__errno_location() = libc::ESRCH;
                 return Err(self.fail(Step::ParentGone, 0));
             }
@@ -392,6 +422,11 @@ impl PreExec {
             ) < 0
             {
                 return Err(self.fail(Step::CloseRange, 0));
+            }
+            if let Some(filter) = &self.seccomp
+                && let Err(i) = filter.install()
+            {
+                return Err(self.fail(Step::Seccomp, i));
             }
             let Some(exec) = &self.exec else {
                 return Ok(());
@@ -448,6 +483,7 @@ impl Report {
             Step::ParentGone => "checking the supervisor is alive (it is not)".into(),
             Step::NoNewPrivs => "setting no_new_privs".into(),
             Step::CloseRange => "marking inherited descriptors close-on-exec".into(),
+            Step::Seccomp => "installing the seccomp filter (isolation.seccomp; it needs no_new_privs or CAP_SYS_ADMIN, and a kernel with CONFIG_SECCOMP_FILTER)".into(),
             Step::KeepExecFd => "keeping the script's descriptor open".into(),
             Step::Exec => format!(
                 "executing the sealed, verified copy of {}",
