@@ -35,25 +35,17 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// Whether this process can give children a PID namespace of their own:
-/// tries it on a scratch thread (whose namespace for children dies with it).
+/// tries it on a scratch thread, which forks nothing.
 pub fn probe() -> Result<(), String> {
     std::thread::Builder::new()
         .name("plugvisor-pidns-probe".into())
         .spawn(|| {
-            // SAFETY: unshare with a flag only; it changes this scratch
-            // thread's namespace for children, and the thread forks nothing.
-            if unsafe { libc::unshare(libc::CLONE_NEWPID) } < 0 {
-                let e = io::Error::last_os_error();
-                return Err(format!(
-                    "cannot make a PID namespace: unshare(CLONE_NEWPID): {e}{}",
-                    if e.raw_os_error() == Some(libc::EPERM) {
-                        " (needs a supervisor with CAP_SYS_ADMIN)"
-                    } else {
-                        ""
-                    }
-                ));
-            }
-            Ok(())
+            // The whole round trip the process thread makes: a pidfd of this
+            // process (5.3+), unshare, and setns back on the pidfd (5.8+).
+            let mut ns = ForChildren::open()
+                .map_err(|e| format!("cannot open a pidfd of this process: {e}"))?;
+            ns.enter_new().map_err(|e| e.to_string())?;
+            ns.restore().map_err(|e| e.to_string())
         })
         .map_err(|e| format!("cannot start a thread to probe PID namespaces: {e}"))?
         .join()
