@@ -240,7 +240,7 @@ async fn rlimits_and_hardening_defaults_reach_the_plugin() {
         sandbox.manifest(
             "limited",
             &tp(),
-            "limits: {core: 1MiB, data: 1GiB, cpu_time: 1h, nproc: 5000}\nisolation: {no_new_privs: false}",
+            "limits: {core: 1MiB, data: 1GiB, cpu_time: 1h, nproc: 5000}\nisolation: {no_new_privs: false, seccomp: unconfined}",
         ),
         &Default::default(),
     )
@@ -270,6 +270,28 @@ async fn rlimits_and_hardening_defaults_reach_the_plugin() {
     assert_eq!(r["cpu"], serde_json::json!([3600, 3605]), "{limited}");
     assert_eq!(r["nproc"], serde_json::json!([5000, 5000]), "{limited}");
     assert_eq!(limited["no_new_privs"], "0", "{limited}");
+    // Without no_new_privs a seccomp filter cannot be installed: refused
+    // up front, with the way out.
+    let mut events = sup.events();
+    sup.add(
+        sandbox.manifest("nofilter", &tp(), "isolation: {no_new_privs: false}"),
+        &Default::default(),
+    )
+    .unwrap();
+    let failed = plugvisor_integration_tests::wait_state(
+        &mut events,
+        "nofilter",
+        plugvisor::PluginState::Failed,
+        SECS_10,
+    )
+    .await;
+    assert!(
+        failed
+            .reason
+            .contains("set isolation.seccomp: unconfined too"),
+        "{}",
+        failed.reason
+    );
     sup.shutdown().await;
 }
 

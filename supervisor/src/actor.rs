@@ -319,7 +319,8 @@ impl Actor {
                 // it when `instance` is dropped (see `Child`'s Drop).
                 RunEnd::Exited(status) => {
                     return Ok(Outcome::Gone {
-                        reason: ExitReason::of_exit(status, instance.oom_killed(status)),
+                        reason: ExitReason::of_exit(status, instance.oom_killed(status))
+                            .or_seccomp_kill(&manifest.isolation.seccomp),
                         ready_since: Some(ready_since),
                     });
                 }

@@ -221,6 +221,14 @@ pub struct IsolationSpec {
     /// A plugin whose Initialize reports another version than `version:`
     /// fails to start, instead of starting with a warning.
     pub require_version_match: bool,
+    // --- seccomp and PID namespace (isolation/seccomp.rs, isolation/pidns.rs)
+    /// The seccomp filter: `default`, `unconfined`, or
+    /// `{profile, action, allow, deny}`.
+    pub seccomp: crate::isolation::seccomp::SeccompSpec,
+    /// Run the plugin as PID 1 of its own PID namespace, so that its
+    /// descendants die with it. On by default where the kernel allows.
+    pub pid_namespace: bool,
+    // --- end seccomp and PID namespace
 }
 
 impl Default for IsolationSpec {
@@ -232,6 +240,8 @@ impl Default for IsolationSpec {
             no_new_privs: true,
             capabilities: Vec::new(),
             require_version_match: false,
+            seccomp: Default::default(),
+            pid_namespace: true,
         }
     }
 }

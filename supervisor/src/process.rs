@@ -278,6 +278,8 @@ struct Spawned {
 
 struct SpawnJob {
     command: Command,
+    /// Fork it as PID 1 of a new PID namespace (see `isolation::pidns`).
+    new_pid_ns: bool,
     reply: oneshot::Sender<io::Result<Spawned>>,
 }
 
@@ -321,6 +323,7 @@ impl ProcessManager {
             adopt: adopt.clone(),
             orphans: orphans.clone(),
             children: HashMap::new(),
+            pid_ns: None,
         };
         std::thread::Builder::new()
             .name("plugvisor-procs".into())
@@ -401,6 +404,7 @@ impl ProcessManager {
             args: &spec.args,
             env: &spec.env,
         });
+        let new_pid_ns = setup.pid_namespace;
         let (pre_exec, report) = PreExec::new(setup, exec)?;
         // SAFETY: the closure runs between fork and exec; `PreExec::run` only
         // makes raw system calls on data prepared before fork (no allocation,
@@ -416,7 +420,11 @@ impl ProcessManager {
         self.jobs
             .as_ref()
             .ok_or_else(stopped)?
-            .send(SpawnJob { command, reply })
+            .send(SpawnJob {
+                command,
+                new_pid_ns,
+                reply,
+            })
             .map_err(|_| stopped())?;
         wake(&self.wake);
         let Spawned {
@@ -494,6 +502,9 @@ struct Reaper {
     /// Children spawned and not yet reaped, by PID. Only this thread touches
     /// it, so forking and reaping never race.
     children: HashMap<i32, Tracked>,
+    /// This thread's way back to its own PID namespace, opened at the first
+    /// spawn that asks for a new one.
+    pid_ns: Option<crate::isolation::pidns::ForChildren>,
 }
 
 impl Reaper {
@@ -517,7 +528,29 @@ impl Reaper {
 
     /// Forks one child and starts tracking it.
     fn spawn(&mut self, mut job: SpawnJob) {
-        let result = job.command.spawn().and_then(|child| {
+        // Only this thread forks, so only its namespace for children needs
+        // to change: into a fresh one for this child, and back right after.
+        let entered = if job.new_pid_ns {
+            let ns = match self.pid_ns.take() {
+                Some(ns) => Ok(ns),
+                None => crate::isolation::pidns::ForChildren::open(),
+            };
+            ns.and_then(|mut ns| {
+                let entered = ns.enter_new();
+                self.pid_ns = Some(ns);
+                entered
+            })
+        } else {
+            self.pid_ns.as_mut().map_or(Ok(()), |ns| ns.restore())
+        };
+        let result = entered.and_then(|()| job.command.spawn());
+        if let Some(ns) = self.pid_ns.as_mut()
+            && let Err(e) = ns.restore()
+        {
+            // Tried again before the next spawn.
+            tracing::error!("{e}");
+        }
+        let result = result.and_then(|child| {
             let pid = child.id() as i32;
             match pidfd_open(pid) {
                 Ok(fd) => Ok((child, fd)),

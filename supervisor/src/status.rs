@@ -63,6 +63,9 @@ pub enum ExitReason {
     },
     /// Killed by the kernel's OOM killer, as its cgroup's counters show.
     OomKilled,
+    /// Killed with SIGSYS by its seccomp filter (`isolation.seccomp` with
+    /// `action: kill`) for making a system call the filter blocks.
+    SeccompKilled,
     /// Failed `failure_threshold` consecutive health checks and was killed.
     HealthCheck(String),
     /// Never became ready: spawn, handshake, connect or Initialize failed,
@@ -91,6 +94,7 @@ impl ExitReason {
             ExitReason::Exited(_) => "exit",
             ExitReason::Signaled { .. } => "signal",
             ExitReason::OomKilled => "oom",
+            ExitReason::SeccompKilled => "seccomp",
             ExitReason::HealthCheck(_) => "health",
             ExitReason::Start(StartError::StartTimeout { .. }) => "start_timeout",
             ExitReason::Start(StartError::InitializeTimeout(_)) => "initialize_timeout",
@@ -112,6 +116,19 @@ impl ExitReason {
     /// retried with backoff: fixing its permissions brings the plugin back.)
     pub(crate) fn is_refusal(&self) -> bool {
         matches!(self, ExitReason::Start(StartError::Refused(_)))
+    }
+
+    /// A SIGSYS death reads as a seccomp kill when the plugin's filter
+    /// kills (SECCOMP_RET_KILL_PROCESS ends a process with SIGSYS; nothing
+    /// else in the kernel does).
+    pub(crate) fn or_seccomp_kill(self, spec: &crate::isolation::seccomp::SeccompSpec) -> Self {
+        let kills = spec.action == crate::isolation::seccomp::BlockAction::Kill;
+        match self {
+            ExitReason::Signaled { signal, .. } if signal == libc::SIGSYS && kills => {
+                ExitReason::SeccompKilled
+            }
+            other => other,
+        }
     }
 
     /// How a ready child's exit reads, given whether its cgroup counted an
@@ -141,6 +158,10 @@ impl std::fmt::Display for ExitReason {
                 }
             ),
             ExitReason::OomKilled => write!(f, "killed by the OOM killer (memory limit)"),
+            ExitReason::SeccompKilled => write!(
+                f,
+                "killed by SIGSYS: seccomp blocked a system call (isolation.seccomp action: kill)"
+            ),
             ExitReason::HealthCheck(why) => write!(f, "killed after failed health checks: {why}"),
             ExitReason::Start(e) => write!(f, "{e}"),
         }
@@ -192,6 +213,7 @@ impl EventDetail {
         match reason {
             ExitReason::Exited(code) => detail.exit_code = Some(*code),
             ExitReason::Signaled { signal, .. } => detail.signal = Some(*signal),
+            ExitReason::SeccompKilled => detail.signal = Some(libc::SIGSYS),
             ExitReason::OomKilled | ExitReason::Start(StartError::OomKilled { .. }) => {
                 detail.oom = true
             }

@@ -67,25 +67,26 @@ fn middle(read_end: i32, write_end: i32) -> ! {
     if grandchild == 0 {
         grandchild_main(read_end, write_end);
     }
-    let bytes = grandchild.to_ne_bytes();
-    // SAFETY: `write_end` is open; `bytes` is a valid buffer of its length.
-    // `_exit` skips atexit handlers and stdio flushing, which belong to the
-    // parent.
-    unsafe {
-        libc::write(write_end, bytes.as_ptr().cast(), bytes.len());
-        libc::_exit(if grandchild < 0 { 1 } else { 0 })
-    }
+    // The grandchild reports its own pid through the pipe: only it can
+    // name itself as the supervisor sees it (see `host_pid`).
+    // SAFETY: `_exit` skips atexit handlers and stdio flushing, which belong
+    // to the parent.
+    unsafe { libc::_exit(if grandchild < 0 { 1 } else { 0 }) }
 }
 
 /// The grandchild: announce itself on stderr, then sleep until killed.
 fn grandchild_main(read_end: i32, write_end: i32) -> ! {
-    // SAFETY: both are this process's copies of the pipe; it needs neither.
+    let pid = host_pid();
+    let bytes = pid.to_ne_bytes();
+    // SAFETY: both are this process's copies of the pipe; `bytes` is a valid
+    // buffer of its length.
     unsafe {
+        libc::write(write_end, bytes.as_ptr().cast(), bytes.len());
         libc::close(read_end);
         libc::close(write_end);
     }
     // Allocating is fine: this process is a copy of a single-threaded one.
-    let line = format!("grandchild pid {}\n", std::process::id());
+    let line = format!("grandchild pid {pid}\n");
     // SAFETY: fd 2 is stderr; `line` is a valid buffer of its length.
     unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
     loop {
@@ -93,4 +94,14 @@ fn grandchild_main(read_end: i32, write_end: i32) -> ! {
         // handled signal, and we handle none, so we sleep until killed.
         unsafe { libc::pause() };
     }
+}
+
+/// This process's pid as the supervisor sees it. In a PID namespace of its
+/// own `getpid` answers the namespace's number, but /proc (mounted by the
+/// host, not remounted here) resolves `/proc/self` in the host's namespace.
+pub fn host_pid() -> i32 {
+    std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str().and_then(|s| s.parse().ok()))
+        .unwrap_or_else(|| std::process::id() as i32)
 }

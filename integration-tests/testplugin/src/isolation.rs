@@ -1,6 +1,7 @@
 //! Methods that push against the supervisor's isolation: burn CPU, fork
 //! until refused, open files until refused, reach for the network, and
-//! report what the process was given (user, rlimits, cgroup, no_new_privs).
+//! report what the process was given (user, rlimits, cgroup, no_new_privs),
+//! try system calls a seccomp filter blocks, and report its PID namespace.
 
 use plugvisor_sdk::{Request, Response, Status};
 use std::time::{Duration, Instant};
@@ -29,6 +30,7 @@ fn errno_name(errno: i32) -> String {
         libc::ECONNREFUSED => "ECONNREFUSED".into(),
         libc::EPERM => "EPERM".into(),
         libc::EACCES => "EACCES".into(),
+        libc::ENOSYS => "ENOSYS".into(),
         other => format!("errno {other}"),
     }
 }
@@ -260,6 +262,176 @@ pub fn identity() -> Result<Response, Status> {
             "exe": std::fs::read_link("/proc/self/exe").map(|p| p.display().to_string()).unwrap_or_default(),
             "net_ns": std::fs::read_link("/proc/self/ns/net").map(|p| p.display().to_string()).unwrap_or_default(),
             "interfaces": interfaces,
+        })
+        .to_string(),
+    ))
+}
+
+/// What `syscall` can try.
+const ATTEMPTS: [&str; 8] = [
+    "mount",
+    "unshare_user",
+    "ptrace",
+    "keyctl",
+    "bpf",
+    "perf_event_open",
+    "personality",
+    "clone3",
+];
+
+/// One attempt at a system call the default seccomp filter blocks, with
+/// arguments that do no harm when it is allowed.
+fn attempt(name: &str) -> Option<libc::c_long> {
+    // SAFETY: for every arm, raw system calls with null pointers or plain
+    // integers; none writes to this process's memory, and each either fails
+    // or changes only the calling process (which is a forked copy unless
+    // `here` was asked for).
+    unsafe {
+        Some(match name {
+            "mount" => libc::syscall(
+                libc::SYS_mount,
+                c"none".as_ptr(),
+                c"/tmp".as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                std::ptr::null::<libc::c_void>(),
+            ),
+            "unshare_user" => libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER),
+            // Succeeds when allowed: the forked copy asks to be traced by
+            // the plugin, which never traces it.
+            "ptrace" => libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0),
+            // Succeeds when allowed: the session keyring's serial number.
+            "keyctl" => libc::syscall(
+                libc::SYS_keyctl,
+                0,     // KEYCTL_GET_KEYRING_ID
+                -3i32, // KEY_SPEC_SESSION_KEYRING
+                0,
+            ),
+            "bpf" => libc::syscall(libc::SYS_bpf, 0, std::ptr::null::<libc::c_void>(), 0),
+            "perf_event_open" => libc::syscall(
+                libc::SYS_perf_event_open,
+                std::ptr::null::<libc::c_void>(),
+                0,
+                -1,
+                -1,
+                0,
+            ),
+            // ADDR_NO_RANDOMIZE: one of the personas the filter refuses.
+            "personality" => libc::syscall(libc::SYS_personality, 0x0040000),
+            // Succeeds when allowed; answered ENOSYS by the filter.
+            "clone3" => libc::syscall(libc::SYS_clone3, std::ptr::null::<libc::c_void>(), 0),
+            _ => return None,
+        })
+    }
+}
+
+/// `syscall NAME[,here]`: tries NAME (see `attempt`) in a forked copy of
+/// this process (or, with `here`, in the plugin itself: for a filter that
+/// kills) and answers `{"name", "result", "errno", "error"}`; `errno` is 0
+/// when the call succeeded.
+pub fn syscall(req: &Request) -> Result<Response, Status> {
+    let t = text(req)?;
+    let mut parts = t.split(',').map(str::trim);
+    let asked = parts.next().unwrap_or_default();
+    let here = parts.next() == Some("here");
+    let Some(name) = ATTEMPTS.iter().copied().find(|n| *n == asked) else {
+        return Err(Status::invalid_argument(format!(
+            "syscall: no attempt named `{asked}`; try one of {}",
+            ATTEMPTS.join(", ")
+        )));
+    };
+    let (result, errno) = if here {
+        let rc = attempt(name).unwrap_or(-1);
+        let errno = if rc < 0 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        } else {
+            0
+        };
+        (rc, errno)
+    } else {
+        in_fork(name)?
+    };
+    Ok(Response::new(
+        serde_json::json!({
+            "name": name,
+            "result": result,
+            "errno": errno,
+            "error": if errno == 0 { "ok".to_string() } else { errno_name(errno) },
+        })
+        .to_string(),
+    ))
+}
+
+/// Runs `attempt(name)` in a forked child, which reports (result, errno)
+/// through a pipe and exits.
+fn in_fork(name: &'static str) -> Result<(libc::c_long, i32), Status> {
+    let fail = |what: &str| {
+        Status::internal(format!(
+            "syscall: {what}: {}",
+            std::io::Error::last_os_error()
+        ))
+    };
+    let mut pipe = [0; 2];
+    // SAFETY: `pipe` is a valid array of two descriptors to fill.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(fail("pipe"));
+    }
+    // SAFETY: the child makes only raw system calls (async-signal-safe in a
+    // copy of a multi-threaded process) and leaves with `_exit`.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(fail("fork"));
+    }
+    if pid == 0 {
+        let rc = attempt(name).unwrap_or(-1);
+        // SAFETY: errno of this thread, then a write to our own pipe.
+        unsafe {
+            let errno = if rc < 0 { *libc::__errno_location() } else { 0 };
+            let msg = [rc, errno as i64];
+            libc::write(pipe[1], msg.as_ptr().cast(), std::mem::size_of_val(&msg));
+            libc::_exit(0);
+        }
+    }
+    let mut msg = [0i64; 2];
+    // SAFETY: close our write end, read the report into a valid buffer, reap.
+    let n = unsafe {
+        libc::close(pipe[1]);
+        let n = libc::read(
+            pipe[0],
+            msg.as_mut_ptr().cast(),
+            std::mem::size_of_val(&msg),
+        );
+        libc::close(pipe[0]);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+        n
+    };
+    if n != std::mem::size_of_val(&msg) as isize {
+        return Err(Status::internal(format!(
+            "syscall: the forked child died before reporting on {name}"
+        )));
+    }
+    Ok((msg[0] as libc::c_long, msg[1] as i32))
+}
+
+/// `pid_info`: `{"pid", "host_pid", "seccomp", "pid_ns"}`: the pid this
+/// process sees, the one the supervisor sees, the Seccomp field of its
+/// status, and its PID namespace.
+pub fn pid_info() -> Result<Response, Status> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    Ok(Response::new(
+        serde_json::json!({
+            "pid": std::process::id(),
+            "host_pid": crate::fork::host_pid(),
+            "seccomp": field("Seccomp:"),
+            "nspid": field("NSpid:"),
+            "pid_ns": std::fs::read_link("/proc/self/ns/pid").map(|p| p.display().to_string()).unwrap_or_default(),
         })
         .to_string(),
     ))

@@ -95,7 +95,8 @@ fn json(value: serde_json::Value) -> Result<Response, Status> {
 /// without the descriptor used to read that directory.
 fn open_fds() -> Result<BTreeMap<i32, String>, Status> {
     let fd_dir = "/proc/self/fd";
-    let own_dir = format!("/proc/{}/fd", std::process::id());
+    // As /proc (the host's) names it: not `getpid` in a PID namespace.
+    let own_dir = format!("/proc/{}/fd", crate::fork::host_pid());
     let entries = std::fs::read_dir(fd_dir)
         .map_err(|e| Status::internal(format!("reading {fd_dir}: {e}")))?;
     let mut fds = BTreeMap::new();
@@ -266,6 +267,8 @@ impl Plugin for TestPlugin {
             "identity",
             "bind",
             "connect_unix",
+            "syscall",
+            "pid_info",
             "flood",
             "flood_line",
         ]
@@ -394,6 +397,8 @@ impl Plugin for TestPlugin {
             "identity" => crate::isolation::identity(),
             "bind" => crate::isolation::bind(&req),
             "connect_unix" => crate::isolation::connect_unix(&req),
+            "syscall" => crate::isolation::syscall(&req),
+            "pid_info" => crate::isolation::pid_info(),
             other => Err(unknown_method(other)),
         }
     }

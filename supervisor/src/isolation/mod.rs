@@ -27,10 +27,12 @@
 #[cfg(any(test, feature = "test-support"))]
 pub mod fake;
 pub mod fs;
+pub mod pidns;
 pub mod pin;
 pub mod preexec;
 pub mod privileges;
 pub mod rlimits;
+pub mod seccomp;
 pub mod v1;
 pub mod v2;
 
@@ -453,6 +455,8 @@ pub struct Isolation {
     /// Instance id → its cgroup, while the instance lives.
     live: Arc<Mutex<HashMap<String, Arc<dyn CgroupManager>>>>,
     privileges: Privileges,
+    /// What this host allows of seccomp and PID namespaces.
+    confinement: Confinement,
 }
 
 /// What `prepare` needs to decide who a plugin runs as and what it keeps.
@@ -601,6 +605,61 @@ impl Privileges {
     }
 }
 
+// --- seccomp and PID namespace
+/// Whether this host can apply seccomp filters and PID namespaces, probed
+/// once at start-up: `Err` says why not.
+#[derive(Debug, Clone)]
+pub struct Confinement {
+    pub seccomp: Result<(), String>,
+    pub pid_namespace: Result<(), String>,
+}
+
+impl Confinement {
+    /// Probes the kernel and says once what cannot be applied.
+    pub fn probe() -> Confinement {
+        let c = Confinement {
+            seccomp: seccomp::probe(),
+            pid_namespace: pidns::probe(),
+        };
+        if let Err(why) = &c.seccomp {
+            tracing::warn!("plugins run without their seccomp filters: {why}");
+        }
+        if let Err(why) = &c.pid_namespace {
+            tracing::warn!("plugins run without PID namespaces of their own: {why}");
+        }
+        c
+    }
+
+    /// The filter a spawn of `m` installs, compiled for this machine.
+    fn seccomp_for(&self, m: &Manifest) -> Result<Option<seccomp::Compiled>, PrepareError> {
+        if self.seccomp.is_err() {
+            return Ok(None);
+        }
+        let arch = seccomp::host_arch().map_err(PrepareError::Refused)?;
+        seccomp::compile(&m.isolation.seccomp, arch)
+            .map_err(|e| PrepareError::Refused(format!("isolation.seccomp: {e}")))
+    }
+
+    /// `inspect`'s lines for `m`: what is applied, and what is not and why.
+    pub fn describe(&self, m: &Manifest) -> Vec<String> {
+        let spec = &m.isolation.seccomp;
+        let seccomp = match &self.seccomp {
+            _ if spec.is_unconfined() => spec.describe(),
+            Ok(()) => spec.describe(),
+            Err(why) => format!("seccomp not applied: {why}"),
+        };
+        let pid_ns = match &self.pid_namespace {
+            _ if !m.isolation.pid_namespace => {
+                "shared PID namespace (isolation.pid_namespace: false)".to_string()
+            }
+            Ok(()) => "own PID namespace (the plugin is PID 1)".to_string(),
+            Err(why) => format!("own PID namespace not applied: {why}"),
+        };
+        vec![seccomp, pid_ns]
+    }
+}
+// --- end seccomp and PID namespace
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Inserts and removes are single calls; a panic elsewhere leaves the map
     // consistent.
@@ -678,6 +737,7 @@ impl Isolation {
             allow_writable_executables: opts.allow_writable_executables,
             live: Arc::default(),
             privileges: Privileges::new(opts, proc_root),
+            confinement: Confinement::probe(),
         })
     }
 
@@ -732,6 +792,7 @@ impl Isolation {
         instance_id: &str,
     ) -> Result<Prepared, PrepareError> {
         let enforcement = self.enforcement.clone();
+        let confinement = self.confinement.clone();
         let allow_writable = self.allow_writable_executables;
         let privileges = self.privileges.clone();
         let manifest = manifest.clone();
@@ -740,6 +801,7 @@ impl Isolation {
         tokio::task::spawn_blocking(move || {
             let prepared = prepare_blocking(
                 &enforcement,
+                &confinement,
                 allow_writable,
                 &privileges,
                 &manifest,
@@ -801,7 +863,6 @@ impl Isolation {
             cgroup: cgroups.iter().flat_map(|c| c.paths()).collect(),
             limits: limit_table(&manifest.limits, &self.enforcement),
             usage,
-            hardening: hardening_of(manifest),
             uid: held.as_ref().map(|h| h.uid),
             gid: held.as_ref().map(|h| h.gid),
             identity: match &held {
@@ -822,6 +883,10 @@ impl Isolation {
                 }),
             no_new_privs: manifest.isolation.no_new_privs,
             degraded: held.map(|h| h.degraded).unwrap_or_else(|| p.degraded()),
+            hardening: hardening_of(manifest)
+                .into_iter()
+                .chain(self.confinement.describe(manifest))
+                .collect(),
         }
     }
 }
@@ -829,6 +894,7 @@ impl Isolation {
 /// [`Isolation::prepare`]'s blocking part.
 fn prepare_blocking(
     enforcement: &Enforcement,
+    confinement: &Confinement,
     allow_writable: bool,
     privileges: &Privileges,
     manifest: &Manifest,
@@ -855,6 +921,20 @@ fn prepare_blocking(
     if manifest.isolation.network == NetworkMode::None && !capable(CAP_SYS_ADMIN) {
         return Err(PrepareError::Refused(
             "isolation.network: none needs a supervisor running as root (CAP_SYS_ADMIN) to make a network namespace".into(),
+        ));
+    }
+    let seccomp = confinement.seccomp_for(manifest)?;
+    // Without no_new_privs the kernel installs a filter only for a process
+    // holding CAP_SYS_ADMIN, which a plugin does not keep by default: say so
+    // now rather than fail every start at the seccomp step.
+    let keeps_sys_admin = manifest
+        .isolation
+        .capabilities
+        .iter()
+        .any(|c| c == "ALL" || c == "CAP_SYS_ADMIN");
+    if seccomp.is_some() && !manifest.isolation.no_new_privs && !keeps_sys_admin {
+        return Err(PrepareError::Refused(
+            "isolation.no_new_privs: false leaves no way to install the seccomp filter (the kernel needs no_new_privs, or CAP_SYS_ADMIN kept); set isolation.seccomp: unconfined too, or keep no_new_privs".into(),
         ));
     }
     let cgroups = matches!(*enforcement, Enforcement::Cgroups(_));
@@ -884,6 +964,8 @@ fn prepare_blocking(
         network_none: manifest.isolation.network == NetworkMode::None,
         no_new_privs: manifest.isolation.no_new_privs,
         caps: Some(caps),
+        seccomp,
+        pid_namespace: manifest.isolation.pid_namespace && confinement.pid_namespace.is_ok(),
     };
     lock(&privileges.held).insert(manifest.name.clone(), held);
     Ok(Prepared {

@@ -18,9 +18,16 @@
 //! 8. sets the parent-death signal — after 6, since a credential change
 //!    clears it — and checks the supervisor did not die meanwhile;
 //! 9. sets `no_new_privs`;
-//! 10. marks every descriptor beyond 0-2 close-on-exec;
+//! 10. marks every descriptor beyond 0-2 close-on-exec, then installs the
+//!     seccomp filter compiled before fork (last, so nothing above is
+//!     filtered, and after the capabilities are gone; see
+//!     [`super::seccomp`]);
 //! 11. executes the pinned, sealed copy (`execveat`), or returns and lets the
 //!     standard library execute the path.
+//!
+//! A child that wants a PID namespace of its own is forked into one (see
+//! [`super::pidns`]): it is PID 1 there and `getppid` is 0, so step 8
+//! checks the supervisor through a pidfd instead.
 //!
 //! A step that fails writes its number to a report pipe before returning
 //! the errno, so the parent can say which step failed on what.
@@ -126,6 +133,12 @@ pub struct ChildSetup {
     pub no_new_privs: bool,
     /// Capabilities: `None` leaves them as inherited (no isolation asked).
     pub caps: Option<CapsPlan>,
+    // --- seccomp and PID namespace
+    /// The filter to install last, compiled before fork.
+    pub seccomp: Option<super::seccomp::Compiled>,
+    /// Fork the child as PID 1 of a new PID namespace.
+    pub pid_namespace: bool,
+    // --- end seccomp and PID namespace
 }
 
 /// Execute this open file instead of the path.
@@ -167,10 +180,11 @@ enum Step {
     KeepCaps,
     Capset,
     CapAmbient,
+    Seccomp,
 }
 
 impl Step {
-    const ALL: [Step; 17] = [
+    const ALL: [Step; 18] = [
         Step::JoinCgroup,
         Step::Setsid,
         Step::Rlimit,
@@ -188,6 +202,7 @@ impl Step {
         Step::KeepCaps,
         Step::Capset,
         Step::CapAmbient,
+        Step::Seccomp,
     ];
 }
 
@@ -239,6 +254,11 @@ pub struct PreExec {
     uid: Option<libc::uid_t>,
     no_new_privs: bool,
     caps: Option<CapsPlan>,
+    /// The seccomp filter, installed after everything else.
+    seccomp: Option<super::seccomp::Installed>,
+    /// A pidfd of the supervisor, for a child in its own PID namespace to
+    /// check it is alive (`getppid` is 0 there).
+    parent_pidfd: Option<OwnedFd>,
     exec: Option<Exec>,
     /// Write end of the report pipe (close-on-exec, non-blocking).
     report: OwnedFd,
@@ -311,6 +331,11 @@ impl PreExec {
             exec: exec_path,
         };
         let creds = setup.credentials;
+        let parent_pidfd = if setup.pid_namespace {
+            Some(super::pidns::own_pidfd()?)
+        } else {
+            None
+        };
         let pre = PreExec {
             parent: std::process::id() as libc::pid_t,
             procs: setup.cgroup_procs.into_iter().map(|p| p.fd).collect(),
@@ -325,6 +350,8 @@ impl PreExec {
             uid: creds.as_ref().map(|c| c.uid),
             no_new_privs: setup.no_new_privs,
             caps: setup.caps,
+            seccomp: setup.seccomp.map(super::seccomp::Installed::new),
+            parent_pidfd,
             exec,
             report: write,
         };
@@ -401,7 +428,11 @@ impl PreExec {
                 return Err(self.fail(Step::ParentDeathSignal, 0));
             }
             // The supervisor may have died before prctl took effect.
-            if libc::getppid() != self.parent {
+            let parent_gone = match &self.parent_pidfd {
+                Some(pidfd) => super::pidns::exited(pidfd),
+                None => libc::getppid() != self.parent,
+            };
+            if parent_gone {
                 *libc::__errno_location() = libc::ESRCH;
                 return Err(self.fail(Step::ParentGone, 0));
             }
@@ -419,6 +450,11 @@ impl PreExec {
             ) < 0
             {
                 return Err(self.fail(Step::CloseRange, 0));
+            }
+            if let Some(filter) = &self.seccomp
+                && let Err(i) = filter.install()
+            {
+                return Err(self.fail(Step::Seccomp, i));
             }
             let Some(exec) = &self.exec else {
                 return Ok(());
@@ -486,6 +522,7 @@ impl Report {
             Step::ParentGone => "checking the supervisor is alive (it is not)".into(),
             Step::NoNewPrivs => "setting no_new_privs".into(),
             Step::CloseRange => "marking inherited descriptors close-on-exec".into(),
+            Step::Seccomp => "installing the seccomp filter (isolation.seccomp; it needs no_new_privs or CAP_SYS_ADMIN, and a kernel with CONFIG_SECCOMP_FILTER)".into(),
             Step::KeepExecFd => "keeping the script's descriptor open".into(),
             Step::CapBounding => format!(
                 "dropping {} from the capability bounding set (needs CAP_SETPCAP)",
