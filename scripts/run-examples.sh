@@ -6,6 +6,8 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
+# Plugins run as their own unprivileged users when the daemon is root.
+if [ "$(id -u)" -eq 0 ]; then scripts/reachable.sh "$repo"; fi
 cargo build --release -p plugvisor-cli -p plugvisor-example-echo -p plugvisor-example-kv
 scripts/setup-python.sh
 exec target/release/plugvisor run --plugins-dir examples/plugins "$@"

@@ -7,7 +7,10 @@
 # requirements file changed since the last successful install. Safe to re-run.
 #
 # Environment:
-#   PYTHON   interpreter used to create the venv (default: python3; needs >= 3.10)
+#   PYTHON   interpreter used to create the venv (default: /usr/bin/python3
+#            when it is 3.10 or newer, else python3 on PATH; needs >= 3.10).
+#            Plugins run as their own unprivileged uid: the interpreter must
+#            be reachable by every user, so one under /root is refused.
 #   VENV     where to put the venv (default: <repo>/.venv)
 #
 # Exit status: 0 ready, 1 error (the message says what to do).
@@ -18,7 +21,14 @@ repo=$(CDPATH='' cd -- "$(dirname -- "$self")/.." && pwd -P)
 example="$repo/examples/python-echo"
 requirements="$example/requirements.txt"
 venv=${VENV:-"$repo/.venv"}
-python=${PYTHON:-python3}
+# The system interpreter first: plugins run as unprivileged users, who
+# cannot reach an interpreter installed under a private home (pyenv's).
+if [ -z "${PYTHON:-}" ] && [ -x /usr/bin/python3 ] &&
+        /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    python=/usr/bin/python3
+else
+    python=${PYTHON:-python3}
+fi
 stamp="$venv/.plugvisor-requirements.sha256"
 
 say() { printf 'setup-python: %s\n' "$*" >&2; }
@@ -37,7 +47,21 @@ venv_module_ok() { "$python" -c 'import venv, ensurepip' >/dev/null 2>&1; }
 
 # A venv is healthy when its interpreter runs (a Python upgrade or a moved
 # checkout leaves dangling symlinks behind).
-venv_ok() { [ -x "$venv/bin/python3" ] && "$venv/bin/python3" -c '' >/dev/null 2>&1; }
+venv_ok() {
+    [ -x "$venv/bin/python3" ] && "$venv/bin/python3" -c '' >/dev/null 2>&1 &&
+        reachable_by_all "$(readlink -f -- "$venv/bin/python3")"
+}
+
+# Every directory above `$1` lets others through (o+x), and `$1` is o+x: an
+# unprivileged plugin can run it.
+reachable_by_all() {
+    p=$1
+    [ -n "$(find "$p" -maxdepth 0 -perm -o+x 2>/dev/null)" ] || return 1
+    while [ "$p" != / ]; do
+        p=$(dirname -- "$p")
+        [ -n "$(find "$p" -maxdepth 0 -perm -o+x 2>/dev/null)" ] || return 1
+    done
+}
 
 if ! venv_ok; then
     if ! venv_module_ok; then
