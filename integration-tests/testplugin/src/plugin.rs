@@ -337,11 +337,13 @@ impl Plugin for TestPlugin {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 Ok(Response::new("slept"))
             }
-            "pid" => Ok(Response::new(std::process::id().to_string())),
+            // The pid as the supervisor sees it (getpid is 1 in the plugin's
+            // own PID namespace).
+            "pid" => Ok(Response::new(crate::fork::host_pid().to_string())),
             "sleep_pid" => {
                 let ms = number(&req, Some(0))?;
                 tokio::time::sleep(Duration::from_millis(ms)).await;
-                Ok(Response::new(std::process::id().to_string()))
+                Ok(Response::new(crate::fork::host_pid().to_string()))
             }
             "grandchild" => match self.grandchild {
                 Some(pid) => Ok(Response::new(pid.to_string())),

@@ -127,7 +127,7 @@ async fn first_start_failure(mode: &str, initialize_timeout: &str) -> String {
             "raw",
             &exe,
             &format!(
-                "args: [--exact, serve_as_plugin, --nocapture, --test-threads=1]\n\
+                "args: [--exact, initialize::serve_as_plugin, --nocapture, --test-threads=1]\n\
                  env: {{{MODE}: {mode}}}\n\
                  timeouts: {{initialize: {initialize_timeout}}}\n\
                  restart: {{initial_backoff: 10s}}"

@@ -2,12 +2,10 @@
 //! a live daemon whose plugin crashes, reading what the screen shows after
 //! each key; and piped, where it prints one plain snapshot.
 
-mod support;
-
+use crate::support::tmux::{Tmux, row};
 use plugvisor_integration_tests::{Daemon, Sandbox, bin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use support::tmux::{Tmux, row};
 
 /// `tp` gives up (goes `failed`) on its second crash within a minute.
 fn sandbox() -> Sandbox {

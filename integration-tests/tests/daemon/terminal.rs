@@ -2,10 +2,8 @@
 //! terminal (tmux) and never when piped or with NO_COLOR; `stop` and
 //! `restart` printing each step as it happens.
 
-mod support;
-
+use crate::support::tmux::Tmux;
 use plugvisor_integration_tests::{Daemon, Sandbox, bin};
-use support::tmux::Tmux;
 
 fn crashed_once() -> (Sandbox, Daemon) {
     let sandbox = Sandbox::new();
