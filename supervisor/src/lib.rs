@@ -10,13 +10,16 @@
 //! - [`manifest`], [`config`], [`units`]: what to run, parsed strictly.
 //! - [`process`]: spawning, pidfds, reaping (every OS effect of a child).
 //! - [`instance`]: one child's start (handshake, connect, Initialize) and stop.
-//! - [`isolation`]: cgroups (v1, v2), rlimits, hardening, binary pinning.
+//! - [`isolation`]: cgroups (v1, v2), rlimits, binary pinning, and the
+//!   sandbox: own uid, no capabilities, seccomp, a PID namespace.
 //! - [`policy`]: the restart policy as pure functions of time.
 //! - [`supervisor`]: the public API (the facade) and the call paths. Behind
 //!   it, per plugin, one coordinator (`plugin`: owns what the plugin should
 //!   run, runs operations that span replicas) and one actor per replica
 //!   (`actor`: owns its child), with `upgrade` (all-or-nothing upgrades),
-//!   `replica` (the steps of a replica's life), `routing` (where calls go)
+//!   `replica` (the steps of a replica's life), `spec` (what a replica
+//!   runs), `routing` (where calls go and admission), `session` (calls
+//!   multiplexed on long-lived streams), `host` (what every plugin shares)
 //!   and [`status`] (states, events, the published view).
 //! - [`metrics`]: the Prometheus registry the supervisor feeds.
 //! - [`state`]: atomic state snapshots.

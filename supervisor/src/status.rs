@@ -1,5 +1,5 @@
 //! What the supervisor says about its plugins: states, exit reasons, events
-//! and point-in-time views, and the per-plugin [`Board`] they are published
+//! and point-in-time views, and the per-plugin board they are published
 //! on. Each replica's actor writes its own row of the board; the plugin's
 //! coordinator writes the spec; everyone else only reads.
 

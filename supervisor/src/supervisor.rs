@@ -1,11 +1,11 @@
 //! The supervisor's public API: adding and removing plugins, operator
 //! operations, status, and the call paths.
 //!
-//! Each plugin has one coordinator ([`crate::plugin`]) that owns what it
-//! should run, and `replicas` actors ([`crate::actor`]) that each own one
+//! Each plugin has one coordinator (module `plugin`) that owns what it
+//! should run, and `replicas` actors (module `actor`) that each own one
 //! child. This facade owns neither: it sends operations to coordinators and
 //! routes calls through what the actors publish. Calls are admitted through
-//! the plugin's bounded [`crate::routing::Admission`], go to the
+//! the plugin's bounded admission (module `routing`), go to the
 //! least-loaded ready instance, and wait for a restarting plugin up to their
 //! deadline.
 

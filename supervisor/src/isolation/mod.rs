@@ -3,7 +3,7 @@
 //! - cgroups: one [`CgroupTree`] (where instance cgroups are made) and one
 //!   [`CgroupManager`] per instance, with a v1 ([`v1`]) and a v2 ([`v2`])
 //!   implementation chosen once at start-up by [`probe`]-ing a root that is a
-//!   parameter, and a recording fake ([`fake`]) for tests. All their file
+//!   parameter, and a recording fake (`fake`, with the `test-support` feature) for tests. All their file
 //!   operations go through [`fs::CgroupFs`], so tests point them at a temp dir.
 //! - [`rlimits`]: NOFILE, CORE, DATA, CPU, NPROC from the manifest.
 //! - [`pin`]: the executable, opened once, checked (sha256, writability) on
