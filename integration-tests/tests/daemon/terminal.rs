@@ -132,3 +132,46 @@ fn stop_and_restart_print_each_step_as_it_happens() {
     let ready_line = coloured.lines().find(|l| l.contains(" ready ")).unwrap();
     assert!(ready_line.contains('\x1b'), "{ready_line:?}");
 }
+
+#[test]
+fn a_streamed_call_shows_its_progress_only_on_a_terminal() {
+    let sandbox = Sandbox::new();
+    sandbox.plugin("echo", &bin("echo-plugin"), "");
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("echo");
+    let input = sandbox.dir.path().join("in.bin");
+    std::fs::write(&input, vec![7u8; 24 << 20]).unwrap();
+    let output = sandbox.dir.path().join("out.bin");
+    let call = format!(
+        "call echo echo --stream --data-file {} > {}",
+        input.display(),
+        output.display()
+    );
+
+    // Piped stderr: no progress at all.
+    let piped = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cli_line(&daemon, "", &call))
+        .output()
+        .unwrap();
+    assert!(piped.status.success(), "{piped:?}");
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(
+        !stderr.contains("MiB/s"),
+        "no progress when piped: {stderr:?}"
+    );
+    assert_eq!(std::fs::metadata(&output).unwrap().len(), 24 << 20);
+
+    // On a terminal: bytes each way and the rate, then a last line.
+    let Some(tmux) = Tmux::start(sandbox.dir.path(), &cli_line(&daemon, "", &call)) else {
+        return;
+    };
+    let screen = tmux.wait_for("the streamed call's last progress line", |s| {
+        s.contains("[exit 0]") && s.contains("done")
+    });
+    let last = screen.lines().find(|l| l.contains("done")).unwrap();
+    assert!(
+        last.contains("sent 24.0 MiB, received 24.0 MiB") && last.contains("MiB/s"),
+        "{screen}"
+    );
+}

@@ -13,7 +13,9 @@ use plugvisor_proto as pb;
 use prost::bytes::Bytes;
 use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// How much is read (and sent) at a time: large enough that the per-chunk
@@ -261,11 +263,21 @@ async fn call_to(
 ) -> anyhow::Result<i32> {
     let mut client = crate::control::connect(control).await?;
     let (failed_tx, mut failed_rx) = tokio::sync::oneshot::channel();
-    let input = request_stream(
-        plugin.to_owned(),
-        method.to_owned(),
-        spawn_reader(source),
-        failed_tx,
+    let progress = Progress::start(std::io::stderr().is_terminal());
+    let counted = progress.counts.clone();
+    let input = tokio_stream::StreamExt::map(
+        request_stream(
+            plugin.to_owned(),
+            method.to_owned(),
+            spawn_reader(source),
+            failed_tx,
+        ),
+        move |chunk| {
+            counted
+                .sent
+                .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+            chunk
+        },
     );
     let read_error = |failed: &mut tokio::sync::oneshot::Receiver<std::io::Error>| {
         failed.try_recv().ok().map(|e| {
@@ -293,6 +305,10 @@ async fn call_to(
                 if let Some(&b) = chunk.data.last() {
                     last_byte = b;
                 }
+                progress
+                    .counts
+                    .received
+                    .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
                 // A slow reader of stdout blocks this write, which stops
                 // reading replies, which (flow control) stops the plugin.
                 tokio::task::block_in_place(|| out.write_all(&chunk.data))
@@ -312,12 +328,78 @@ async fn call_to(
             }
         }
     }
+    progress.finish();
     if terminal && last_byte != b'\n' {
         writeln!(out)?;
     }
     out.flush()
         .context("cannot write the reply to standard output")?;
     Ok(0)
+}
+
+/// Bytes sent and received so far.
+#[derive(Default)]
+struct Counts {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+/// Live progress of a streamed call on stderr, when stderr is a terminal:
+/// bytes each way and the rate, redrawn in place a few times a second, and
+/// a last line when the call ends. Nothing at all when stderr is piped.
+struct Progress {
+    counts: Arc<Counts>,
+    started: Instant,
+    ticker: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(terminal: bool) -> Progress {
+        let counts = Arc::new(Counts::default());
+        let started = Instant::now();
+        let ticker = terminal.then(|| {
+            let counts = counts.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(250));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let line = progress_line(&counts, started.elapsed());
+                    let mut err = std::io::stderr().lock();
+                    let _ = write!(err, "\r\x1b[2K{line}");
+                    let _ = err.flush();
+                }
+            })
+        });
+        Progress {
+            counts,
+            started,
+            ticker,
+        }
+    }
+
+    /// Stops redrawing and prints the final figures (terminal only).
+    fn finish(self) {
+        if let Some(ticker) = self.ticker {
+            ticker.abort();
+            let line = progress_line(&self.counts, self.started.elapsed());
+            eprintln!("\r\x1b[2K{line} done");
+        }
+    }
+}
+
+fn progress_line(counts: &Counts, elapsed: Duration) -> String {
+    let sent = counts.sent.load(Ordering::Relaxed);
+    let received = counts.received.load(Ordering::Relaxed);
+    let secs = elapsed.as_secs_f64().max(1e-3);
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    format!(
+        "sent {:.1} MiB, received {:.1} MiB, {:.1} MiB/s, {:.1}s",
+        mib(sent),
+        mib(received),
+        mib(sent.max(received)) / secs,
+        elapsed.as_secs_f64()
+    )
 }
 
 #[cfg(test)]
