@@ -231,6 +231,11 @@ impl Actor {
                 }
                 Some(Command::Restart(reply)) => {
                     self.tracker.clear();
+                    self.replica.transition(
+                        PluginState::Starting,
+                        "",
+                        "restart requested; backoff cut short".into(),
+                    );
                     let _ = reply.send(());
                     return Next::Start;
                 }
@@ -271,6 +276,10 @@ impl Actor {
                 Some(Command::Start(reply) | Command::Restart(reply)) => {
                     self.tracker.clear();
                     self.replica.route(Route::Pending);
+                    // The answer reads the state: say it is starting now,
+                    // not the `stopped` it is leaving.
+                    self.replica
+                        .transition(PluginState::Starting, "", "start requested".into());
                     let _ = reply.send(());
                     return Next::Start;
                 }
@@ -366,6 +375,11 @@ impl Actor {
             self.replica
                 .stop_instance(&manifest, &mut instance, why, restarting, true)
                 .await;
+            if restarting && reply.is_some() {
+                // The answer reads the state: the new start has begun.
+                self.replica
+                    .transition(PluginState::Starting, "", "restarting by request".into());
+            }
             if let Some(reply) = reply {
                 let _ = reply.send(());
             }

@@ -624,3 +624,26 @@ fn a_runtime_dir_others_can_write_or_a_planted_symlink_is_refused() {
         "{stderr}"
     );
 }
+
+#[test]
+fn start_and_restart_report_the_new_start_not_the_old_stop() {
+    let sandbox = Sandbox::new();
+    sandbox.plugin("tp", &bin("testplugin"), "");
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("tp");
+    for _ in 0..5 {
+        daemon.cli_ok(&["stop", "tp"]);
+        let started = daemon.cli_ok(&["start", "tp"]);
+        assert!(
+            !started.contains("now stopped"),
+            "the reply raced the state it reports: {started}"
+        );
+        daemon.wait_ready("tp");
+        let restarted = daemon.cli_ok(&["restart", "tp"]);
+        assert!(
+            !restarted.contains("now stopped"),
+            "the reply raced the state it reports: {restarted}"
+        );
+        daemon.wait_ready("tp");
+    }
+}
