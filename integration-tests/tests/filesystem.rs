@@ -96,6 +96,9 @@ async fn a_read_only_plugin_writes_only_its_own_paths_and_still_reads_the_host()
     assert_eq!(r["ok"], true, "{r}");
     let r = write(&sup, "ro", Path::new("/dev/null")).await;
     assert_eq!(r["ok"], true, "{r}");
+    // Even its own /proc entries are not writable.
+    let r = write(&sup, "ro", Path::new("/proc/self/comm")).await;
+    assert!(r["error"].as_str().unwrap().starts_with("EACCES"), "{r}");
     // Without a view, no private tmp is made.
     let free_env = call(&sup, "free", "env", "").await;
     assert!(free_env.get("TMPDIR").is_none(), "{free_env}");
