@@ -160,6 +160,27 @@ fn socket_dir(
     Ok(dir)
 }
 
+/// Makes `<socket dir>/tmp`, mode 0700, owned by the plugin's user: the
+/// private tmp of a plugin in a filesystem view. It goes with the socket
+/// directory when the instance ends.
+fn own_tmp(socket_dir: &Path, owner: Option<(u32, u32)>) -> Result<PathBuf, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let tmp = socket_dir.join("tmp");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp)
+        .map_err(|e| format!("cannot create the private tmp {}: {e}", tmp.display()))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(&tmp, Some(uid), Some(gid)).map_err(|e| {
+            format!(
+                "cannot hand the private tmp {} to uid {uid} gid {gid}: {e}",
+                tmp.display()
+            )
+        })?;
+    }
+    Ok(tmp)
+}
+
 /// Checks that a plugin running as `uid`:`gid` can traverse every directory
 /// down to `dir`, so that it can create its socket below it.
 fn reachable_by(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
@@ -214,8 +235,23 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
         (Some(isolation), Some(cg)) => Some(isolation.lease(&ctx.instance_id, cg, ctx.tasks)),
         _ => None,
     };
+    let mut prepared = prepared;
     let owner = prepared.as_ref().and_then(|p| p.owner);
     let dir = socket_dir(ctx.runtime_dir, &ctx.instance_id, owner)?;
+    let tmp = match &mut prepared {
+        Some(p) if p.private_tmp => match own_tmp(&dir, owner).and_then(|tmp| {
+            p.allow_own_dir(&dir)
+                .map_err(|e| format!("cannot add it to the filesystem view: {e}"))?;
+            Ok(tmp)
+        }) {
+            Ok(tmp) => Some(tmp),
+            Err(reason) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(StartError::SocketDir { path: dir, reason });
+            }
+        },
+        _ => None,
+    };
     let socket = dir.join("plugin.sock");
     if socket.as_os_str().len() > MAX_SOCKET_PATH {
         let _ = std::fs::remove_dir_all(&dir);
@@ -244,6 +280,13 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
             handshake::MAGIC_COOKIE_VALUE.into(),
         ),
     ];
+    // Unless the manifest's env points it elsewhere (a sealed executable
+    // gets the list as it is, so no name may appear twice).
+    if let Some(tmp) = tmp
+        && !ctx.env.iter().any(|(k, _)| k == "TMPDIR")
+    {
+        env.push(("TMPDIR".into(), tmp.into()));
+    }
     env.extend(ctx.env.iter().map(|(k, v)| (k.into(), v.into())));
     let spec = SpawnSpec {
         program: m.exec.clone(),

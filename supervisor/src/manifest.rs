@@ -229,6 +229,9 @@ pub struct IsolationSpec {
     /// descendants die with it. On by default where the kernel allows.
     pub pid_namespace: bool,
     // --- end seccomp and PID namespace
+    /// The filesystem view (Landlock): `host`, `read-only`, or
+    /// `{view, writable, best_effort}`.
+    pub filesystem: crate::isolation::landlock::FilesystemSpec,
 }
 
 impl Default for IsolationSpec {
@@ -242,6 +245,7 @@ impl Default for IsolationSpec {
             require_version_match: false,
             seccomp: Default::default(),
             pid_namespace: true,
+            filesystem: Default::default(),
         }
     }
 }
@@ -472,6 +476,8 @@ impl Manifest {
         }
         validate_limits(&raw.limits).map_err(|(f, m)| err(&format!("limits.{f}"), m))?;
         validate_isolation(&raw.isolation).map_err(|(f, m)| err(&format!("isolation.{f}"), m))?;
+        let mut isolation = raw.isolation;
+        isolation.filesystem.resolve_against(&dir);
         let sha256 = raw
             .sha256
             .map(|digest| validate_sha256(&digest).map_err(|m| err("sha256", m)))
@@ -490,7 +496,7 @@ impl Manifest {
             timeouts: raw.timeouts,
             sha256,
             limits: raw.limits,
-            isolation: raw.isolation,
+            isolation,
             idempotent: raw.idempotent,
             state: raw.state,
             replicas: raw.replicas,
@@ -613,6 +619,10 @@ fn validate_isolation(i: &IsolationSpec) -> Result<(), (&'static str, String)> {
     }
     crate::isolation::privileges::validate_capabilities(&i.capabilities)
         .map_err(|m| ("capabilities", m))?;
+    i.filesystem.validate().map_err(|(f, m)| match f {
+        "writable" => ("filesystem.writable", m),
+        _ => ("filesystem", m),
+    })?;
     Ok(())
 }
 
@@ -905,6 +915,26 @@ mod tests {
     }
 
     #[test]
+    fn filesystem_paths_resolve_against_the_manifest_directory() {
+        let m = Manifest::parse(
+            Path::new("/etc/plugvisor/plugins/echo/plugin.yaml"),
+            "name: echo\nversion: 1.0.0\nexec: ./x\nisolation:\n  filesystem: {writable: [data, /srv/echo]}\n",
+        )
+        .unwrap();
+        let fs = &m.isolation.filesystem;
+        assert_eq!(fs.view, crate::isolation::landlock::View::ReadOnly);
+        assert_eq!(
+            fs.writable,
+            [
+                PathBuf::from("/etc/plugvisor/plugins/echo/data"),
+                PathBuf::from("/srv/echo")
+            ]
+        );
+        let host = parse("name: echo\nversion: 1.0.0\nexec: ./x\n").unwrap();
+        assert!(!host.isolation.filesystem.restricts(), "host by default");
+    }
+
+    #[test]
     fn isolation_defaults_are_hardened() {
         let m = parse("name: echo\nversion: 1.0.0\nexec: ./x\n").unwrap();
         assert!(m.isolation.no_new_privs);
@@ -942,6 +972,11 @@ mod tests {
                 "isolation.group",
                 "not a valid group",
             ),
+            (
+                "isolation: {filesystem: {view: host, writable: [/srv]}}",
+                "isolation.filesystem.writable",
+                "only applies to `view: read-only`",
+            ),
             ("sha256: abc", "sha256", "64 hex digits"),
             (
                 "sha256: zz86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
@@ -974,6 +1009,16 @@ mod tests {
                 "isolation: {netwrk: none}",
                 "isolation",
                 "unknown field `netwrk`",
+            ),
+            (
+                "isolation: {filesystem: {writeable: [/srv]}}",
+                "isolation.filesystem",
+                "unknown field `writeable`",
+            ),
+            (
+                "isolation: {filesystem: readonly}",
+                "isolation.filesystem",
+                "unknown variant `readonly`",
             ),
             (
                 "isolation: {capabilities: [CAP_NET_BIND_SERVICE, CAP_FLY]}",

@@ -1,7 +1,8 @@
 //! Methods that push against the supervisor's isolation: burn CPU, fork
 //! until refused, open files until refused, reach for the network, and
 //! report what the process was given (user, rlimits, cgroup, no_new_privs),
-//! try system calls a seccomp filter blocks, and report its PID namespace.
+//! try system calls a seccomp filter blocks, report its PID namespace, and
+//! write and read files a filesystem view may forbid.
 
 use plugvisor_sdk::{Request, Response, Status};
 use std::time::{Duration, Instant};
@@ -202,6 +203,34 @@ pub fn bind(req: &Request) -> Result<Response, Status> {
         .map_err(|e| Status::invalid_argument(format!("bind: not HOST:PORT: {e}")))?;
     let result = std::net::TcpListener::bind(addr).map(drop);
     Ok(Response::new(outcome(result).to_string()))
+}
+
+/// `write_file PATH`: creates (or truncates) the file and writes a line to
+/// it. Answers `{"ok": bool, "error"}` (`EACCES` outside a filesystem
+/// view's writable paths).
+pub fn write_file(req: &Request) -> Result<Response, Status> {
+    let result = std::fs::write(text(req)?, b"written by the test plugin\n");
+    Ok(Response::new(outcome(result).to_string()))
+}
+
+/// `read_file PATH`: reads a file, or lists a directory. Answers
+/// `{"ok": bool, "error", "bytes"}` (`bytes`: the file's length, or the
+/// number of entries).
+pub fn read_file(req: &Request) -> Result<Response, Status> {
+    let path = std::path::Path::new(text(req)?);
+    let result = if path.is_dir() {
+        std::fs::read_dir(path).and_then(|d| {
+            d.map(|e| e.map(drop))
+                .collect::<Result<Vec<_>, _>>()
+                .map(|v| v.len())
+        })
+    } else {
+        std::fs::read(path).map(|b| b.len())
+    };
+    let bytes = result.as_ref().ok().copied();
+    let mut answer = outcome(result.map(drop));
+    answer["bytes"] = serde_json::json!(bytes);
+    Ok(Response::new(answer.to_string()))
 }
 
 /// `connect_unix PATH`: connects to a Unix socket (another plugin's, say)

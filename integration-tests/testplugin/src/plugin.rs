@@ -269,6 +269,8 @@ impl Plugin for TestPlugin {
             "connect_unix",
             "syscall",
             "pid_info",
+            "write_file",
+            "read_file",
             "flood",
             "flood_line",
         ]
@@ -400,6 +402,8 @@ impl Plugin for TestPlugin {
             "bind" => crate::isolation::bind(&req),
             "connect_unix" => crate::isolation::connect_unix(&req),
             "syscall" => crate::isolation::syscall(&req),
+            "write_file" => crate::isolation::write_file(&req),
+            "read_file" => crate::isolation::read_file(&req),
             "pid_info" => crate::isolation::pid_info(),
             other => Err(unknown_method(other)),
         }

@@ -10,6 +10,7 @@
 //!   that descriptor and executed from it.
 //! - [`privileges`]: who a plugin runs as (its own dynamic uid under a root
 //!   supervisor) and which capabilities it keeps (none by default).
+//! - [`landlock`]: the filesystem view (`isolation.filesystem`).
 //! - [`preexec`]: what the child does between fork and exec (join its
 //!   cgroups, rlimits, namespaces, credentials, no_new_privs), prepared
 //!   before fork so the child only makes raw system calls.
@@ -27,6 +28,7 @@
 #[cfg(any(test, feature = "test-support"))]
 pub mod fake;
 pub mod fs;
+pub mod landlock;
 pub mod pidns;
 pub mod pin;
 pub mod preexec;
@@ -407,6 +409,20 @@ pub struct Prepared {
     /// Who the plugin runs as when it drops privileges: its socket directory
     /// is handed to this owner.
     pub owner: Option<(u32, u32)>,
+    /// The plugin asked for a filesystem view: give it a private tmp in
+    /// its socket directory (`TMPDIR`), applied or not.
+    pub private_tmp: bool,
+}
+
+impl Prepared {
+    /// Lets the plugin write beneath `dir`, its socket directory (and the
+    /// private tmp in it), when it runs in a filesystem view.
+    pub fn allow_own_dir(&mut self, dir: &Path) -> io::Result<()> {
+        match &mut self.child.landlock {
+            Some(rs) => rs.allow(dir, landlock::fs_rights(rs.abi())),
+            None => Ok(()),
+        }
+    }
 }
 
 /// One limit as `inspect` shows it.
@@ -612,6 +628,8 @@ impl Privileges {
 pub struct Confinement {
     pub seccomp: Result<(), String>,
     pub pid_namespace: Result<(), String>,
+    /// The Landlock ABI version, for filesystem views.
+    pub landlock: Result<u32, String>,
 }
 
 impl Confinement {
@@ -620,6 +638,7 @@ impl Confinement {
         let c = Confinement {
             seccomp: seccomp::probe(),
             pid_namespace: pidns::probe(),
+            landlock: landlock::probe(),
         };
         if let Err(why) = &c.seccomp {
             tracing::warn!("plugins run without their seccomp filters: {why}");
@@ -627,7 +646,75 @@ impl Confinement {
         if let Err(why) = &c.pid_namespace {
             tracing::warn!("plugins run without PID namespaces of their own: {why}");
         }
+        match &c.landlock {
+            Ok(abi) => tracing::debug!("filesystem views use Landlock ABI {abi}"),
+            Err(why) => tracing::warn!(
+                "plugins that ask for a filesystem view (isolation.filesystem) are refused, or start without it when they say best_effort: {why}"
+            ),
+        }
         c
+    }
+
+    /// The Landlock ruleset a spawn of `m` starts from: `/` readable, the
+    /// devices and `writable` paths writable. The instance's own directory
+    /// is added once it exists ([`Prepared::allow_own_dir`]). `None`
+    /// for the host view, or without Landlock under `best_effort`.
+    fn filesystem_for(&self, m: &Manifest) -> Result<Option<landlock::Ruleset>, PrepareError> {
+        let spec = &m.isolation.filesystem;
+        if !spec.restricts() {
+            return Ok(None);
+        }
+        let abi = match &self.landlock {
+            Ok(abi) => *abi,
+            Err(why) if spec.best_effort => {
+                tracing::warn!(
+                    "{} starts without its filesystem view ({}; isolation.filesystem.best_effort: true): {why}",
+                    m.name,
+                    spec.view
+                );
+                return Ok(None);
+            }
+            Err(why) => {
+                return Err(PrepareError::Refused(format!(
+                    "isolation.filesystem: the {} view needs Landlock, which this host cannot apply: {why}. Set isolation.filesystem.best_effort: true to start without it",
+                    spec.view
+                )));
+            }
+        };
+        let all = landlock::fs_rights(abi);
+        let mut rs =
+            landlock::Ruleset::new(abi).map_err(|e| PrepareError::Failed(e.to_string()))?;
+        rs.allow(Path::new("/"), landlock::access::READ)
+            .map_err(|e| {
+                PrepareError::Failed(format!("isolation.filesystem: cannot open /: {e}"))
+            })?;
+        for dev in landlock::DEVICES {
+            // A host without one of them simply has nothing to allow.
+            if let Err(e) = rs.allow(Path::new(dev), all) {
+                tracing::debug!("{}: no rule for {dev}: {e}", m.name);
+            }
+        }
+        for p in &spec.writable {
+            rs.allow(p, all).map_err(|e| {
+                PrepareError::Refused(format!(
+                    "isolation.filesystem.writable: cannot open {}: {e}; create it (writable by the plugin's user) or remove it from the list",
+                    p.display()
+                ))
+            })?;
+        }
+        Ok(Some(rs))
+    }
+
+    /// What `m`'s filesystem view cannot be, and why (for `degraded`).
+    fn filesystem_degraded(&self, m: &Manifest) -> Option<String> {
+        let spec = &m.isolation.filesystem;
+        match &self.landlock {
+            Err(why) if spec.restricts() => Some(format!(
+                "filesystem view {} not applied (best_effort): {why}",
+                spec.view
+            )),
+            _ => None,
+        }
     }
 
     /// The filter a spawn of `m` installs, compiled for this machine.
@@ -655,7 +742,25 @@ impl Confinement {
             Ok(()) => "own PID namespace (the plugin is PID 1)".to_string(),
             Err(why) => format!("own PID namespace not applied: {why}"),
         };
-        vec![seccomp, pid_ns]
+        let fs = &m.isolation.filesystem;
+        let filesystem = match &self.landlock {
+            _ if !fs.restricts() => "filesystem host (no view: isolation.filesystem)".to_string(),
+            Ok(abi) => {
+                let mut writable = vec![
+                    "its socket directory".to_string(),
+                    "its private tmp (TMPDIR)".to_string(),
+                ];
+                writable.extend(fs.writable.iter().map(|p| p.display().to_string()));
+                writable.extend(landlock::DEVICES.iter().map(|d| d.to_string()));
+                format!(
+                    "filesystem {} (Landlock ABI {abi}), writable: {}",
+                    fs.view,
+                    writable.join(", ")
+                )
+            }
+            Err(why) => format!("filesystem view {} not applied: {why}", fs.view),
+        };
+        vec![seccomp, pid_ns, filesystem]
     }
 }
 // --- end seccomp and PID namespace
@@ -882,7 +987,12 @@ impl Isolation {
                     ))
                 }),
             no_new_privs: manifest.isolation.no_new_privs,
-            degraded: held.map(|h| h.degraded).unwrap_or_else(|| p.degraded()),
+            degraded: held
+                .map(|h| h.degraded)
+                .unwrap_or_else(|| p.degraded())
+                .into_iter()
+                .chain(self.confinement.filesystem_degraded(manifest))
+                .collect(),
             hardening: hardening_of(manifest)
                 .into_iter()
                 .chain(self.confinement.describe(manifest))
@@ -937,6 +1047,12 @@ fn prepare_blocking(
             "isolation.no_new_privs: false leaves no way to install the seccomp filter (the kernel needs no_new_privs, or CAP_SYS_ADMIN kept); set isolation.seccomp: unconfined too, or keep no_new_privs".into(),
         ));
     }
+    let landlock = confinement.filesystem_for(manifest)?;
+    if landlock.is_some() && !manifest.isolation.no_new_privs && !keeps_sys_admin {
+        return Err(PrepareError::Refused(
+            "isolation.no_new_privs: false leaves no way to enter the filesystem view (Landlock needs no_new_privs, or CAP_SYS_ADMIN kept); keep no_new_privs, or set isolation.filesystem: host".into(),
+        ));
+    }
     let cgroups = matches!(*enforcement, Enforcement::Cgroups(_));
     let data_fallback = (!cgroups).then_some(manifest.limits.memory).flatten();
     let limits = rlimits::from_limits(&manifest.limits, data_fallback.map(|s| s.0));
@@ -966,6 +1082,7 @@ fn prepare_blocking(
         caps: Some(caps),
         seccomp,
         pid_namespace: manifest.isolation.pid_namespace && confinement.pid_namespace.is_ok(),
+        landlock,
     };
     lock(&privileges.held).insert(manifest.name.clone(), held);
     Ok(Prepared {
@@ -973,13 +1090,15 @@ fn prepare_blocking(
         child,
         cgroup,
         owner,
+        private_tmp: manifest.isolation.filesystem.restricts(),
     })
 }
 
 /// What a start of `m` would refuse, checked offline (`plugvisor check`):
-/// the executable (pin, writability, set-user-ID), the user and group, and
-/// a missing pin when `require_pinning`. Returns what is allowed but worth
-/// a warning: an unpinned executable.
+/// the executable (pin, writability, set-user-ID), the user and group, the
+/// filesystem view's writable paths, and a missing pin when
+/// `require_pinning`. Returns what is allowed but worth a warning: an
+/// unpinned executable.
 pub fn check_manifest(
     m: &Manifest,
     allow_writable_executables: bool,
@@ -988,6 +1107,15 @@ pub fn check_manifest(
     pin::Executable::open(&m.exec, m.sha256.as_deref(), allow_writable_executables)
         .map_err(|e| e.to_string())?;
     preexec::Credentials::resolve(m.isolation.user.as_deref(), m.isolation.group.as_deref())?;
+    // A start opens each of them and refuses the plugin if one is missing.
+    for p in &m.isolation.filesystem.writable {
+        std::fs::metadata(p).map_err(|e| {
+            format!(
+                "isolation.filesystem.writable: cannot open {}: {e}; create it (writable by the plugin's user) or remove it from the list",
+                p.display()
+            )
+        })?;
+    }
     let mut warnings = Vec::new();
     if m.sha256.is_none() {
         let what = format!(
@@ -1533,5 +1661,79 @@ mod tests {
         );
         assert_eq!(by(&none, "pids"), "64 by not enforced: no cgroup");
         assert_eq!(by(&none, "data"), "128MiB by rlimit DATA");
+    }
+
+    fn with_filesystem(spec: &str) -> Manifest {
+        Manifest::parse(
+            Path::new("/plugins/echo/plugin.yaml"),
+            &format!("name: echo\nversion: 1.0.0\nexec: ./x\nisolation: {{filesystem: {spec}}}\n"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn without_landlock_a_view_is_refused_unless_best_effort() {
+        let host = Confinement {
+            seccomp: Ok(()),
+            pid_namespace: Ok(()),
+            landlock: Err("no Landlock in this test".into()),
+        };
+        let strict = with_filesystem("read-only");
+        match host.filesystem_for(&strict) {
+            Err(PrepareError::Refused(why)) => {
+                assert!(
+                    why.starts_with("isolation.filesystem: the read-only view needs Landlock"),
+                    "{why}"
+                );
+                assert!(why.contains("no Landlock in this test"), "{why}");
+                assert!(why.contains("best_effort: true"), "{why}");
+            }
+            other => panic!("a view without Landlock must be refused: {other:?}"),
+        }
+        let lenient = with_filesystem("{best_effort: true}");
+        assert!(host.filesystem_for(&lenient).unwrap().is_none());
+        assert_eq!(
+            host.filesystem_degraded(&lenient).as_deref(),
+            Some("filesystem view read-only not applied (best_effort): no Landlock in this test")
+        );
+        assert!(
+            host.describe(&lenient).contains(
+                &"filesystem view read-only not applied: no Landlock in this test".into()
+            )
+        );
+        // Nothing asked, nothing missing.
+        let none = with_filesystem("host");
+        assert!(host.filesystem_for(&none).unwrap().is_none());
+        assert_eq!(host.filesystem_degraded(&none), None);
+    }
+
+    #[test]
+    fn a_writable_path_that_does_not_exist_refuses_the_start() {
+        let Ok(abi) = landlock::probe() else {
+            eprintln!("skipped: no Landlock on this host");
+            return;
+        };
+        let host = Confinement {
+            seccomp: Ok(()),
+            pid_namespace: Ok(()),
+            landlock: Ok(abi),
+        };
+        let m = with_filesystem("{writable: [/no/such/dir/here]}");
+        match host.filesystem_for(&m) {
+            Err(PrepareError::Refused(why)) => assert!(
+                why.starts_with("isolation.filesystem.writable: cannot open /no/such/dir/here"),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        let ok = with_filesystem("read-only");
+        assert_eq!(host.filesystem_for(&ok).unwrap().unwrap().abi(), abi);
+        let described = host.describe(&ok);
+        assert!(
+            described.iter().any(|h| h.starts_with(&format!(
+                "filesystem read-only (Landlock ABI {abi}), writable: its socket directory, its private tmp (TMPDIR)"
+            ))),
+            "{described:?}"
+        );
     }
 }

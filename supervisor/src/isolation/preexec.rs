@@ -18,11 +18,13 @@
 //! 8. sets the parent-death signal — after 6, since a credential change
 //!    clears it — and checks the supervisor did not die meanwhile;
 //! 9. sets `no_new_privs`;
-//! 10. marks every descriptor beyond 0-2 close-on-exec, then installs the
+//! 10. enters its filesystem view (`landlock_restrict_self` on the ruleset
+//!     built before fork; it needs 9; see [`super::landlock`]);
+//! 11. marks every descriptor beyond 0-2 close-on-exec, then installs the
 //!     seccomp filter compiled before fork (last, so nothing above is
 //!     filtered, and after the capabilities are gone; see
 //!     [`super::seccomp`]);
-//! 11. executes the pinned, sealed copy (`execveat`), or returns and lets the
+//! 12. executes the pinned, sealed copy (`execveat`), or returns and lets the
 //!     standard library execute the path.
 //!
 //! A child that wants a PID namespace of its own is forked into one (see
@@ -139,6 +141,8 @@ pub struct ChildSetup {
     /// Fork the child as PID 1 of a new PID namespace.
     pub pid_namespace: bool,
     // --- end seccomp and PID namespace
+    /// The filesystem view to enter after `no_new_privs`.
+    pub landlock: Option<super::landlock::Ruleset>,
 }
 
 /// Execute this open file instead of the path.
@@ -181,10 +185,11 @@ enum Step {
     Capset,
     CapAmbient,
     Seccomp,
+    Landlock,
 }
 
 impl Step {
-    const ALL: [Step; 18] = [
+    const ALL: [Step; 19] = [
         Step::JoinCgroup,
         Step::Setsid,
         Step::Rlimit,
@@ -203,6 +208,7 @@ impl Step {
         Step::Capset,
         Step::CapAmbient,
         Step::Seccomp,
+        Step::Landlock,
     ];
 }
 
@@ -256,6 +262,8 @@ pub struct PreExec {
     caps: Option<CapsPlan>,
     /// The seccomp filter, installed after everything else.
     seccomp: Option<super::seccomp::Installed>,
+    /// The Landlock ruleset to restrict the child to (close-on-exec).
+    landlock: Option<OwnedFd>,
     /// A pidfd of the supervisor, for a child in its own PID namespace to
     /// check it is alive (`getppid` is 0 there).
     parent_pidfd: Option<OwnedFd>,
@@ -351,6 +359,7 @@ impl PreExec {
             no_new_privs: setup.no_new_privs,
             caps: setup.caps,
             seccomp: setup.seccomp.map(super::seccomp::Installed::new),
+            landlock: setup.landlock.map(super::landlock::Ruleset::into_fd),
             parent_pidfd,
             exec,
             report: write,
@@ -439,6 +448,11 @@ impl PreExec {
             if self.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
                 return Err(self.fail(Step::NoNewPrivs, 0));
             }
+            if let Some(ruleset) = &self.landlock
+                && !super::landlock::restrict_self(ruleset)
+            {
+                return Err(self.fail(Step::Landlock, 0));
+            }
             // No descriptor beyond 0-2 survives exec, whoever opened it
             // without O_CLOEXEC. CLOEXEC rather than close, so the standard
             // library's exec-error pipe and our report pipe keep working.
@@ -523,6 +537,7 @@ impl Report {
             Step::NoNewPrivs => "setting no_new_privs".into(),
             Step::CloseRange => "marking inherited descriptors close-on-exec".into(),
             Step::Seccomp => "installing the seccomp filter (isolation.seccomp; it needs no_new_privs or CAP_SYS_ADMIN, and a kernel with CONFIG_SECCOMP_FILTER)".into(),
+            Step::Landlock => "entering the filesystem view (isolation.filesystem; Landlock needs no_new_privs or CAP_SYS_ADMIN)".into(),
             Step::KeepExecFd => "keeping the script's descriptor open".into(),
             Step::CapBounding => format!(
                 "dropping {} from the capability bounding set (needs CAP_SETPCAP)",
