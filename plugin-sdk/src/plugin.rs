@@ -159,6 +159,17 @@ pub trait Plugin: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Whether a completed `HandleStream` call of `method` changed the
+    /// plugin's exportable state (the streaming counterpart of
+    /// [`Response::state_changed`]). When true, the reply stream ends with
+    /// a chunk marked `state_changed`, so a supervisor that snapshots on
+    /// change saves the state before the caller sees the end. False by
+    /// default.
+    fn stream_changes_state(&self, method: &str) -> bool {
+        let _ = method;
+        false
+    }
+
     /// The format version of what [`export_state`](Plugin::export_state)
     /// writes. 0 (the default) means the plugin keeps no state.
     fn state_version(&self) -> u32 {

@@ -265,17 +265,28 @@ impl<P: Plugin> PluginService for PluginAdapter<P> {
         let head = (!first.data.is_empty()).then_some(Ok(first.data));
         let input: ByteStream =
             Box::pin(tokio_stream::iter(head).chain(chunks.map(|c| c.map(|c| c.data))));
+        let changes_state = self.plugin.stream_changes_state(&first.method);
         let output = self
             .plugin
             .handle_stream(&first.method, first.metadata, input)
             .await?;
-        let output: ChunkStream = Box::pin(output.map(|data| {
+        let output = output.map(|data| {
             data.map(|data| Chunk {
                 method: String::new(),
                 data,
                 metadata: HashMap::new(),
+                state_changed: false,
             })
-        }));
+        });
+        // A stream that ended well and changed state says so in one last,
+        // empty chunk; an error ends the stream before it.
+        let last = changes_state.then(|| {
+            Ok(Chunk {
+                state_changed: true,
+                ..Chunk::default()
+            })
+        });
+        let output: ChunkStream = Box::pin(output.chain(tokio_stream::iter(last)));
         Ok(tonic::Response::new(output))
     }
 

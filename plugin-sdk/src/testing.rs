@@ -217,12 +217,14 @@ impl Harness {
             method: method.to_string(),
             data: Bytes::new(),
             metadata: HashMap::new(),
+            state_changed: false,
         });
         let mut name = Some(method.to_string());
         let body = data.map(move |data| Chunk {
             method: name.take().unwrap_or_default(),
             data,
             metadata: HashMap::new(),
+            state_changed: false,
         });
         let request = tokio_stream::iter(header.into_iter().chain(body));
         let mut reply = self.client.handle_stream(request).await?.into_inner();

@@ -431,13 +431,28 @@ fn record(plugin: &str, logs: &LogBuffer, instance: &str, stream: &'static str, 
 
 /// The last few lines this instance printed, for error messages.
 fn recent_output(logs: &LogBuffer, instance: &str) -> Vec<String> {
-    let mut lines: Vec<String> = logs
-        .tail(64)
+    let lines: Vec<String> = logs
+        .tail(usize::MAX)
         .into_iter()
         .filter(|l| l.instance == instance)
         .map(|l| format!("`{}`", l.line))
         .collect();
-    lines.drain(..lines.len().saturating_sub(3));
+    first_and_last(lines, 3, 3)
+}
+
+/// The first `head` and last `tail` of `lines`, with how many were left out
+/// between them: a crash dump's first lines say what happened (a Go
+/// runtime's `fatal error`, a Python traceback's cause), its last lines
+/// where.
+fn first_and_last(mut lines: Vec<String>, head: usize, tail: usize) -> Vec<String> {
+    if lines.len() <= head + tail {
+        return lines;
+    }
+    let left_out = lines.len() - head - tail;
+    let last = lines.split_off(lines.len() - tail);
+    lines.truncate(head);
+    lines.push(format!("({left_out} more lines)"));
+    lines.extend(last);
     lines
 }
 
@@ -604,6 +619,30 @@ async fn kill_leftovers(instance: &Instance) {
         && let Err(e) = lease.kill_all().await
     {
         tracing::warn!(instance = %instance.id, "cannot kill the rest of its cgroup: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_and_last;
+
+    #[test]
+    fn a_long_crash_dump_keeps_its_first_and_last_lines() {
+        let lines: Vec<String> = (1..=10).map(|i| format!("line {i}")).collect();
+        assert_eq!(
+            first_and_last(lines, 3, 3),
+            [
+                "line 1",
+                "line 2",
+                "line 3",
+                "(4 more lines)",
+                "line 8",
+                "line 9",
+                "line 10"
+            ]
+        );
+        let short: Vec<String> = (1..=4).map(|i| format!("line {i}")).collect();
+        assert_eq!(first_and_last(short.clone(), 3, 3), short);
     }
 }
 

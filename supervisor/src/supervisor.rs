@@ -278,6 +278,7 @@ impl Supervisor {
             method: method.to_string(),
             data: Bytes::new(),
             metadata,
+            ..Chunk::default()
         };
         let upload = tokio_stream::once(first).chain(Upload {
             inner: Box::pin(input),
@@ -319,6 +320,13 @@ impl Supervisor {
             record,
             ready,
             _permit: permit,
+            snapshot_on_change: manifest
+                .state
+                .snapshot_on_change
+                .then_some(manifest.timeouts.call.0),
+            common: common.clone(),
+            state_changed: false,
+            saving: None,
         })
     }
 
@@ -758,6 +766,13 @@ struct Download {
     record: CallRecord,
     ready: InFlight,
     _permit: OwnedSemaphorePermit,
+    /// Snapshot when a reply chunk says the call changed state, before
+    /// the caller sees the end (`state.snapshot_on_change`): its timeout.
+    snapshot_on_change: Option<Duration>,
+    common: Arc<Common>,
+    state_changed: bool,
+    /// The snapshot being taken at the end of the stream.
+    saving: Option<Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send>>>,
 }
 
 impl Stream for Download {
@@ -765,9 +780,36 @@ impl Stream for Download {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
+        if let Some(saving) = this.saving.as_mut() {
+            let saved = std::task::ready!(saving.as_mut().poll(cx));
+            this.saving = None;
+            return match saved {
+                Ok(_) => {
+                    this.record.code = tonic::Code::Ok;
+                    Poll::Ready(None)
+                }
+                Err(why) => {
+                    crate::replica::snapshot_failed(
+                        &this.record.host,
+                        &this.common,
+                        this.ready.replica,
+                        &this.ready.id,
+                        &format!("after a `{}` stream that changed state", this.method),
+                        &why,
+                    );
+                    let e = Error::NotPersisted {
+                        plugin: this.record.plugin.clone(),
+                        instance: this.ready.id.clone(),
+                        reason: why,
+                    };
+                    this.record.code = e.code();
+                    Poll::Ready(Some(Err(e)))
+                }
+            };
+        }
+        if this.inner.is_none() {
             return Poll::Ready(None);
-        };
+        }
         *lock(&this.abort.waker) = Some(cx.waker().clone());
         if let Some(why) = this.abort.get() {
             // Dropping the response resets the plugin's stream now.
@@ -775,24 +817,50 @@ impl Stream for Download {
             this.record.code = tonic::Code::Cancelled;
             return Poll::Ready(Some(Err(cancelled(&this.record.plugin, &this.method, why))));
         }
-        match Pin::new(inner).poll_next(cx) {
-            Poll::Ready(Some(Ok(chunk))) => Poll::Ready(Some(Ok(chunk.data))),
-            Poll::Ready(Some(Err(status))) => {
-                this.inner = None;
-                // The upload breaking off resets the stream: that is the cause.
-                let e = match this.abort.get() {
-                    Some(why) => cancelled(&this.record.plugin, &this.method, why),
-                    None => call_error(status, &this.record.plugin, &this.ready.id),
-                };
-                this.record.code = e.code();
-                Poll::Ready(Some(Err(e)))
+        loop {
+            let Some(inner) = this.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match Pin::new(inner).poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    this.state_changed |= chunk.state_changed;
+                    // A chunk that only carries the flag is not data.
+                    if chunk.data.is_empty() && chunk.state_changed {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(chunk.data)));
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    this.inner = None;
+                    // The upload breaking off resets the stream: that is the cause.
+                    let e = match this.abort.get() {
+                        Some(why) => cancelled(&this.record.plugin, &this.method, why),
+                        None => call_error(status, &this.record.plugin, &this.ready.id),
+                    };
+                    this.record.code = e.code();
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    this.inner = None;
+                    if let (true, Some(timeout), Some(snapshots)) = (
+                        this.state_changed,
+                        this.snapshot_on_change,
+                        this.ready.snapshots.clone(),
+                    ) {
+                        // The end waits for the snapshot, as a unary call's
+                        // reply does.
+                        let client = this.ready.client.clone();
+                        this.saving =
+                            Some(Box::pin(
+                                async move { snapshots.take(&client, timeout).await },
+                            ));
+                        return self.poll_next(cx);
+                    }
+                    this.record.code = tonic::Code::Ok;
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => return Poll::Pending,
             }
-            Poll::Ready(None) => {
-                this.inner = None;
-                this.record.code = tonic::Code::Ok;
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
         }
     }
 }

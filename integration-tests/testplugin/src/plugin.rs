@@ -240,6 +240,10 @@ impl Plugin for TestPlugin {
         }
     }
 
+    fn stream_changes_state(&self, method: &str) -> bool {
+        method == "count"
+    }
+
     fn methods(&self) -> Vec<String> {
         let phantom = self.faults.phantom_method.then(|| "phantom".to_string());
         let served = [
@@ -424,7 +428,9 @@ impl Plugin for TestPlugin {
             ));
         }
         if method == "count" {
-            return count_upload(input).await;
+            // The upload's size is added to the exported counter: a
+            // streamed call that changes state (see stream_changes_state).
+            return count_upload(input, &self.counter).await;
         }
         Ok(input)
     }
@@ -441,10 +447,11 @@ impl Plugin for TestPlugin {
     }
 }
 
-/// `count` on HandleStream: reads the whole upload and answers its size.
+/// `count` on HandleStream: reads the whole upload, adds its size to the
+/// exported counter, and answers the size.
 /// Says on stderr how the upload ended, so tests can tell a complete upload
 /// from one that broke off.
-async fn count_upload(mut input: ByteStream) -> Result<ByteStream, Status> {
+async fn count_upload(mut input: ByteStream, counter: &AtomicU64) -> Result<ByteStream, Status> {
     use tokio_stream::StreamExt;
     eprintln!("testplugin: upload started");
     let mut total = 0usize;
@@ -461,6 +468,7 @@ async fn count_upload(mut input: ByteStream) -> Result<ByteStream, Status> {
         }
     }
     eprintln!("testplugin: upload complete: {total} bytes");
+    counter.fetch_add(total as u64, Ordering::SeqCst);
     let reply = Bytes::from(total.to_string());
     Ok(Box::pin(tokio_stream::once(Ok(reply))))
 }

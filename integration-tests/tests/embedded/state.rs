@@ -291,3 +291,46 @@ async fn a_full_disk_during_a_snapshot_keeps_the_previous_one() {
     assert_eq!(leftovers, 0, "no temp file is left behind");
     sup.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_streamed_call_that_changes_state_is_snapshotted_before_it_ends() {
+    let sandbox = Sandbox::new();
+    let state_dir = sandbox.state_dir();
+    let sup = sandbox.supervisor_with_state();
+    sup.add(
+        sandbox.manifest(
+            "tp",
+            &bin("testplugin"),
+            "state: {snapshot_on_change: true, snapshot_interval: 0s}",
+        ),
+        &Default::default(),
+    )
+    .unwrap();
+    sup.wait_ready("tp", SECS_10).await.unwrap();
+    let before = sup.export_state("tp", None).await.unwrap();
+    let before: u64 = String::from_utf8_lossy(&before.state).parse().unwrap();
+    let upload = tokio_stream::iter(vec![
+        Ok(Bytes::from(vec![1u8; 1000])),
+        Ok(Bytes::from(vec![2u8; 500])),
+    ]);
+    let mut reply = sup
+        .call_stream("tp", "count", Default::default(), upload, None)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    use tokio_stream::StreamExt;
+    while let Some(chunk) = reply.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    // The flag-only chunk the plugin ended with is not data.
+    assert_eq!(out, b"1500");
+    // By the time the caller saw the end, the new state was on disk.
+    let snapshot = plugvisor::state::SnapshotStore::new(&state_dir, "tp")
+        .load()
+        .unwrap()
+        .snapshot
+        .expect("a snapshot taken because the stream changed state");
+    let saved: u64 = String::from_utf8_lossy(&snapshot.state).parse().unwrap();
+    assert_eq!(saved, before + 1500);
+    sup.shutdown().await;
+}

@@ -785,6 +785,7 @@ impl Checker {
                 },
                 data: Bytes::from(format!("conformance chunk {i};")),
                 metadata: Default::default(),
+                state_changed: false,
             })
             .collect();
         let sent: usize = chunks.iter().map(|c| c.data.len()).sum();
