@@ -5,27 +5,34 @@
 //! ```text
 //! cargo build --release -p plugvisor-cli -p plugvisor-example-echo \
 //!     -p plugvisor-integration-tests --bin plugvisor-bench
-//! target/release/plugvisor-bench [--quick] [--json]
+//! target/release/plugvisor-bench [--quick] [--json] [--spin] [--plugins N]
 //! ```
 //!
 //! The echo plugin (`echo-plugin`) and the daemon (`plugvisor`) are looked
 //! for next to this executable. Everything runs under one temporary
 //! directory, which is removed at the end; the daemon is always stopped.
 
+#[path = "bench/daemon.rs"]
+mod daemon;
+#[path = "bench/fleet.rs"]
+mod fleet;
+#[path = "bench/floor.rs"]
+mod floor;
+#[path = "bench/spin.rs"]
+mod spin;
 #[path = "bench/stats.rs"]
 mod stats;
 
 use plugvisor::manifest::Manifest;
 use plugvisor::{Event, PluginState, Supervisor, SupervisorOptions};
-use plugvisor_proto::CallRequest;
+use plugvisor_proto as pb;
 use prost::bytes::Bytes;
+use spin::CpuMode;
 use stats::{Row, Stats, Table, Verdict};
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::broadcast;
 use tokio_stream::StreamExt;
 
@@ -54,6 +61,10 @@ struct Counts {
     restarts: usize,
     crashes: usize,
     memory_plugins: usize,
+    /// Section 10: how long the daemon's CPU use at rest is read over, and
+    /// how many times `plugvisor ps` is run.
+    fleet_rest: Duration,
+    fleet_ps_runs: usize,
 }
 
 impl Counts {
@@ -66,6 +77,8 @@ impl Counts {
             restarts: 30,
             crashes: 20,
             memory_plugins: 50,
+            fleet_rest: Duration::from_secs(10),
+            fleet_ps_runs: 10,
         }
     }
 
@@ -78,6 +91,8 @@ impl Counts {
             restarts: 5,
             crashes: 5,
             memory_plugins: 10,
+            fleet_rest: Duration::from_secs(3),
+            fleet_ps_runs: 3,
         }
     }
 }
@@ -87,6 +102,10 @@ struct Options {
     json: bool,
     /// `--plugin-env K=V`: extra environment of every benchmarked plugin.
     plugin_env: Vec<(String, String)>,
+    /// `--spin`: latency figures with a lowest-priority spinner per CPU.
+    cpus: CpuMode,
+    /// `--plugins N`: section 10's plugin count (default 1,000; 50 quick).
+    plugins: Option<usize>,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -94,12 +113,25 @@ fn parse_args() -> Result<Options, String> {
         quick: false,
         json: false,
         plugin_env: Vec::new(),
+        cpus: CpuMode::Idle,
+        plugins: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => opts.quick = true,
             "--json" => opts.json = true,
+            "--spin" => opts.cpus = CpuMode::Spin,
+            "--plugins" => {
+                let n = args.next().ok_or("--plugins needs a count, e.g. 1000")?;
+                let n: usize = n
+                    .parse()
+                    .map_err(|_| format!("--plugins `{n}`: expected a count, e.g. 1000"))?;
+                if n == 0 {
+                    return Err("--plugins must be at least 1 (or 0 is not a fleet)".into());
+                }
+                opts.plugins = Some(n);
+            }
             "--plugin-env" => {
                 let kv = args
                     .next()
@@ -112,9 +144,12 @@ fn parse_args() -> Result<Options, String> {
             "-h" | "--help" => {
                 println!(
                     "plugvisor-bench: measures the SPEC §8 performance figures in one run.\n\n\
-                     usage: plugvisor-bench [--quick] [--json] [--plugin-env KEY=VALUE]...\n\n  \
+                     usage: plugvisor-bench [--quick] [--json] [--spin] [--plugins N] [--plugin-env KEY=VALUE]...\n\n  \
                      --quick       small sample counts (a smoke run, not a measurement)\n  \
                      --json        also print the figures as one JSON object\n  \
+                     --spin        latency figures with a SCHED_IDLE spinner thread per CPU, so\n                \
+                     idle vCPUs do not sleep between hops (the `cpus` column says which)\n  \
+                     --plugins N   plugins of section 10, in one daemon (default 1000; 50 with --quick)\n  \
                      --plugin-env  set a variable in every benchmarked plugin's environment\n                \
                      (e.g. TOKIO_WORKER_THREADS=1); repeatable\n\n\
                      TOKIO_WORKER_THREADS in the bench's own environment sets the worker count of\n\
@@ -210,33 +245,41 @@ async fn run(opts: Options, bins: Setup) -> Result<bool> {
     } else {
         Counts::full()
     };
+    let cpus_mode = opts.cpus;
     let (tmp, fs) = temp_root()?;
     let root = tmp.path().to_path_buf();
     let mut table = Table::default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let load_before = load_average();
     eprintln!(
-        "plugvisor-bench: {} run, {cpus} CPUs, temp dir {} ({fs})",
+        "plugvisor-bench: {} run, {cpus} CPUs, latency with CPUs {}, temp dir {} ({fs})",
         if opts.quick { "QUICK (smoke)" } else { "full" },
+        cpus_mode.label(),
         root.display()
     );
 
-    // 1. The floor.
-    eprintln!("[1/9] raw Unix-socket ping-pong ...");
-    let floor = match raw_floor(&root, counts).await {
+    // 1. The floors.
+    eprintln!("[1/10] raw Unix-socket ping-pong and copy ...");
+    let floor = match floor::raw_floor(&root, counts, cpus_mode).await {
         Ok((floor, blocking)) => {
-            table.push(Row::new(
-                "1  raw UDS ping-pong 64 B (tokio client <-> echo thread)",
-                floor.p50_p99(),
-                "the floor",
-                Verdict::Info,
-            ));
-            table.push(Row::new(
-                "   raw UDS ping-pong 64 B (blocking std, both ends)",
-                blocking.p50_p99(),
-                "kernel floor, info",
-                Verdict::Info,
-            ));
+            table.push(
+                Row::new(
+                    "1  raw UDS ping-pong 64 B (tokio client <-> echo thread)",
+                    floor.p50_p99(),
+                    "the floor",
+                    Verdict::Info,
+                )
+                .cpus(cpus_mode.label()),
+            );
+            table.push(
+                Row::new(
+                    "   raw UDS ping-pong 64 B (blocking std, both ends)",
+                    blocking.p50_p99(),
+                    "kernel floor, info",
+                    Verdict::Info,
+                )
+                .cpus(cpus_mode.label()),
+            );
             table.json("raw_p50_us", floor.p50_us());
             table.json("raw_p99_us", floor.p99_us());
             table.json("raw_blocking_p50_us", blocking.p50_us());
@@ -248,11 +291,33 @@ async fn run(opts: Options, bins: Setup) -> Result<bool> {
             None
         }
     };
+    let copy_floor = match floor::raw_copy(counts).await {
+        Ok((median, best)) => {
+            table.push(
+                Row::new(
+                    "   raw UDS copy 64 MiB (1 MiB writes) round trip, socketpair",
+                    format!(
+                        "{median:.2} GB/s median, {best:.2} best of {}",
+                        counts.stream_reps
+                    ),
+                    "the stream floor",
+                    Verdict::Info,
+                )
+                .cpus(CpuMode::Idle.label()),
+            );
+            table.json("raw_copy_gb_per_s", median);
+            Some(median)
+        }
+        Err(e) => {
+            table.error("   raw UDS copy 64 MiB", &e);
+            None
+        }
+    };
 
     // 8. Memory first, on its own supervisor, before any other figure has
     // grown the heap (a 64 MiB stream leaves the allocator bigger).
     eprintln!(
-        "[8/9] supervisor memory with {} plugins ...",
+        "[8/10] supervisor memory with {} plugins ...",
         counts.memory_plugins
     );
     match memory(&root, &bins, counts).await {
@@ -261,15 +326,24 @@ async fn run(opts: Options, bins: Setup) -> Result<bool> {
     }
 
     // The embedded supervisor of figures 2, 4-7.
+    let floors = Floors {
+        ping: floor,
+        copy_gb_s: copy_floor,
+        cpus: cpus_mode,
+    };
     let sup = Supervisor::new(SupervisorOptions::new(root.join("e")))?;
-    let result = embedded_and_daemon(&root, &bins, counts, &sup, floor, &mut table).await;
+    let result = embedded_and_daemon(&root, &bins, counts, &sup, floors, &mut table).await;
     sup.shutdown().await;
-    if let Err(e) = result {
-        table.error("embedded supervisor", &e);
-    }
+    let daemon_p50 = match result {
+        Ok(p50) => p50,
+        Err(e) => {
+            table.error("embedded supervisor", &e);
+            None
+        }
+    };
 
     // 9. The price of per-call snapshots (state.snapshot_on_change).
-    eprintln!("[9/9] kv set with and without per-call snapshots ...");
+    eprintln!("[9/10] kv set with and without per-call snapshots ...");
     match snapshot_cost(&root, &bins, counts).await {
         Ok((off, on, fs)) => {
             table.push(Row::new(
@@ -291,6 +365,24 @@ async fn run(opts: Options, bins: Setup) -> Result<bool> {
         Err(e) => table.error("9  kv set with per-call snapshots", &e),
     }
 
+    // 10. Many plugins in one daemon.
+    let plan = fleet::FleetPlan {
+        plugins: opts.plugins.unwrap_or(if opts.quick { 50 } else { 1000 }),
+        rest: counts.fleet_rest,
+        ps_runs: counts.fleet_ps_runs,
+        calls: counts.latency / 4,
+        warmup: counts.latency_warmup / 4,
+        cpus: cpus_mode,
+    };
+    eprintln!(
+        "[10/10] {} echo plugins in one daemon, health every 1 s ...",
+        plan.plugins
+    );
+    match fleet::run(&root, &bins, plan).await {
+        Ok(f) => report_fleet(&f, daemon_p50, cpus_mode, &mut table),
+        Err(e) => table.error(&format!("10 {} plugins in one daemon", plan.plugins), &e),
+    }
+
     table.sort();
     println!();
     println!(
@@ -302,6 +394,9 @@ async fn run(opts: Options, bins: Setup) -> Result<bool> {
         },
         counts.latency,
         counts.latency_warmup
+    );
+    println!(
+        "every target is a ratio to a floor measured in this run; `cpus`: spin = a SCHED_IDLE spinner per CPU (--spin), idle = none"
     );
     if !bins.plugin_env.is_empty() {
         let env: Vec<String> = bins
@@ -323,42 +418,89 @@ async fn run(opts: Options, bins: Setup) -> Result<bool> {
     Ok(!table.has_errors())
 }
 
+/// The same-run floors the embedded figures are ratios to.
+#[derive(Clone, Copy)]
+struct Floors {
+    ping: Option<Stats>,
+    copy_gb_s: Option<f64>,
+    /// The CPU mode of the latency figures.
+    cpus: CpuMode,
+}
+
+/// `a / b` as "2.3x what", or "n/a".
+fn ratio_text(r: Option<f64>, what: &str) -> String {
+    r.map_or("n/a".to_string(), |r| format!("{r:.2}x {what}"))
+}
+
+fn ratio_at_most(r: Option<f64>, target: f64) -> Verdict {
+    r.map_or(Verdict::Info, |r| Verdict::at_most(r, target))
+}
+
+fn ratio_at_least(r: Option<f64>, target: f64) -> Verdict {
+    r.map_or(Verdict::Info, |r| Verdict::at_least(r, target))
+}
+
+/// Runs figures 2-7; returns the daemon's 1-plugin p50 (figure 3), the
+/// baseline of section 10's calls.
 async fn embedded_and_daemon(
     root: &Path,
     bins: &Setup,
     counts: Counts,
     sup: &Supervisor,
-    floor: Option<Stats>,
+    floors: Floors,
     table: &mut Table,
-) -> Result<()> {
-    let manifest = write_manifest(&root.join("ep"), "echo", bins)?;
+) -> Result<Option<Duration>> {
+    let manifest = write_manifest(&root.join("ep"), "echo", bins, "")?;
     let mut events = sup.events();
     sup.add(manifest, &Default::default())?;
     sup.wait_ready("echo", Duration::from_secs(30)).await?;
+    let mode = floors.cpus.label();
 
     // 2. Handle, one caller, embedded.
-    eprintln!("[2/9] Handle 64 B, one caller, embedded ...");
-    let embedded = match embedded_latency(sup, counts).await {
+    eprintln!("[2/10] Handle 64 B, one caller, embedded ...");
+    let embedded = match embedded_latency(sup, counts, floors.cpus).await {
         Ok(s) => {
-            let ratio = floor.map(|f| s.p50.as_secs_f64() / f.p50.as_secs_f64());
-            let ratio_text = ratio.map_or("n/a".to_string(), |r| format!("{r:.1}x raw"));
-            table.push(Row::new(
-                "2  Handle 64 B, 1 caller, embedded: p50 / p99",
-                s.p50_p99(),
-                "p99 <= 150 us",
-                Verdict::at_most(s.p99.as_secs_f64() * 1e6, 150.0),
-            ));
-            table.push(Row::new(
-                "   embedded p50 / raw p50",
-                ratio_text,
-                "<= 4x",
-                ratio.map_or(Verdict::Info, |r| Verdict::at_most(r, 4.0)),
-            ));
+            let p50 = floors
+                .ping
+                .map(|f| s.p50.as_secs_f64() / f.p50.as_secs_f64());
+            let p99 = floors
+                .ping
+                .map(|f| s.p99.as_secs_f64() / f.p99.as_secs_f64());
+            table.push(
+                Row::new(
+                    "2  Handle 64 B, 1 caller, embedded: p50 / p99",
+                    s.p50_p99(),
+                    "-",
+                    Verdict::Info,
+                )
+                .cpus(mode),
+            );
+            table.push(
+                Row::new(
+                    "   embedded p50 / raw p50",
+                    ratio_text(p50, "raw"),
+                    "<= 3x",
+                    ratio_at_most(p50, 3.0),
+                )
+                .cpus(mode),
+            );
+            table.push(
+                Row::new(
+                    "   embedded p99 / raw p99",
+                    ratio_text(p99, "raw"),
+                    "<= 8x",
+                    ratio_at_most(p99, 8.0),
+                )
+                .cpus(mode),
+            );
             table.json("embedded_p50_us", s.p50_us());
             table.json("embedded_p99_us", s.p99_us());
             table.json("embedded_mean_us", s.mean.as_secs_f64() * 1e6);
-            if let Some(r) = ratio {
+            if let Some(r) = p50 {
                 table.json("embedded_over_raw_p50", r);
+            }
+            if let Some(r) = p99 {
+                table.json("embedded_over_raw_p99", r);
             }
             Some(s)
         }
@@ -368,79 +510,98 @@ async fn embedded_and_daemon(
         }
     };
 
-    // 3. The same through the daemon.
-    eprintln!("[3/9] Handle 64 B, one caller, through the daemon ...");
-    match daemon_latency(root, bins, counts).await {
-        Ok(s) => {
-            let ratio = embedded.map(|e| s.p50.as_secs_f64() / e.p50.as_secs_f64());
-            table.push(Row::new(
-                "3  Handle 64 B, 1 caller, daemon `call`: p50 / p99",
-                s.p50_p99(),
-                "-",
-                Verdict::Info,
-            ));
-            table.push(Row::new(
-                "   daemon p50 / embedded p50",
-                ratio.map_or("n/a".to_string(), |r| format!("{r:.1}x embedded")),
-                "<= 2x",
-                ratio.map_or(Verdict::Info, |r| Verdict::at_most(r, 2.0)),
-            ));
-            table.json("daemon_p50_us", s.p50_us());
-            table.json("daemon_p99_us", s.p99_us());
-            if let Some(r) = ratio {
-                table.json("daemon_over_embedded_p50", r);
-            }
-        }
-        Err(e) => table.error("3  Handle 64 B through the daemon", &e),
-    }
-
-    // 4. Concurrent callers.
-    eprintln!("[4/9] {CALLERS} concurrent callers, embedded ...");
+    // 4. Concurrent callers (before the spawn figures, which need the exec
+    // floor of section 6 for the daemon's spawn figure as well).
+    eprintln!("[4/10] 1 and {CALLERS} concurrent callers, embedded ...");
     match concurrent(sup, counts).await {
-        Ok(rate) => {
+        Ok((one, rate)) => {
+            let r = Some(rate / one);
+            table.push(
+                Row::new(
+                    format!("4  {CALLERS} concurrent callers, 64 B, embedded"),
+                    format!(
+                        "{} calls/s ({} calls)",
+                        thousands(rate),
+                        thousands(counts.concurrent_calls as f64)
+                    ),
+                    ">= 60,000 calls/s",
+                    Verdict::at_least(rate, 60_000.0),
+                )
+                .cpus(CpuMode::Idle.label()),
+            );
+            table.push(
+                Row::new(
+                    "   1 caller, back to back, embedded",
+                    format!("{} calls/s", thousands(one)),
+                    "info",
+                    Verdict::Info,
+                )
+                .cpus(CpuMode::Idle.label()),
+            );
             table.push(Row::new(
-                format!("4  {CALLERS} concurrent callers, 64 B, embedded"),
-                format!(
-                    "{} calls/s ({} calls)",
-                    thousands(rate),
-                    thousands(counts.concurrent_calls as f64)
-                ),
-                ">= 60,000 calls/s",
-                Verdict::at_least(rate, 60_000.0),
+                format!("   {CALLERS} callers / 1 caller"),
+                ratio_text(r, "1 caller"),
+                ">= 4x",
+                ratio_at_least(r, 4.0),
             ));
             table.json("concurrent_calls_per_s", rate);
+            table.json("one_caller_calls_per_s", one);
+            table.json("concurrent_over_one_caller", rate / one);
         }
         Err(e) => table.error("4  concurrent callers", &e),
     }
 
     // 5. HandleStream throughput.
-    eprintln!("[5/9] HandleStream 64 MiB ...");
+    eprintln!("[5/10] HandleStream 64 MiB ...");
     match stream(sup, counts).await {
         Ok((median, best)) => {
+            let r = floors.copy_gb_s.map(|raw| raw / median);
+            table.push(
+                Row::new(
+                    "5  HandleStream 64 MiB (1 MiB chunks) round trip, embedded",
+                    format!(
+                        "{median:.2} GB/s median, {best:.2} best of {}",
+                        counts.stream_reps
+                    ),
+                    ">= 2 GB/s",
+                    Verdict::at_least(median, 2.0),
+                )
+                .cpus(CpuMode::Idle.label()),
+            );
             table.push(Row::new(
-                "5  HandleStream 64 MiB (1 MiB chunks) round trip, embedded",
-                format!(
-                    "{median:.2} GB/s median, {best:.2} best of {}",
-                    counts.stream_reps
-                ),
-                ">= 1 GB/s",
-                Verdict::at_least(median, 1.0),
+                "   raw UDS copy (round trip) / HandleStream, medians",
+                ratio_text(r, "slower than raw"),
+                "<= 5x",
+                ratio_at_most(r, 5.0),
             ));
             table.json("stream_gb_per_s", median);
             table.json("stream_gb_per_s_best", best);
+            if let Some(r) = r {
+                table.json("raw_copy_over_stream", r);
+            }
         }
         Err(e) => table.error("5  HandleStream 64 MiB", &e),
     }
 
-    // 6. spawn -> ready.
-    eprintln!("[6/9] spawn -> ready over {} restarts ...", counts.restarts);
-    match spawn_ready(sup, bins, &mut events, counts).await {
+    // 6. spawn -> ready, embedded.
+    eprintln!(
+        "[6/10] spawn -> ready over {} restarts ...",
+        counts.restarts
+    );
+    let exec_floor = match spawn_ready(sup, bins, &mut events, counts).await {
         Ok(s) => {
+            let r = s.total.p50.as_secs_f64() / s.exec_floor.p50.as_secs_f64();
             table.push(Row::new(
-                "6  spawn -> ready (Rust SDK echo): p50 / p99",
+                "6  spawn -> ready, embedded (Rust SDK echo): p50 / p99",
                 s.total.p50_p99_ms(),
-                "p50 <= 3 ms",
-                Verdict::at_most(s.total.p50.as_secs_f64() * 1e3, 3.0),
+                "-",
+                Verdict::Info,
+            ));
+            table.push(Row::new(
+                "   embedded spawn -> ready p50 / exec floor p50",
+                ratio_text(Some(r), "exec"),
+                "<= 2x",
+                Verdict::at_most(r, 2.0),
             ));
             table.push(Row::new(
                 "   of which spawn -> handshake / Initialize (p50)",
@@ -455,12 +616,13 @@ async fn embedded_and_daemon(
             table.push(Row::new(
                 "   exec floor: echo-plugin run bare (exits at once), fork->reaped",
                 s.exec_floor.p50_p99_ms(),
-                "info",
+                "the spawn floor",
                 Verdict::Info,
             ));
             table.json("exec_floor_p50_ms", s.exec_floor.p50.as_secs_f64() * 1e3);
             table.json("spawn_ready_p50_ms", s.total.p50.as_secs_f64() * 1e3);
             table.json("spawn_ready_p99_ms", s.total.p99.as_secs_f64() * 1e3);
+            table.json("spawn_ready_over_exec", r);
             table.json(
                 "spawn_handshake_p50_ms",
                 s.handshake.p50.as_secs_f64() * 1e3,
@@ -469,13 +631,77 @@ async fn embedded_and_daemon(
                 "spawn_initialize_p50_ms",
                 s.initialize.p50.as_secs_f64() * 1e3,
             );
+            Some(s.exec_floor)
         }
-        Err(e) => table.error("6  spawn -> ready", &e),
+        Err(e) => {
+            table.error("6  spawn -> ready", &e);
+            None
+        }
+    };
+
+    // 3. The same through the daemon, and its spawn -> ready.
+    eprintln!("[3/10] Handle 64 B, one caller, and spawn -> ready through the daemon ...");
+    let mut daemon_p50 = None;
+    match daemon_figures(root, bins, counts, floors.cpus).await {
+        Ok(d) => {
+            let s = d.latency;
+            daemon_p50 = Some(s.p50);
+            let ratio = embedded.map(|e| s.p50.as_secs_f64() / e.p50.as_secs_f64());
+            table.push(
+                Row::new(
+                    "3  Handle 64 B, 1 caller, daemon `call`: p50 / p99",
+                    s.p50_p99(),
+                    "-",
+                    Verdict::Info,
+                )
+                .cpus(mode),
+            );
+            table.push(
+                Row::new(
+                    "   daemon p50 / embedded p50",
+                    ratio_text(ratio, "embedded"),
+                    "<= 1.5x",
+                    ratio_at_most(ratio, 1.5),
+                )
+                .cpus(mode),
+            );
+            table.json("daemon_p50_us", s.p50_us());
+            table.json("daemon_p99_us", s.p99_us());
+            if let Some(r) = ratio {
+                table.json("daemon_over_embedded_p50", r);
+            }
+            match d.spawn {
+                Ok(spawn) => {
+                    let r = exec_floor.map(|f| spawn.p50.as_secs_f64() / f.p50.as_secs_f64());
+                    table.push(Row::new(
+                        format!(
+                            "6  spawn -> ready in the daemon ({}): p50 / p99",
+                            d.isolation
+                        ),
+                        spawn.p50_p99_ms(),
+                        "-",
+                        Verdict::Info,
+                    ));
+                    table.push(Row::new(
+                        "   daemon spawn -> ready p50 / exec floor p50",
+                        ratio_text(r, "exec"),
+                        "<= 2x",
+                        ratio_at_most(r, 2.0),
+                    ));
+                    table.json("daemon_spawn_ready_p50_ms", spawn.p50.as_secs_f64() * 1e3);
+                    if let Some(r) = r {
+                        table.json("daemon_spawn_ready_over_exec", r);
+                    }
+                }
+                Err(e) => table.error("6  spawn -> ready in the daemon", &e),
+            }
+        }
+        Err(e) => table.error("3  Handle 64 B through the daemon", &e),
     }
 
     // 7. crash -> event, crash -> ready.
     eprintln!(
-        "[7/9] crash -> event / ready over {} crashes ...",
+        "[7/10] crash -> event / ready over {} crashes ...",
         counts.crashes
     );
     match crashes(sup, &mut events, counts).await {
@@ -520,8 +746,8 @@ async fn embedded_and_daemon(
                     stats::fmt_ms(extra.p50),
                     stats::fmt_ms(extra.p99)
                 ),
-                "<= backoff + 5 ms",
-                Verdict::at_most(extra.p50.as_secs_f64() * 1e3, 5.0),
+                "<= backoff + 3 ms",
+                Verdict::at_most(extra.p50.as_secs_f64() * 1e3, 3.0),
             ));
             table.push(Row::new(
                 format!(
@@ -552,102 +778,15 @@ async fn embedded_and_daemon(
         }
         Err(e) => table.error("7  crash -> event / ready", &e),
     }
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------
-// 1. The floor.
-
-/// Round trips of a 64 B payload over a Unix socket to an echo thread: the
-/// client is a tokio task on this runtime (as a supervisor's calls are), the
-/// server a thread with its own current-thread tokio runtime (as a plugin's
-/// is). Also returns a both-ends-blocking variant: the kernel's own floor.
-async fn raw_floor(root: &Path, counts: Counts) -> Result<(Stats, Stats)> {
-    // Tokio client <-> echo thread running its own tokio runtime.
-    let path = root.join("raw.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&path)?;
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()?;
-        rt.block_on(async move {
-            listener.set_nonblocking(true)?;
-            let listener = tokio::net::UnixListener::from_std(listener)?;
-            let (mut stream, _) = listener.accept().await?;
-            let mut buf = [0u8; PAYLOAD];
-            loop {
-                match stream.read_exact(&mut buf).await {
-                    Ok(_) => stream.write_all(&buf).await?,
-                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                    Err(e) => return Err(e),
-                }
-            }
-        })
-    });
-    let n = counts.latency;
-    let warm = counts.latency_warmup;
-    let client = tokio::spawn(async move {
-        let mut stream = tokio::net::UnixStream::connect(&path).await?;
-        let out = [7u8; PAYLOAD];
-        let mut back = [0u8; PAYLOAD];
-        let mut samples = Vec::with_capacity(n);
-        for i in 0..warm + n {
-            let t = Instant::now();
-            stream.write_all(&out).await?;
-            stream.read_exact(&mut back).await?;
-            if i >= warm {
-                samples.push(t.elapsed());
-            }
-        }
-        Ok::<_, std::io::Error>(samples)
-    });
-    let samples = client.await??;
-    server
-        .join()
-        .map_err(|_| "the raw echo thread panicked")??;
-    let floor = Stats::of(samples)?;
-
-    // Both ends blocking std threads.
-    let path = root.join("rawb.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&path)?;
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut stream, _) = listener.accept()?;
-        let mut buf = [0u8; PAYLOAD];
-        loop {
-            match stream.read_exact(&mut buf) {
-                Ok(()) => stream.write_all(&buf)?,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
-            }
-        }
-    });
-    let samples = tokio::task::spawn_blocking(move || {
-        let mut stream = std::os::unix::net::UnixStream::connect(&path)?;
-        let out = [7u8; PAYLOAD];
-        let mut back = [0u8; PAYLOAD];
-        let mut samples = Vec::with_capacity(n);
-        for i in 0..warm + n {
-            let t = Instant::now();
-            stream.write_all(&out)?;
-            stream.read_exact(&mut back)?;
-            if i >= warm {
-                samples.push(t.elapsed());
-            }
-        }
-        Ok::<_, std::io::Error>(samples)
-    })
-    .await??;
-    server
-        .join()
-        .map_err(|_| "the raw echo thread panicked")??;
-    Ok((floor, Stats::of(samples)?))
+    Ok(daemon_p50)
 }
 
 // ---------------------------------------------------------------------------
 // Plugins.
 
-/// Writes `<dir>/<name>/plugin.yaml` for the echo plugin and loads it.
-fn write_manifest(dir: &Path, name: &str, setup: &Setup) -> Result<Manifest> {
+/// Writes `<dir>/<name>/plugin.yaml` for the echo plugin, with `extra`
+/// manifest lines (e.g. `health:`), and loads it.
+fn write_manifest(dir: &Path, name: &str, setup: &Setup, extra: &str) -> Result<Manifest> {
     let plugin_dir = dir.join(name);
     std::fs::create_dir_all(&plugin_dir)?;
     let path = plugin_dir.join("plugin.yaml");
@@ -664,6 +803,7 @@ fn write_manifest(dir: &Path, name: &str, setup: &Setup) -> Result<Manifest> {
             .collect();
         text.push_str(&format!("env: {}\n", serde_json::Value::Object(env)));
     }
+    text.push_str(extra);
     std::fs::write(&path, text)?;
     Ok(Manifest::load(&path)?)
 }
@@ -757,8 +897,9 @@ async fn call_once(sup: &Supervisor, payload: &Bytes) -> Result<()> {
 // ---------------------------------------------------------------------------
 // 2. Embedded latency.
 
-async fn embedded_latency(sup: &Supervisor, counts: Counts) -> Result<Stats> {
+async fn embedded_latency(sup: &Supervisor, counts: Counts, cpus: CpuMode) -> Result<Stats> {
     let sup = sup.clone();
+    let _spin = cpus.hold()?;
     // On a runtime worker, as a host application's calls would be.
     let samples = tokio::spawn(async move {
         let payload = payload();
@@ -779,99 +920,27 @@ async fn embedded_latency(sup: &Supervisor, counts: Counts) -> Result<Stats> {
 // ---------------------------------------------------------------------------
 // 3. Through the daemon.
 
-/// The daemon as a child process; stopped with SIGTERM (then SIGKILL after
-/// 15 s) when dropped, so every exit path stops it.
-struct Daemon {
-    child: std::process::Child,
-    log: PathBuf,
+struct DaemonFigures {
+    latency: Stats,
+    /// starting -> ready of restarts through the control API, as the
+    /// control client receives the events.
+    spawn: Result<Stats>,
+    /// The plugin's isolation, from `Inspect`: whether cgroups were on.
+    isolation: String,
 }
 
-impl Daemon {
-    fn start(bins: &Setup, dir: &Path) -> Result<Daemon> {
-        let plugins = dir.join("plugins");
-        write_manifest(&plugins, "echo", bins)?;
-        let log = dir.join("daemon.log");
-        let stderr = std::fs::File::create(&log)?;
-        let child = std::process::Command::new(&bins.daemon)
-            .arg("--control")
-            .arg(dir.join("c.sock"))
-            .arg("run")
-            .arg("--plugins-dir")
-            .arg(&plugins)
-            .arg("--runtime-dir")
-            .arg(dir.join("rt"))
-            .env("PLUGVISOR_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bins.daemon.display()))?;
-        Ok(Daemon { child, log })
-    }
-
-    /// The last lines the daemon logged, for error messages.
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(10)..].join("\n    ")
-    }
-
-    fn check_alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            return Err(format!(
-                "the daemon exited early ({status}); its log:\n    {}",
-                self.log_tail()
-            )
-            .into());
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        eprintln!("plugvisor-bench: the daemon did not stop within 15 s of SIGTERM; killing it");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn daemon_latency(root: &Path, bins: &Setup, counts: Counts) -> Result<Stats> {
+async fn daemon_figures(
+    root: &Path,
+    bins: &Setup,
+    counts: Counts,
+    cpus: CpuMode,
+) -> Result<DaemonFigures> {
     let dir = root.join("d");
     std::fs::create_dir_all(&dir)?;
-    let mut daemon = Daemon::start(bins, &dir)?;
-    let socket = dir.join("c.sock");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut client = loop {
-        daemon.check_alive()?;
-        if socket.exists()
-            && let Ok(c) = plugvisor_cli::control::connect(&socket).await
-        {
-            break c;
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the daemon's control socket {} did not answer within 15 s; its log:\n    {}",
-                socket.display(),
-                daemon.log_tail()
-            )
-            .into());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    let request = |timeout_ms| CallRequest {
+    // Stopped by Drop on every path: SIGTERM, then wait.
+    let mut daemon = daemon::Daemon::start(bins, &dir, &["echo"])?;
+    let mut client = daemon.connect().await?;
+    let request = |timeout_ms| pb::CallRequest {
         plugin: "echo".into(),
         method: "echo".into(),
         payload: payload(),
@@ -883,7 +952,8 @@ async fn daemon_latency(root: &Path, bins: &Setup, counts: Counts) -> Result<Sta
         .call(request(30_000))
         .await
         .map_err(|s| format!("{s}; daemon log:\n    {}", daemon.log_tail()))?;
-    let samples = tokio::spawn(async move {
+    let latency = {
+        let _spin = cpus.hold()?;
         let mut samples = Vec::with_capacity(counts.latency);
         for i in 0..counts.latency_warmup + counts.latency {
             let t = Instant::now();
@@ -899,22 +969,91 @@ async fn daemon_latency(root: &Path, bins: &Setup, counts: Counts) -> Result<Sta
                 .into());
             }
         }
-        Ok::<_, BoxError>(samples)
+        Stats::of(samples)?
+    };
+    let isolation = client
+        .inspect(pb::InspectRequest {
+            name: "echo".into(),
+        })
+        .await?
+        .into_inner()
+        .status
+        .and_then(|s| s.isolation)
+        .map_or_else(
+            || "isolation unknown".to_string(),
+            |i| {
+                if i.cgroups.is_empty() {
+                    format!("{}, cgroups OFF", i.mechanism)
+                } else {
+                    format!("{}, cgroups on", i.mechanism)
+                }
+            },
+        );
+    let spawn = daemon_spawn_ready(&mut client, counts).await;
+    Ok(DaemonFigures {
+        latency,
+        spawn,
+        isolation,
     })
-    .await??;
-    // Stopped by Drop: SIGTERM, then wait.
-    drop(daemon);
+}
+
+/// Restarts the daemon's echo plugin through the control API and times its
+/// `starting` -> `ready` events as a follower of the event stream receives
+/// them (both cross the same stream, so its delivery delay cancels out; the
+/// events' own stamps are whole milliseconds).
+async fn daemon_spawn_ready(client: &mut daemon::Client, counts: Counts) -> Result<Stats> {
+    let mut events = client
+        .events(pb::EventsRequest {
+            plugin: "echo".into(),
+            follow: true,
+        })
+        .await?
+        .into_inner();
+    let wait = Duration::from_secs(10);
+    let mut samples = Vec::with_capacity(counts.restarts);
+    for i in 0..counts.restarts + 1 {
+        // Let the last start's stragglers finish, and drop the history.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        while let Ok(Some(e)) = tokio::time::timeout(Duration::ZERO, events.next()).await {
+            e?;
+        }
+        client
+            .restart(pb::PluginRequest {
+                name: "echo".into(),
+                upgrade: false,
+            })
+            .await?;
+        let mut starting = None;
+        let ready = loop {
+            let e = tokio::time::timeout(wait, events.next())
+                .await
+                .map_err(|_| "no `ready` event within 10 s of a restart")?
+                .ok_or("the daemon's event stream ended")??;
+            match e.state.as_str() {
+                "starting" => starting = Some(Instant::now()),
+                "ready" if starting.is_some() => break Instant::now(),
+                "failed" => return Err(format!("echo failed: {}", e.reason).into()),
+                _ => {}
+            }
+        };
+        // The first restart warms up (page cache, allocator); not counted.
+        if let (Some(s), true) = (starting, i > 0) {
+            samples.push(ready - s);
+        }
+    }
     Stats::of(samples)
 }
 
 // ---------------------------------------------------------------------------
 // 4. Concurrent callers.
 
-async fn concurrent(sup: &Supervisor, counts: Counts) -> Result<f64> {
-    async fn burst(sup: &Supervisor, total: usize) -> Result<Duration> {
-        let per = total / CALLERS;
+/// Calls/s of one caller and of `CALLERS` concurrent callers, each caller
+/// making the same number of calls.
+async fn concurrent(sup: &Supervisor, counts: Counts) -> Result<(f64, f64)> {
+    async fn burst(sup: &Supervisor, callers: usize, total: usize) -> Result<Duration> {
+        let per = total / callers;
         let start = Instant::now();
-        let tasks: Vec<_> = (0..CALLERS)
+        let tasks: Vec<_> = (0..callers)
             .map(|_| {
                 let sup = sup.clone();
                 tokio::spawn(async move {
@@ -931,10 +1070,14 @@ async fn concurrent(sup: &Supervisor, counts: Counts) -> Result<f64> {
         }
         Ok(start.elapsed())
     }
-    burst(sup, counts.concurrent_calls / 10).await?;
-    let total = counts.concurrent_calls / CALLERS * CALLERS;
-    let elapsed = burst(sup, total).await?;
-    Ok(total as f64 / elapsed.as_secs_f64())
+    burst(sup, CALLERS, counts.concurrent_calls / 10).await?;
+    let per = counts.concurrent_calls / CALLERS;
+    let one = burst(sup, 1, per).await?;
+    let all = burst(sup, CALLERS, per * CALLERS).await?;
+    Ok((
+        per as f64 / one.as_secs_f64(),
+        (per * CALLERS) as f64 / all.as_secs_f64(),
+    ))
 }
 
 // ---------------------------------------------------------------------------
@@ -1313,7 +1456,7 @@ async fn memory_with(
         .collect();
     let manifests = names
         .iter()
-        .map(|n| write_manifest(&root.join("mp"), n, bins))
+        .map(|n| write_manifest(&root.join("mp"), n, bins, ""))
         .collect::<Result<Vec<_>>>()?;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let base_kib = proc_status_kib("self", "VmRSS")?;
@@ -1343,6 +1486,137 @@ async fn memory_with(
 }
 
 // ---------------------------------------------------------------------------
+
+/// Section 10's rows: the supervisor's costs and the plugins' costs apart.
+fn report_fleet(
+    f: &fleet::FleetFigures,
+    daemon_p50: Option<Duration>,
+    cpus: CpuMode,
+    table: &mut Table,
+) {
+    let n = f.plugins;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    table.push(Row::new(
+        format!("10 {n} echo plugins in one daemon: host limits"),
+        f.limits.clone(),
+        "checked first",
+        Verdict::Info,
+    ));
+    table.push(Row::new(
+        "   each plugin's isolation (from inspect)",
+        f.isolation.clone(),
+        "info",
+        Verdict::Info,
+    ));
+    table.push(Row::new(
+        format!("   all {n} ready, from one reload"),
+        format!(
+            "{:.2} s ({:.2} ms per plugin)",
+            f.ready_in.as_secs_f64(),
+            f.ready_in.as_secs_f64() * 1e3 / n as f64
+        ),
+        "info: all ready fast",
+        Verdict::Info,
+    ));
+    let budget = 20.0 + 0.5 * n as f64;
+    table.push(Row::new(
+        "   supervisor (daemon) VmRSS: no plugins / all ready",
+        format!(
+            "{:.1} MiB / {:.1} MiB ({:.3} MiB per plugin)",
+            mib(f.base_rss_kib),
+            mib(f.rss_kib),
+            mib(f.rss_kib.saturating_sub(f.base_rss_kib)) / n as f64
+        ),
+        format!("<= 20 MiB + 0.5 MiB x {n} = {budget:.0} MiB"),
+        Verdict::at_most(mib(f.rss_kib), budget),
+    ));
+    table.push(Row::new(
+        "   plugins: one echo child's VmRSS x N / sum of Pss",
+        format!(
+            "{:.1} MiB x {n} = {:.0} MiB / {:.0} MiB ({} processes)",
+            mib(f.child_rss_kib),
+            mib(f.child_rss_kib) * n as f64,
+            mib(f.plugins_pss_kib),
+            f.plugin_processes
+        ),
+        "info (not supervisor)",
+        Verdict::Info,
+    ));
+    table.push(Row::new(
+        format!(
+            "   CPU at rest over {:.0} s: supervisor / all plugins",
+            f.rest.as_secs_f64()
+        ),
+        format!(
+            "{:.1}% / {:.1}% of one CPU",
+            f.cpu_percent, f.plugins_cpu_percent
+        ),
+        "info",
+        Verdict::Info,
+    ));
+    table.push(Row::new(
+        "   health checks failed (metrics) / restarts",
+        format!("{} / {}", f.health_failures, f.restarts),
+        "0 missed deadlines",
+        Verdict::at_most(f.health_failures + f.restarts as f64, 0.0),
+    ));
+    table.push(Row::new(
+        format!(
+            "   `plugvisor ps` (real CLI, exec to exit), {} runs",
+            f.ps_runs
+        ),
+        format!(
+            "p50 {} / worst {}",
+            stats::fmt_ms(f.ps.p50),
+            stats::fmt_ms(f.ps_worst)
+        ),
+        "p50 <= 100 ms",
+        Verdict::at_most(f.ps.p50.as_secs_f64() * 1e3, 100.0),
+    ));
+    let r = daemon_p50.map(|d| f.call.p50.as_secs_f64() / d.as_secs_f64());
+    table.push(
+        Row::new(
+            "   Handle 64 B to one of them, daemon `call`: p50 / p99",
+            f.call.p50_p99(),
+            "-",
+            Verdict::Info,
+        )
+        .cpus(cpus.label()),
+    );
+    table.push(
+        Row::new(
+            "   its p50 / the 1-plugin daemon p50 (figure 3)",
+            ratio_text(r, "1 plugin"),
+            "<= 1.5x",
+            ratio_at_most(r, 1.5),
+        )
+        .cpus(cpus.label()),
+    );
+    table.push(Row::new(
+        "   stop: SIGTERM -> daemon exited, every plugin stopped",
+        format!(
+            "{:.2} s, {} process(es) left to kill",
+            f.stop.as_secs_f64(),
+            f.leftovers
+        ),
+        "always cleaned up",
+        Verdict::at_most(f.leftovers as f64, 0.0),
+    ));
+    table.json("fleet_plugins", n as f64);
+    table.json("fleet_ready_s", f.ready_in.as_secs_f64());
+    table.json("fleet_supervisor_rss_mib", mib(f.rss_kib));
+    table.json("fleet_supervisor_base_rss_mib", mib(f.base_rss_kib));
+    table.json("fleet_child_rss_mib", mib(f.child_rss_kib));
+    table.json("fleet_plugins_pss_mib", mib(f.plugins_pss_kib));
+    table.json("fleet_supervisor_cpu_percent", f.cpu_percent);
+    table.json("fleet_plugins_cpu_percent", f.plugins_cpu_percent);
+    table.json("fleet_health_failures", f.health_failures);
+    table.json("fleet_ps_p50_ms", f.ps.p50.as_secs_f64() * 1e3);
+    table.json("fleet_call_p50_us", f.call.p50_us());
+    if let Some(r) = r {
+        table.json("fleet_call_over_one_plugin_p50", r);
+    }
+}
 
 /// The bench's temporary directory, on a tmpfs when there is one: the
 /// supervisor's runtime dir (plugin sockets) is `/run/plugvisor` or

@@ -100,6 +100,9 @@ pub struct Row {
     measured: String,
     target: String,
     verdict: Verdict,
+    /// How the CPUs were kept while this figure was measured (`spin`,
+    /// `idle`); empty when it does not matter (not a latency figure).
+    cpus: &'static str,
 }
 
 impl Row {
@@ -114,7 +117,14 @@ impl Row {
             measured: measured.into(),
             target: target.into(),
             verdict,
+            cpus: "",
         }
+    }
+
+    /// Marks the row as measured with the CPUs in `mode`.
+    pub fn cpus(mut self, mode: &'static str) -> Row {
+        self.cpus = mode;
+        self
     }
 }
 
@@ -129,11 +139,10 @@ pub struct Table {
 
 impl Table {
     pub fn push(&mut self, row: Row) {
-        let group = row
-            .figure
-            .split_whitespace()
-            .next()
-            .and_then(|w| w.parse::<u32>().ok())
+        let opens = !row.figure.starts_with(char::is_whitespace);
+        let group = opens
+            .then(|| row.figure.split_whitespace().next()?.parse::<u32>().ok())
+            .flatten()
             .or_else(|| self.rows.last().map(|(g, _)| *g))
             .unwrap_or(99);
         self.rows.push((group, row));
@@ -163,7 +172,7 @@ impl Table {
     }
 
     pub fn print(&self) {
-        let header = Row::new("figure", "measured", "SPEC §8 target", Verdict::Info);
+        let header = Row::new("figure", "measured", "SPEC §8 target", Verdict::Info).cpus("cpus");
         let width = |f: fn(&Row) -> &str| {
             self.rows
                 .iter()
@@ -176,15 +185,17 @@ impl Table {
         let w2 = width(|r| &r.measured);
         let w3 = width(|r| &r.target);
         let line = |r: &Row, verdict: &str| {
-            println!(
-                "{}  {}  {}  {verdict}",
+            let text = format!(
+                "{}  {}  {}  {}  {verdict}",
                 pad(&r.figure, w1),
                 pad(&r.measured, w2),
-                pad(&r.target, w3)
+                pad(&r.target, w3),
+                pad(r.cpus, 4)
             );
+            println!("{}", text.trim_end());
         };
         line(&header, "verdict");
-        println!("{}", "-".repeat(w1 + w2 + w3 + 6 + 7));
+        println!("{}", "-".repeat(w1 + w2 + w3 + 4 + 8 + 7));
         let mut last = None;
         for (group, row) in &self.rows {
             if last.is_some_and(|g| g != *group) {
