@@ -756,6 +756,9 @@ impl Stream for Upload {
     }
 }
 
+/// A snapshot in progress: its sequence number, or why it failed.
+type Saving = Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send>>;
+
 /// The plugin's reply chunks. Holds the call's slot, its instance and its
 /// metrics until it ends or is dropped; dropping it early resets the
 /// plugin's stream (the plugin sees the call cancelled).
@@ -772,7 +775,7 @@ struct Download {
     common: Arc<Common>,
     state_changed: bool,
     /// The snapshot being taken at the end of the stream.
-    saving: Option<Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send>>>,
+    saving: Option<Saving>,
 }
 
 impl Stream for Download {
