@@ -148,8 +148,14 @@ impl Supervisor {
         Ok(self.plugin(name)?.common.clone())
     }
 
-    /// Every plugin's current status, by name.
+    /// Every plugin's current status, by name, with live cgroup usage.
     pub fn list(&self) -> Vec<PluginInfo> {
+        self.list_with(true)
+    }
+
+    /// [`Self::list`]; `usage: false` skips reading each plugin's cgroup
+    /// usage (a few file reads per plugin) when nobody shows it.
+    pub fn list_with(&self, usage: bool) -> Vec<PluginInfo> {
         let plugins: Vec<_> = self
             .plugins
             .read()
@@ -157,15 +163,20 @@ impl Supervisor {
             .values()
             .map(|p| p.common.clone())
             .collect();
-        plugins.iter().map(|c| self.info_of(c)).collect()
+        plugins.iter().map(|c| self.info_with(c, usage)).collect()
     }
 
     /// The board's view, with isolation usage read outside its lock.
     fn info_of(&self, common: &Common) -> PluginInfo {
+        self.info_with(common, true)
+    }
+
+    fn info_with(&self, common: &Common, usage: bool) -> PluginInfo {
         let (mut info, spec) = info_of(&common.name, &common.board);
-        info.isolation = self.host.isolation.status(
+        info.isolation = self.host.isolation.status_with(
             &spec.manifest,
             info.replicas.iter().map(|r| r.instance.as_str()),
+            usage,
         );
         info
     }

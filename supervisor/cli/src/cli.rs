@@ -451,7 +451,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }),
         Command::Ps { json } => {
             let mut client = control::connect(&control_path()).await?;
-            let list = client.list(pb::ListRequest {}).await?.into_inner();
+            // The table shows no usage; `--json` keeps every field.
+            let list = client
+                .list(pb::ListRequest { usage: *json })
+                .await?
+                .into_inner();
             if *json {
                 let rows: Vec<_> = list.plugins.iter().map(status_json).collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);

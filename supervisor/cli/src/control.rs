@@ -282,7 +282,14 @@ impl Control for ControlService {
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
         self.access.borrow().check(&request)?;
-        let plugins = self.supervisor.list().iter().map(status_of).collect();
+        let usage = request.get_ref().usage;
+        // Reading cgroup files for many plugins blocks: not on a worker.
+        let supervisor = self.supervisor.clone();
+        let plugins = tokio::task::spawn_blocking(move || {
+            supervisor.list_with(usage).iter().map(status_of).collect()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("listing the plugins failed: {e}")))?;
         Ok(Response::new(pb::ListResponse { plugins }))
     }
 
@@ -371,8 +378,11 @@ impl Control for ControlService {
         let mut live = self.supervisor.events();
         let mut past: Vec<Event> = if r.plugin.is_empty() {
             let mut all = Vec::new();
-            for info in self.supervisor.list() {
-                all.extend(self.supervisor.history(&info.name)?);
+            for name in self.supervisor.names() {
+                // A plugin removed meanwhile has no history to show.
+                if let Ok(history) = self.supervisor.history(&name) {
+                    all.extend(history);
+                }
             }
             all
         } else {

@@ -103,7 +103,8 @@ pub async fn run(
         .await;
     let watchdog = Notifier::watchdog_interval();
     let status_loop = notifier.keep_alive(watchdog, || {
-        let plugins = supervisor.list();
+        // States only: no cgroup reads on every watchdog tick.
+        let plugins = supervisor.list_with(false);
         let up = plugins.iter().filter(|p| p.state.is_up()).count();
         format!("{up}/{} plugin(s) up", plugins.len())
     });

@@ -65,7 +65,11 @@ pub async fn command(control: &Path, options: &Options) -> anyhow::Result<i32> {
 }
 
 async fn read(client: &mut Client) -> Result<Reading, tonic::Status> {
-    let plugins = client.list(pb::ListRequest {}).await?.into_inner().plugins;
+    let plugins = client
+        .list(pb::ListRequest { usage: true })
+        .await?
+        .into_inner()
+        .plugins;
     let text = client
         .metrics(pb::MetricsRequest {})
         .await?

@@ -953,6 +953,17 @@ impl Isolation {
         manifest: &Manifest,
         instances: impl IntoIterator<Item = &'a str>,
     ) -> IsolationStatus {
+        self.status_with(manifest, instances, true)
+    }
+
+    /// [`Self::status`], reading live usage from the cgroups only when
+    /// `usage` is true (`usage` is then `None`).
+    pub fn status_with<'a>(
+        &self,
+        manifest: &Manifest,
+        instances: impl IntoIterator<Item = &'a str>,
+        usage: bool,
+    ) -> IsolationStatus {
         let cgroups: Vec<Arc<dyn CgroupManager>> = {
             let live = lock(&self.live);
             instances
@@ -960,7 +971,11 @@ impl Isolation {
                 .filter_map(|i| live.get(i).cloned())
                 .collect()
         };
-        let usage = cgroups.iter().map(|c| c.usage()).reduce(|a, b| a.plus(&b));
+        let usage = if usage {
+            cgroups.iter().map(|c| c.usage()).reduce(|a, b| a.plus(&b))
+        } else {
+            None
+        };
         let held = lock(&self.privileges.held).get(&manifest.name).cloned();
         let p = &self.privileges;
         IsolationStatus {

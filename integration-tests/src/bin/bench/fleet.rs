@@ -141,7 +141,10 @@ async fn measure(
             return Err(format!("only {} of {n} plugins became ready", ready.len()).into());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let list = client.list(pb::ListRequest {}).await?.into_inner();
+        let list = client
+            .list(pb::ListRequest { usage: false })
+            .await?
+            .into_inner();
         ready = list
             .plugins
             .into_iter()
@@ -244,7 +247,10 @@ async fn measure(
         .into());
     }
     let health_failures = series.iter().sum();
-    let list = client.list(pb::ListRequest {}).await?.into_inner();
+    let list = client
+        .list(pb::ListRequest { usage: false })
+        .await?
+        .into_inner();
     let restarts = list.plugins.iter().map(|p| u64::from(p.restarts)).sum();
     let not_ready = list.plugins.iter().filter(|p| p.state != "ready").count();
     if not_ready > 0 {
