@@ -64,10 +64,15 @@ pub use tonic::{Code, Status};
 /// Runs `plugin` as a plugvisor plugin and exits: 0 after a clean shutdown,
 /// 1 (with the reason on stderr) if it could not start or serve.
 ///
-/// Builds a multi-threaded Tokio runtime and runs [`serve`] on it. Plugins
-/// that already have a runtime call [`serve`] themselves.
+/// Builds a single-threaded Tokio runtime and runs [`serve`] on it: a
+/// plugin answers calls on one thread (calls still run concurrently as
+/// tasks), starts faster, costs one thread against its `pids` limit, and
+/// avoids waking threads across cores for each call. Handlers that do
+/// blocking or CPU-heavy work should use `tokio::task::spawn_blocking`; a
+/// plugin that wants several worker threads builds its own runtime and
+/// calls [`serve`].
 pub fn main<P: Plugin>(plugin: P) -> ! {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
