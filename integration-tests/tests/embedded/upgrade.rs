@@ -693,3 +693,60 @@ async fn a_broken_upload_reaches_the_plugin_as_cancelled_never_as_a_short_payloa
     );
     sup.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_rolled_back_upgrade_leaves_no_new_format_snapshot_for_the_old_binary() {
+    let sandbox = Sandbox::new();
+    let sup = sandbox.supervisor_with_state();
+    let mut events = sup.events();
+    let v1 = versioned(
+        &sandbox,
+        "kv",
+        "1.0.0",
+        &bin("kv-plugin"),
+        "args: [--state-version, \"1\"]\nstate: {snapshot_on_change: true, snapshot_interval: 0s}",
+    );
+    let v2 = versioned(
+        &sandbox,
+        "kv",
+        "2.0.0",
+        &bin("kv-plugin"),
+        "state: {snapshot_on_change: true, snapshot_interval: 0s}\nupgrade: {probation: 10s}",
+    );
+    sup.add(v1, &Default::default()).unwrap();
+    wait_state(&mut events, "kv", PluginState::Ready, SECS_10).await;
+    let old_pid = sup.info("kv").unwrap().pid.unwrap();
+    sup.call("kv", "set", Bytes::from("a=1"), HashMap::new(), None)
+        .await
+        .unwrap();
+    let upgrading = tokio::spawn({
+        let sup = sup.clone();
+        async move { sup.upgrade("kv", v2).await }
+    });
+    // The new instance is published (its probation has begun).
+    next_event(&mut events, "kv", SECS_10, |e| {
+        e.state == PluginState::Ready && e.instance == "kv-0-2"
+    })
+    .await;
+    // The new version takes a write during its probation: a version 2
+    // snapshot lands on disk...
+    sup.call("kv", "set", Bytes::from("b=2"), HashMap::new(), None)
+        .await
+        .unwrap();
+    let store = plugvisor::state::SnapshotStore::new(&sandbox.state_dir(), "kv");
+    let newest = store.load().unwrap().snapshot.unwrap();
+    assert_eq!(newest.state_version, 2, "the new version wrote its format");
+    // ...then it dies before its probation ends.
+    let new_pid = sup.info("kv").unwrap().pid.unwrap();
+    assert_ne!(new_pid, old_pid);
+    // SAFETY: signals a plugin process this test's supervisor started.
+    unsafe { libc::kill(new_pid, libc::SIGKILL) };
+    let err = upgrading.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("failed its probation"), "{err}");
+    // The old binary never gets the new format back: the newest snapshot is
+    // the old version's again.
+    let newest = store.load().unwrap().snapshot.unwrap();
+    assert_eq!(newest.state_version, 1, "{newest:?}");
+    assert_eq!(sup.info("kv").unwrap().pid, Some(old_pid));
+    sup.shutdown().await;
+}
