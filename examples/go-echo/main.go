@@ -92,6 +92,9 @@ func (p *plugin) ready() error {
 }
 
 func (p *plugin) Initialize(ctx context.Context, req *pb.InitializeRequest) (*pb.InitializeResponse, error) {
+	if req.ProtocolVersion != 0 && req.ProtocolVersion != protocol {
+		return nil, status.Errorf(codes.FailedPrecondition, "Initialize asked for protocol version %d; go-echo speaks %d", req.ProtocolVersion, protocol)
+	}
 	config := map[string]interface{}{}
 	if strings.TrimSpace(req.ConfigJson) != "" {
 		if err := json.Unmarshal([]byte(req.ConfigJson), &config); err != nil {

@@ -77,6 +77,9 @@ struct Declared {
     sessions: bool,
 }
 
+/// A protocol version no plugin announces: rule 3 checks it is refused.
+const UNANNOUNCED_VERSION: u32 = 99;
+
 /// How to run the checks.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -595,11 +598,19 @@ impl Checker {
     /// methods when Initialize succeeded.
     async fn initialize(&self, a: &mut Instance) -> (Check, Option<Declared>) {
         let rule = Rule::Initialize;
+        // First an Initialize asking for a version the plugin never
+        // announced: it must be refused (PROTOCOL.md, "Protocol versions").
+        let unannounced = self.initialize_with_version(a, UNANNOUNCED_VERSION).await;
         let response = match instance::initialize(a, &self.manifest, &self.config, None).await {
             Ok(response) => response,
             Err(e) => return (Check::fail(rule, e.to_string()), None),
         };
         let mut problems = Vec::new();
+        if unannounced.is_ok() {
+            problems.push(format!(
+                "Initialize asking for protocol version {UNANNOUNCED_VERSION}, which the plugin never announced, succeeded; it must be refused (FAILED_PRECONDITION)"
+            ));
+        }
         let mut notes = vec![format!(
             "protocol version {}, methods: {}; stream methods: {}",
             response.protocol_version,
@@ -644,6 +655,23 @@ impl Checker {
                 sessions: response.sessions,
             }),
         )
+    }
+
+    /// Initialize with `version` in place of the handshake's.
+    async fn initialize_with_version(&self, a: &Instance, version: u32) -> Result<(), CallError> {
+        let message = plugvisor_proto::InitializeRequest {
+            plugin_name: self.manifest.name.clone(),
+            instance_id: a.id.clone(),
+            config_json: serde_json::Value::Object(self.config.clone()).to_string(),
+            protocol_version: version,
+            restored_state: None,
+        };
+        deadline(
+            self.timeout,
+            a.client.clone().initialize(request(message, self.timeout)),
+        )
+        .await
+        .map(drop)
     }
 
     /// Rule 4: the plugin's own HealthCheck, and grpc.health.v1 if served.
