@@ -32,14 +32,30 @@ impl Tmux {
             socket: dir.join("tmux.sock"),
         };
         let wrapped = format!("{shell_command}; echo \"[exit $?]\"; exec cat");
-        let status = tmux
-            .command()
-            .args(["new-session", "-d", "-x", "160", "-y", "40", "sh", "-c"])
-            .arg(&wrapped)
-            .status()
-            .expect("tmux runs");
-        assert!(status.success(), "tmux new-session failed: {status}");
-        Some(tmux)
+        // Starting a tmux server now and then fails under load on a busy
+        // machine; a failed start leaves nothing running, so try again a
+        // few times and report what tmux said if it never starts.
+        let mut said = String::new();
+        for attempt in 0..3 {
+            let out = tmux
+                .command()
+                .args(["new-session", "-d", "-x", "160", "-y", "40", "sh", "-c"])
+                .arg(&wrapped)
+                .output()
+                .expect("tmux runs");
+            if out.status.success() {
+                return Some(tmux);
+            }
+            said = format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            let _ = tmux.command().arg("kill-server").output();
+            let _ = std::fs::remove_file(&tmux.socket);
+            std::thread::sleep(std::time::Duration::from_millis(100 << attempt));
+        }
+        panic!("tmux new-session failed 3 times; last: {said}");
     }
 
     fn command(&self) -> Command {
