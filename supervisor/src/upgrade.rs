@@ -84,7 +84,7 @@ pub(crate) async fn run(
         decision,
     } = order;
     let old_route = replica.plugin.routes.ready(replica.index);
-    let switch = switch_over(replica, current, &old, &new, new_id).await;
+    let switch = switch_over(replica, current, &old, old_route.as_ref(), &new, new_id).await;
     let (fresh, ready_since, before) = match switch {
         Ok(s) => s,
         Err(why) => {
@@ -134,15 +134,15 @@ async fn switch_over(
     replica: &Replica,
     current: &Spec,
     old: &Instance,
+    old_route: Option<&Arc<crate::routing::ReadyInstance>>,
     new: &Arc<Spec>,
     new_id: &str,
 ) -> Result<(Instance, Instant, Option<u64>), String> {
     let started = Instant::now();
-    let old_route = replica.plugin.routes.ready(replica.index);
     // New calls wait (or go to other replicas) while the state moves over;
     // calls in flight on the old instance finish first.
     replica.route(Route::Pending);
-    if let Some(route) = &old_route
+    if let Some(route) = old_route
         && !route.drained(current.manifest.timeouts.call.0).await
     {
         return Err("calls on the old instance did not finish in time".into());
