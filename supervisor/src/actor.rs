@@ -5,6 +5,8 @@
 //! restart, upgrade, remove). The pure policy lives in [`crate::policy`],
 //! the steps of an upgrade in [`crate::upgrade`].
 
+mod remote;
+
 use crate::instance::{self, Instance, StartError, probe};
 use crate::policy::{Decision, Jitter, RestartTracker};
 use crate::process::{ExitStatus, wait_exit};
@@ -306,6 +308,9 @@ impl Actor {
 
     /// Starts one instance and serves calls through it until it ends.
     async fn start_and_run(&mut self, instance_id: &str) -> Result<Outcome, ExitReason> {
+        if self.spec.manifest.remote.is_some() {
+            return self.connect_and_run(instance_id).await;
+        }
         let (restored, note) = self
             .replica
             .restored_state()

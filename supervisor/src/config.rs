@@ -132,6 +132,9 @@ pub struct Config {
     /// Off by default: such a file can be swapped under the supervisor.
     pub allow_writable_executables: bool,
     pub isolation: IsolationConfig,
+    /// Where remote plugins announce themselves (TCP + mutual TLS); off
+    /// when unset. See [`crate::registry`].
+    pub registry: Option<crate::registry::RegistryConfig>,
 }
 
 impl Default for Config {
@@ -151,6 +154,7 @@ impl Default for Config {
             cgroup: CgroupConfig::default(),
             allow_writable_executables: false,
             isolation: IsolationConfig::default(),
+            registry: None,
         }
     }
 }
@@ -230,6 +234,9 @@ impl Config {
             return Err(err(format!(
                 "isolation.user: `{user}` is not a valid user name or number"
             )));
+        }
+        if let Some(registry) = &mut config.registry {
+            registry.resolve(base).map_err(err)?;
         }
         for name in config.plugins.keys() {
             crate::manifest::validate_name(name)

@@ -7,6 +7,7 @@
 //! unknown fields and bad values are errors that name the file and the field.
 
 mod host;
+mod remote;
 mod yaml_guard;
 
 use crate::units::{HumanDuration, HumanSize};
@@ -22,6 +23,7 @@ pub const MANIFEST_FILE: &str = "plugin.yaml";
 /// a bigger file is refused before it is read whole.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 pub use host::{HostLimits, KERNEL_PIDS_MAX, Rlimit, host_limits_problems};
+pub use remote::{RemoteSpec, validate_address};
 /// Deepest nesting of collections accepted in a manifest or config file.
 pub use yaml_guard::MAX_DEPTH;
 pub(crate) use yaml_guard::{check_shape, read_bounded};
@@ -291,7 +293,11 @@ impl Default for UpgradeSpec {
 struct RawManifest {
     name: String,
     version: String,
+    #[serde(default)]
     exec: String,
+    /// Instead of `exec`: a plugin on another host.
+    #[serde(default)]
+    remote: Option<remote::RawRemote>,
     #[serde(default)]
     args: Vec<String>,
     #[serde(default)]
@@ -358,6 +364,9 @@ pub struct Manifest {
     pub replicas: u32,
     pub calls: CallLimits,
     pub upgrade: UpgradeSpec,
+    /// Set for a plugin on another host (`remote:`): it is connected to,
+    /// not spawned, and `exec` is empty.
+    pub remote: Option<RemoteSpec>,
 }
 
 /// Checks a plugin name: `[a-z0-9][a-z0-9_-]{0,62}`.
@@ -412,15 +421,45 @@ impl Manifest {
                 ),
             )
         })?;
-        if raw.exec.trim().is_empty() {
-            return Err(err("exec", "must name the plugin's executable".into()));
-        }
         let dir = path
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         let dir = std::path::absolute(&dir).unwrap_or(dir);
-        let exec = dir.join(&raw.exec);
+        let remote = match raw.remote {
+            Some(r) => {
+                let keys: serde_yaml::Mapping =
+                    serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))?;
+                if let Some((field, why)) = remote::LOCAL_ONLY
+                    .iter()
+                    .find(|(field, _)| keys.contains_key(*field))
+                {
+                    return Err(err(
+                        field,
+                        format!(
+                            "does not apply to a remote plugin ({why}); remove it, or remove `remote:`"
+                        ),
+                    ));
+                }
+                Some(
+                    r.resolve(&dir)
+                        .map_err(|(f, m)| err(&format!("remote.{f}"), m))?,
+                )
+            }
+            None => None,
+        };
+        if remote.is_none() && raw.exec.trim().is_empty() {
+            return Err(err(
+                "exec",
+                "must name the plugin's executable (or give `remote:` for a plugin on another host)"
+                    .into(),
+            ));
+        }
+        let exec = if remote.is_some() {
+            PathBuf::new()
+        } else {
+            dir.join(&raw.exec)
+        };
         let config = match raw.config {
             None | Some(serde_json::Value::Null) => serde_json::Map::new(),
             Some(serde_json::Value::Object(map)) => map,
@@ -502,6 +541,7 @@ impl Manifest {
             replicas: raw.replicas,
             calls: raw.calls,
             upgrade: raw.upgrade,
+            remote,
         })
     }
 
@@ -757,7 +797,9 @@ fn load_plugin_dir(dir: &Path) -> Result<Option<Manifest>, ManifestError> {
             ));
         }
     }
-    manifest.check_executable()?;
+    if manifest.remote.is_none() {
+        manifest.check_executable()?;
+    }
     Ok(Some(manifest))
 }
 

@@ -25,6 +25,9 @@ pub enum PluginState {
     Stopped,
     Backoff,
     Failed,
+    /// A registered remote plugin that missed its heartbeats: not routed to
+    /// until it sends one again, removed if it stays silent.
+    Unavailable,
 }
 
 impl PluginState {
@@ -38,6 +41,7 @@ impl PluginState {
             PluginState::Stopped => "stopped",
             PluginState::Backoff => "backoff",
             PluginState::Failed => "failed",
+            PluginState::Unavailable => "unavailable",
         }
     }
 
@@ -71,6 +75,9 @@ pub enum ExitReason {
     /// Never became ready: spawn, handshake, connect or Initialize failed,
     /// or its saved state could not be read.
     Start(StartError),
+    /// A remote plugin's connection failed or ended (see
+    /// [`crate::remote::ConnectionLost`]).
+    Remote(crate::remote::ConnectionLost),
 }
 
 impl ExitReason {
@@ -103,6 +110,7 @@ impl ExitReason {
             ExitReason::Start(StartError::OomKilled { .. }) => "oom",
             ExitReason::Start(StartError::StateUnreadable(_)) => "snapshot",
             ExitReason::Start(_) => "start",
+            ExitReason::Remote(lost) => lost.kind(),
         }
     }
 
@@ -164,6 +172,7 @@ impl std::fmt::Display for ExitReason {
             ),
             ExitReason::HealthCheck(why) => write!(f, "killed after failed health checks: {why}"),
             ExitReason::Start(e) => write!(f, "{e}"),
+            ExitReason::Remote(lost) => write!(f, "{lost}"),
         }
     }
 }
@@ -263,6 +272,8 @@ pub struct PluginInfo {
     pub replicas: Vec<ReplicaInfo>,
     /// Limits, what enforces them, live usage and hardening.
     pub isolation: IsolationStatus,
+    /// Where a remote plugin runs; `None` for a local child.
+    pub remote: Option<crate::remote::RemoteInfo>,
 }
 
 /// Status of one replica, written only by its actor.
@@ -411,6 +422,7 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
         methods: b.methods.clone(),
         reported_version: b.reported_version.clone(),
         isolation: Default::default(),
+        remote: manifest.remote.as_ref().map(crate::remote::RemoteInfo::of),
         replicas,
     };
     (info, b.spec.clone())

@@ -498,6 +498,12 @@ impl Supervisor {
         self.plugin(name)?.run(Op::Remove).await
     }
 
+    /// Sends an event that belongs to no live plugin (a registered plugin
+    /// that left) to the event stream.
+    pub(crate) fn emit(&self, event: Event) {
+        let _ = self.host.events.send(event);
+    }
+
     /// The names of the supervised plugins.
     pub fn names(&self) -> Vec<String> {
         self.plugins

@@ -991,7 +991,7 @@ fn or_dash(s: &str) -> &str {
 }
 
 fn print_table(plugins: &[pb::PluginStatus]) {
-    let rows: Vec<[String; 7]> = plugins
+    let rows: Vec<[String; 8]> = plugins
         .iter()
         .map(|p| {
             [
@@ -1006,6 +1006,7 @@ fn print_table(plugins: &[pb::PluginStatus]) {
                     "-".into()
                 },
                 or_dash(&p.last_exit).to_string(),
+                crate::registry::location(p),
             ]
         })
         .collect();
@@ -1017,6 +1018,7 @@ fn print_table(plugins: &[pb::PluginStatus]) {
         "RESTARTS",
         "UPTIME",
         "LAST EXIT",
+        "WHERE",
     ];
     let mut widths = header.map(str::len);
     for row in &rows {

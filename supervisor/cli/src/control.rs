@@ -205,6 +205,7 @@ pub fn status_of(info: &PluginInfo) -> pb::PluginStatus {
         reason: info.reason.clone(),
         reported_version: info.reported_version.clone().unwrap_or_default(),
         isolation: Some(isolation_of(&info.isolation)),
+        remote: info.remote.as_ref().map(crate::registry::remote_status),
         replicas: info
             .replicas
             .iter()

@@ -90,6 +90,19 @@ pub async fn run(
         }
         None => None,
     };
+    // Its own token: registered plugins leave before the others stop.
+    let registry_cancel = CancellationToken::new();
+    let registry = match &config.registry {
+        Some(registry) => Some(tokio::spawn(
+            crate::registry::start(
+                registry.clone(),
+                supervisor.clone(),
+                registry_cancel.clone(),
+            )
+            .await?,
+        )),
+        None => None,
+    };
     let server = tokio::spawn(control::serve(
         supervisor.clone(),
         listener,
@@ -132,6 +145,10 @@ pub async fn run(
     let _ = notifier
         .announce("STOPPING=1\nSTATUS=stopping plugins")
         .await;
+    registry_cancel.cancel();
+    if let Some(registry) = registry {
+        let _ = registry.await;
+    }
     // Stopping can outlast WatchdogSec (each plugin may take timeouts.stop).
     tokio::select! {
         _ = supervisor.shutdown() => {}

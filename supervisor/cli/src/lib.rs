@@ -25,6 +25,7 @@ pub mod metrics_http;
 pub mod new;
 pub mod notify;
 pub mod progress;
+pub mod registry;
 pub mod reload;
 pub mod stream;
 pub mod top;

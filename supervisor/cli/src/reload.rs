@@ -313,7 +313,7 @@ impl Reloader {
             }
         }
         for name in running {
-            if wanted.contains(&name) {
+            if wanted.contains(&name) || crate::registry::is_registered(&self.supervisor, &name) {
                 continue;
             }
             if let Some(why) = broken.remove(&name) {

@@ -1119,6 +1119,9 @@ pub fn check_manifest(
     allow_writable_executables: bool,
     require_pinning: bool,
 ) -> Result<Vec<String>, String> {
+    if let Some(remote) = &m.remote {
+        return crate::remote::check(remote).map(|()| Vec::new());
+    }
     pin::Executable::open(&m.exec, m.sha256.as_deref(), allow_writable_executables)
         .map_err(|e| e.to_string())?;
     preexec::Credentials::resolve(m.isolation.user.as_deref(), m.isolation.group.as_deref())?;
