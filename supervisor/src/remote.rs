@@ -174,11 +174,19 @@ pub(crate) async fn initialize(
         Ok(Err(status)) => {
             let mut rejection =
                 std::error::Error::source(&status).and_then(crate::tls::find_rejection);
+            let mut closed_why = Vec::new();
             if rejection.is_none() {
-                // The connection's own task may hold the peer's alert.
-                let closed =
-                    tokio::time::timeout(Duration::from_millis(200), instance.closed.recv());
-                rejection = closed.await.ok().flatten().and_then(|c| c.rejection);
+                // The connections' own tasks may hold the peer's alert.
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+                while let Ok(Some(closed)) =
+                    tokio::time::timeout_at(deadline, instance.closed.recv()).await
+                {
+                    if closed.rejection.is_some() {
+                        rejection = closed.rejection;
+                        break;
+                    }
+                    closed_why.push(closed.why);
+                }
             }
             if let Some(rejection) = rejection {
                 return Err(ConnectionLost::Connect(ConnectError::Tls {
@@ -186,8 +194,13 @@ pub(crate) async fn initialize(
                     rejection,
                 }));
             }
+            let closed = if closed_why.is_empty() {
+                String::new()
+            } else {
+                format!("; the connection closed: {}", closed_why.join("; "))
+            };
             Err(ConnectionLost::Initialize(format!(
-                "Initialize failed: {:?}: {}",
+                "Initialize failed: {:?}: {}{closed}",
                 status.code(),
                 status.message()
             )))

@@ -332,9 +332,33 @@ pub fn find_rejection(e: &(dyn std::error::Error + 'static)) -> Option<Rejection
         {
             return Some(classify(tls));
         }
+        // h2 shows an I/O error's text but, as its source, skips to the
+        // source of the error inside (rustls's has none): read the alert
+        // from the text.
+        if let Some(alert) = err.to_string().split("received fatal alert: ").nth(1) {
+            let name = alert.split(|c: char| !c.is_ascii_alphanumeric()).next();
+            return Some(Rejection::RefusedByPeer(alert_named(name.unwrap_or(alert))));
+        }
         next = err.source();
     }
     None
+}
+
+fn alert_named(name: &str) -> String {
+    use rustls::AlertDescription as A;
+    let known = [
+        A::UnknownCA,
+        A::CertificateExpired,
+        A::CertificateRequired,
+        A::BadCertificate,
+        A::CertificateUnknown,
+        A::DecryptError,
+        A::HandshakeFailure,
+    ];
+    match known.into_iter().find(|a| format!("{a:?}") == name) {
+        Some(alert) => alert_text(alert),
+        None => format!("alert {name}"),
+    }
 }
 
 /// The rejection a rustls error means.
@@ -401,10 +425,18 @@ pub(crate) fn presented_text(presented: &[String]) -> String {
     } else {
         presented
             .iter()
-            .map(|p| format!("`{p}`"))
+            .map(|p| format!("`{}`", bare_name(p)))
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// webpki lists names as `DnsName("x")` or `IpAddress(..)`: the bare name.
+fn bare_name(presented: &str) -> &str {
+    presented
+        .strip_prefix("DnsName(\"")
+        .and_then(|s| s.strip_suffix("\")"))
+        .unwrap_or(presented)
 }
 
 /// Checks that a verified peer certificate carries `name` as a DNS SAN
@@ -455,7 +487,11 @@ pub fn dns_names(cert: &CertificateDer<'_>) -> Vec<String> {
     // An IP no certificate is issued for: the error lists every SAN.
     let probe = ServerName::IpAddress(IpAddr::from([0, 0, 0, 0]).into());
     match parsed.verify_is_valid_for_subject_name(&probe) {
-        Err(webpki::Error::CertNotValidForName(ctx)) => ctx.presented,
+        Err(webpki::Error::CertNotValidForName(ctx)) => ctx
+            .presented
+            .iter()
+            .map(|p| bare_name(p).to_string())
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -527,6 +563,17 @@ mod tests {
         let cert = cert_for(&["*.plugins.example"]);
         let e = certificate_allows(&cert, "echo.plugins.example").unwrap_err();
         assert!(e.contains("wildcard"), "{e}");
+    }
+
+    #[test]
+    fn a_peer_alert_in_an_error_text_is_read() {
+        let e = std::io::Error::other("connection error: received fatal alert: UnknownCA");
+        assert_eq!(
+            find_rejection(&e),
+            Some(Rejection::RefusedByPeer(
+                "it does not trust the CA that signed it (unknown_ca)".into()
+            ))
+        );
     }
 
     #[test]

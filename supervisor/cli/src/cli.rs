@@ -490,7 +490,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 println!("restarts:   {}", status.restarts);
                 println!("last exit:  {}", or_dash(&status.last_exit));
                 println!("uptime:     {}s", status.uptime_secs);
-                println!("executable: {}", status.executable);
+                match &status.remote {
+                    Some(r) => crate::registry::print_remote(r),
+                    None => println!("executable: {}", status.executable),
+                }
                 println!("methods:    {}", status.methods.join(", "));
                 print_isolation(&status.isolation.unwrap_or_default());
                 println!("events:");
@@ -822,6 +825,7 @@ fn status_json(s: &pb::PluginStatus) -> serde_json::Value {
         "executable": s.executable,
         "methods": s.methods,
         "isolation": s.isolation.as_ref().map(isolation_json),
+        "remote": s.remote.as_ref().map(crate::registry::remote_json),
     })
 }
 

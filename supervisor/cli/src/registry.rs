@@ -59,3 +59,32 @@ pub fn location(p: &pb::PluginStatus) -> String {
         Some(r) => format!("tls://{}", r.address),
     }
 }
+
+/// `ps --json` / `inspect --json`: where a remote plugin runs.
+pub fn remote_json(r: &pb::RemoteStatus) -> serde_json::Value {
+    serde_json::json!({
+        "address": r.address,
+        "identity": r.identity,
+        "origin": r.origin,
+        "registered_by": (!r.registered_by.is_empty()).then_some(&r.registered_by),
+        "capabilities": r.capabilities,
+        "last_heartbeat_secs": (r.origin == "registry").then_some(r.last_heartbeat_secs),
+    })
+}
+
+/// `inspect`'s lines for a remote plugin, in place of `executable:`.
+pub fn print_remote(r: &pb::RemoteStatus) {
+    println!(
+        "remote:     tls://{} (identity `{}`, from the {})",
+        r.address, r.identity, r.origin
+    );
+    if !r.registered_by.is_empty() {
+        println!(
+            "registered: by {}; last heartbeat {}s ago",
+            r.registered_by, r.last_heartbeat_secs
+        );
+    }
+    if !r.capabilities.is_empty() {
+        println!("capabilities: {}", r.capabilities.join(", "));
+    }
+}
