@@ -263,6 +263,11 @@ pub struct PluginInfo {
     pub replicas: Vec<ReplicaInfo>,
     /// Limits, what enforces them, live usage and hardening.
     pub isolation: IsolationStatus,
+    /// What it provides (`capabilities:` in its manifest).
+    pub capabilities: Vec<String>,
+    /// Its `calls.rate` limits in force: `(scope, limit)`, scope `*` for
+    /// the plugin's, else the method's name; limit like `500/s, burst 100`.
+    pub rate_limits: Vec<(String, String)>,
 }
 
 /// Status of one replica, written only by its actor.
@@ -412,6 +417,8 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
         reported_version: b.reported_version.clone(),
         isolation: Default::default(),
         replicas,
+        capabilities: manifest.capabilities.clone(),
+        rate_limits: Vec::new(),
     };
     (info, b.spec.clone())
 }
