@@ -5,6 +5,7 @@
 mod cli;
 mod daemon;
 mod grafana;
+mod kubernetes;
 mod metrics;
 mod operator;
 mod reload;
