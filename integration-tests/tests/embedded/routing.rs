@@ -195,7 +195,6 @@ async fn the_retry_hint_is_true_and_an_upgrade_keeps_the_limit() {
 async fn a_call_by_capability_reaches_a_provider_and_fails_over_when_it_stops() {
     let sandbox = Sandbox::new();
     let sup = sandbox.supervisor();
-    let mut events = sup.events();
     for name in ["img-a", "img-b"] {
         sup.add(
             sandbox.manifest(
@@ -212,8 +211,9 @@ async fn a_call_by_capability_reaches_a_provider_and_fails_over_when_it_stops() 
         &Default::default(),
     )
     .unwrap();
+    // Waiting on each in turn: events of the others are not consumed.
     for name in ["img-a", "img-b", "text"] {
-        wait_state(&mut events, name, PluginState::Ready, SECS_10).await;
+        sup.wait_ready(name, SECS_10).await.unwrap();
     }
     let providers: Vec<_> = sup
         .providers("image.resize")
