@@ -83,6 +83,34 @@ pub struct IsolationConfig {
     pub require_pinning: bool,
 }
 
+/// `health:` — the standard gRPC health service (`grpc.health.v1.Health`)
+/// on a TCP port, for probes such as Kubernetes' `grpc` liveness and
+/// readiness probes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Where to serve it, e.g. `0.0.0.0:8081`; not served when unset.
+    pub address: Option<std::net::SocketAddr>,
+    /// The plugins readiness waits for (each needs a ready or degraded
+    /// replica); default: every supervised plugin.
+    pub required: Option<Vec<String>>,
+}
+
+/// `routing:` — where calls by capability go.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Try local providers of a capability before remote ones; `false`:
+    /// load alone decides.
+    pub prefer_local: bool,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig { prefer_local: true }
+    }
+}
+
 /// Checks `cgroup.parent`: path components of letters, digits, `.`, `_`, `-`.
 fn validate_cgroup_parent(parent: &str) -> Result<(), String> {
     let relative = parent.strip_prefix('/').unwrap_or(parent);
@@ -135,6 +163,8 @@ pub struct Config {
     /// Where remote plugins announce themselves (TCP + mutual TLS); off
     /// when unset. See [`crate::registry`].
     pub registry: Option<crate::registry::RegistryConfig>,
+    pub health: HealthConfig,
+    pub routing: RoutingConfig,
 }
 
 impl Default for Config {
@@ -155,6 +185,8 @@ impl Default for Config {
             allow_writable_executables: false,
             isolation: IsolationConfig::default(),
             registry: None,
+            health: HealthConfig::default(),
+            routing: RoutingConfig::default(),
         }
     }
 }
@@ -241,6 +273,10 @@ impl Config {
         for name in config.plugins.keys() {
             crate::manifest::validate_name(name)
                 .map_err(|m| err(format!("plugins.{name}: {m}")))?;
+        }
+        for name in config.health.required.iter().flatten() {
+            crate::manifest::validate_name(name)
+                .map_err(|m| err(format!("health.required: {m}")))?;
         }
         Ok(config)
     }

@@ -30,6 +30,9 @@ pub struct SupervisorOptions {
     /// cgroups (off by default when embedded: see [`crate::isolation::CgroupMode`])
     /// and whether writable executables may run.
     pub isolation: IsolationOptions,
+    /// Calls by capability try local providers before remote ones (else
+    /// load alone decides).
+    pub prefer_local: bool,
 }
 
 impl SupervisorOptions {
@@ -42,6 +45,7 @@ impl SupervisorOptions {
             log_lines: 2000,
             state_dir: None,
             isolation: IsolationOptions::default(),
+            prefer_local: true,
         }
     }
 }
@@ -60,4 +64,7 @@ pub(crate) struct Host {
     /// Output readers and exit waiters: end with their children.
     pub io_tasks: TaskTracker,
     pub metrics: Metrics,
+    /// Who provides which capability; coordinators keep their plugin's
+    /// entry current.
+    pub capabilities: crate::capability::CapabilityIndex,
 }

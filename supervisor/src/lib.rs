@@ -21,6 +21,9 @@
 //!   runs), `routing` (where calls go and admission), `session` (calls
 //!   multiplexed on long-lived streams), `host` (what every plugin shares)
 //!   and [`status`] (states, events, the published view).
+//! - [`ratelimit`]: `calls.rate` token buckets, checked before admission;
+//!   [`capability`]: who provides what, and which provider a call by
+//!   capability goes to.
 //! - [`metrics`]: the Prometheus registry the supervisor feeds.
 //! - [`state`]: atomic state snapshots.
 //! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets.
@@ -47,6 +50,7 @@
 //! ```
 
 mod actor;
+pub mod capability;
 pub mod config;
 pub mod error;
 mod host;
@@ -58,6 +62,7 @@ pub mod metrics;
 mod plugin;
 pub mod policy;
 pub mod process;
+pub mod ratelimit;
 pub mod registry;
 pub mod remote;
 mod replica;

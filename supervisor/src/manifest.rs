@@ -260,6 +260,17 @@ pub struct CallLimits {
     pub max_in_flight: usize,
     /// Beyond this many waiting calls, new ones get RESOURCE_EXHAUSTED.
     pub max_queue: usize,
+    /// Calls per unit of time (`500/s`) across all methods; beyond it,
+    /// RESOURCE_EXHAUSTED with a retry hint. See [`crate::ratelimit`].
+    pub rate: Option<crate::ratelimit::Rate>,
+    /// Calls let through at once after a quiet spell; default: one second's
+    /// worth of `rate` (at least 1).
+    #[serde(deserialize_with = "crate::ratelimit::de_burst")]
+    pub burst: Option<u64>,
+    /// Each method's own limit, checked before the plugin's:
+    /// `methods: {resize: {rate: 50/s, burst: 10}}`.
+    #[serde(deserialize_with = "crate::ratelimit::de_methods")]
+    pub methods: BTreeMap<String, crate::ratelimit::MethodLimit>,
 }
 
 impl Default for CallLimits {
@@ -267,6 +278,9 @@ impl Default for CallLimits {
         CallLimits {
             max_in_flight: 1024,
             max_queue: 1024,
+            rate: None,
+            burst: None,
+            methods: BTreeMap::new(),
         }
     }
 }
@@ -326,6 +340,8 @@ struct RawManifest {
     calls: CallLimits,
     #[serde(default)]
     upgrade: UpgradeSpec,
+    #[serde(default)]
+    capabilities: Vec<String>,
 }
 
 fn one() -> u32 {
@@ -367,6 +383,9 @@ pub struct Manifest {
     /// Set for a plugin on another host (`remote:`): it is connected to,
     /// not spawned, and `exec` is empty.
     pub remote: Option<RemoteSpec>,
+    /// What the plugin provides (`image.resize`): calls can name one
+    /// instead of a plugin. See [`crate::capability`].
+    pub capabilities: Vec<String>,
 }
 
 /// Checks a plugin name: `[a-z0-9][a-z0-9_-]{0,62}`.
@@ -500,6 +519,8 @@ impl Manifest {
         if raw.calls.max_in_flight == 0 {
             return Err(err("calls.max_in_flight", "must be at least 1".into()));
         }
+        crate::ratelimit::validate(&raw.calls).map_err(|(f, m)| err(&f, m))?;
+        crate::capability::validate_all(&raw.capabilities).map_err(|m| err("capabilities", m))?;
         if let Some(empty) = raw.idempotent.iter().find(|m| m.trim().is_empty()) {
             return Err(err("idempotent", format!("`{empty}` is not a method name")));
         }
@@ -542,6 +563,7 @@ impl Manifest {
             calls: raw.calls,
             upgrade: raw.upgrade,
             remote,
+            capabilities: raw.capabilities,
         })
     }
 
@@ -687,7 +709,19 @@ fn yaml_error(path: &Path, e: &serde_yaml::Error) -> ManifestError {
     // field path when it has no spaces.
     let (field, message) = match text.split_once(": ") {
         Some((head, rest)) if !head.contains(' ') && !head.is_empty() => {
-            (Some(head.to_string()), rest.to_string())
+            // A value's own error may name the field inside the section
+            // ("calls: burst: ..."): keep the whole path.
+            match rest.split_once(": ") {
+                Some((inner, detail))
+                    if !inner.is_empty()
+                        && inner.chars().all(|c| {
+                            c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c)
+                        }) =>
+                {
+                    (Some(format!("{head}.{inner}")), detail.to_string())
+                }
+                _ => (Some(head.to_string()), rest.to_string()),
+            }
         }
         _ => (None, text.clone()),
     };

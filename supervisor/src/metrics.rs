@@ -36,6 +36,15 @@ struct CallLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RateLimitLabels {
+    plugin: String,
+    /// The method with its own limit, or `*` for the plugin's limit.
+    method: String,
+    /// `method` or `plugin`: which limit refused.
+    limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     plugin: String,
     state: String,
@@ -76,6 +85,8 @@ pub struct Metrics {
     in_flight: Family<PluginLabel, Gauge>,
     /// Calls waiting for an admission slot; fed by [`Metrics::queued`].
     queued: Family<PluginLabel, Gauge>,
+    /// Calls refused by a rate limit; handles kept by each limit.
+    rate_limited: Family<RateLimitLabels, Counter>,
 }
 
 /// Holds one unit of a gauge (a call in flight, a call queued) and gives it
@@ -111,6 +122,7 @@ impl Default for Metrics {
             call_duration: Family::new_with_constructor(latency_histogram),
             in_flight: Family::default(),
             queued: Family::default(),
+            rate_limited: Family::default(),
         }
     }
 }
@@ -241,6 +253,18 @@ impl Metrics {
         )
     }
 
+    /// The refusal counter of one rate limit (`method` `*` for the
+    /// plugin's), for the limit to keep: no label lookup per call.
+    pub fn rate_limited(&self, plugin: &str, method: &str, limit: &str) -> Counter {
+        self.rate_limited
+            .get_or_create(&RateLimitLabels {
+                plugin: plugin.to_string(),
+                method: method.to_string(),
+                limit: limit.to_string(),
+            })
+            .clone()
+    }
+
     /// The text exposition of every series, with gauges from `samples`.
     pub fn encode(&self, samples: &[PluginSample]) -> String {
         let mut registry = Registry::with_prefix("plugvisor");
@@ -314,6 +338,11 @@ impl Metrics {
             "plugin_pids",
             "Processes and threads in the plugin's cgroup",
             pids,
+        );
+        registry.register(
+            "calls_rate_limited",
+            "Calls refused by a rate limit (calls.rate), by limit",
+            self.rate_limited.clone(),
         );
         registry.register(
             "restarts",

@@ -104,10 +104,20 @@ pub(crate) fn spawn(
             manifest.calls.max_queue,
             queued,
         ),
+        rate_limits: crate::ratelimit::RateLimitSlot::new(crate::ratelimit::RateLimits::new(
+            &name,
+            &manifest.calls,
+            &host.metrics,
+        )),
         in_flight,
         board: Board::new(spec.clone(), replicas, host.opts.history),
         logs: Arc::new(LogBuffer::new(host.opts.log_lines)),
     });
+    host.capabilities.set(
+        &name,
+        crate::capability::Locality::of(&manifest),
+        &manifest.capabilities,
+    );
     let mut orders = Vec::with_capacity(replicas);
     for index in 0..replicas {
         let (tx, rx) = mpsc::channel(REPLICA_QUEUE);
@@ -210,6 +220,7 @@ impl Coordinator {
                         && std::ptr::eq(Arc::as_ptr(current), self.handle.as_ptr())
                     {
                         registry.remove(&self.common.name);
+                        self.host.capabilities.remove(&self.common.name);
                     }
                     drop(registry);
                     let _ = reply.send(result);
@@ -307,6 +318,20 @@ impl Coordinator {
         }
         match failure {
             None => {
+                // The new manifest's limits and capabilities take effect
+                // with it, and only then.
+                self.common
+                    .rate_limits
+                    .replace(crate::ratelimit::RateLimits::new(
+                        &name,
+                        &manifest.calls,
+                        &self.host.metrics,
+                    ));
+                self.host.capabilities.set(
+                    &name,
+                    crate::capability::Locality::of(&manifest),
+                    &manifest.capabilities,
+                );
                 self.manifest = manifest;
                 self.overrides = overrides;
                 self.runtime = runtime;

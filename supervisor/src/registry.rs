@@ -600,6 +600,7 @@ fn manifest_for(
             "key": config.key,
             "identity": req.name,
         },
+        "capabilities": req.capabilities,
         "health": {"interval": format!("{}ms", health_interval.as_millis())},
         "restart": {"policy": "always", "initial_backoff": "200ms", "max_backoff": "5s"},
     }))

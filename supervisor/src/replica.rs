@@ -19,6 +19,8 @@ pub(crate) struct Common {
     pub name: String,
     pub routes: Routes,
     pub admission: Admission,
+    /// `calls.rate` limits, checked before admission.
+    pub rate_limits: crate::ratelimit::RateLimitSlot,
     /// The plugin's `plugvisor_calls_in_flight` gauge.
     pub in_flight: prometheus_client::metrics::gauge::Gauge,
     pub board: Board,

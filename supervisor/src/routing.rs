@@ -132,6 +132,16 @@ impl Routes {
         }
     }
 
+    /// Whether some replica is ready now, and whether every one is down
+    /// (stopped or failed, none starting): `(ready, all_down)`.
+    pub fn readiness(&self) -> (bool, bool) {
+        let routes = self.routes.borrow();
+        (
+            routes.iter().any(|r| matches!(r, Route::Ready(_))),
+            routes.iter().all(|r| matches!(r, Route::Down { .. })),
+        )
+    }
+
     /// The least-loaded ready instance other than `avoid`, waiting for one
     /// until `deadline`. Fails at once when every replica is down.
     pub async fn pick(

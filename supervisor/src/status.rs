@@ -274,6 +274,11 @@ pub struct PluginInfo {
     pub isolation: IsolationStatus,
     /// Where a remote plugin runs; `None` for a local child.
     pub remote: Option<crate::remote::RemoteInfo>,
+    /// What it provides (`capabilities:` in its manifest).
+    pub capabilities: Vec<String>,
+    /// Its `calls.rate` limits in force: `(scope, limit)`, scope `*` for
+    /// the plugin's, else the method's name; limit like `500/s, burst 100`.
+    pub rate_limits: Vec<(String, String)>,
 }
 
 /// Status of one replica, written only by its actor.
@@ -424,6 +429,8 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
         isolation: Default::default(),
         remote: manifest.remote.as_ref().map(crate::remote::RemoteInfo::of),
         replicas,
+        capabilities: manifest.capabilities.clone(),
+        rate_limits: Vec::new(),
     };
     (info, b.spec.clone())
 }

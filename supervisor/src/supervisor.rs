@@ -9,6 +9,8 @@
 //! least-loaded ready instance, and wait for a restarting plugin up to their
 //! deadline.
 
+mod by_capability;
+
 use crate::config::PluginOverride;
 use crate::error::Error;
 use crate::host::Host;
@@ -89,6 +91,7 @@ impl Supervisor {
             tasks: TaskTracker::new(),
             io_tasks,
             metrics: crate::metrics::Metrics::default(),
+            capabilities: Default::default(),
             opts,
         });
         if host.opts.subreaper {
@@ -178,6 +181,7 @@ impl Supervisor {
             info.replicas.iter().map(|r| r.instance.as_str()),
             usage,
         );
+        info.rate_limits = common.rate_limits.current().describe();
         info
     }
 
@@ -276,6 +280,9 @@ impl Supervisor {
             record.code = e.code();
             e
         };
+        if let Err(e) = common.rate_limits.check(method) {
+            return Err(fail(&mut record, e));
+        }
         let permit = match common.admission.admit(deadline, timeout).await {
             Ok(permit) => permit,
             Err(e) => return Err(fail(&mut record, e)),
@@ -554,6 +561,7 @@ async fn call_once(
     let plugin = common.name.as_str();
     let timeout = timeout.unwrap_or(manifest.timeouts.call.0);
     let deadline = Instant::now() + timeout;
+    common.rate_limits.check(method)?;
     let _permit = common.admission.admit(deadline, timeout).await?;
     let retry = manifest.idempotent.iter().any(|m| m == method);
     let mut lost: Option<String> = None;

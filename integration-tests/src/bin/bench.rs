@@ -985,6 +985,7 @@ async fn daemon_figures(
         payload: payload(),
         metadata: HashMap::new(),
         timeout_ms,
+        ..Default::default()
     };
     // The first call waits for the plugin to become ready.
     client

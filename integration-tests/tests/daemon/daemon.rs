@@ -514,6 +514,7 @@ fn upload(daemon: &Daemon, chunks: usize, complete: bool) -> Result<Vec<u8>, ton
                 },
                 data: vec![7u8; 1000].into(),
                 end_of_input: complete && i + 1 == chunks,
+                ..Default::default()
             })
             .collect();
         let mut reply = client

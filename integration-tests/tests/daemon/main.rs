@@ -5,10 +5,12 @@
 mod cli;
 mod daemon;
 mod grafana;
+mod kubernetes;
 mod metrics;
 mod operator;
 mod reload;
 mod remote;
+mod routing;
 mod stream;
 mod support;
 mod terminal;

@@ -294,7 +294,7 @@ fn a_registered_plugin_joins_answers_goes_unavailable_and_is_removed() {
     std::fs::write(
         &config,
         format!(
-            "registry:\n  listen: 127.0.0.1:0\n  ca: {}\n  cert: {}\n  key: {}\n  heartbeat_interval: 100ms\n  heartbeat_timeout: 400ms\n  remove_after: 1500ms\n  announce_burst: 2\n  announce_rate: 0.1\n",
+            "registry:\n  listen: 127.0.0.1:0\n  ca: {}\n  cert: {}\n  key: {}\n  heartbeat_interval: 100ms\n  heartbeat_timeout: 400ms\n  remove_after: 6s\n  announce_burst: 2\n  announce_rate: 0.1\n",
             pki.ca.display(),
             registry_cert.cert.display(),
             registry_cert.key.display()
@@ -343,6 +343,24 @@ fn a_registered_plugin_joins_answers_goes_unavailable_and_is_removed() {
         table.contains("(registry)"),
         "ps shows registered plugins:\n{table}"
     );
+    // Its announced capabilities route calls to it, as a remote provider.
+    let providers: Vec<serde_json::Value> =
+        serde_json::from_str(&daemon.cli_ok(&["ps", "--capability", "text.upper", "--json"]))
+            .unwrap();
+    assert_eq!(providers.len(), 1, "{providers:?}");
+    assert_eq!(providers[0]["name"], "echo");
+    let by_capability = daemon.cli(&[
+        "call",
+        "--capability",
+        "text.upper",
+        "upper",
+        "--data",
+        "cap",
+    ]);
+    let stderr = String::from_utf8_lossy(&by_capability.stderr);
+    assert_eq!(by_capability.status.code(), Some(0), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&by_capability.stdout).trim(), "CAP");
+    assert!(stderr.contains("answered by echo"), "{stderr}");
     let history = daemon.cli_ok(&["inspect", "echo", "--json"]);
     assert!(
         history.contains("registered by"),
@@ -363,6 +381,13 @@ fn a_registered_plugin_joins_answers_goes_unavailable_and_is_removed() {
     wait_until_blocking(SECS_15, "the silent plugin is removed", || {
         !daemon.ps().iter().any(|p| p["name"] == "echo")
     });
+    let gone = daemon.cli(&["call", "--capability", "text.upper", "upper", "--data", "x"]);
+    assert_eq!(
+        gone.status.code(),
+        Some(1),
+        "a removed registration provides nothing: {}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
     assert!(
         daemon
             .log_text()

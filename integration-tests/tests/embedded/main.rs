@@ -8,6 +8,7 @@ mod filesystem;
 mod initialize;
 mod isolation;
 mod privileges;
+mod routing;
 mod state;
 mod supervision;
 mod upgrade;

@@ -44,6 +44,10 @@ pub struct ConfigArgs {
     /// config's metrics_address).
     #[arg(long, value_name = "ADDR")]
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Serve gRPC health (grpc.health.v1) on this TCP address, e.g.
+    /// 0.0.0.0:8081 (overrides the config's health.address).
+    #[arg(long, value_name = "ADDR")]
+    pub health_address: Option<std::net::SocketAddr>,
     /// Refuse to start when any manifest fails to load or any plugin cannot
     /// be added; a reload then changes nothing while a manifest is broken.
     /// (Plugins that crash after starting are restarted, not fatal.)
@@ -76,6 +80,10 @@ pub enum Command {
     Ps {
         #[arg(long)]
         json: bool,
+        /// Only the providers of this capability, in the order a call by
+        /// capability tries them (ready, local, least loaded first).
+        #[arg(long, value_name = "CAPABILITY")]
+        capability: Option<String>,
     },
     /// Show one plugin's status and recent events.
     Inspect {
@@ -124,10 +132,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Call a plugin's method and print the reply.
+    /// Call a plugin's method and print the reply; with `--capability CAP
+    /// METHOD`, call a ready provider of a capability.
     Call {
+        /// The plugin (with --capability: the method).
         name: String,
-        method: String,
+        /// The method (not given with --capability).
+        method: Option<String>,
+        /// Call a ready provider of this capability instead of a named
+        /// plugin; stderr says which one answered.
+        #[arg(long, value_name = "CAPABILITY", conflicts_with = "stream")]
+        capability: Option<String>,
         /// The payload as a string.
         #[arg(long, conflicts_with = "data_file")]
         data: Option<String>,
@@ -256,6 +271,9 @@ pub fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
     }
     if let Some(address) = args.metrics_address {
         config.metrics_address = Some(address);
+    }
+    if let Some(address) = args.health_address {
+        config.health.address = Some(address);
     }
     if args.strict {
         config.strict = true;
@@ -449,11 +467,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             sdk_path: sdk_path.clone(),
             python: python.clone(),
         }),
-        Command::Ps { json } => {
+        Command::Ps { json, capability } => {
             let mut client = control::connect(&control_path()).await?;
             // The table shows no usage; `--json` keeps every field.
             let list = client
-                .list(pb::ListRequest { usage: *json })
+                .list(pb::ListRequest {
+                    usage: *json,
+                    capability: capability.clone().unwrap_or_default(),
+                })
                 .await?
                 .into_inner();
             if *json {
@@ -495,6 +516,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     None => println!("executable: {}", status.executable),
                 }
                 println!("methods:    {}", status.methods.join(", "));
+                if !status.capabilities.is_empty() {
+                    println!("provides:   {}", status.capabilities.join(", "));
+                }
+                for l in &status.rate_limits {
+                    let scope = if l.method == "*" { "calls" } else { &l.method };
+                    println!("rate limit: {scope}: {}", l.limit);
+                }
                 print_isolation(&status.isolation.unwrap_or_default());
                 println!("events:");
                 for e in &r.history {
@@ -626,6 +654,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Call {
             name,
             method,
+            capability,
             data,
             data_file,
             stdin,
@@ -634,6 +663,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             stream,
         } => {
             use crate::stream::Payload;
+            // `call NAME METHOD`, or `call --capability CAP METHOD`.
+            let (name, method, capability) = match (capability, method) {
+                (None, Some(method)) => (name.clone(), method.clone(), String::new()),
+                (Some(cap), None) => (String::new(), name.clone(), cap.clone()),
+                (None, None) => return usage("name the method to call: `call NAME METHOD`"),
+                (Some(_), Some(extra)) => {
+                    return usage(&format!(
+                        "unexpected argument `{extra}`: with --capability, name only the method (`call --capability CAP METHOD`)"
+                    ));
+                }
+            };
+            let (name, method) = (&name, &method);
             let payload = match (data, data_file, stdin.as_deref()) {
                 (Some(d), None, None) => Payload::data(d, *stream),
                 (None, Some(f), None) => Payload::file(f, *stream)?,
@@ -650,6 +691,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let payload = match payload {
                 Payload::Whole(bytes) => bytes,
                 Payload::Stream { source, reason } => {
+                    if !capability.is_empty() {
+                        bail!(
+                            "{}; the CLI sends streams to a named plugin: `plugvisor ps --capability {capability}` lists the providers",
+                            reason.unwrap_or_else(|| "this payload goes as a stream".into())
+                        );
+                    }
                     if let Some(reason) = reason {
                         if *json {
                             bail!(
@@ -670,19 +717,41 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 payload,
                 metadata: Default::default(),
                 timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
+                capability: capability.clone(),
             };
             check_message_size(&request)?;
             let mut client = control::connect(&control_path()).await?;
             let reply = client.call(request).await;
+            let target = if capability.is_empty() {
+                name
+            } else {
+                &capability
+            };
             let reply = match reply {
                 Ok(r) => r.into_inner(),
-                Err(status) => bail!("{name}.{method}: {:?}: {}", status.code(), status.message()),
+                Err(status) => {
+                    let hint = status
+                        .metadata()
+                        .get(plugvisor::error::RETRY_AFTER_MS)
+                        .and_then(|v| v.to_str().ok())
+                        .map(|ms| format!(" (retry-after-ms: {ms})"))
+                        .unwrap_or_default();
+                    bail!(
+                        "{target}.{method}: {:?}: {}{hint}",
+                        status.code(),
+                        status.message()
+                    )
+                }
             };
+            if !capability.is_empty() && !*json {
+                eprintln!("plugvisor: {capability}: answered by {}", reply.plugin);
+            }
             let mut out = std::io::stdout();
             if *json {
                 let v = serde_json::json!({
                     "payload": String::from_utf8_lossy(&reply.payload),
                     "metadata": reply.metadata,
+                    "plugin": reply.plugin,
                 });
                 writeln!(out, "{v}")?;
             } else {
@@ -824,6 +893,11 @@ fn status_json(s: &pb::PluginStatus) -> serde_json::Value {
         "uptime_secs": s.uptime_secs,
         "executable": s.executable,
         "methods": s.methods,
+        "capabilities": s.capabilities,
+        "rate_limits": s.rate_limits.iter().map(|l| serde_json::json!({
+            "method": l.method,
+            "limit": l.limit,
+        })).collect::<Vec<_>>(),
         "isolation": s.isolation.as_ref().map(isolation_json),
         "remote": s.remote.as_ref().map(crate::registry::remote_json),
     })

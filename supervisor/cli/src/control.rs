@@ -206,6 +206,15 @@ pub fn status_of(info: &PluginInfo) -> pb::PluginStatus {
         reported_version: info.reported_version.clone().unwrap_or_default(),
         isolation: Some(isolation_of(&info.isolation)),
         remote: info.remote.as_ref().map(crate::registry::remote_status),
+        capabilities: info.capabilities.clone(),
+        rate_limits: info
+            .rate_limits
+            .iter()
+            .map(|(method, limit)| pb::RateLimit {
+                method: method.clone(),
+                limit: limit.clone(),
+            })
+            .collect(),
         replicas: info
             .replicas
             .iter()
@@ -284,10 +293,14 @@ impl Control for ControlService {
     ) -> Result<Response<pb::ListResponse>, Status> {
         self.access.borrow().check(&request)?;
         let usage = request.get_ref().usage;
+        let capability = request.get_ref().capability.clone();
         // Reading cgroup files for many plugins blocks: not on a worker.
         let supervisor = self.supervisor.clone();
         let plugins = tokio::task::spawn_blocking(move || {
-            supervisor.list_with(usage).iter().map(status_of).collect()
+            if capability.is_empty() {
+                return supervisor.list_with(usage).iter().map(status_of).collect();
+            }
+            crate::capability::providers(&supervisor, &capability, usage)
         })
         .await
         .map_err(|e| Status::internal(format!("listing the plugins failed: {e}")))?;
@@ -320,13 +333,29 @@ impl Control for ControlService {
         self.access.borrow().check(&request)?;
         let r = request.into_inner();
         let timeout = (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms));
-        let reply = self
-            .supervisor
-            .call(&r.plugin, &r.method, r.payload, r.metadata, timeout)
-            .await?;
+        let (plugin, reply) = match (r.plugin.is_empty(), r.capability.is_empty()) {
+            (false, true) => {
+                let reply = self
+                    .supervisor
+                    .call(&r.plugin, &r.method, r.payload, r.metadata, timeout)
+                    .await?;
+                (r.plugin, reply)
+            }
+            (true, false) => {
+                self.supervisor
+                    .call_capability(&r.capability, &r.method, r.payload, r.metadata, timeout)
+                    .await?
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "name either a plugin or a capability to call",
+                ));
+            }
+        };
         Ok(Response::new(pb::CallResponse {
             payload: reply.payload,
             metadata: reply.metadata,
+            plugin,
         }))
     }
 
@@ -341,21 +370,23 @@ impl Control for ControlService {
         let first = input.message().await?.ok_or_else(|| {
             Status::invalid_argument("empty stream: the first chunk must name plugin and method")
         })?;
-        if first.plugin.is_empty() || first.method.is_empty() {
+        if first.plugin.is_empty() == first.capability.is_empty() || first.method.is_empty() {
             return Err(Status::invalid_argument(
-                "the first chunk must name the plugin and the method",
+                "the first chunk must name the method and either the plugin or a capability",
             ));
         }
+        let plugin = if first.plugin.is_empty() {
+            // The best ready provider now: a stream is not sent twice.
+            self.supervisor
+                .provider(&first.capability, crate::capability::STREAM_WAIT)
+                .await?
+        } else {
+            first.plugin.clone()
+        };
         let upload = upload_of(first.clone(), input);
         let output = self
             .supervisor
-            .call_stream(
-                &first.plugin,
-                &first.method,
-                Default::default(),
-                upload,
-                None,
-            )
+            .call_stream(&plugin, &first.method, Default::default(), upload, None)
             .await?;
         let output = output.map(|data| {
             data.map(|data| pb::CallChunk {

@@ -44,6 +44,7 @@ pub async fn run(
     options.subreaper = true;
     options.state_dir = Some(config.state_dir.clone());
     options.isolation = isolation_options(&config);
+    options.prefer_local = config.routing.prefer_local;
     let supervisor = Supervisor::launch(options)
         .await
         .context("cannot start the supervisor")?;
@@ -103,6 +104,24 @@ pub async fn run(
         )),
         None => None,
     };
+    let health = match config.health.address {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot serve gRPC health on {address}"))?;
+            tracing::info!("gRPC health (grpc.health.v1) on {address}");
+            Some(tokio::spawn(crate::health_tcp::serve(
+                listener,
+                crate::health_tcp::Checker::new(
+                    supervisor.clone(),
+                    config.control_socket(),
+                    config.health.required.clone(),
+                ),
+                cancel.clone(),
+            )))
+        }
+        None => None,
+    };
     let server = tokio::spawn(control::serve(
         supervisor.clone(),
         listener,
@@ -157,6 +176,13 @@ pub async fn run(
     cancel.cancel();
     if let Some(metrics) = metrics {
         let _ = metrics.await;
+    }
+    if let Some(health) = health {
+        match health.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("gRPC health: {e}"),
+            Err(e) => tracing::warn!("gRPC health task: {e}"),
+        }
     }
     match server.await {
         Ok(Ok(())) => {}

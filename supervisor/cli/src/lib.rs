@@ -16,11 +16,13 @@
 //! - [`new`]: `plugvisor new`, plugin skeletons in Rust, Python and Go.
 //! - [`progress`]: live step lines for long verbs, and terminal colours.
 
+pub mod capability;
 pub mod cli;
 pub mod conformance;
 pub mod connections;
 pub mod control;
 pub mod daemon;
+pub mod health_tcp;
 pub mod metrics_http;
 pub mod new;
 pub mod notify;
