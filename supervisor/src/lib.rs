@@ -12,7 +12,8 @@
 //! - [`instance`]: one child's start (handshake, connect, Initialize) and stop.
 //! - [`isolation`]: cgroups (v1, v2), rlimits, binary pinning, and the
 //!   sandbox: own uid, no capabilities, seccomp, a PID namespace.
-//! - [`policy`]: the restart policy as pure functions of time.
+//! - [`policy`]: the restart policy as pure functions of time;
+//!   [`autoscale`]: the autoscaling policy, and its task.
 //! - [`supervisor`]: the public API (the facade) and the call paths. Behind
 //!   it, per plugin, one coordinator (`plugin`: owns what the plugin should
 //!   run, runs operations that span replicas) and one actor per replica
@@ -47,6 +48,7 @@
 //! ```
 
 mod actor;
+pub mod autoscale;
 pub mod config;
 pub mod error;
 mod host;

@@ -314,16 +314,17 @@ struct RawManifest {
     idempotent: Vec<String>,
     #[serde(default)]
     state: StateSpec,
+    /// A count, or an autoscaling policy: see [`crate::autoscale`].
     #[serde(default = "one")]
-    replicas: u32,
+    replicas: serde_json::Value,
     #[serde(default)]
     calls: CallLimits,
     #[serde(default)]
     upgrade: UpgradeSpec,
 }
 
-fn one() -> u32 {
-    1
+fn one() -> serde_json::Value {
+    1.into()
 }
 
 /// A validated manifest.
@@ -354,8 +355,11 @@ pub struct Manifest {
     /// deadline). Every other call is sent at most once.
     pub idempotent: Vec<String>,
     pub state: StateSpec,
-    /// Identical children; calls go to the least-loaded ready one.
+    /// Identical children; calls go to the least-loaded ready one. With
+    /// `autoscale`, the count started with (its `min`).
     pub replicas: u32,
+    /// `replicas: {min, max, ...}`: the replica count follows the load.
+    pub autoscale: Option<crate::autoscale::AutoscaleSpec>,
     pub calls: CallLimits,
     pub upgrade: UpgradeSpec,
 }
@@ -452,12 +456,8 @@ impl Manifest {
         if raw.health.failure_threshold == 0 {
             return Err(err("health.failure_threshold", "must be at least 1".into()));
         }
-        if !(1..=64).contains(&raw.replicas) {
-            return Err(err(
-                "replicas",
-                format!("{} is out of range; expected 1 to 64", raw.replicas),
-            ));
-        }
+        let (replicas, autoscale) =
+            crate::autoscale::parse_replicas(&raw.replicas).map_err(|(f, m)| err(&f, m))?;
         if raw.calls.max_in_flight == 0 {
             return Err(err("calls.max_in_flight", "must be at least 1".into()));
         }
@@ -499,7 +499,8 @@ impl Manifest {
             isolation,
             idempotent: raw.idempotent,
             state: raw.state,
-            replicas: raw.replicas,
+            replicas,
+            autoscale,
             calls: raw.calls,
             upgrade: raw.upgrade,
         })

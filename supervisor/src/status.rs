@@ -201,6 +201,8 @@ pub struct EventDetail {
     pub attempt: Option<u32>,
     /// How long the backoff waits.
     pub delay: Option<Duration>,
+    /// For a change made by autoscaling: the replica count it goes to.
+    pub scaled_to: Option<usize>,
 }
 
 impl EventDetail {
@@ -263,6 +265,8 @@ pub struct PluginInfo {
     pub replicas: Vec<ReplicaInfo>,
     /// Limits, what enforces them, live usage and hardening.
     pub isolation: IsolationStatus,
+    /// Autoscaling bounds and the last change, when the plugin autoscales.
+    pub scaling: Option<crate::autoscale::ScalingInfo>,
 }
 
 /// Status of one replica, written only by its actor.
@@ -308,6 +312,9 @@ pub(crate) struct BoardInner {
     pub reported_version: Option<String>,
     pub replicas: Vec<ReplicaStatus>,
     pub history: VecDeque<Event>,
+    /// The last change autoscaling made (reason, when), written by the
+    /// coordinator.
+    pub last_scaling: Option<(String, SystemTime)>,
 }
 
 impl Board {
@@ -319,6 +326,7 @@ impl Board {
                 reported_version: None,
                 replicas: vec![ReplicaStatus::new(); replicas],
                 history: VecDeque::new(),
+                last_scaling: None,
             }),
             history_len,
         }
@@ -338,13 +346,21 @@ impl Board {
     /// history.
     pub fn record(&self, event: &Event) {
         let mut b = self.lock();
-        let r = &mut b.replicas[event.replica];
-        r.state = event.state;
-        r.reason = event.reason.clone();
+        // A replica removed by scaling down has no row any more.
+        if let Some(r) = b.replicas.get_mut(event.replica) {
+            r.state = event.state;
+            r.reason = event.reason.clone();
+        }
         if b.history.len() >= self.history_len {
             b.history.pop_front();
         }
         b.history.push_back(event.clone());
+    }
+
+    /// Sets the number of replica rows (the coordinator's, when it
+    /// scales): new rows start as `starting`.
+    pub fn resize(&self, replicas: usize) {
+        self.lock().replicas.resize(replicas, ReplicaStatus::new());
     }
 
     /// A summary of each replica, for "not ready" errors.
@@ -397,6 +413,16 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
         }
     };
     let manifest = &b.spec.manifest;
+    let scaling = manifest
+        .autoscale
+        .as_ref()
+        .map(|a| crate::autoscale::ScalingInfo {
+            min: a.min,
+            max: a.max,
+            current: replicas.len() as u32,
+            last_reason: b.last_scaling.as_ref().map(|(r, _)| r.clone()),
+            last_change: b.last_scaling.as_ref().map(|(_, t)| *t),
+        });
     let info = PluginInfo {
         name: name.to_string(),
         version: manifest.version.to_string(),
@@ -412,6 +438,7 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
         reported_version: b.reported_version.clone(),
         isolation: Default::default(),
         replicas,
+        scaling,
     };
     (info, b.spec.clone())
 }

@@ -218,6 +218,13 @@ pub fn status_of(info: &PluginInfo) -> pb::PluginStatus {
                 reason: r.reason.clone(),
             })
             .collect(),
+        scaling: info.scaling.as_ref().map(|s| pb::Scaling {
+            min: s.min,
+            max: s.max,
+            current: s.current,
+            last_reason: s.last_reason.clone().unwrap_or_default(),
+            last_change_ms: s.last_change.map_or(0, millis),
+        }),
     }
 }
 
@@ -272,6 +279,7 @@ fn event_of(e: &Event) -> pb::Event {
         }),
         attempt: e.detail.attempt.unwrap_or(0),
         delay_ms: e.detail.delay.map_or(0, |d| d.as_millis() as u64),
+        scaled_to: e.detail.scaled_to.map_or(0, |n| n as u32),
     }
 }
 

@@ -346,7 +346,7 @@ impl Reloader {
         overrides: PluginOverride,
     ) -> Result<(), Error> {
         let replicas = self.supervisor.info(name)?.replicas.len();
-        if replicas == manifest.replicas as usize {
+        if manifest.accepts_replicas(replicas) {
             self.supervisor
                 .upgrade_with(name, manifest, overrides)
                 .await
