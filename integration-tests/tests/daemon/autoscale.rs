@@ -167,3 +167,57 @@ fn a_bad_policy_is_refused_by_check_naming_the_field() {
         "{text}"
     );
 }
+
+#[test]
+fn scales_on_cpu_read_from_the_cgroup() {
+    let sandbox = Sandbox::new();
+    sandbox.plugin(
+        "tp",
+        &bin("testplugin"),
+        "replicas: {min: 1, max: 2, scale_up: {cpu_percent: 25}, scale_down: {cpu_percent: 5}, cooldown: 1s, interval: 200ms}",
+    );
+    let daemon = Daemon::start(&sandbox, &[]);
+    let p = daemon.wait_ready("tp");
+    let mechanism = p["isolation"]["mechanism"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    if !mechanism.starts_with("cgroup") {
+        plugvisor_integration_tests::skip(format!(
+            "CPU is read from cgroups, and the daemon runs with {mechanism}"
+        ));
+        return;
+    }
+    // One thread spinning for 4s: about one core, far over 25%.
+    let spin = Command::new(bin("plugvisor"))
+        .arg("--control")
+        .arg(&daemon.control)
+        .args(["call", "tp", "spin", "--data", "4000,1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the caller starts");
+    wait_until_blocking(Duration::from_secs(15), "scaled up on CPU", || {
+        scaling(&daemon)["current"] == 2
+    });
+    let reason = scaling(&daemon)["last_reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        reason.contains("per ready replica reached scale_up.cpu_percent 25"),
+        "{reason}"
+    );
+    assert!(spin.wait_with_output().unwrap().status.success());
+    wait_until_blocking(Duration::from_secs(20), "scaled down when idle", || {
+        scaling(&daemon)["current"] == 1
+    });
+    let reason = scaling(&daemon)["last_reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        reason.contains("at or below scale_down.cpu_percent 5"),
+        "{reason}"
+    );
+}
