@@ -60,4 +60,6 @@ pub(crate) struct Host {
     /// Output readers and exit waiters: end with their children.
     pub io_tasks: TaskTracker,
     pub metrics: Metrics,
+    /// Plugin metadata by executable checksum (see [`crate::tenant`]).
+    pub metadata: std::sync::Arc<crate::tenant::MetadataCache>,
 }

@@ -22,6 +22,8 @@
 //!   runs), `routing` (where calls go and admission), `session` (calls
 //!   multiplexed on long-lived streams), `host` (what every plugin shares)
 //!   and [`status`] (states, events, the published view).
+//! - [`tenant`]: per-tenant instances (`<plugin>@<tenant>`) and the
+//!   metadata cache by executable checksum.
 //! - [`metrics`]: the Prometheus registry the supervisor feeds.
 //! - [`state`]: atomic state snapshots.
 //! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets.
@@ -68,6 +70,7 @@ mod spec;
 pub mod state;
 pub mod status;
 pub mod supervisor;
+pub mod tenant;
 pub mod transport;
 pub mod units;
 mod upgrade;

@@ -558,7 +558,7 @@ fn validate_restart(r: &RestartSpec) -> Result<(), (&'static str, String)> {
     Ok(())
 }
 
-fn validate_limits(l: &Limits) -> Result<(), (&'static str, String)> {
+pub(crate) fn validate_limits(l: &Limits) -> Result<(), (&'static str, String)> {
     const MIB: u64 = 1 << 20;
     if let Some(m) = l.memory
         && m.0 < MIB

@@ -137,6 +137,12 @@ impl Replica {
                         "{m}; refused because the manifest sets isolation.require_version_match: true"
                     )));
                 }
+                if let Err(why) =
+                    crate::tenant::check_instance(&self.host.metadata, manifest, &info).await
+                {
+                    instance::kill_and_reap(&instance.child).await;
+                    return Err(StartError::Refused(why));
+                }
                 if info.sessions {
                     self.open_sessions(&mut instance).await;
                 }

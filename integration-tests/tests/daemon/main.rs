@@ -11,5 +11,6 @@ mod operator;
 mod reload;
 mod stream;
 mod support;
+mod tenant;
 mod terminal;
 mod top;

@@ -149,6 +149,12 @@ pub enum Command {
         #[arg(long)]
         stream: bool,
     },
+    /// Tenants of plugins: each runs as its own entry PLUGIN@TENANT, the
+    /// name `call`, `inspect`, `logs`, `stop` and the rest take.
+    Tenant {
+        #[command(subcommand)]
+        command: crate::tenant_cmd::TenantCommand,
+    },
     /// Plugin state: `state export NAME` prints what ExportState returns.
     State {
         #[command(subcommand)]
@@ -352,6 +358,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             println!("{}", serde_json::to_string_pretty(&config)?);
             Ok(0)
         }
+        Command::Tenant { command } => crate::tenant_cmd::run(command, &control_path()).await,
         Command::State {
             command: StateCommand::Export { name, out, json },
         } => {

@@ -27,4 +27,6 @@ pub mod notify;
 pub mod progress;
 pub mod reload;
 pub mod stream;
+pub mod tenant;
+pub mod tenant_cmd;
 pub mod top;
