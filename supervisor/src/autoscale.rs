@@ -489,21 +489,31 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn sample(&mut self, host: &Host, common: &Common) -> Sample {
+    /// Reads the load; CPU only when `cpu` (the policy uses it), from the
+    /// cgroups' files on the blocking pool.
+    async fn sample(&mut self, host: &std::sync::Arc<Host>, common: &Common, cpu: bool) -> Sample {
         let load = common.routes.load();
-        let manifest = common.board.spec().manifest.clone();
+        let cpu_now = if cpu {
+            let manifest = common.board.spec().manifest.clone();
+            let (host, ids) = (host.clone(), load.ready_ids.clone());
+            tokio::task::spawn_blocking(move || {
+                ids.into_iter()
+                    .filter_map(|id| {
+                        let usage = host
+                            .isolation
+                            .status_with(&manifest, std::iter::once(id.as_str()), true)
+                            .usage?
+                            .cpu?;
+                        Some((id, usage))
+                    })
+                    .collect::<HashMap<_, _>>()
+            })
+            .await
+            .unwrap_or_default()
+        } else {
+            HashMap::new()
+        };
         let now = Instant::now();
-        let mut cpu_now = HashMap::new();
-        for id in &load.ready_ids {
-            let usage = host
-                .isolation
-                .status_with(&manifest, std::iter::once(id.as_str()), true)
-                .usage
-                .and_then(|u| u.cpu);
-            if let Some(cpu) = usage {
-                cpu_now.insert(id.clone(), cpu);
-            }
-        }
         let cpu_percent = self.last_at.and_then(|at| {
             let elapsed = now.saturating_duration_since(at).as_secs_f64();
             let deltas: Vec<f64> = cpu_now
@@ -567,9 +577,12 @@ pub(crate) async fn run_policy(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        let sample = sampler.sample(&host, &common);
         let wants_cpu = scaler.spec.scale_up.cpu_percent.is_some()
             || scaler.spec.scale_down.cpu_percent.is_some();
+        let sample = tokio::select! {
+            _ = stop.cancelled() => return,
+            s = sampler.sample(&host, &common, wants_cpu) => s,
+        };
         if wants_cpu
             && sample.ready > 0
             && sample.cpu_percent.is_none()

@@ -144,6 +144,16 @@ fn tenants_run_apart_and_disabling_one_stops_only_it() {
     assert_eq!(daemon.cli_ok(&["call", "tp@beta", "state"]).trim(), "7");
     assert_eq!(pid(&daemon, "tp@acme"), acme);
 
+    // `restart --upgrade` of a tenant upgrades it from its plugin's
+    // directory, handing over its state; the others stay.
+    let beta_before = pid(&daemon, "tp@beta");
+    daemon.cli_ok(&["restart", "tp@acme", "--upgrade"]);
+    let upgraded = daemon.wait_ready("tp@acme");
+    assert_ne!(upgraded["pid"].as_u64().unwrap(), acme, "a new instance");
+    assert_eq!(daemon.cli_ok(&["call", "tp@acme", "state"]).trim(), "3");
+    assert_eq!(pid(&daemon, "tp@beta"), beta_before);
+    assert_eq!(pid(&daemon, "tp"), base);
+
     // A config tenant is removed in the config; a runtime one by `remove`.
     let out = daemon.cli(&["tenant", "remove", "tp@acme"]);
     assert_eq!(out.status.code(), Some(1));

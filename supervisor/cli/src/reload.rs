@@ -427,6 +427,8 @@ impl Reloader {
     /// Upgrades one plugin to what its directory holds now (`restart
     /// --upgrade`), even if nothing seems changed.
     pub async fn upgrade(&self, name: &str) -> Result<(), Error> {
+        // A tenant's entry upgrades to what its plugin's directory holds.
+        let (name, tenant) = plugvisor::tenant::split(name);
         let (config, discovery) = self
             .discover()
             .await
@@ -450,9 +452,13 @@ impl Reloader {
         let overrides = config.plugins.get(name).cloned().unwrap_or_default();
         let print = fingerprint(&manifest, &overrides);
         let mut known = self.known.lock().await;
-        self.replace(name, manifest, overrides).await?;
-        known.fingerprints.insert(name.to_string(), print);
-        Ok(())
+        if tenant.is_none() {
+            self.replace(name, manifest.clone(), overrides.clone())
+                .await?;
+            known.fingerprints.insert(name.to_string(), print);
+        }
+        self.upgrade_tenants(&mut known, &manifest, &overrides, tenant)
+            .await
     }
 }
 

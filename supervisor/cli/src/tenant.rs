@@ -243,6 +243,59 @@ impl Reloader {
         }
     }
 
+    /// Upgrades the running tenants of `manifest`'s plugin (or only
+    /// `only`) to it, even if nothing seems changed (`restart --upgrade`).
+    pub(crate) async fn upgrade_tenants(
+        &self,
+        known: &mut Known,
+        manifest: &Manifest,
+        overrides: &PluginOverride,
+        only: Option<&str>,
+    ) -> Result<(), Error> {
+        let running = self.supervisor.names();
+        let mut failed = Vec::new();
+        let mut found = false;
+        for t in known.tenants.of(&manifest.name, overrides) {
+            if only.is_some_and(|o| o != t.tenant) {
+                continue;
+            }
+            let name = entry_name(&t.plugin, &t.tenant);
+            if !running.contains(&name) {
+                continue;
+            }
+            found = true;
+            let spec = match t.spec {
+                Ok(spec) => spec,
+                Err(why) => {
+                    failed.push(format!("{name}: {why}"));
+                    continue;
+                }
+            };
+            let (m, o) = plugvisor::tenant::entry_for(manifest, overrides, &t.tenant, &spec)
+                .map_err(Error::Invalid)?;
+            let print = format!("{}\n{spec:?}", fingerprint(&m, &o));
+            match self.replace(&name, m, o).await {
+                Ok(()) => {
+                    known.fingerprints.insert(name, print);
+                }
+                Err(e) => failed.push(format!("{name}: {e}")),
+            }
+        }
+        if let Some(tenant) = only
+            && !found
+        {
+            return Err(Error::UnknownPlugin(entry_name(&manifest.name, tenant)));
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Invalid(format!(
+                "not every tenant was upgraded: {}",
+                failed.join("; ")
+            )))
+        }
+    }
+
     /// Carries out a tenant request in its own task: it finishes (or rolls
     /// back) even if the caller goes away.
     pub async fn tenant(self: &Arc<Self>, op: TenantOp) -> Result<Vec<TenantRow>, Error> {
