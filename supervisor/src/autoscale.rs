@@ -480,6 +480,31 @@ pub struct ScalingInfo {
     pub last_change: Option<SystemTime>,
 }
 
+/// An autoscaled plugin whose first `min` replicas are ready and whose
+/// others are ready or being added (starting) or drained (stopping) is
+/// ready, not degraded: returns the reason to show, else `None`.
+pub(crate) fn settling(
+    manifest: &crate::manifest::Manifest,
+    replicas: &[crate::status::ReplicaInfo],
+) -> Option<String> {
+    use crate::status::PluginState::*;
+    let min = manifest.autoscale.as_ref()?.min as usize;
+    let base_ready = replicas.iter().take(min).all(|r| r.state == Ready);
+    let rest_settling = replicas.iter().skip(min).all(|r| {
+        matches!(
+            r.state,
+            Ready | Starting | Initializing | Stopping | Stopped
+        )
+    });
+    let ready = replicas.iter().filter(|r| r.state == Ready).count();
+    (base_ready && rest_settling).then(|| {
+        format!(
+            "{ready}/{} replicas ready; autoscaling is adding or draining the others",
+            replicas.len()
+        )
+    })
+}
+
 /// Reads a plugin's load for the policy: calls from its routes and
 /// admission, CPU from its replicas' cgroups (per instance, so replicas
 /// that come and go do not skew the mean).

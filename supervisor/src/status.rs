@@ -398,11 +398,14 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
     } else {
         let up = replicas.iter().filter(|r| r.state.is_up()).count();
         let all_ready = replicas.iter().all(|r| r.state == PluginState::Ready);
+        let scaling = crate::autoscale::settling(&b.spec.manifest, &replicas);
         if all_ready {
             (
                 PluginState::Ready,
                 format!("{up}/{} replicas ready", replicas.len()),
             )
+        } else if let Some(reason) = scaling {
+            (PluginState::Ready, reason)
         } else if up > 0 {
             (
                 PluginState::Degraded,

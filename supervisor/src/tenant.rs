@@ -380,6 +380,44 @@ mod tests {
     }
 
     #[test]
+    fn a_tenant_entry_layers_its_config_env_and_limits_over_the_plugins() {
+        let base = Manifest::parse(
+            Path::new("/p/kv/plugin.yaml"),
+            "name: kv\nversion: 1.0.0\nexec: ./kv\nconfig: {a: 1, nested: {x: 1, y: 1}}\nenv: {LANG: C}\nlimits: {memory: 128MiB, pids: 64}\n",
+        )
+        .unwrap();
+        let mut base_overrides = PluginOverride::default();
+        base_overrides.config.insert("b".into(), 2.into());
+        let spec: TenantSpec = serde_yaml::from_str(
+            "config: {b: 3, nested: {y: 2}}\nenv: {REGION: eu}\nlimits: {memory: 64MiB}\n",
+        )
+        .unwrap();
+        let (m, o) = entry_for(&base, &base_overrides, "acme", &spec).unwrap();
+        assert_eq!(m.name, "kv@acme");
+        assert_eq!(m.limits.memory.unwrap().0, 64 << 20, "the tenant's limit");
+        assert_eq!(
+            m.limits.pids,
+            Some(64),
+            "the plugin's where the tenant sets none"
+        );
+        assert_eq!(m.env["PLUGVISOR_TENANT"], "acme");
+        assert_eq!(o.env["REGION"], "eu");
+        let spec_of = crate::spec::Spec::new(Arc::new(m), &o, &Default::default());
+        assert_eq!(
+            serde_json::Value::Object(spec_of.config),
+            serde_json::json!({"a": 1, "b": 3, "nested": {"x": 1, "y": 2}})
+        );
+        // The base is untouched, and an entry cannot have tenants.
+        assert_eq!(base.name, "kv");
+        let (nested, _) = entry_for(&base, &base_overrides, "acme", &spec).unwrap();
+        assert!(entry_for(&nested, &base_overrides, "x", &spec).is_err());
+        let bad: TenantSpec = serde_yaml::from_str("env: {PLUGVISOR_X: y}").unwrap();
+        let e = entry_for(&base, &base_overrides, "acme", &bad).unwrap_err();
+        assert!(e.contains("set by the supervisor"), "{e}");
+        assert!(serde_yaml::from_str::<TenantSpec>("limitz: {}").is_err());
+    }
+
+    #[test]
     fn splits_entry_names() {
         assert_eq!(split("kv@acme"), ("kv", Some("acme")));
         assert_eq!(split("kv"), ("kv", None));

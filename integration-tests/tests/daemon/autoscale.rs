@@ -69,6 +69,8 @@ fn follows_a_load_step_up_and_back_down_to_min() {
     });
     let up = scaling(&daemon);
     assert!(up["current"].as_u64().unwrap() > 1, "{up}");
+    // Replicas being added do not make the plugin look degraded.
+    assert_eq!(daemon.plugin("tp")["state"], "ready");
     let reason = up["last_reason"].as_str().unwrap_or_default().to_string();
     assert!(
         reason.contains("call(s) in flight on")
