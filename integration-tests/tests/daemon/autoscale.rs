@@ -176,7 +176,7 @@ fn scales_on_cpu_read_from_the_cgroup() {
     sandbox.plugin(
         "tp",
         &bin("testplugin"),
-        "replicas: {min: 1, max: 2, scale_up: {cpu_percent: 25}, scale_down: {cpu_percent: 5}, cooldown: 1s, interval: 200ms}",
+        "replicas: {min: 1, max: 2, scale_up: {cpu_percent: 10}, scale_down: {cpu_percent: 2}, cooldown: 1s, interval: 200ms}",
     );
     let daemon = Daemon::start(&sandbox, &[]);
     let p = daemon.wait_ready("tp");
@@ -190,7 +190,8 @@ fn scales_on_cpu_read_from_the_cgroup() {
         ));
         return;
     }
-    // One thread spinning for 4s: about one core, far over 25%.
+    // One thread spinning for 4s: up to one core, far over 10% even on a
+    // busy machine.
     let spin = Command::new(bin("plugvisor"))
         .arg("--control")
         .arg(&daemon.control)
@@ -207,7 +208,7 @@ fn scales_on_cpu_read_from_the_cgroup() {
         .unwrap()
         .to_string();
     assert!(
-        reason.contains("per ready replica reached scale_up.cpu_percent 25"),
+        reason.contains("per ready replica reached scale_up.cpu_percent 10"),
         "{reason}"
     );
     assert!(spin.wait_with_output().unwrap().status.success());
@@ -219,7 +220,7 @@ fn scales_on_cpu_read_from_the_cgroup() {
         .unwrap()
         .to_string();
     assert!(
-        reason.contains("at or below scale_down.cpu_percent 5"),
+        reason.contains("at or below scale_down.cpu_percent 2"),
         "{reason}"
     );
 }
