@@ -28,6 +28,15 @@ pub(crate) enum Command {
     Upgrade(Order),
     /// Stop for good: the plugin is no longer supervised.
     Remove(oneshot::Sender<()>),
+    /// Stop for good because autoscaling removes this replica: leave
+    /// routing first, let the calls in flight finish, then stop (with a
+    /// last snapshot).
+    Retire {
+        reason: String,
+        /// The replica count autoscaling goes to.
+        scaled_to: usize,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// What to do after an instance is gone.
@@ -262,6 +271,23 @@ impl Actor {
                     let _ = reply.send(());
                     return Next::Exit;
                 }
+                Some(Command::Retire {
+                    reason,
+                    scaled_to,
+                    reply,
+                }) => {
+                    self.replica.down(
+                        "",
+                        PluginState::Stopped,
+                        reason,
+                        EventDetail {
+                            scaled_to: Some(scaled_to),
+                            ..EventDetail::default()
+                        },
+                    );
+                    let _ = reply.send(());
+                    return Next::Exit;
+                }
                 None => return Next::Exit,
             }
         }
@@ -290,6 +316,23 @@ impl Actor {
                 }
                 Some(Command::Upgrade(order)) => self.upgrade_idle(order).await,
                 Some(Command::Remove(reply)) => {
+                    let _ = reply.send(());
+                    return Next::Exit;
+                }
+                Some(Command::Retire {
+                    reason,
+                    scaled_to,
+                    reply,
+                }) => {
+                    self.replica.event(
+                        PluginState::Stopped,
+                        "",
+                        reason,
+                        EventDetail {
+                            scaled_to: Some(scaled_to),
+                            ..EventDetail::default()
+                        },
+                    );
                     let _ = reply.send(());
                     return Next::Exit;
                 }
@@ -361,6 +404,16 @@ impl Actor {
                 RunEnd::Command(Command::Restart(reply)) => {
                     ("restart requested", Next::Start, Some(reply))
                 }
+                RunEnd::Command(Command::Retire {
+                    reason,
+                    scaled_to,
+                    reply,
+                }) => {
+                    self.retire(&manifest, &mut instance, &reason, scaled_to)
+                        .await;
+                    let _ = reply.send(());
+                    return Ok(Outcome::Decided(Next::Exit));
+                }
                 RunEnd::Command(Command::Upgrade(order)) => {
                     let new_id = self.next_id();
                     let current = self.spec.clone();
@@ -390,6 +443,43 @@ impl Actor {
             }
             return Ok(Outcome::Decided(next));
         }
+    }
+}
+
+impl Actor {
+    /// Scaling down: no new call comes to this replica, the calls in
+    /// flight finish (up to `timeouts.call`, the longest a call is given),
+    /// then it stops gracefully with a last snapshot.
+    async fn retire(
+        &self,
+        manifest: &crate::manifest::Manifest,
+        instance: &mut Instance,
+        reason: &str,
+        scaled_to: usize,
+    ) {
+        let replica = &self.replica;
+        let ready = replica.plugin.routes.ready(replica.index);
+        replica.route(Route::Down {
+            state: PluginState::Stopping,
+            reason: reason.to_string(),
+        });
+        replica.event(
+            PluginState::Stopping,
+            &instance.id,
+            format!("{reason}; draining the calls in flight"),
+            EventDetail {
+                scaled_to: Some(scaled_to),
+                ..EventDetail::default()
+            },
+        );
+        if let Some(ready) = ready
+            && !ready.drained(manifest.timeouts.call.0).await
+        {
+            tracing::warn!(plugin = %replica.name(), instance = %instance.id, "calls still in flight after timeouts.call; stopping anyway");
+        }
+        replica
+            .stop_instance(manifest, instance, reason, false, true)
+            .await;
     }
 }
 

@@ -35,6 +35,9 @@ pub struct PluginOverride {
     pub config: serde_json::Map<String, serde_json::Value>,
     /// Added to (and overriding) the manifest's `env`.
     pub env: BTreeMap<String, String>,
+    /// Tenants of the plugin, each run as its own entry
+    /// `<plugin>@<tenant>` (see [`crate::tenant`]).
+    pub tenants: BTreeMap<String, crate::tenant::TenantSpec>,
 }
 
 /// `cgroup:` — where plugin cgroups are made, and whether they are a must.
@@ -270,9 +273,13 @@ impl Config {
         if let Some(registry) = &mut config.registry {
             registry.resolve(base).map_err(err)?;
         }
-        for name in config.plugins.keys() {
+        for (name, plugin) in &config.plugins {
             crate::manifest::validate_name(name)
                 .map_err(|m| err(format!("plugins.{name}: {m}")))?;
+            for (tenant, spec) in &plugin.tenants {
+                crate::tenant::validate(tenant, spec, &format!("plugins.{name}.tenants.{tenant}"))
+                    .map_err(err)?;
+            }
         }
         for name in config.health.required.iter().flatten() {
             crate::manifest::validate_name(name)

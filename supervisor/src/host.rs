@@ -67,4 +67,6 @@ pub(crate) struct Host {
     /// Who provides which capability; coordinators keep their plugin's
     /// entry current.
     pub capabilities: crate::capability::CapabilityIndex,
+    /// Plugin metadata by executable checksum (see [`crate::tenant`]).
+    pub metadata: std::sync::Arc<crate::tenant::MetadataCache>,
 }

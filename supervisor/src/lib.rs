@@ -12,7 +12,8 @@
 //! - [`instance`]: one child's start (handshake, connect, Initialize) and stop.
 //! - [`isolation`]: cgroups (v1, v2), rlimits, binary pinning, and the
 //!   sandbox: own uid, no capabilities, seccomp, a PID namespace.
-//! - [`policy`]: the restart policy as pure functions of time.
+//! - [`policy`]: the restart policy as pure functions of time;
+//!   [`autoscale`]: the autoscaling policy, and its task.
 //! - [`supervisor`]: the public API (the facade) and the call paths. Behind
 //!   it, per plugin, one coordinator (`plugin`: owns what the plugin should
 //!   run, runs operations that span replicas) and one actor per replica
@@ -24,6 +25,8 @@
 //! - [`ratelimit`]: `calls.rate` token buckets, checked before admission;
 //!   [`capability`]: who provides what, and which provider a call by
 //!   capability goes to.
+//! - [`tenant`]: per-tenant instances (`<plugin>@<tenant>`) and the
+//!   metadata cache by executable checksum.
 //! - [`metrics`]: the Prometheus registry the supervisor feeds.
 //! - [`state`]: atomic state snapshots.
 //! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets.
@@ -50,6 +53,7 @@
 //! ```
 
 mod actor;
+pub mod autoscale;
 pub mod capability;
 pub mod config;
 pub mod error;
@@ -73,6 +77,7 @@ mod spec;
 pub mod state;
 pub mod status;
 pub mod supervisor;
+pub mod tenant;
 pub mod tls;
 pub mod transport;
 pub mod units;

@@ -334,8 +334,9 @@ struct RawManifest {
     idempotent: Vec<String>,
     #[serde(default)]
     state: StateSpec,
+    /// A count, or an autoscaling policy: see [`crate::autoscale`].
     #[serde(default = "one")]
-    replicas: u32,
+    replicas: serde_json::Value,
     #[serde(default)]
     calls: CallLimits,
     #[serde(default)]
@@ -344,8 +345,8 @@ struct RawManifest {
     capabilities: Vec<String>,
 }
 
-fn one() -> u32 {
-    1
+fn one() -> serde_json::Value {
+    1.into()
 }
 
 /// A validated manifest.
@@ -376,8 +377,11 @@ pub struct Manifest {
     /// deadline). Every other call is sent at most once.
     pub idempotent: Vec<String>,
     pub state: StateSpec,
-    /// Identical children; calls go to the least-loaded ready one.
+    /// Identical children; calls go to the least-loaded ready one. With
+    /// `autoscale`, the count started with (its `min`).
     pub replicas: u32,
+    /// `replicas: {min, max, ...}`: the replica count follows the load.
+    pub autoscale: Option<crate::autoscale::AutoscaleSpec>,
     pub calls: CallLimits,
     pub upgrade: UpgradeSpec,
     /// Set for a plugin on another host (`remote:`): it is connected to,
@@ -510,12 +514,8 @@ impl Manifest {
         if raw.health.failure_threshold == 0 {
             return Err(err("health.failure_threshold", "must be at least 1".into()));
         }
-        if !(1..=64).contains(&raw.replicas) {
-            return Err(err(
-                "replicas",
-                format!("{} is out of range; expected 1 to 64", raw.replicas),
-            ));
-        }
+        let (replicas, autoscale) =
+            crate::autoscale::parse_replicas(&raw.replicas).map_err(|(f, m)| err(&f, m))?;
         if raw.calls.max_in_flight == 0 {
             return Err(err("calls.max_in_flight", "must be at least 1".into()));
         }
@@ -559,7 +559,8 @@ impl Manifest {
             isolation,
             idempotent: raw.idempotent,
             state: raw.state,
-            replicas: raw.replicas,
+            replicas,
+            autoscale,
             calls: raw.calls,
             upgrade: raw.upgrade,
             remote,
@@ -619,7 +620,7 @@ fn validate_restart(r: &RestartSpec) -> Result<(), (&'static str, String)> {
     Ok(())
 }
 
-fn validate_limits(l: &Limits) -> Result<(), (&'static str, String)> {
+pub(crate) fn validate_limits(l: &Limits) -> Result<(), (&'static str, String)> {
     const MIB: u64 = 1 << 20;
     if let Some(m) = l.memory
         && m.0 < MIB

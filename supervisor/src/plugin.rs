@@ -10,6 +10,8 @@
 //! every replica runs it, so a rejected config can never be picked up by a
 //! later crash-restart.
 
+mod scale;
+
 use crate::actor::{Command, run_replica};
 use crate::config::PluginOverride;
 use crate::error::Error;
@@ -55,6 +57,14 @@ pub(crate) enum Op {
     },
     /// Stop every replica (with a last snapshot) and stop supervising.
     Remove(Reply),
+    /// Autoscaling: run `to` replicas (kept within the manifest's
+    /// `replicas.min`/`max`), adding or draining replicas; `reason` goes
+    /// into the events.
+    Scale {
+        to: usize,
+        reason: String,
+        reply: Reply,
+    },
 }
 
 /// The supervised plugins, by name.
@@ -119,30 +129,15 @@ pub(crate) fn spawn(
         &manifest.capabilities,
     );
     let mut orders = Vec::with_capacity(replicas);
+    let mut tasks = Vec::with_capacity(replicas);
     for index in 0..replicas {
-        let (tx, rx) = mpsc::channel(REPLICA_QUEUE);
+        let (tx, task) = start_replica(host, &common, &spec, index, None);
         orders.push(tx);
-        let snapshots = host.opts.state_dir.as_deref().map(|dir| {
-            // Replica 0 keeps the plain name, so going from one replica to
-            // several keeps the existing snapshots.
-            let key = if index == 0 {
-                name.clone()
-            } else {
-                format!("{name}@{index}")
-            };
-            Arc::new(Snapshots::new(SnapshotStore::new(dir, &key)))
-        });
-        let replica = Replica {
-            host: host.clone(),
-            plugin: common.clone(),
-            index,
-            snapshots,
-        };
-        host.tasks.spawn(run_replica(replica, spec.clone(), rx));
+        tasks.push(task);
     }
     let (ops, rx) = mpsc::channel(OP_QUEUE);
     let handle = Arc::new(PluginHandle { common, ops });
-    let coordinator = Coordinator {
+    let mut coordinator = Coordinator {
         host: host.clone(),
         registry: registry.clone(),
         handle: Arc::downgrade(&handle),
@@ -151,9 +146,47 @@ pub(crate) fn spawn(
         overrides,
         runtime,
         replicas: orders,
+        replica_tasks: tasks,
+        ops: handle.ops.downgrade(),
+        policy: None,
     };
+    coordinator.keep_policy();
     host.tasks.spawn(coordinator.run(rx));
     handle
+}
+
+/// Starts replica `index`'s actor on `spec`; `added` is the event that
+/// says why it was added (by autoscaling), recorded before it starts.
+fn start_replica(
+    host: &Arc<Host>,
+    common: &Arc<Common>,
+    spec: &Arc<Spec>,
+    index: usize,
+    added: Option<(String, crate::status::EventDetail)>,
+) -> (mpsc::Sender<Command>, tokio::task::JoinHandle<()>) {
+    let name = &common.name;
+    let (tx, rx) = mpsc::channel(REPLICA_QUEUE);
+    let snapshots = host.opts.state_dir.as_deref().map(|dir| {
+        // Replica 0 keeps the plain name, so going from one replica to
+        // several keeps the existing snapshots.
+        let key = if index == 0 {
+            name.clone()
+        } else {
+            format!("{name}@{index}")
+        };
+        Arc::new(Snapshots::new(SnapshotStore::new(dir, &key)))
+    });
+    let replica = Replica {
+        host: host.clone(),
+        plugin: common.clone(),
+        index,
+        snapshots,
+    };
+    if let Some((reason, detail)) = added {
+        replica.event(crate::status::PluginState::Starting, "", reason, detail);
+    }
+    let task = host.tasks.spawn(run_replica(replica, spec.clone(), rx));
+    (tx, task)
 }
 
 /// The owner of a plugin's desired state.
@@ -167,6 +200,13 @@ struct Coordinator {
     overrides: PluginOverride,
     runtime: serde_json::Map<String, serde_json::Value>,
     replicas: Vec<mpsc::Sender<Command>>,
+    /// Each replica's actor task, awaited when scaling down removes it.
+    replica_tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Its own operations channel, for the autoscaling policy task (weak:
+    /// the coordinator must not keep its own channel open).
+    ops: mpsc::WeakSender<Op>,
+    /// Stops the autoscaling policy task when dropped or replaced.
+    policy: Option<tokio_util::sync::DropGuard>,
 }
 
 impl Coordinator {
@@ -213,7 +253,11 @@ impl Coordinator {
                         .await;
                     let _ = reply.send(result);
                 }
+                Op::Scale { to, reason, reply } => {
+                    let _ = reply.send(self.scale(to, reason).await);
+                }
                 Op::Remove(reply) => {
+                    self.policy = None;
                     let result = self.each(Command::Remove).await;
                     let mut registry = self.registry.write().unwrap_or_else(|e| e.into_inner());
                     if let Some(current) = registry.get(&self.common.name)
@@ -260,7 +304,7 @@ impl Coordinator {
                 manifest.name
             )));
         }
-        if manifest.replicas as usize != self.replicas.len() {
+        if !manifest.accepts_replicas(self.replicas.len()) {
             return Err(Error::Invalid(format!(
                 "an upgrade cannot change replicas ({} to {}); remove and add the plugin (or reload) to change them",
                 self.replicas.len(),
@@ -336,6 +380,7 @@ impl Coordinator {
                 self.overrides = overrides;
                 self.runtime = runtime;
                 self.common.board.lock().spec = spec;
+                self.keep_policy();
                 Ok(())
             }
             Some(why) => Err(Error::UpgradeFailed {

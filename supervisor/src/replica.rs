@@ -76,7 +76,10 @@ impl Replica {
 
     /// Updates this replica's row of the board.
     pub fn update(&self, f: impl FnOnce(&mut ReplicaStatus)) {
-        f(&mut self.plugin.board.lock().replicas[self.index]);
+        // A replica removed by scaling down has no row any more.
+        if let Some(row) = self.plugin.board.lock().replicas.get_mut(self.index) {
+            f(row);
+        }
     }
 
     /// Spawns and initializes an instance of `spec`, with `restored` state.
@@ -136,6 +139,12 @@ impl Replica {
                         "{m}; refused because the manifest sets isolation.require_version_match: true"
                     )));
                 }
+                if let Err(why) =
+                    crate::tenant::check_instance(&self.host.metadata, manifest, &info).await
+                {
+                    instance::kill_and_reap(&instance.child).await;
+                    return Err(StartError::Refused(why));
+                }
                 if info.sessions {
                     self.open_sessions(&mut instance).await;
                 }
@@ -183,10 +192,11 @@ impl Replica {
             let mut b = self.plugin.board.lock();
             b.methods = info.methods.clone();
             b.reported_version = (!info.version.is_empty()).then(|| info.version.clone());
-            let r = &mut b.replicas[self.index];
-            r.ready_since = Some(ready_since);
-            r.instance = instance.id.clone();
-            r.pid = Some(pid);
+            if let Some(r) = b.replicas.get_mut(self.index) {
+                r.ready_since = Some(ready_since);
+                r.instance = instance.id.clone();
+                r.pid = Some(pid);
+            }
         }
         self.route(Route::Ready(ReadyInstance::new(
             instance.id.clone(),
@@ -263,7 +273,13 @@ impl Replica {
             self.snapshot_failed(&instance.id, "at stop", &e);
         }
         let status = instance::stop(instance, manifest.timeouts.stop.0).await;
-        let current = self.plugin.board.lock().replicas[self.index].instance == instance.id;
+        let current = self
+            .plugin
+            .board
+            .lock()
+            .replicas
+            .get(self.index)
+            .is_some_and(|r| r.instance == instance.id);
         if current {
             self.update(|r| {
                 r.last_exit = Some(status.to_string());
@@ -334,7 +350,12 @@ pub(crate) fn snapshot_failed(
     when: &str,
     why: &str,
 ) {
-    let state = plugin.board.lock().replicas[replica].state;
+    let state = plugin
+        .board
+        .lock()
+        .replicas
+        .get(replica)
+        .map_or(PluginState::Stopped, |r| r.state);
     let event = Event {
         time: SystemTime::now(),
         plugin: plugin.name.clone(),

@@ -210,6 +210,8 @@ pub struct EventDetail {
     pub attempt: Option<u32>,
     /// How long the backoff waits.
     pub delay: Option<Duration>,
+    /// For a change made by autoscaling: the replica count it goes to.
+    pub scaled_to: Option<usize>,
 }
 
 impl EventDetail {
@@ -279,6 +281,8 @@ pub struct PluginInfo {
     /// Its `calls.rate` limits in force: `(scope, limit)`, scope `*` for
     /// the plugin's, else the method's name; limit like `500/s, burst 100`.
     pub rate_limits: Vec<(String, String)>,
+    /// Autoscaling bounds and the last change, when the plugin autoscales.
+    pub scaling: Option<crate::autoscale::ScalingInfo>,
 }
 
 /// Status of one replica, written only by its actor.
@@ -324,6 +328,9 @@ pub(crate) struct BoardInner {
     pub reported_version: Option<String>,
     pub replicas: Vec<ReplicaStatus>,
     pub history: VecDeque<Event>,
+    /// The last change autoscaling made (reason, when), written by the
+    /// coordinator.
+    pub last_scaling: Option<(String, SystemTime)>,
 }
 
 impl Board {
@@ -335,6 +342,7 @@ impl Board {
                 reported_version: None,
                 replicas: vec![ReplicaStatus::new(); replicas],
                 history: VecDeque::new(),
+                last_scaling: None,
             }),
             history_len,
         }
@@ -354,13 +362,21 @@ impl Board {
     /// history.
     pub fn record(&self, event: &Event) {
         let mut b = self.lock();
-        let r = &mut b.replicas[event.replica];
-        r.state = event.state;
-        r.reason = event.reason.clone();
+        // A replica removed by scaling down has no row any more.
+        if let Some(r) = b.replicas.get_mut(event.replica) {
+            r.state = event.state;
+            r.reason = event.reason.clone();
+        }
         if b.history.len() >= self.history_len {
             b.history.pop_front();
         }
         b.history.push_back(event.clone());
+    }
+
+    /// Sets the number of replica rows (the coordinator's, when it
+    /// scales): new rows start as `starting`.
+    pub fn resize(&self, replicas: usize) {
+        self.lock().replicas.resize(replicas, ReplicaStatus::new());
     }
 
     /// A summary of each replica, for "not ready" errors.
@@ -398,11 +414,14 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
     } else {
         let up = replicas.iter().filter(|r| r.state.is_up()).count();
         let all_ready = replicas.iter().all(|r| r.state == PluginState::Ready);
+        let scaling = crate::autoscale::settling(&b.spec.manifest, &replicas);
         if all_ready {
             (
                 PluginState::Ready,
                 format!("{up}/{} replicas ready", replicas.len()),
             )
+        } else if let Some(reason) = scaling {
+            (PluginState::Ready, reason)
         } else if up > 0 {
             (
                 PluginState::Degraded,
@@ -413,6 +432,16 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
         }
     };
     let manifest = &b.spec.manifest;
+    let scaling = manifest
+        .autoscale
+        .as_ref()
+        .map(|a| crate::autoscale::ScalingInfo {
+            min: a.min,
+            max: a.max,
+            current: replicas.len() as u32,
+            last_reason: b.last_scaling.as_ref().map(|(r, _)| r.clone()),
+            last_change: b.last_scaling.as_ref().map(|(_, t)| *t),
+        });
     let info = PluginInfo {
         name: name.to_string(),
         version: manifest.version.to_string(),
@@ -431,6 +460,7 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
         replicas,
         capabilities: manifest.capabilities.clone(),
         rate_limits: Vec::new(),
+        scaling,
     };
     (info, b.spec.clone())
 }

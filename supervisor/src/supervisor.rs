@@ -92,6 +92,7 @@ impl Supervisor {
             io_tasks,
             metrics: crate::metrics::Metrics::default(),
             capabilities: Default::default(),
+            metadata: Default::default(),
             opts,
         });
         if host.opts.subreaper {
@@ -134,8 +135,24 @@ impl Supervisor {
         }
         let name = manifest.name.clone();
         let handle = plugin::spawn(&self.host, &self.plugins, manifest, overrides.clone());
+        crate::tenant::prefill(&self.host.metadata, &handle.common.board);
         plugins.insert(name, handle);
         Ok(())
+    }
+
+    /// Adds `tenant` of a plugin as its own entry, `<plugin>@<tenant>`
+    /// (see [`crate::tenant`]): `base` is the plugin's manifest and
+    /// `base_overrides` its supervisor-config overrides, under the tenant's.
+    pub fn add_tenant(
+        &self,
+        base: &Manifest,
+        base_overrides: &PluginOverride,
+        tenant: &str,
+        spec: &crate::tenant::TenantSpec,
+    ) -> Result<(), Error> {
+        let (manifest, overrides) =
+            crate::tenant::entry_for(base, base_overrides, tenant, spec).map_err(Error::Invalid)?;
+        self.add(manifest, &overrides)
     }
 
     fn plugin(&self, name: &str) -> Result<Arc<PluginHandle>, Error> {
@@ -183,6 +200,11 @@ impl Supervisor {
         );
         info.rate_limits = common.rate_limits.current().describe();
         info
+    }
+
+    /// The manifest a plugin runs now (what its coordinator last committed).
+    pub fn manifest(&self, name: &str) -> Result<Arc<Manifest>, Error> {
+        Ok(self.common(name)?.board.spec().manifest.clone())
     }
 
     /// One plugin's status.

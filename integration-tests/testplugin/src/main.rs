@@ -109,13 +109,18 @@ impl Args {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::parse(std::env::args().skip(1)) {
+    let mut args = match Args::parse(std::env::args().skip(1)) {
         Ok(args) => args,
         Err(why) => {
             eprintln!("testplugin: {why}\n{USAGE}");
             return ExitCode::from(2);
         }
     };
+    // The environment can ask for a phantom method too: a plugin whose
+    // methods depend on something other than its binary and arguments.
+    if std::env::var_os("TESTPLUGIN_PHANTOM_METHOD").is_some() {
+        args.faults.phantom_method = true;
+    }
 
     // Before any thread exists: forking a multi-threaded process is unsafe.
     let grandchild = if args.double_fork {

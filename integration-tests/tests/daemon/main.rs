@@ -2,6 +2,7 @@
 //! control socket, reload, metrics, streaming calls, `top` and colours in a
 //! real terminal, the Grafana dashboard. One test binary for all of them.
 
+mod autoscale;
 mod cli;
 mod daemon;
 mod grafana;
@@ -13,5 +14,6 @@ mod remote;
 mod routing;
 mod stream;
 mod support;
+mod tenant;
 mod terminal;
 mod top;

@@ -3,6 +3,7 @@
 //! One test binary for all of them: linking one binary per file costs more
 //! than running them on a 2-core machine.
 
+mod autoscale;
 mod confinement;
 mod filesystem;
 mod initialize;

@@ -164,6 +164,12 @@ pub enum Command {
         #[arg(long)]
         stream: bool,
     },
+    /// Tenants of plugins: each runs as its own entry PLUGIN@TENANT, the
+    /// name `call`, `inspect`, `logs`, `stop` and the rest take.
+    Tenant {
+        #[command(subcommand)]
+        command: crate::tenant_cmd::TenantCommand,
+    },
     /// Plugin state: `state export NAME` prints what ExportState returns.
     State {
         #[command(subcommand)]
@@ -370,6 +376,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             println!("{}", serde_json::to_string_pretty(&config)?);
             Ok(0)
         }
+        Command::Tenant { command } => crate::tenant_cmd::run(command, &control_path()).await,
         Command::State {
             command: StateCommand::Export { name, out, json },
         } => {
@@ -522,6 +529,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 for l in &status.rate_limits {
                     let scope = if l.method == "*" { "calls" } else { &l.method };
                     println!("rate limit: {scope}: {}", l.limit);
+                }
+                if let Some(scaling) = &status.scaling {
+                    println!(
+                        "replicas:   {} (autoscaled between {} and {})",
+                        scaling.current, scaling.min, scaling.max
+                    );
+                    println!("scaled:     {}", or_dash(&scaling.last_reason));
+                } else if status.replicas.len() > 1 {
+                    println!("replicas:   {}", status.replicas.len());
                 }
                 print_isolation(&status.isolation.unwrap_or_default());
                 println!("events:");
@@ -900,7 +916,32 @@ fn status_json(s: &pb::PluginStatus) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "isolation": s.isolation.as_ref().map(isolation_json),
         "remote": s.remote.as_ref().map(crate::registry::remote_json),
+        "replicas": s.replicas.iter().map(|r| serde_json::json!({
+            "instance": r.instance,
+            "state": r.state,
+            "pid": (r.pid != 0).then_some(r.pid),
+            "restarts": r.restarts,
+        })).collect::<Vec<_>>(),
+        "scaling": s.scaling.as_ref().map(scaling_json),
     })
+}
+
+fn scaling_json(s: &pb::Scaling) -> serde_json::Value {
+    serde_json::json!({
+        "min": s.min,
+        "max": s.max,
+        "current": s.current,
+        "last_reason": (!s.last_reason.is_empty()).then_some(&s.last_reason),
+        "last_change_ms": (s.last_change_ms != 0).then_some(s.last_change_ms),
+    })
+}
+
+/// `2 (autoscaled 1-8)`, or the plain count.
+fn replicas_cell(p: &pb::PluginStatus) -> String {
+    match &p.scaling {
+        Some(s) => format!("{} ({}-{})", s.current, s.min, s.max),
+        None => p.replicas.len().max(1).to_string(),
+    }
 }
 
 fn isolation_json(i: &pb::Isolation) -> serde_json::Value {
@@ -1045,6 +1086,9 @@ fn event_json(e: &pb::Event) -> serde_json::Value {
         v["attempt"] = e.attempt.into();
         v["delay_ms"] = e.delay_ms.into();
     }
+    if e.scaled_to != 0 {
+        v["scaled_to"] = e.scaled_to.into();
+    }
     v
 }
 
@@ -1069,7 +1113,9 @@ fn or_dash(s: &str) -> &str {
 }
 
 fn print_table(plugins: &[pb::PluginStatus]) {
-    let rows: Vec<[String; 8]> = plugins
+    // The REPLICAS column shows only when some plugin autoscales.
+    let scaled = plugins.iter().any(|p| p.scaling.is_some());
+    let rows: Vec<Vec<String>> = plugins
         .iter()
         .map(|p| {
             [
@@ -1086,9 +1132,12 @@ fn print_table(plugins: &[pb::PluginStatus]) {
                 or_dash(&p.last_exit).to_string(),
                 crate::registry::location(p),
             ]
+            .into_iter()
+            .chain(scaled.then(|| replicas_cell(p)))
+            .collect()
         })
         .collect();
-    let header = [
+    let mut header = vec![
         "NAME",
         "VERSION",
         "STATE",
@@ -1098,7 +1147,10 @@ fn print_table(plugins: &[pb::PluginStatus]) {
         "LAST EXIT",
         "WHERE",
     ];
-    let mut widths = header.map(str::len);
+    if scaled {
+        header.push("REPLICAS");
+    }
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
@@ -1107,12 +1159,12 @@ fn print_table(plugins: &[pb::PluginStatus]) {
     let line = |cells: Vec<&str>| {
         let text: Vec<String> = cells
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
         println!("{}", text.join("  ").trim_end());
     };
-    line(header.to_vec());
+    line(header.clone());
     for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }

@@ -228,6 +228,13 @@ pub fn status_of(info: &PluginInfo) -> pb::PluginStatus {
                 reason: r.reason.clone(),
             })
             .collect(),
+        scaling: info.scaling.as_ref().map(|s| pb::Scaling {
+            min: s.min,
+            max: s.max,
+            current: s.current,
+            last_reason: s.last_reason.clone().unwrap_or_default(),
+            last_change_ms: s.last_change.map_or(0, millis),
+        }),
     }
 }
 
@@ -282,6 +289,7 @@ fn event_of(e: &Event) -> pb::Event {
         }),
         attempt: e.detail.attempt.unwrap_or(0),
         delay_ms: e.detail.delay.map_or(0, |d| d.as_millis() as u64),
+        scaled_to: e.detail.scaled_to.map_or(0, |n| n as u32),
     }
 }
 
@@ -635,9 +643,72 @@ impl Control for ControlService {
             .map_err(|e| Status::internal(format!("reading the metrics failed: {e}")))?;
         Ok(Response::new(pb::MetricsResponse { text }))
     }
+
+    async fn tenant(
+        &self,
+        request: Request<pb::TenantRequest>,
+    ) -> Result<Response<pb::TenantResponse>, Status> {
+        self.access.borrow().check(&request)?;
+        self.tenant_request(request.into_inner()).await
+    }
 }
 
 impl ControlService {
+    /// The `Tenant` RPC: see [`crate::tenant`].
+    async fn tenant_request(
+        &self,
+        r: pb::TenantRequest,
+    ) -> Result<Response<pb::TenantResponse>, Status> {
+        use crate::tenant::TenantOp;
+        use pb::tenant_request::Action;
+        let reloader = self
+            .reloader
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("this control service has no tenants"))?;
+        let (plugin, tenant) = (r.plugin.clone(), r.tenant.clone());
+        let op = match Action::try_from(r.action).unwrap_or(Action::Unspecified) {
+            Action::List => TenantOp::List {
+                plugin: (!plugin.is_empty()).then_some(plugin),
+            },
+            Action::Add => {
+                let spec = if r.spec_json.is_empty() {
+                    serde_json::json!({})
+                } else {
+                    serde_json::from_str(&r.spec_json).map_err(|e| {
+                        Status::invalid_argument(format!("spec_json is not JSON: {e}"))
+                    })?
+                };
+                TenantOp::Add {
+                    plugin,
+                    tenant,
+                    spec,
+                }
+            }
+            Action::Remove => TenantOp::Remove { plugin, tenant },
+            Action::Enable => TenantOp::Enable { plugin, tenant },
+            Action::Disable => TenantOp::Disable { plugin, tenant },
+            Action::Unspecified => {
+                return Err(Status::invalid_argument(
+                    "action: expected LIST, ADD, REMOVE, ENABLE or DISABLE",
+                ));
+            }
+        };
+        let rows = reloader.tenant(op).await?;
+        Ok(Response::new(pb::TenantResponse {
+            tenants: rows
+                .into_iter()
+                .map(|t| pb::TenantStatus {
+                    name: plugvisor::tenant::entry_name(&t.plugin, &t.tenant),
+                    plugin: t.plugin,
+                    tenant: t.tenant,
+                    source: t.source,
+                    enabled: t.enabled,
+                    status: t.status.as_ref().map(status_of),
+                })
+                .collect(),
+        }))
+    }
+
     fn command_response(&self, name: &str) -> Result<Response<pb::CommandResponse>, Status> {
         let info = self.supervisor.info(name)?;
         Ok(Response::new(pb::CommandResponse {

@@ -30,4 +30,6 @@ pub mod progress;
 pub mod registry;
 pub mod reload;
 pub mod stream;
+pub mod tenant;
+pub mod tenant_cmd;
 pub mod top;

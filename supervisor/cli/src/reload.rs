@@ -141,27 +141,30 @@ impl std::fmt::Display for ReloadReport {
 
 /// Keeps what the daemon runs in step with its config and plugins directory.
 pub struct Reloader {
-    supervisor: Supervisor,
+    pub(crate) supervisor: Supervisor,
     load_config: LoadConfig,
-    /// What runs now. One lock, so reloads and upgrades take turns.
-    known: tokio::sync::Mutex<Known>,
+    /// What runs now. One lock, so reloads, upgrades and tenant changes
+    /// take turns.
+    pub(crate) known: tokio::sync::Mutex<Known>,
     /// Who may use the control socket; the control service reads it on
     /// every call.
     access: tokio::sync::watch::Sender<Access>,
 }
 
 /// What the daemon runs now.
-struct Known {
+pub(crate) struct Known {
     /// What each running plugin was started from, to see what changed.
-    fingerprints: BTreeMap<String, String>,
+    pub(crate) fingerprints: BTreeMap<String, String>,
     /// The settings in force: the live ones as last reloaded, the others as
     /// the daemon started with them.
-    settings: Config,
+    pub(crate) settings: Config,
+    /// Tenants added, enabled or disabled at runtime (`plugvisor tenant`).
+    pub(crate) tenants: crate::tenant::RuntimeTenants,
 }
 
 /// Identifies what a plugin runs: the manifest file's text, the executable's
 /// size, mtime and inode, and the config's overrides.
-fn fingerprint(manifest: &Manifest, overrides: &PluginOverride) -> String {
+pub(crate) fn fingerprint(manifest: &Manifest, overrides: &PluginOverride) -> String {
     use std::os::unix::fs::MetadataExt;
     let text = std::fs::read_to_string(&manifest.path).unwrap_or_default();
     let exec = std::fs::metadata(&manifest.exec)
@@ -202,6 +205,7 @@ impl Reloader {
             known: tokio::sync::Mutex::new(Known {
                 fingerprints: BTreeMap::new(),
                 settings: running,
+                tenants: Default::default(),
             }),
             access,
         }
@@ -268,6 +272,7 @@ impl Reloader {
         let Known {
             fingerprints: known,
             settings,
+            tenants,
         } = &mut *guard;
         let mut report = ReloadReport::default();
         (report.settings_applied, report.settings_need_restart) =
@@ -297,7 +302,7 @@ impl Reloader {
             wanted.push(name.clone());
             let print = fingerprint(&manifest, &overrides);
             if !running.contains(&name) {
-                match self.supervisor.add(manifest, &overrides) {
+                match self.supervisor.add(manifest.clone(), &overrides) {
                     Ok(()) => {
                         known.insert(name.clone(), print);
                         report.added.push(name);
@@ -307,7 +312,10 @@ impl Reloader {
             } else if known.get(&name) == Some(&print) {
                 report.unchanged.push(name);
             } else {
-                match self.replace(&name, manifest, overrides).await {
+                match self
+                    .replace(&name, manifest.clone(), overrides.clone())
+                    .await
+                {
                     Ok(()) => {
                         known.insert(name.clone(), print);
                         report.upgraded.push(name);
@@ -315,9 +323,25 @@ impl Reloader {
                     Err(e) => report.failed.push((name, e.to_string())),
                 }
             }
+            self.sync_tenants(
+                &manifest,
+                &overrides,
+                tenants,
+                known,
+                &running,
+                &mut report,
+                &mut wanted,
+            )
+            .await;
         }
         for name in running {
             if wanted.contains(&name) || crate::registry::is_registered(&self.supervisor, &name) {
+                continue;
+            }
+            // A tenant's entry stays as it was while its plugin's manifest
+            // is broken, like the plugin itself.
+            let base = plugvisor::tenant::split(&name).0;
+            if base != name && broken.contains_key(base) {
                 continue;
             }
             if let Some(why) = broken.remove(&name) {
@@ -343,14 +367,14 @@ impl Reloader {
 
     /// Replaces a running plugin: an upgrade when the replica count is the
     /// same, else a stop and a fresh start.
-    async fn replace(
+    pub(crate) async fn replace(
         &self,
         name: &str,
         manifest: Manifest,
         overrides: PluginOverride,
     ) -> Result<(), Error> {
         let replicas = self.supervisor.info(name)?.replicas.len();
-        if replicas == manifest.replicas as usize {
+        if manifest.accepts_replicas(replicas) {
             self.supervisor
                 .upgrade_with(name, manifest, overrides)
                 .await
@@ -365,7 +389,12 @@ impl Reloader {
     pub async fn start(&self) -> anyhow::Result<(usize, Vec<ManifestError>)> {
         let (config, discovery) = self.discover().await?;
         let mut guard = self.known.lock().await;
-        let known = &mut guard.fingerprints;
+        guard.tenants = crate::tenant::RuntimeTenants::load(&config.state_dir)?;
+        let Known {
+            fingerprints: known,
+            tenants,
+            ..
+        } = &mut *guard;
         let mut started = 0;
         for manifest in discovery.manifests {
             let overrides = config
@@ -378,8 +407,23 @@ impl Reloader {
                 continue;
             }
             known.insert(manifest.name.clone(), fingerprint(&manifest, &overrides));
-            self.supervisor.add(manifest, &overrides)?;
+            self.supervisor.add(manifest.clone(), &overrides)?;
             started += 1;
+            let mut report = ReloadReport::default();
+            self.sync_tenants(
+                &manifest,
+                &overrides,
+                tenants,
+                known,
+                &[],
+                &mut report,
+                &mut Vec::new(),
+            )
+            .await;
+            started += report.added.len();
+            for (name, why) in report.failed {
+                tracing::error!(plugin = %name, "tenant not started: {why}");
+            }
         }
         Ok((started, discovery.errors))
     }
@@ -387,6 +431,8 @@ impl Reloader {
     /// Upgrades one plugin to what its directory holds now (`restart
     /// --upgrade`), even if nothing seems changed.
     pub async fn upgrade(&self, name: &str) -> Result<(), Error> {
+        // A tenant's entry upgrades to what its plugin's directory holds.
+        let (name, tenant) = plugvisor::tenant::split(name);
         let (config, discovery) = self
             .discover()
             .await
@@ -410,9 +456,13 @@ impl Reloader {
         let overrides = config.plugins.get(name).cloned().unwrap_or_default();
         let print = fingerprint(&manifest, &overrides);
         let mut known = self.known.lock().await;
-        self.replace(name, manifest, overrides).await?;
-        known.fingerprints.insert(name.to_string(), print);
-        Ok(())
+        if tenant.is_none() {
+            self.replace(name, manifest.clone(), overrides.clone())
+                .await?;
+            known.fingerprints.insert(name.to_string(), print);
+        }
+        self.upgrade_tenants(&mut known, &manifest, &overrides, tenant)
+            .await
     }
 }
 

@@ -119,6 +119,11 @@ impl Actor {
                 RemoteEnd::Command(Command::Restart(reply)) => {
                     ("reconnect requested", Next::Start, Some(reply))
                 }
+                RemoteEnd::Command(Command::Retire { reply, .. }) => {
+                    // Nothing to drain here beyond the connection: calls in
+                    // flight finish as it closes.
+                    ("removed by autoscaling", Next::Exit, Some(reply))
+                }
                 RemoteEnd::Command(Command::Upgrade(order)) => {
                     // Nothing runs here to switch: a committed upgrade (a new
                     // manifest or config) reconnects with the new spec.
