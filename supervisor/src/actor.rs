@@ -143,6 +143,20 @@ impl Actor {
         reason: ExitReason,
         ready_since: Option<Instant>,
     ) -> Next {
+        if spawned(&reason) {
+            self.replica
+                .hook_reported(
+                    &self.spec.manifest,
+                    &self.spec.env,
+                    "post_exit",
+                    instance_id,
+                    &[
+                        ("PLUGVISOR_EXIT_REASON", reason.to_string()),
+                        ("PLUGVISOR_EXIT_KIND", reason.kind().to_string()),
+                    ],
+                )
+                .await;
+        }
         let replica = &self.replica;
         replica.update(|r| {
             r.last_exit = Some(reason.to_string());
@@ -213,6 +227,29 @@ impl Actor {
                 Next::Idle
             }
         }
+    }
+
+    /// Runs the post-ready hook of a just published instance. A failure
+    /// kills the instance and is its exit reason (the restart policy
+    /// answers it like a failed start).
+    async fn post_ready(&self, instance: &Instance) -> Option<ExitReason> {
+        let extra = [("PLUGVISOR_PLUGIN_PID", instance.child.pid().to_string())];
+        let hook = self.replica.hook(
+            &self.spec.manifest,
+            &self.spec.env,
+            "post_ready",
+            &instance.id,
+            &extra,
+        );
+        let result = tokio::select! {
+            r = hook => r,
+            // The watch that follows sees it and stops the instance.
+            _ = self.replica.host.cancel.cancelled() => Ok(()),
+        };
+        let e = result.err()?;
+        self.replica.route(Route::Pending);
+        instance::kill_and_reap(&instance.child).await;
+        Some(ExitReason::Start(StartError::Hook(e)))
     }
 
     /// Waits out a backoff delay; an operator's stop or restart cuts it short.
@@ -319,6 +356,12 @@ impl Actor {
         };
         let (mut instance, info) = launched.map_err(ExitReason::Start)?;
         let mut ready_since = self.replica.publish(&instance, &info);
+        if let Some(reason) = self.post_ready(&instance).await {
+            return Ok(Outcome::Gone {
+                reason,
+                ready_since: None,
+            });
+        }
         loop {
             let manifest = self.spec.manifest.clone();
             let end =
@@ -456,5 +499,24 @@ async fn watch_ready(
                 }
             }
         }
+    }
+}
+
+/// Whether an instance that ended for `reason` had been spawned (its
+/// post-exit hook then runs): not when a check, its sandbox or its
+/// pre-start hook stopped it first.
+fn spawned(reason: &ExitReason) -> bool {
+    match reason {
+        ExitReason::Start(e) => {
+            !matches!(
+                e,
+                StartError::SocketDir { .. }
+                    | StartError::Spawn { .. }
+                    | StartError::Refused(_)
+                    | StartError::Isolation { .. }
+                    | StartError::StateUnreadable(_)
+            ) && !matches!(e, StartError::Hook(h) if h.hook == "pre_start")
+        }
+        _ => true,
     }
 }

@@ -63,6 +63,10 @@ pub enum StartError {
     /// the state it may hold.
     #[error("cannot restore its saved state: {0}")]
     StateUnreadable(String),
+    /// A lifecycle hook failed: pre-start (the plugin was not spawned) or
+    /// post-ready (the instance was killed).
+    #[error("{0}")]
+    Hook(crate::hooks::HookError),
 }
 
 fn last_output(lines: &[String]) -> String {

@@ -21,6 +21,8 @@
 //!   runs), `routing` (where calls go and admission), `session` (calls
 //!   multiplexed on long-lived streams), `host` (what every plugin shares)
 //!   and [`status`] (states, events, the published view).
+//! - [`hooks`]: lifecycle hooks (pre-start, post-ready, pre-stop,
+//!   post-exit).
 //! - [`metrics`]: the Prometheus registry the supervisor feeds.
 //! - [`state`]: atomic state snapshots.
 //! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets.
@@ -49,6 +51,7 @@
 mod actor;
 pub mod config;
 pub mod error;
+pub mod hooks;
 mod host;
 pub mod instance;
 pub mod isolation;

@@ -5,6 +5,7 @@
 mod cli;
 mod daemon;
 mod grafana;
+mod hooks;
 mod metrics;
 mod operator;
 mod reload;

@@ -929,6 +929,44 @@ impl Isolation {
         })
     }
 
+    /// The sandbox a lifecycle hook of `manifest` runs in (see
+    /// [`crate::hooks`]): the plugin's user, capabilities, rlimits,
+    /// network namespace, `no_new_privs`, seccomp filter and filesystem
+    /// view, but neither its cgroup (a hook is time-bounded instead, and
+    /// pre-start runs before the cgroup exists) nor its PID namespace (the
+    /// hook's process group is killed when it ends or times out).
+    pub async fn hook_setup(
+        &self,
+        manifest: &Manifest,
+    ) -> Result<preexec::ChildSetup, PrepareError> {
+        let cgroups = matches!(self.enforcement, Enforcement::Cgroups(_));
+        let confinement = self.confinement.clone();
+        let privileges = self.privileges.clone();
+        let manifest = manifest.clone();
+        tokio::task::spawn_blocking(move || {
+            let (credentials, caps, _held) = privileges.resolve(&manifest)?;
+            let data_fallback = (!cgroups).then_some(manifest.limits.memory).flatten();
+            Ok(preexec::ChildSetup {
+                cgroup_procs: Vec::new(),
+                rlimits: rlimits::from_limits(&manifest.limits, data_fallback.map(|s| s.0)),
+                credentials,
+                network_none: manifest.isolation.network == NetworkMode::None,
+                no_new_privs: manifest.isolation.no_new_privs,
+                caps: Some(caps),
+                seccomp: confinement.seccomp_for(&manifest)?,
+                pid_namespace: false,
+                landlock: confinement.filesystem_for(&manifest)?,
+            })
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(PrepareError::Failed(
+                "preparing the hook's sandbox stopped before it finished (a panic on the blocking pool)"
+                    .into(),
+            ))
+        })
+    }
+
     /// Records a live instance's cgroup; the lease kills and removes it when
     /// dropped.
     pub fn lease(
