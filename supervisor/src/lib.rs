@@ -72,6 +72,7 @@ pub mod supervisor;
 pub mod transport;
 pub mod units;
 mod upgrade;
+mod validate;
 
 pub use error::Error;
 pub use supervisor::{

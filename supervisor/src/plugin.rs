@@ -198,9 +198,21 @@ impl Coordinator {
                             runtime.insert(key, value);
                         }
                     }
-                    let result = self
-                        .roll_out(self.manifest.clone(), self.overrides.clone(), runtime)
-                        .await;
+                    let config = Spec::new(self.manifest.clone(), &self.overrides, &runtime).config;
+                    let asked = crate::validate::ask_replicas(
+                        &self.common,
+                        self.replicas.len(),
+                        &config,
+                        self.manifest.timeouts.call.0,
+                    )
+                    .await;
+                    let result = match asked {
+                        Ok(()) => {
+                            self.roll_out(self.manifest.clone(), self.overrides.clone(), runtime)
+                                .await
+                        }
+                        Err(refused) => Err(refused),
+                    };
                     let _ = reply.send(result);
                 }
                 Op::Remove(reply) => {

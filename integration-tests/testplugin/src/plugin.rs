@@ -230,6 +230,14 @@ impl Plugin for TestPlugin {
         env!("CARGO_PKG_VERSION")
     }
 
+    /// Refuses a config that sets `refuse`, giving its value as the reason.
+    async fn validate_config(&self, config: &serde_json::Value) -> Result<(), String> {
+        match config.get("refuse") {
+            Some(why) => Err(format!("`refuse` is set: {why}")),
+            None => Ok(()),
+        }
+    }
+
     /// `echo` streams, unless `--no-stream`; `--claim-stream` declares it
     /// even then.
     fn stream_methods(&self) -> Vec<String> {

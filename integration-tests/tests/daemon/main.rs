@@ -13,3 +13,4 @@ mod stream;
 mod support;
 mod terminal;
 mod top;
+mod validate;
