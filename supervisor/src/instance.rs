@@ -91,6 +91,9 @@ pub struct Instance {
     pub cgroup: Option<CgroupLease>,
     /// Its `Session` streams, once it said in Initialize that it serves them.
     pub(crate) sessions: Option<Arc<crate::session::Sessions>>,
+    /// A container plugin's container: removed when the instance is
+    /// dropped.
+    pub container: Option<crate::container::ContainerGuard>,
 }
 
 impl Instance {
@@ -231,8 +234,12 @@ async fn prepare_isolation(ctx: &StartContext<'_>) -> Result<Option<Prepared>, S
 /// the child's whole process group is killed and reaped before returning.
 pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
     let m = ctx.manifest;
-    // Checks and cgroup first: a refused plugin leaves nothing behind.
-    let prepared = prepare_isolation(&ctx).await?;
+    // Checks and cgroup first: a refused plugin leaves nothing behind. A
+    // container's isolation is its runtime's.
+    let prepared = match m.container {
+        Some(_) => None,
+        None => prepare_isolation(&ctx).await?,
+    };
     // Dropping the lease (on any failure below) kills and removes the cgroup.
     let cg = prepared.as_ref().and_then(|p| p.cgroup.clone());
     let cgroup = match (ctx.isolation, cg) {
@@ -292,11 +299,37 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
         env.push(("TMPDIR".into(), tmp.into()));
     }
     env.extend(ctx.env.iter().map(|(k, v)| (k.into(), v.into())));
-    let spec = SpawnSpec {
-        program: m.exec.clone(),
-        args: m.args.clone(),
-        env,
-        cwd: m.dir.clone(),
+    let (spec, container) = match &m.container {
+        None => (
+            SpawnSpec {
+                program: m.exec.clone(),
+                args: m.args.clone(),
+                env,
+                cwd: m.dir.clone(),
+            },
+            None,
+        ),
+        Some(c) => match crate::container::plan(
+            m,
+            c,
+            ctx.runtime_dir,
+            &ctx.instance_id,
+            &dir,
+            env,
+            ctx.processes,
+            ctx.tasks,
+        )
+        .await
+        {
+            Ok(plan) => (plan.spec, Some(plan.guard)),
+            Err(reason) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(StartError::Spawn {
+                    exec: m.exec.clone(),
+                    reason,
+                });
+            }
+        },
     };
     let spawned_at = Instant::now();
     let spawned = match prepared {
@@ -340,18 +373,29 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
     let result = match result {
         Ok(()) => {
             let remaining = m.timeouts.start.0.saturating_sub(spawned_at.elapsed());
-            match tokio::time::timeout(
-                remaining.max(Duration::from_millis(100)),
-                crate::transport::connect_plugin(&socket, child.pid()),
-            )
-            .await
-            {
-                Ok(Ok(channel)) => Ok(channel),
-                Ok(Err(e)) => Err(StartError::Connect(e.to_string())),
-                Err(_) => Err(StartError::Connect(format!(
-                    "no connection within the start timeout to {}",
-                    socket.display()
-                ))),
+            // A container's socket is served by its init process, which the
+            // runtime names; any other plugin's, by the child itself.
+            let expected = match &container {
+                Some(guard) => crate::container::init_pid(ctx.processes, guard)
+                    .await
+                    .map_err(StartError::Connect),
+                None => Ok(child.pid()),
+            };
+            match expected {
+                Err(e) => Err(e),
+                Ok(expected) => match tokio::time::timeout(
+                    remaining.max(Duration::from_millis(100)),
+                    crate::transport::connect_plugin(&socket, expected),
+                )
+                .await
+                {
+                    Ok(Ok(channel)) => Ok(channel),
+                    Ok(Err(e)) => Err(StartError::Connect(e.to_string())),
+                    Err(_) => Err(StartError::Connect(format!(
+                        "no connection within the start timeout to {}",
+                        socket.display()
+                    ))),
+                },
             }
         }
         Err(e) => Err(e),
@@ -367,6 +411,7 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
             spawned_at,
             cgroup,
             sessions: None,
+            container,
         }),
         Err(e) => {
             kill_and_reap(&child).await;

@@ -21,6 +21,7 @@
 //!   runs), `routing` (where calls go and admission), `session` (calls
 //!   multiplexed on long-lived streams), `host` (what every plugin shares)
 //!   and [`status`] (states, events, the published view).
+//! - [`container`]: plugins that are OCI images (podman) or bundles (runc).
 //! - [`hooks`]: lifecycle hooks (pre-start, post-ready, pre-stop,
 //!   post-exit).
 //! - [`metrics`]: the Prometheus registry the supervisor feeds.
@@ -50,6 +51,7 @@
 
 mod actor;
 pub mod config;
+pub mod container;
 pub mod error;
 pub mod hooks;
 mod host;

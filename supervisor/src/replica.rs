@@ -146,7 +146,19 @@ impl Replica {
         self.event(
             PluginState::Starting,
             instance_id,
-            format!("spawning {} {}", manifest.exec.display(), manifest.version),
+            match &manifest.container {
+                None => format!("spawning {} {}", manifest.exec.display(), manifest.version),
+                Some(c) => format!(
+                    "spawning container {} ({} {}) {}",
+                    crate::container::name(&self.host.opts.runtime_dir, instance_id),
+                    c.runtime.as_str(),
+                    c.image
+                        .clone()
+                        .or_else(|| c.bundle.as_ref().map(|b| b.display().to_string()))
+                        .unwrap_or_default(),
+                    manifest.version
+                ),
+            },
             EventDetail {
                 version: Some(manifest.version.to_string()),
                 ..EventDetail::default()

@@ -416,6 +416,17 @@ impl Plugin for TestPlugin {
             "syscall" => crate::isolation::syscall(&req),
             "write_file" => crate::isolation::write_file(&req),
             "read_file" => crate::isolation::read_file(&req),
+            // The file's bytes (up to 1 MiB): what a container sees.
+            "cat" => {
+                let path = String::from_utf8_lossy(&req.payload).into_owned();
+                let mut bytes = Vec::new();
+                std::fs::File::open(&path)
+                    .and_then(|f| {
+                        std::io::Read::read_to_end(&mut std::io::Read::take(f, 1 << 20), &mut bytes)
+                    })
+                    .map(|_| Response::new(bytes))
+                    .map_err(|e| Status::not_found(format!("{path}: {e}")))
+            }
             "pid_info" => crate::isolation::pid_info(),
             other => Err(unknown_method(other)),
         }

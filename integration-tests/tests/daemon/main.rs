@@ -3,6 +3,7 @@
 //! real terminal, the Grafana dashboard. One test binary for all of them.
 
 mod cli;
+mod containers;
 mod daemon;
 mod grafana;
 mod hooks;
