@@ -45,6 +45,11 @@ pub struct Faults {
     /// `--phantom-method`: lists a method `phantom` first, which `Handle`
     /// answers UNIMPLEMENTED like any unknown method.
     pub phantom_method: bool,
+    /// `--validate-hang`: `ValidateConfig` never answers.
+    pub validate_hang: bool,
+    /// `--validate-silent`: `ValidateConfig` refuses every config without
+    /// a reason.
+    pub validate_silent: bool,
 }
 
 #[derive(Debug)]
@@ -231,7 +236,15 @@ impl Plugin for TestPlugin {
     }
 
     /// Refuses a config that sets `refuse`, giving its value as the reason.
+    /// `--validate-hang` never answers; `--validate-silent` refuses without
+    /// a reason.
     async fn validate_config(&self, config: &serde_json::Value) -> Result<(), String> {
+        if self.faults.validate_hang {
+            std::future::pending::<()>().await;
+        }
+        if self.faults.validate_silent {
+            return Err(String::new());
+        }
         match config.get("refuse") {
             Some(why) => Err(format!("`refuse` is set: {why}")),
             None => Ok(()),

@@ -71,7 +71,7 @@ fn go_example_conforms() {
     );
     assert!(
         stdout.ends_with(
-            "10 passed, 0 failed, 1 skipped: go-echo conforms to plugvisor protocol 1\n"
+            "10 passed, 0 failed, 2 skipped: go-echo conforms to plugvisor protocol 1\n"
         ),
         "{stdout}"
     );
