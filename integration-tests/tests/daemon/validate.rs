@@ -48,3 +48,77 @@ fn a_config_the_plugin_refuses_is_not_rolled_out_and_its_reason_is_shown() {
         serde_json::from_str(&daemon.cli_ok(&["call", "tp", "config"])).expect("JSON");
     assert_eq!(seen["mode"], "wild", "{seen}");
 }
+
+/// The config `call tp config` shows, from whichever replica answers.
+fn running_config(daemon: &Daemon) -> serde_json::Value {
+    serde_json::from_str(&daemon.cli_ok(&["call", "tp", "config"])).expect("config is JSON")
+}
+
+#[test]
+fn config_changes_through_reload_and_upgrade_are_validated_all_or_nothing() {
+    let sandbox = Sandbox::new();
+    let manifest = |version: &str, config: &str| {
+        let path = sandbox.plugin(
+            "tp",
+            &bin("testplugin"),
+            &format!("replicas: 2\nconfig: {config}\nupgrade: {{probation: 50ms}}"),
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            text.replace("version: 1.0.0", &format!("version: {version}")),
+        )
+        .unwrap();
+    };
+    manifest("1.0.0", "{mode: calm}");
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("tp");
+    let before = pids(&daemon, "tp");
+
+    // Same version, new config: the running plugin is asked first.
+    manifest("1.0.0", "{mode: wild, refuse: reloads are checked too}");
+    let out = daemon.cli(&["reload"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stdout.contains("failed:    tp: `tp` refused the new config")
+            && stdout.contains("`refuse` is set: \"reloads are checked too\"")
+            && stdout.contains("nothing was changed"),
+        "{stdout}"
+    );
+    let out = daemon.cli(&["restart", "tp", "--upgrade"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("`tp` refused the new config"),
+        "{out:?}"
+    );
+    assert_eq!(pids(&daemon, "tp"), before, "a refused change restarted tp");
+    assert_eq!(running_config(&daemon)["mode"], "calm");
+
+    // A new version with a new config: the new version is asked before it
+    // takes calls, and its refusal rolls the upgrade back.
+    manifest("2.0.0", "{mode: wild, refuse: not in 2.0 either}");
+    let out = daemon.cli(&["reload"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stdout.contains(
+            "the new instance refused the new config: `refuse` is set: \"not in 2.0 either\""
+        ) && stdout.contains("run 1.0.0 again"),
+        "{stdout}"
+    );
+    assert_eq!(
+        pids(&daemon, "tp"),
+        before,
+        "a refused upgrade left tp changed"
+    );
+    assert_eq!(running_config(&daemon)["mode"], "calm");
+    assert_eq!(daemon.plugin("tp")["version"], "1.0.0");
+
+    // What the plugin accepts is rolled out.
+    manifest("1.0.0", "{mode: wild}");
+    daemon.cli_ok(&["reload"]);
+    for _ in 0..4 {
+        assert_eq!(running_config(&daemon)["mode"], "wild");
+    }
+}
