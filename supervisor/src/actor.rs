@@ -229,25 +229,17 @@ impl Actor {
         }
     }
 
-    /// Runs the post-ready hook of a just published instance. A failure
+    /// Runs the post-ready hook of an initialized instance before it is
+    /// published, so it takes calls only once the hook succeeded. A failure
     /// kills the instance and is its exit reason (the restart policy
     /// answers it like a failed start).
     async fn post_ready(&self, instance: &Instance) -> Option<ExitReason> {
-        let extra = [("PLUGVISOR_PLUGIN_PID", instance.child.pid().to_string())];
-        let hook = self.replica.hook(
-            &self.spec.manifest,
-            &self.spec.env,
-            "post_ready",
-            &instance.id,
-            &extra,
-        );
         let result = tokio::select! {
-            r = hook => r,
+            r = self.replica.post_ready(&self.spec, instance) => r,
             // The watch that follows sees it and stops the instance.
             _ = self.replica.host.cancel.cancelled() => Ok(()),
         };
         let e = result.err()?;
-        self.replica.route(Route::Pending);
         instance::kill_and_reap(&instance.child).await;
         Some(ExitReason::Start(StartError::Hook(e)))
     }
@@ -355,13 +347,13 @@ impl Actor {
             _ = self.replica.host.cancel.cancelled() => return Ok(Outcome::Decided(Next::Exit)),
         };
         let (mut instance, info) = launched.map_err(ExitReason::Start)?;
-        let mut ready_since = self.replica.publish(&instance, &info);
         if let Some(reason) = self.post_ready(&instance).await {
             return Ok(Outcome::Gone {
                 reason,
                 ready_since: None,
             });
         }
+        let mut ready_since = self.replica.publish(&instance, &info);
         loop {
             let manifest = self.spec.manifest.clone();
             let end =

@@ -110,6 +110,31 @@ impl Replica {
         Ok(())
     }
 
+    /// Runs the post-ready hook of `instance` (initialized, not yet
+    /// published) under `spec`.
+    pub async fn post_ready(
+        &self,
+        spec: &Spec,
+        instance: &Instance,
+    ) -> Result<(), crate::hooks::HookError> {
+        if spec.manifest.hooks.post_ready.is_some() {
+            self.transition(
+                PluginState::Initializing,
+                &instance.id,
+                "initialized; running its post_ready hook before it takes calls".into(),
+            );
+        }
+        let extra = [("PLUGVISOR_PLUGIN_PID", instance.child.pid().to_string())];
+        self.hook(
+            &spec.manifest,
+            &spec.env,
+            "post_ready",
+            &instance.id,
+            &extra,
+        )
+        .await
+    }
+
     /// A hook whose failure does not change the instance's course
     /// (pre-stop, post-exit): an event in the current state and a warning.
     pub async fn hook_reported(

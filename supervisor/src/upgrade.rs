@@ -192,6 +192,10 @@ async fn switch_over(
         instance::kill_and_reap(&fresh.child).await;
         return Err(format!("the new instance refused the new config: {why}"));
     }
+    if let Err(e) = replica.post_ready(new, &fresh).await {
+        instance::kill_and_reap(&fresh.child).await;
+        return Err(format!("the new instance's {e}"));
+    }
     let ready_since = replica.publish(&fresh, &info);
     let switched = started.elapsed();
     // Probation: the old instance stays up, taking no calls, in case the new

@@ -274,6 +274,48 @@ fn a_failing_post_ready_hook_restarts_the_instance() {
 }
 
 #[test]
+fn no_call_reaches_an_instance_before_its_post_ready_hook_ends() {
+    let sandbox = Sandbox::new();
+    let shared = shared_dir(&sandbox);
+    let (started, done) = (shared.join("started"), shared.join("done"));
+    let plugin_dir = sandbox.plugins_dir().join("tp");
+    script(
+        &plugin_dir,
+        "register.sh",
+        &format!(
+            "touch {}\nsleep 2\ntouch {}",
+            started.display(),
+            done.display()
+        ),
+    );
+    sandbox.plugin(
+        "tp",
+        &bin("testplugin"),
+        "hooks: {post_ready: {command: [./register.sh], timeout: 10s}}",
+    );
+    let daemon = Daemon::start(&sandbox, &[]);
+    wait_until_blocking(SECS_10, "the post_ready hook to start", || started.exists());
+    // Initialized, its hook running: not ready, not routed.
+    let row = daemon.plugin("tp");
+    assert!(!done.exists(), "the hook ended too soon for this test");
+    assert_eq!(row["state"], "initializing", "{row}");
+    assert!(
+        row["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("running its post_ready hook")),
+        "{row}"
+    );
+    // A call now waits for the hook, then reaches the instance.
+    let out = daemon.cli(&["call", "tp", "echo", "--data", "after", "--timeout", "10s"]);
+    assert!(done.exists(), "a call was answered before post_ready ended");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "after");
+    let all = events(&daemon, "tp");
+    let ready = all.iter().position(|e| e["state"] == "ready");
+    assert!(ready.is_some(), "{all:#?}");
+}
+
+#[test]
 fn check_names_the_hook_field_that_is_wrong() {
     let sandbox = Sandbox::new();
     sandbox.plugin(

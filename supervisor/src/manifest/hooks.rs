@@ -47,7 +47,9 @@ impl HookSpec {
 pub struct HooksSpec {
     /// Before each start of the plugin; a failure fails the start.
     pub pre_start: Option<HookSpec>,
-    /// Once an instance is ready; a failure restarts the instance.
+    /// Once an instance is initialized, before it is published to take
+    /// calls; a failure restarts the instance (in an upgrade, rolls it
+    /// back).
     pub post_ready: Option<HookSpec>,
     /// Before a running instance is asked to stop; a failure is reported
     /// and the stop goes on.
