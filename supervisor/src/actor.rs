@@ -362,8 +362,9 @@ impl Actor {
                 // What the crashed child left in its process group goes with
                 // it when `instance` is dropped (see `Child`'s Drop).
                 RunEnd::Exited(status) => {
+                    let oom = instance.ended_by_oom(status).await;
                     return Ok(Outcome::Gone {
-                        reason: ExitReason::of_exit(status, instance.oom_killed(status))
+                        reason: ExitReason::of_exit(status, oom)
                             .or_seccomp_kill(&manifest.isolation.seccomp),
                         ready_since: Some(ready_since),
                     });

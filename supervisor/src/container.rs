@@ -10,27 +10,66 @@
 //! own cgroup. The socket peer must be the container's init process as the
 //! runtime reports it (`podman inspect`, `runc state`): that replaces the
 //! check that the peer is the spawned child. A container is removed
-//! (`podman rm -f`, `runc delete -f`) when its instance is dropped.
+//! (`podman rm -f`, `runc delete -f`) when its instance is dropped, not when
+//! it exits (`podman run` without `--rm`, `runc run --keep`): its cgroup
+//! and state outlive the exit long enough to tell an OOM kill apart.
+//!
+//! The runtime's cgroup of a running container is found through its init
+//! process and shown by `inspect` and `ps` like any plugin's (see
+//! [`crate::isolation::Isolation::observe`]). Every container's name starts
+//! with `plugvisor-<hash of the runtime directory>-` (podman ones are also
+//! labelled `io.plugvisor.supervisor` and `io.plugvisor.instance`), so the
+//! first container start of a supervisor removes what an earlier run of it
+//! left ([`sweep_stale`]). `isolation.user` and `isolation.group` are
+//! resolved on the host and the container runs as that numeric uid:gid,
+//! which owns the socket directory.
 
 use crate::manifest::{ContainerRuntime, ContainerSpec, Manifest, NetworkMode};
-use crate::process::{ProcessManager, SpawnSpec};
+use crate::process::{ExitStatus, ProcessManager, SpawnSpec};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// How long a runtime's helper command (inspect, state, rm) may take.
 const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The podman label naming the supervisor (a hash of its runtime
+/// directory) that started a container.
+pub const LABEL_SUPERVISOR: &str = "io.plugvisor.supervisor";
+/// The podman label naming the instance a container runs.
+pub const LABEL_INSTANCE: &str = "io.plugvisor.instance";
 
 /// The container's name: unique per runtime directory (so two supervisors
 /// never share one) and per instance.
 pub(crate) fn name(runtime_dir: &Path, instance_id: &str) -> String {
-    // FNV-1a: stable across runs and builds, unlike the std hasher.
+    format!("{}{instance_id}", prefix(runtime_dir))
+}
+
+/// What every container name of the supervisor using `runtime_dir` starts
+/// with.
+fn prefix(runtime_dir: &Path) -> String {
+    format!("plugvisor-{}-", supervisor_tag(runtime_dir))
+}
+
+/// A hash of the runtime directory: FNV-1a, stable across runs and builds,
+/// unlike the std hasher.
+fn supervisor_tag(runtime_dir: &Path) -> String {
     let mut hash: u32 = 0x811c9dc5;
     for b in runtime_dir.as_os_str().as_encoded_bytes() {
         hash ^= u32::from(*b);
         hash = hash.wrapping_mul(0x01000193);
     }
-    format!("plugvisor-{hash:08x}-{instance_id}")
+    format!("{hash:08x}")
+}
+
+/// The host uid and gid a container plugin runs as: `isolation.user` and
+/// `isolation.group` resolved on the host; `None` (the image's user) when
+/// neither is set.
+pub(crate) fn owner(m: &Manifest) -> Result<Option<(u32, u32)>, String> {
+    let credentials = crate::isolation::preexec::Credentials::resolve(
+        m.isolation.user.as_deref(),
+        m.isolation.group.as_deref(),
+    )?;
+    Ok(credentials.map(|c| (c.uid, c.gid)))
 }
 
 /// A container that may exist: removed when dropped.
@@ -40,6 +79,11 @@ pub struct ContainerGuard {
     pub name: String,
     /// runc: the per-instance bundle the supervisor wrote.
     bundle: Option<PathBuf>,
+    /// The runtime's cgroup of the running container, once found.
+    pub observed: Option<crate::isolation::ObservedCgroup>,
+    /// Its OOM evidence, read the moment the container's init process
+    /// ended (see [`ContainerGuard::watch_init`]).
+    init_end: Option<tokio::sync::watch::Receiver<Option<crate::isolation::OomEvidence>>>,
     processes: Option<ProcessManager>,
     tasks: tokio_util::task::TaskTracker,
 }
@@ -105,9 +149,12 @@ pub(crate) async fn plan(
         program: program.clone(),
         name: name.clone(),
         bundle: None,
+        observed: None,
+        init_end: None,
         processes: Some(processes.handle()),
         tasks: tasks.clone(),
     };
+    let user = owner(m)?;
     let dir = socket_dir.display().to_string();
     let args = match c.runtime {
         ContainerRuntime::Podman => {
@@ -116,14 +163,16 @@ pub(crate) async fn plan(
                 a.extend(["--runtime".into(), rt.clone()]);
             }
             a.extend([
+                // No --rm: the guard removes it, after its exit was read.
                 "run".into(),
-                "--rm".into(),
                 "--replace".into(),
                 "--pull=never".into(),
                 "--name".into(),
                 name.clone(),
                 "--label".into(),
-                format!("plugvisor.instance={instance_id}"),
+                format!("{LABEL_SUPERVISOR}={}", supervisor_tag(runtime_dir)),
+                "--label".into(),
+                format!("{LABEL_INSTANCE}={instance_id}"),
                 "--volume".into(),
                 format!("{dir}:{dir}:rw"),
                 "--network".into(),
@@ -168,8 +217,8 @@ pub(crate) async fn plan(
             // supervisor's may be unreachable inside a container too.
             let nproc = l.nproc.unwrap_or(DEFAULT_NPROC);
             a.push(format!("--ulimit=nproc={nproc}:{nproc}"));
-            if let Some(user) = &m.isolation.user {
-                a.extend(["--user".into(), user.clone()]);
+            if let Some((uid, gid)) = user {
+                a.extend(["--user".into(), format!("{uid}:{gid}")]);
             }
             a.push(c.image.clone().unwrap_or_default());
             a.extend(m.args.iter().cloned());
@@ -179,12 +228,14 @@ pub(crate) async fn plan(
             let source = c.bundle.clone().unwrap_or_default();
             let bundle = runtime_dir.join("containers").join(instance_id);
             guard.bundle = Some(bundle.clone());
-            let config = runc_config(m, &source, socket_dir, &env, &name)?;
+            let config = runc_config(m, &source, socket_dir, &env, &name, user)?;
             write_bundle(&bundle, &config)?;
             // A container of this name left by a supervisor that was killed.
             let _ = remove(processes, c.runtime, &program, &name).await;
             vec![
                 "run".into(),
+                // Deleted by the guard, after its exit was read.
+                "--keep".into(),
                 "--bundle".into(),
                 bundle.display().to_string(),
                 name.clone(),
@@ -242,6 +293,7 @@ fn runc_config(
     socket_dir: &Path,
     env: &[(OsString, OsString)],
     name: &str,
+    user: Option<(u32, u32)>,
 ) -> Result<serde_json::Value, String> {
     use serde_json::{Value, json};
     let path = source.join("config.json");
@@ -269,6 +321,9 @@ fn runc_config(
         .and_then(Value::as_object_mut)
         .ok_or_else(|| bad("`process` is missing"))?;
     process.insert("terminal".into(), Value::Bool(false));
+    if let Some((uid, gid)) = user {
+        process.insert("user".into(), json!({"uid": uid, "gid": gid}));
+    }
     let mut vars: Vec<Value> = process
         .get("env")
         .and_then(Value::as_array)
@@ -430,4 +485,163 @@ async fn tool(processes: &ProcessManager, program: &Path, args: &[&str]) -> Resu
             ))
         }
     }
+}
+
+impl ContainerGuard {
+    /// Records the runtime's cgroup of the container whose init process is
+    /// `pid` (through `isolation`) and watches that process: the moment it
+    /// ends, the cgroup's OOM evidence is read, before the runtime's
+    /// cleanup removes the cgroup (podman does as the container exits).
+    pub(crate) fn observe(
+        &mut self,
+        isolation: &crate::isolation::Isolation,
+        instance_id: &str,
+        pid: i32,
+    ) {
+        self.observed = isolation.observe(instance_id, pid);
+        let Some(observed) = &self.observed else {
+            return;
+        };
+        let cgroup = observed.cgroup().clone();
+        let pidfd = match pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(container = %self.name, "cannot watch its init process {pid}: {e}");
+                return;
+            }
+        };
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        self.init_end = Some(rx);
+        self.tasks.spawn(async move {
+            // SAFETY: the AsyncFd owns the OwnedFd, which stays open and
+            // the same descriptor until the AsyncFd is dropped.
+            let registered = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    pidfd,
+                    tokio::io::Interest::READABLE,
+                )
+            };
+            let Ok(fd) = registered else {
+                return;
+            };
+            tokio::select! {
+                // A pidfd turns readable when its process has exited.
+                _ = fd.readable() => {
+                    let evidence = cgroup.oom_evidence();
+                    let _ = tx.send(Some(evidence));
+                }
+                // The instance is gone: nobody asks any more.
+                _ = tx.closed() => {}
+            }
+        });
+    }
+
+    /// Whether the container that ended with `status` (the runtime's exit:
+    /// 137 for a container killed by SIGKILL) was killed by the OOM killer:
+    /// the runtime's cgroup counted an OOM kill (it is kept until the guard
+    /// removes the container), or podman says so (`.State.OOMKilled`).
+    /// Never guessed from the exit code alone.
+    pub async fn oom_killed(&self, status: ExitStatus) -> bool {
+        let killed = matches!(status, ExitStatus::Exited(137))
+            || matches!(status, ExitStatus::Signaled { signal, .. } if signal == libc::SIGKILL);
+        if !killed {
+            return false;
+        }
+        if let Some(rx) = &self.init_end {
+            let mut rx = rx.clone();
+            // The runtime exits after its container's init: the watch has
+            // seen it, or is about to.
+            let seen = tokio::time::timeout(Duration::from_secs(1), rx.wait_for(Option::is_some))
+                .await
+                .ok()
+                .and_then(|r| r.ok().and_then(|e| *e));
+            if seen.is_some_and(|e| e.kills.is_some_and(|k| k > 0)) {
+                return true;
+            }
+        }
+        if let Some(observed) = &self.observed {
+            let cgroup = observed.cgroup().clone();
+            let evidence = tokio::task::spawn_blocking(move || cgroup.oom_evidence())
+                .await
+                .ok();
+            if evidence.is_some_and(|e| e.kills.is_some_and(|k| k > 0)) {
+                return true;
+            }
+        }
+        match (self.runtime, &self.processes) {
+            (ContainerRuntime::Podman, Some(processes)) => tool(
+                processes,
+                &self.program,
+                &["inspect", "--format", "{{.State.OOMKilled}}", &self.name],
+            )
+            .await
+            .is_ok_and(|out| out.trim() == "true"),
+            _ => false,
+        }
+    }
+}
+
+/// Removes every container an earlier run of the supervisor using
+/// `runtime_dir` left behind (it was killed before it could remove them),
+/// and their runc bundles. Run before the first container of `runtime`
+/// starts, when no container of this supervisor can be running. Returns
+/// the names removed.
+pub(crate) async fn sweep_stale(
+    processes: &ProcessManager,
+    runtime_dir: &Path,
+    runtime: ContainerRuntime,
+    program: &Path,
+) -> Result<Vec<String>, String> {
+    let prefix = prefix(runtime_dir);
+    let names: Vec<String> = match runtime {
+        ContainerRuntime::Podman => {
+            let label = format!("label={LABEL_SUPERVISOR}={}", supervisor_tag(runtime_dir));
+            let out = tool(
+                processes,
+                program,
+                &["ps", "--all", "--filter", &label, "--format", "{{.Names}}"],
+            )
+            .await?;
+            out.lines()
+                .map(str::trim)
+                .filter(|n| n.starts_with(&prefix))
+                .map(str::to_string)
+                .collect()
+        }
+        ContainerRuntime::Runc => {
+            let out = tool(processes, program, &["list", "--format", "json"]).await?;
+            // `null` when there is none.
+            let listed: Vec<serde_json::Value> = serde_json::from_str(out.trim())
+                .ok()
+                .and_then(|v: serde_json::Value| v.as_array().cloned())
+                .unwrap_or_default();
+            listed
+                .iter()
+                .filter_map(|c| c["id"].as_str())
+                .filter(|n| n.starts_with(&prefix))
+                .map(str::to_string)
+                .collect()
+        }
+    };
+    let mut removed = Vec::new();
+    for name in names {
+        remove(processes, runtime, program, &name).await?;
+        removed.push(name);
+    }
+    if runtime == ContainerRuntime::Runc {
+        let _ = std::fs::remove_dir_all(runtime_dir.join("containers"));
+    }
+    Ok(removed)
+}
+
+/// A pidfd for `pid` (not a child of ours: the container's init).
+fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor and nobody else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }

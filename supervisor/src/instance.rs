@@ -104,6 +104,16 @@ impl Instance {
             .as_ref()
             .is_some_and(|c| c.cgroup().oom_evidence().explains(status))
     }
+
+    /// [`Self::oom_killed`], and for a container plugin what its runtime's
+    /// cgroup or the runtime itself says (see
+    /// [`crate::container::ContainerGuard::oom_killed`]).
+    pub async fn ended_by_oom(&self, status: ExitStatus) -> bool {
+        match &self.container {
+            Some(guard) => guard.oom_killed(status).await,
+            None => self.oom_killed(status),
+        }
+    }
 }
 
 impl Drop for Instance {
@@ -247,7 +257,11 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
         _ => None,
     };
     let mut prepared = prepared;
-    let owner = prepared.as_ref().and_then(|p| p.owner);
+    let owner = match &m.container {
+        // The container's user, resolved on the host, owns its socket dir.
+        Some(_) => crate::container::owner(m).map_err(StartError::Refused)?,
+        None => prepared.as_ref().and_then(|p| p.owner),
+    };
     let dir = socket_dir(ctx.runtime_dir, &ctx.instance_id, owner)?;
     let tmp = match &mut prepared {
         Some(p) if p.private_tmp => match own_tmp(&dir, owner).and_then(|tmp| {
@@ -299,7 +313,7 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
         env.push(("TMPDIR".into(), tmp.into()));
     }
     env.extend(ctx.env.iter().map(|(k, v)| (k.into(), v.into())));
-    let (spec, container) = match &m.container {
+    let (spec, mut container) = match &m.container {
         None => (
             SpawnSpec {
                 program: m.exec.clone(),
@@ -375,10 +389,17 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
             let remaining = m.timeouts.start.0.saturating_sub(spawned_at.elapsed());
             // A container's socket is served by its init process, which the
             // runtime names; any other plugin's, by the child itself.
-            let expected = match &container {
-                Some(guard) => crate::container::init_pid(ctx.processes, guard)
-                    .await
-                    .map_err(StartError::Connect),
+            let expected = match &mut container {
+                Some(guard) => {
+                    let init = crate::container::init_pid(ctx.processes, guard)
+                        .await
+                        .map_err(StartError::Connect);
+                    // Its runtime's cgroup, for inspect, ps and OOM kills.
+                    if let (Ok(pid), Some(isolation)) = (&init, ctx.isolation) {
+                        guard.observe(isolation, &ctx.instance_id, *pid);
+                    }
+                    init
+                }
                 None => Ok(child.pid()),
             };
             match expected {

@@ -192,6 +192,9 @@ impl Replica {
         self.hook(manifest, &spec.env, "pre_start", instance_id, &[])
             .await
             .map_err(StartError::Hook)?;
+        if let Some(c) = &manifest.container {
+            self.host.sweep_containers(c.runtime, &manifest.exec).await;
+        }
         let ctx = StartContext {
             manifest,
             instance_id: instance_id.to_string(),

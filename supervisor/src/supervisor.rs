@@ -89,6 +89,7 @@ impl Supervisor {
             tasks: TaskTracker::new(),
             io_tasks,
             metrics: crate::metrics::Metrics::default(),
+            container_sweeps: Default::default(),
             opts,
         });
         if host.opts.subreaper {

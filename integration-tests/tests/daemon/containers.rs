@@ -50,14 +50,22 @@ fn rootfs(dir: &Path) -> PathBuf {
     root
 }
 
+/// The uid:gid container plugins run as (`isolation.user: nobody`).
+const NOBODY: u32 = 65534;
+
 fn write_manifest(sandbox: &Sandbox, container: &str) -> PathBuf {
-    let dir = sandbox.plugins_dir().join("tp");
+    write_plugin(sandbox, "tp", container)
+}
+
+fn write_plugin(sandbox: &Sandbox, name: &str, container: &str) -> PathBuf {
+    let dir = sandbox.plugins_dir().join(name);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("plugin.yaml"),
         format!(
-            "name: tp\nversion: 1.0.0\ncontainer: {container}\n\
+            "name: {name}\nversion: 1.0.0\ncontainer: {container}\n\
              limits: {{memory: 64MiB, pids: 64}}\n\
+             isolation: {{user: nobody, group: nogroup}}\n\
              restart: {{initial_backoff: 50ms, jitter: 0.0}}\n\
              timeouts: {{start: 20s, stop: 10s}}\n"
         ),
@@ -68,7 +76,11 @@ fn write_manifest(sandbox: &Sandbox, container: &str) -> PathBuf {
 
 /// The container name from the latest `spawning container` event.
 fn container_name(daemon: &Daemon) -> String {
-    let events = daemon.cli_ok(&["events", "tp", "--json"]);
+    container_name_of(daemon, "tp")
+}
+
+fn container_name_of(daemon: &Daemon, plugin: &str) -> String {
+    let events = daemon.cli_ok(&["events", plugin, "--json"]);
     events
         .lines()
         .rev()
@@ -103,7 +115,7 @@ fn wait_ready(daemon: &Daemon) -> serde_json::Value {
 /// container's cgroup, crash and restart (the old container removed), stop
 /// (the container removed). `exists` says whether a container is there.
 fn exercise(daemon: &Daemon, exists: &dyn Fn(&str) -> bool, host_limit: &dyn Fn(&str) -> String) {
-    let row = wait_ready(daemon);
+    wait_ready(daemon);
     let first = container_name(daemon);
     assert!(exists(&first), "{first} is not there");
     assert_eq!(
@@ -124,12 +136,55 @@ fn exercise(daemon: &Daemon, exists: &dyn Fn(&str) -> bool, host_limit: &dyn Fn(
     // The plugin runs in its own PID namespace, as PID 1.
     let env = daemon.cli_ok(&["call", "tp", "cat", "--data", "/proc/self/stat"]);
     assert!(env.starts_with("1 "), "{env}");
+    // As isolation.user, resolved on the host: nobody's uid and gid.
+    let status = daemon.cli_ok(&["call", "tp", "cat", "--data", "/proc/self/status"]);
+    let ids = |key: &str| -> Vec<u32> {
+        let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+        line.split_whitespace()
+            .skip(1)
+            .map(|n| n.parse().unwrap())
+            .collect()
+    };
+    assert_eq!(ids("Uid:"), [NOBODY; 4], "{status}");
+    assert_eq!(ids("Gid:"), [NOBODY; 4], "{status}");
+    // The runtime's cgroup, shown like any plugin's, with live usage.
+    let isolation = &daemon.plugin("tp")["isolation"];
+    let cgroups: Vec<&str> = isolation["cgroups"]
+        .as_array()
+        .expect("cgroups")
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(
+        cgroups.iter().any(|c| c.contains("/memory/")),
+        "{isolation}"
+    );
+    let memory = isolation["usage"]["memory_bytes"].as_u64().unwrap_or(0);
+    assert!(memory > 0 && memory <= MIB_64, "{isolation}");
+    let inspect = daemon.cli_ok(&["inspect", "tp"]);
+    assert!(inspect.contains(cgroups[0]), "{inspect}");
+
+    // Over its memory limit: the OOM killer, recognised as such.
+    let out = daemon.cli(&["call", "tp", "alloc", "--data", "256"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    wait_until_blocking(SECS_30, "tp back after the OOM kill", || {
+        let r = daemon.plugin("tp");
+        r["state"] == "ready" && r["restarts"] == 1
+    });
+    let events = daemon.cli_ok(&["events", "tp", "--json"]);
+    assert!(
+        events.lines().any(|l| l.contains("\"backoff\"")
+            && l.contains("killed by the OOM killer")
+            && l.contains("\"oom\":true")),
+        "{events}"
+    );
+    let row = daemon.plugin("tp");
 
     let out = daemon.cli(&["call", "tp", "crash", "--data", "7"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     wait_until_blocking(SECS_30, "tp to restart", || {
         let r = daemon.plugin("tp");
-        r["state"] == "ready" && r["restarts"] == 1 && r["pid"] != row["pid"]
+        r["state"] == "ready" && r["restarts"] == 2 && r["pid"] != row["pid"]
     });
     let events = daemon.cli_ok(&["events", "tp", "--json"]);
     assert!(
@@ -140,7 +195,7 @@ fn exercise(daemon: &Daemon, exists: &dyn Fn(&str) -> bool, host_limit: &dyn Fn(
     );
     let second = container_name(daemon);
     assert_ne!(first, second);
-    wait_until_blocking(SECS_30, "the crashed container to be removed", || {
+    wait_until_blocking(SECS_30, "the crashed containers to be removed", || {
         !exists(&first)
     });
     assert_eq!(
@@ -153,6 +208,33 @@ fn exercise(daemon: &Daemon, exists: &dyn Fn(&str) -> bool, host_limit: &dyn Fn(
     wait_until_blocking(SECS_30, "the stopped container to be removed", || {
         !exists(&second)
     });
+}
+
+/// A daemon killed with SIGKILL cannot remove its containers: the next
+/// daemon on the same runtime directory removes them before its first
+/// container starts, even those of plugins it no longer runs.
+fn stale_containers_are_swept(sandbox: &Sandbox, container: &str, exists: &dyn Fn(&str) -> bool) {
+    std::fs::remove_dir_all(sandbox.plugins_dir().join("tp")).unwrap();
+    write_plugin(sandbox, "old", container);
+    let mut daemon = Daemon::start(sandbox, &[]);
+    wait_until_blocking(SECS_30, "old ready", || {
+        daemon.plugin("old")["state"] == "ready"
+    });
+    let stale = container_name_of(&daemon, "old");
+    daemon.stop_with(libc::SIGKILL);
+    assert!(exists(&stale), "{stale} did not outlive its daemon");
+
+    std::fs::remove_dir_all(sandbox.plugins_dir().join("old")).unwrap();
+    write_manifest(sandbox, container);
+    let daemon = Daemon::start(sandbox, &[]);
+    wait_ready(&daemon);
+    assert!(!exists(&stale), "{stale} is still there");
+    let log = daemon.log_text();
+    assert!(
+        log.contains(&format!("container(s) of an earlier run: {stale}")),
+        "{log}"
+    );
+    daemon.cli_ok(&["stop", "tp"]);
 }
 
 #[test]
@@ -202,10 +284,8 @@ fn a_podman_image_plugin_is_supervised_like_any_other() {
         }
     }
     let _image = Image(image.clone());
-    write_manifest(
-        &sandbox,
-        &format!("{{runtime: podman, image: \"{image}\", oci_runtime: runc}}"),
-    );
+    let container = format!("{{runtime: podman, image: \"{image}\", oci_runtime: runc}}");
+    write_manifest(&sandbox, &container);
     let daemon = Daemon::start(&sandbox, &[]);
     let exists = |name: &str| {
         run("podman", &["container", "exists", name])
@@ -220,6 +300,8 @@ fn a_podman_image_plugin_is_supervised_like_any_other() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     exercise(&daemon, &exists, &host_limit);
+    drop(daemon);
+    stale_containers_are_swept(&sandbox, &container, &exists);
 }
 
 #[test]
@@ -228,7 +310,8 @@ fn a_runc_bundle_plugin_is_supervised_like_any_other() {
         return skip("runc is not installed (Debian: apt-get install runc)");
     }
     let sandbox = Sandbox::new();
-    let bundle = sandbox.plugins_dir().join("tp").join("bundle");
+    // Outside the plugin's directory: two plugins share it.
+    let bundle = sandbox.dir.path().join("bundle");
     std::fs::create_dir_all(&bundle).unwrap();
     let root = rootfs(&bundle);
     assert!(root.ends_with("rootfs"));
@@ -243,7 +326,8 @@ fn a_runc_bundle_plugin_is_supervised_like_any_other() {
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     config["process"]["args"] = serde_json::json!(["/testplugin"]);
     std::fs::write(&path, config.to_string()).unwrap();
-    write_manifest(&sandbox, "{runtime: runc, bundle: ./bundle}");
+    let container = format!("{{runtime: runc, bundle: {}}}", bundle.display());
+    write_manifest(&sandbox, &container);
     let daemon = Daemon::start(&sandbox, &[]);
     let exists = |name: &str| run("runc", &["state", name]).status.success();
     // The container's own cgroup, where the bundle's cgroupsPath put it.
@@ -253,4 +337,6 @@ fn a_runc_bundle_plugin_is_supervised_like_any_other() {
         std::fs::read_to_string(&file).unwrap_or_else(|e| format!("{file}: {e}"))
     };
     exercise(&daemon, &exists, &host_limit);
+    drop(daemon);
+    stale_containers_are_swept(&sandbox, &container, &exists);
 }
