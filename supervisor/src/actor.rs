@@ -154,6 +154,20 @@ impl Actor {
         reason: ExitReason,
         ready_since: Option<Instant>,
     ) -> Next {
+        if spawned(&reason) {
+            self.replica
+                .hook_reported(
+                    &self.spec.manifest,
+                    &self.spec.env,
+                    "post_exit",
+                    instance_id,
+                    &[
+                        ("PLUGVISOR_EXIT_REASON", reason.to_string()),
+                        ("PLUGVISOR_EXIT_KIND", reason.kind().to_string()),
+                    ],
+                )
+                .await;
+        }
         let replica = &self.replica;
         replica.update(|r| {
             r.last_exit = Some(reason.to_string());
@@ -224,6 +238,21 @@ impl Actor {
                 Next::Idle
             }
         }
+    }
+
+    /// Runs the post-ready hook of an initialized instance before it is
+    /// published, so it takes calls only once the hook succeeded. A failure
+    /// kills the instance and is its exit reason (the restart policy
+    /// answers it like a failed start).
+    async fn post_ready(&self, instance: &Instance) -> Option<ExitReason> {
+        let result = tokio::select! {
+            r = self.replica.post_ready(&self.spec, instance) => r,
+            // The watch that follows sees it and stops the instance.
+            _ = self.replica.host.cancel.cancelled() => Ok(()),
+        };
+        let e = result.err()?;
+        instance::kill_and_reap(&instance.child).await;
+        Some(ExitReason::Start(StartError::Hook(e)))
     }
 
     /// Waits out a backoff delay; an operator's stop or restart cuts it short.
@@ -366,6 +395,12 @@ impl Actor {
             _ = self.replica.host.cancel.cancelled() => return Ok(Outcome::Decided(Next::Exit)),
         };
         let (mut instance, info) = launched.map_err(ExitReason::Start)?;
+        if let Some(reason) = self.post_ready(&instance).await {
+            return Ok(Outcome::Gone {
+                reason,
+                ready_since: None,
+            });
+        }
         let mut ready_since = self.replica.publish(&instance, &info);
         loop {
             let manifest = self.spec.manifest.clone();
@@ -375,8 +410,9 @@ impl Actor {
                 // What the crashed child left in its process group goes with
                 // it when `instance` is dropped (see `Child`'s Drop).
                 RunEnd::Exited(status) => {
+                    let oom = instance.ended_by_oom(status).await;
                     return Ok(Outcome::Gone {
-                        reason: ExitReason::of_exit(status, instance.oom_killed(status))
+                        reason: ExitReason::of_exit(status, oom)
                             .or_seccomp_kill(&manifest.isolation.seccomp),
                         ready_since: Some(ready_since),
                     });
@@ -551,5 +587,24 @@ async fn watch_ready(
                 }
             }
         }
+    }
+}
+
+/// Whether an instance that ended for `reason` had been spawned (its
+/// post-exit hook then runs): not when a check, its sandbox or its
+/// pre-start hook stopped it first.
+fn spawned(reason: &ExitReason) -> bool {
+    match reason {
+        ExitReason::Start(e) => {
+            !matches!(
+                e,
+                StartError::SocketDir { .. }
+                    | StartError::Spawn { .. }
+                    | StartError::Refused(_)
+                    | StartError::Isolation { .. }
+                    | StartError::StateUnreadable(_)
+            ) && !matches!(e, StartError::Hook(h) if h.hook == "pre_start")
+        }
+        _ => true,
     }
 }

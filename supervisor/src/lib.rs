@@ -27,6 +27,9 @@
 //!   capability goes to.
 //! - [`tenant`]: per-tenant instances (`<plugin>@<tenant>`) and the
 //!   metadata cache by executable checksum.
+//! - [`container`]: plugins that are OCI images (podman) or bundles (runc).
+//! - [`hooks`]: lifecycle hooks (pre-start, post-ready, pre-stop,
+//!   post-exit).
 //! - [`metrics`]: the Prometheus registry the supervisor feeds.
 //! - [`state`]: atomic state snapshots.
 //! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets.
@@ -56,7 +59,9 @@ mod actor;
 pub mod autoscale;
 pub mod capability;
 pub mod config;
+pub mod container;
 pub mod error;
+pub mod hooks;
 mod host;
 pub mod instance;
 pub mod isolation;
@@ -82,6 +87,7 @@ pub mod tls;
 pub mod transport;
 pub mod units;
 mod upgrade;
+mod validate;
 
 pub use error::Error;
 pub use supervisor::{

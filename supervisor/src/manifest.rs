@@ -6,6 +6,8 @@
 //! installed side by side (the highest version wins). Parsing is strict:
 //! unknown fields and bad values are errors that name the file and the field.
 
+mod container;
+mod hooks;
 mod host;
 mod remote;
 mod yaml_guard;
@@ -22,6 +24,8 @@ pub const MANIFEST_FILE: &str = "plugin.yaml";
 /// Largest manifest accepted (1 MiB); real ones are a few hundred bytes, and
 /// a bigger file is refused before it is read whole.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+pub use container::{ContainerRuntime, ContainerSpec};
+pub use hooks::{DEFAULT_HOOK_TIMEOUT, HookSpec, HooksSpec, MAX_HOOK_TIMEOUT};
 pub use host::{HostLimits, KERNEL_PIDS_MAX, Rlimit, host_limits_problems};
 pub use remote::{RemoteSpec, validate_address};
 /// Deepest nesting of collections accepted in a manifest or config file.
@@ -307,11 +311,12 @@ impl Default for UpgradeSpec {
 struct RawManifest {
     name: String,
     version: String,
-    #[serde(default)]
-    exec: String,
     /// Instead of `exec`: a plugin on another host.
     #[serde(default)]
     remote: Option<remote::RawRemote>,
+    /// Required, unless `container:` runs the plugin.
+    #[serde(default)]
+    exec: Option<String>,
     #[serde(default)]
     args: Vec<String>,
     #[serde(default)]
@@ -343,6 +348,9 @@ struct RawManifest {
     upgrade: UpgradeSpec,
     #[serde(default)]
     capabilities: Vec<String>,
+    hooks: HooksSpec,
+    #[serde(default)]
+    container: Option<ContainerSpec>,
 }
 
 fn one() -> serde_json::Value {
@@ -390,6 +398,11 @@ pub struct Manifest {
     /// What the plugin provides (`image.resize`): calls can name one
     /// instead of a plugin. See [`crate::capability`].
     pub capabilities: Vec<String>,
+    /// Commands run at pre-start, post-ready, pre-stop and post-exit.
+    pub hooks: HooksSpec,
+    /// Set when the plugin is an OCI container: `exec` is then the
+    /// container runtime.
+    pub container: Option<ContainerSpec>,
 }
 
 /// Checks a plugin name: `[a-z0-9][a-z0-9_-]{0,62}`.
@@ -471,17 +484,46 @@ impl Manifest {
             }
             None => None,
         };
-        if remote.is_none() && raw.exec.trim().is_empty() {
-            return Err(err(
-                "exec",
-                "must name the plugin's executable (or give `remote:` for a plugin on another host)"
-                    .into(),
-            ));
-        }
-        let exec = if remote.is_some() {
-            PathBuf::new()
-        } else {
-            dir.join(&raw.exec)
+        let (exec, container) = match (raw.exec, raw.container) {
+            _ if remote.is_some() => (PathBuf::new(), None),
+            (Some(exec), None) => {
+                if exec.trim().is_empty() {
+                    return Err(err("exec", "must name the plugin's executable".into()));
+                }
+                (dir.join(&exec), None)
+            }
+            (None, None) => {
+                return Err(err(
+                    "exec",
+                    "missing: name the plugin's executable (or run it as a container with `container:`, or give `remote:` for a plugin on another host)".into(),
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "container",
+                    "a container plugin runs its image or bundle, not `exec`; remove one of them"
+                        .into(),
+                ));
+            }
+            (None, Some(c)) => {
+                let c = c
+                    .validate(&dir)
+                    .map_err(|(f, m)| err(&format!("container.{f}"), m))?;
+                if raw.sha256.is_some() {
+                    return Err(err(
+                        "sha256",
+                        "pins an executable; pin a container's image by digest (`image: name@sha256:...`) instead".into(),
+                    ));
+                }
+                if c.runtime == ContainerRuntime::Runc && !raw.args.is_empty() {
+                    return Err(err(
+                        "args",
+                        "a runc bundle's command is its config.json's process.args; remove `args`"
+                            .into(),
+                    ));
+                }
+                (c.runtime_program(), Some(c))
+            }
         };
         let config = match raw.config {
             None | Some(serde_json::Value::Null) => serde_json::Map::new(),
@@ -504,6 +546,9 @@ impl Manifest {
                 ));
             }
         }
+        raw.hooks
+            .validate()
+            .map_err(|(f, m)| err(&format!("hooks.{f}"), m))?;
         validate_restart(&raw.restart).map_err(|(f, m)| err(&format!("restart.{f}"), m))?;
         if raw.health.interval.0.is_zero() {
             return Err(err("health.interval", "must be greater than zero".into()));
@@ -565,6 +610,8 @@ impl Manifest {
             upgrade: raw.upgrade,
             remote,
             capabilities: raw.capabilities,
+            hooks: raw.hooks,
+            container,
         })
     }
 

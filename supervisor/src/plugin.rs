@@ -236,7 +236,25 @@ impl Coordinator {
                 } => {
                     let overrides = overrides.unwrap_or_else(|| self.overrides.clone());
                     let runtime = self.runtime.clone();
-                    let result = self.roll_out(manifest, overrides, runtime).await;
+                    // A config change on the same version is validated by
+                    // the running replicas first, as `plugvisor config` is.
+                    let current = Spec::new(self.manifest.clone(), &self.overrides, &runtime);
+                    let new = Spec::new(manifest.clone(), &overrides, &runtime);
+                    let asked = if crate::validate::changed_config(&current, &new) {
+                        crate::validate::ask_replicas(
+                            &self.common,
+                            self.replicas.len(),
+                            &new.config,
+                            self.manifest.timeouts.call.0,
+                        )
+                        .await
+                    } else {
+                        Ok(())
+                    };
+                    let result = match asked {
+                        Ok(()) => self.roll_out(manifest, overrides, runtime).await,
+                        Err(refused) => Err(refused),
+                    };
                     let _ = reply.send(result);
                 }
                 Op::SetConfig { changes, reply } => {
@@ -248,9 +266,21 @@ impl Coordinator {
                             runtime.insert(key, value);
                         }
                     }
-                    let result = self
-                        .roll_out(self.manifest.clone(), self.overrides.clone(), runtime)
-                        .await;
+                    let config = Spec::new(self.manifest.clone(), &self.overrides, &runtime).config;
+                    let asked = crate::validate::ask_replicas(
+                        &self.common,
+                        self.replicas.len(),
+                        &config,
+                        self.manifest.timeouts.call.0,
+                    )
+                    .await;
+                    let result = match asked {
+                        Ok(()) => {
+                            self.roll_out(self.manifest.clone(), self.overrides.clone(), runtime)
+                                .await
+                        }
+                        Err(refused) => Err(refused),
+                    };
                     let _ = reply.send(result);
                 }
                 Op::Scale { to, reason, reply } => {

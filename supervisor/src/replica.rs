@@ -82,6 +82,87 @@ impl Replica {
         }
     }
 
+    /// Runs one lifecycle hook of `manifest` for `instance_id`, if the
+    /// manifest has it. `env` is the plugin's environment (see
+    /// [`crate::hooks`]).
+    pub async fn hook(
+        &self,
+        manifest: &Manifest,
+        env: &[(String, String)],
+        name: &'static str,
+        instance_id: &str,
+        extra: &[(&str, String)],
+    ) -> Result<(), crate::hooks::HookError> {
+        let Some(hook) = manifest
+            .hooks
+            .each()
+            .find(|(n, _)| *n == name)
+            .map(|(_, h)| h)
+        else {
+            return Ok(());
+        };
+        let ctx = crate::hooks::HookContext {
+            manifest,
+            replica: self.index,
+            instance_id,
+            env,
+            processes: &self.host.processes,
+            isolation: Some(&self.host.isolation),
+            logs: &self.plugin.logs,
+        };
+        let done = crate::hooks::run(&ctx, name, hook, extra).await?;
+        tracing::info!(plugin = %self.plugin.name, instance = instance_id, "{name} hook done in {}ms", done.took.as_millis());
+        Ok(())
+    }
+
+    /// Runs the post-ready hook of `instance` (initialized, not yet
+    /// published) under `spec`.
+    pub async fn post_ready(
+        &self,
+        spec: &Spec,
+        instance: &Instance,
+    ) -> Result<(), crate::hooks::HookError> {
+        if spec.manifest.hooks.post_ready.is_some() {
+            self.transition(
+                PluginState::Initializing,
+                &instance.id,
+                "initialized; running its post_ready hook before it takes calls".into(),
+            );
+        }
+        let extra = [("PLUGVISOR_PLUGIN_PID", instance.child.pid().to_string())];
+        self.hook(
+            &spec.manifest,
+            &spec.env,
+            "post_ready",
+            &instance.id,
+            &extra,
+        )
+        .await
+    }
+
+    /// A hook whose failure does not change the instance's course
+    /// (pre-stop, post-exit): an event in the current state and a warning.
+    pub async fn hook_reported(
+        &self,
+        manifest: &Manifest,
+        env: &[(String, String)],
+        name: &'static str,
+        instance_id: &str,
+        extra: &[(&str, String)],
+    ) {
+        if let Err(e) = self.hook(manifest, env, name, instance_id, extra).await {
+            let state = self.plugin.board.lock().replicas[self.index].state;
+            tracing::warn!(plugin = %self.plugin.name, instance = instance_id, "{e}");
+            self.transition(state, instance_id, e.to_string());
+        }
+    }
+
+    /// The environment the committed spec gives the plugin, for hooks run
+    /// where only the manifest is at hand.
+    pub fn committed_env(&self) -> Vec<(String, String)> {
+        self.plugin.board.lock().spec.env.clone()
+    }
+
     /// Spawns and initializes an instance of `spec`, with `restored` state.
     /// On failure the child is already killed and reaped.
     pub async fn launch(
@@ -95,12 +176,30 @@ impl Replica {
         self.event(
             PluginState::Starting,
             instance_id,
-            format!("spawning {} {}", manifest.exec.display(), manifest.version),
+            match &manifest.container {
+                None => format!("spawning {} {}", manifest.exec.display(), manifest.version),
+                Some(c) => format!(
+                    "spawning container {} ({} {}) {}",
+                    crate::container::name(&self.host.opts.runtime_dir, instance_id),
+                    c.runtime.as_str(),
+                    c.image
+                        .clone()
+                        .or_else(|| c.bundle.as_ref().map(|b| b.display().to_string()))
+                        .unwrap_or_default(),
+                    manifest.version
+                ),
+            },
             EventDetail {
                 version: Some(manifest.version.to_string()),
                 ..EventDetail::default()
             },
         );
+        self.hook(manifest, &spec.env, "pre_start", instance_id, &[])
+            .await
+            .map_err(StartError::Hook)?;
+        if let Some(c) = &manifest.container {
+            self.host.sweep_containers(c.runtime, &manifest.exec).await;
+        }
         let ctx = StartContext {
             manifest,
             instance_id: instance_id.to_string(),
@@ -263,6 +362,21 @@ impl Replica {
             });
         }
         self.transition(PluginState::Stopping, &instance.id, why.to_string());
+        let env = self.committed_env();
+        if instance.child.try_status().is_none() {
+            let pid = instance.child.pid().to_string();
+            self.hook_reported(
+                manifest,
+                &env,
+                "pre_stop",
+                &instance.id,
+                &[
+                    ("PLUGVISOR_PLUGIN_PID", pid),
+                    ("PLUGVISOR_STOP_REASON", why.to_string()),
+                ],
+            )
+            .await;
+        }
         if snapshot_first
             && instance.child.try_status().is_none()
             && let Some(snapshots) = &self.snapshots
@@ -288,7 +402,19 @@ impl Replica {
             });
         }
         let reason = format!("{why}; the plugin {status}");
-        let detail = EventDetail::of_exit(&ExitReason::from_status(status));
+        let exit = ExitReason::from_status(status);
+        self.hook_reported(
+            manifest,
+            &env,
+            "post_exit",
+            &instance.id,
+            &[
+                ("PLUGVISOR_EXIT_REASON", reason.clone()),
+                ("PLUGVISOR_EXIT_KIND", exit.kind().to_string()),
+            ],
+        )
+        .await;
+        let detail = EventDetail::of_exit(&exit);
         if restarting {
             self.event(PluginState::Stopped, &instance.id, reason, detail);
         } else {

@@ -109,6 +109,7 @@ impl ExitReason {
             ExitReason::Start(StartError::Refused(_)) => "refused",
             ExitReason::Start(StartError::OomKilled { .. }) => "oom",
             ExitReason::Start(StartError::StateUnreadable(_)) => "snapshot",
+            ExitReason::Start(StartError::Hook(_)) => "hook",
             ExitReason::Start(_) => "start",
             ExitReason::Remote(lost) => lost.kind(),
         }

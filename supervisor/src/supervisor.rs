@@ -93,6 +93,7 @@ impl Supervisor {
             metrics: crate::metrics::Metrics::default(),
             capabilities: Default::default(),
             metadata: Default::default(),
+            container_sweeps: Default::default(),
             opts,
         });
         if host.opts.subreaper {

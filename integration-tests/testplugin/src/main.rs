@@ -94,6 +94,8 @@ impl Args {
                 "--stream-fail" => parsed.faults.stream_fail = true,
                 "--not-serving" => parsed.faults.not_serving = true,
                 "--phantom-method" => parsed.faults.phantom_method = true,
+                "--validate-hang" => parsed.faults.validate_hang = true,
+                "--validate-silent" => parsed.faults.validate_silent = true,
                 "--init-sleep-ms" => {
                     let ms = num(&flag, value("milliseconds")?)?;
                     parsed.faults.init_sleep = Duration::from_millis(ms);
@@ -262,6 +264,8 @@ mod tests {
             "--stream-fail",
             "--not-serving",
             "--phantom-method",
+            "--validate-hang",
+            "--validate-silent",
         ])
         .unwrap();
         assert_eq!(a.junk, 3);
@@ -273,6 +277,7 @@ mod tests {
         let f = &a.faults;
         assert!(f.unknown_ok && f.forget_state && f.no_stream && f.stream_fail);
         assert!(f.not_serving && f.phantom_method);
+        assert!(f.validate_hang && f.validate_silent);
     }
 
     #[test]

@@ -4,8 +4,10 @@
 
 mod autoscale;
 mod cli;
+mod containers;
 mod daemon;
 mod grafana;
+mod hooks;
 mod kubernetes;
 mod metrics;
 mod operator;
@@ -17,3 +19,4 @@ mod support;
 mod tenant;
 mod terminal;
 mod top;
+mod validate;

@@ -276,6 +276,14 @@ pub trait CgroupTree: Send + Sync + fmt::Debug {
         name: &str,
         limits: &CgroupLimits,
     ) -> Result<Arc<dyn CgroupManager>, CgroupError>;
+    /// The cgroup another manager (a container runtime) made for a
+    /// process, from that process's `/proc/<pid>/cgroup`: for reading
+    /// usage and OOM kills only. `None` when it is not below this tree's
+    /// mounts (or is a root cgroup, whose usage is the whole host's).
+    fn adopt(&self, proc_cgroup: &str) -> Option<Arc<dyn CgroupManager>> {
+        let _ = proc_cgroup;
+        None
+    }
 }
 
 /// `CAP_SYS_ADMIN`: new namespaces (`network: none`).
@@ -473,6 +481,8 @@ pub struct Isolation {
     privileges: Privileges,
     /// What this host allows of seccomp and PID namespaces.
     confinement: Confinement,
+    /// Where `/proc` is: container cgroups are found through it.
+    proc_root: PathBuf,
 }
 
 /// What `prepare` needs to decide who a plugin runs as and what it keeps.
@@ -843,6 +853,7 @@ impl Isolation {
             live: Arc::default(),
             privileges: Privileges::new(opts, proc_root),
             confinement: Confinement::probe(),
+            proc_root: proc_root.to_path_buf(),
         })
     }
 
@@ -926,6 +937,63 @@ impl Isolation {
                 "preparing the start stopped before it finished (a panic on the blocking pool)"
                     .into(),
             ))
+        })
+    }
+
+    /// The sandbox a lifecycle hook of `manifest` runs in (see
+    /// [`crate::hooks`]): the plugin's user, capabilities, rlimits,
+    /// network namespace, `no_new_privs`, seccomp filter and filesystem
+    /// view, but neither its cgroup (a hook is time-bounded instead, and
+    /// pre-start runs before the cgroup exists) nor its PID namespace (the
+    /// hook's process group is killed when it ends or times out).
+    pub async fn hook_setup(
+        &self,
+        manifest: &Manifest,
+    ) -> Result<preexec::ChildSetup, PrepareError> {
+        let cgroups = matches!(self.enforcement, Enforcement::Cgroups(_));
+        let confinement = self.confinement.clone();
+        let privileges = self.privileges.clone();
+        let manifest = manifest.clone();
+        tokio::task::spawn_blocking(move || {
+            let (credentials, caps, _held) = privileges.resolve(&manifest)?;
+            let data_fallback = (!cgroups).then_some(manifest.limits.memory).flatten();
+            Ok(preexec::ChildSetup {
+                cgroup_procs: Vec::new(),
+                rlimits: rlimits::from_limits(&manifest.limits, data_fallback.map(|s| s.0)),
+                credentials,
+                network_none: manifest.isolation.network == NetworkMode::None,
+                no_new_privs: manifest.isolation.no_new_privs,
+                caps: Some(caps),
+                seccomp: confinement.seccomp_for(&manifest)?,
+                pid_namespace: false,
+                landlock: confinement.filesystem_for(&manifest)?,
+            })
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(PrepareError::Failed(
+                "preparing the hook's sandbox stopped before it finished (a panic on the blocking pool)"
+                    .into(),
+            ))
+        })
+    }
+
+    /// Records the cgroup a container runtime made for a live instance
+    /// whose container's init process is `pid`, so `inspect`, `ps` and the
+    /// exit reason (OOM kills) see it like any plugin's. The runtime owns
+    /// it: the returned handle only forgets it when dropped.
+    pub fn observe(&self, instance_id: &str, pid: i32) -> Option<ObservedCgroup> {
+        let Enforcement::Cgroups(tree) = &self.enforcement else {
+            return None;
+        };
+        let path = self.proc_root.join(pid.to_string()).join("cgroup");
+        let text = std::fs::read_to_string(&path).ok()?;
+        let cgroup = tree.adopt(&text)?;
+        lock(&self.live).insert(instance_id.to_string(), cgroup.clone());
+        Some(ObservedCgroup {
+            instance: instance_id.to_string(),
+            cgroup,
+            live: self.live.clone(),
         })
     }
 
@@ -1150,6 +1218,34 @@ pub fn check_manifest(
         warnings.push(what);
     }
     Ok(warnings)
+}
+
+/// A container runtime's cgroup of a live instance (see
+/// [`Isolation::observe`]): read, never killed or removed; dropping it
+/// only stops showing it.
+#[derive(Debug)]
+pub struct ObservedCgroup {
+    instance: String,
+    cgroup: Arc<dyn CgroupManager>,
+    live: Arc<Mutex<HashMap<String, Arc<dyn CgroupManager>>>>,
+}
+
+impl ObservedCgroup {
+    pub fn cgroup(&self) -> &Arc<dyn CgroupManager> {
+        &self.cgroup
+    }
+}
+
+impl Drop for ObservedCgroup {
+    fn drop(&mut self) {
+        let mut live = lock(&self.live);
+        if live
+            .get(&self.instance)
+            .is_some_and(|c| Arc::ptr_eq(c, &self.cgroup))
+        {
+            live.remove(&self.instance);
+        }
+    }
 }
 
 /// Holds a live instance's cgroup. Dropping it kills whatever is left in

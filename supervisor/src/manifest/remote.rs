@@ -9,6 +9,14 @@ use std::path::{Path, PathBuf};
 /// supervisor spawns; a remote manifest that sets one is refused.
 pub(super) const LOCAL_ONLY: &[(&str, &str)] = &[
     (
+        "container",
+        "a remote plugin is not run here: there is no image to run",
+    ),
+    (
+        "hooks",
+        "a remote plugin is not run here: hooks run beside a local child",
+    ),
+    (
         "exec",
         "a remote plugin is not spawned: there is no executable",
     ),
