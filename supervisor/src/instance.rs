@@ -87,6 +87,9 @@ pub struct Instance {
     pub cgroup: Option<CgroupLease>,
     /// Its `Session` streams, once it said in Initialize that it serves them.
     pub(crate) sessions: Option<Arc<crate::session::Sessions>>,
+    /// What it runs: the executable's digest and signer (empty without
+    /// isolation).
+    pub identity: crate::signature::RunIdentity,
 }
 
 impl Instance {
@@ -236,6 +239,10 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
         _ => None,
     };
     let mut prepared = prepared;
+    let identity = prepared
+        .as_ref()
+        .map(|p| p.identity.clone())
+        .unwrap_or_default();
     let owner = prepared.as_ref().and_then(|p| p.owner);
     let dir = socket_dir(ctx.runtime_dir, &ctx.instance_id, owner)?;
     let tmp = match &mut prepared {
@@ -363,6 +370,7 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
             spawned_at,
             cgroup,
             sessions: None,
+            identity,
         }),
         Err(e) => {
             kill_and_reap(&child).await;

@@ -24,6 +24,7 @@
 //! - [`metrics`]: the Prometheus registry the supervisor feeds.
 //! - [`state`]: atomic state snapshots.
 //! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets.
+//! - [`signature`]: signed plugins (minisign over a list of sha256 sums).
 //! - [`rundir`]: the runtime directory, created and checked so no other
 //!   user can plant or replace a socket in it.
 //!
@@ -62,6 +63,7 @@ mod replica;
 mod routing;
 pub mod rundir;
 mod session;
+pub mod signature;
 mod spec;
 pub mod state;
 pub mod status;

@@ -358,6 +358,9 @@ pub struct Manifest {
     pub replicas: u32,
     pub calls: CallLimits,
     pub upgrade: UpgradeSpec,
+    /// The SHA-256 of the manifest text this was parsed from: what a
+    /// signature is checked against (see [`crate::signature`]).
+    pub source_sha256: String,
 }
 
 /// Checks a plugin name: `[a-z0-9][a-z0-9_-]{0,62}`.
@@ -502,6 +505,7 @@ impl Manifest {
             replicas: raw.replicas,
             calls: raw.calls,
             upgrade: raw.upgrade,
+            source_sha256: crate::signature::sha256_hex(text.as_bytes()),
         })
     }
 

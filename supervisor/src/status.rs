@@ -201,6 +201,8 @@ pub struct EventDetail {
     pub attempt: Option<u32>,
     /// How long the backoff waits.
     pub delay: Option<Duration>,
+    /// The required plugin the event is about (waiting for it, its crash).
+    pub requirement: Option<String>,
 }
 
 impl EventDetail {
@@ -237,6 +239,8 @@ pub struct ReplicaInfo {
     pub restarts: u32,
     pub last_exit: Option<String>,
     pub ready_for: Option<Duration>,
+    /// What its last instance ran: digest and signer.
+    pub identity: crate::signature::RunIdentity,
 }
 
 /// A point-in-time view of one plugin, for `ps` and `inspect`. With one
@@ -263,6 +267,9 @@ pub struct PluginInfo {
     pub replicas: Vec<ReplicaInfo>,
     /// Limits, what enforces them, live usage and hardening.
     pub isolation: IsolationStatus,
+    /// What runs (the first ready replica's, else the first replica's):
+    /// the executable's digest and who signed it.
+    pub identity: crate::signature::RunIdentity,
 }
 
 /// Status of one replica, written only by its actor.
@@ -275,6 +282,8 @@ pub(crate) struct ReplicaStatus {
     pub restarts: u32,
     pub last_exit: Option<String>,
     pub ready_since: Option<Instant>,
+    /// What its last instance ran.
+    pub identity: crate::signature::RunIdentity,
 }
 
 impl ReplicaStatus {
@@ -287,6 +296,7 @@ impl ReplicaStatus {
             restarts: 0,
             last_exit: None,
             ready_since: None,
+            identity: Default::default(),
         }
     }
 }
@@ -374,6 +384,7 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
             restarts: r.restarts,
             last_exit: r.last_exit.clone(),
             ready_for: r.ready_since.map(|t| t.elapsed()),
+            identity: r.identity.clone(),
         })
         .collect();
     let first = &replicas[0];
@@ -411,6 +422,12 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
         methods: b.methods.clone(),
         reported_version: b.reported_version.clone(),
         isolation: Default::default(),
+        identity: replicas
+            .iter()
+            .find(|r| r.state.is_up())
+            .unwrap_or(first)
+            .identity
+            .clone(),
         replicas,
     };
     (info, b.spec.clone())

@@ -380,6 +380,34 @@ impl Supervisor {
             })
     }
 
+    /// [`Self::health_check`], with what answered: the instance, the
+    /// version it runs, its executable's digest and signer.
+    pub async fn health_report(&self, plugin: &str) -> Result<HealthReport, Error> {
+        let common = self.common(plugin)?;
+        let timeout = common.board.spec().manifest.health.timeout.0;
+        let ready = pick(&common, Instant::now() + timeout, timeout, None).await?;
+        let (health, message) =
+            probe(&ready.client, timeout)
+                .await
+                .map_err(|reason| Error::Lost {
+                    plugin: plugin.to_string(),
+                    instance: ready.id.clone(),
+                    reason,
+                })?;
+        let board = common.board.lock();
+        Ok(HealthReport {
+            health,
+            message,
+            instance: ready.id.clone(),
+            version: board.spec.manifest.version.to_string(),
+            identity: board
+                .replicas
+                .get(ready.replica)
+                .map(|r| r.identity.clone())
+                .unwrap_or_default(),
+        })
+    }
+
     /// Stops a plugin gracefully; it stays stopped until started.
     pub async fn stop(&self, name: &str) -> Result<(), Error> {
         self.plugin(name)?.run(Op::Stop).await
@@ -447,12 +475,18 @@ impl Supervisor {
             .map(|common| {
                 let info = self.info_of(common);
                 let usage = info.isolation.usage.clone().unwrap_or_default();
-                let sha256 = common
-                    .board
-                    .spec()
-                    .manifest
+                // What runs; before a first start, the manifest's pin.
+                let sha256 = info
+                    .identity
                     .sha256
                     .clone()
+                    .or_else(|| common.board.spec().manifest.sha256.clone())
+                    .unwrap_or_default();
+                let signer = info
+                    .identity
+                    .signer
+                    .as_ref()
+                    .map(|s| s.name.clone())
                     .unwrap_or_default();
                 crate::metrics::PluginSample {
                     up: info.replicas.iter().any(|r| r.state.is_up()),
@@ -460,6 +494,7 @@ impl Supervisor {
                     version: info.version,
                     state: info.state.to_string(),
                     sha256,
+                    signer,
                     enforcement: info.isolation.mechanism,
                     memory_bytes: usage.memory_current,
                     cpu_seconds: usage.cpu.map(|d| d.as_secs_f64()),
@@ -519,6 +554,19 @@ impl Supervisor {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.host.io_tasks.wait()).await;
         self.host.isolation.shutdown();
     }
+}
+
+/// A health probe's answer and what gave it.
+#[derive(Debug, Clone)]
+pub struct HealthReport {
+    pub health: Health,
+    pub message: String,
+    /// The instance that answered.
+    pub instance: String,
+    /// The manifest version it runs.
+    pub version: String,
+    /// Its executable's digest and signer.
+    pub identity: crate::signature::RunIdentity,
 }
 
 /// A ready instance of the plugin, waiting for one until `deadline`.

@@ -8,6 +8,7 @@ mod grafana;
 mod metrics;
 mod operator;
 mod reload;
+mod signing;
 mod stream;
 mod support;
 mod terminal;

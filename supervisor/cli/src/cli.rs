@@ -222,6 +222,31 @@ pub enum Command {
         #[arg(long, default_value = "")]
         filter: String,
     },
+    /// Make a minisign key pair for signing plugins: `<OUT>.key` (secret,
+    /// 0600) and `<OUT>.pub`; prints the `trusted_keys` entry to add.
+    Keygen {
+        /// Path prefix of the two files.
+        #[arg(long, value_name = "PREFIX", default_value = "plugvisor")]
+        out: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Sign a plugin directory: writes plugin.sums (the SHA-256 of its
+    /// manifest, executable and any --file) and plugin.sums.minisig.
+    Sign {
+        /// The minisign secret key (from `plugvisor keygen` or `minisign -G`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Another file of the plugin to cover (relative to its directory).
+        #[arg(long = "file", value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// The signature's trusted comment (default: name, version, time).
+        #[arg(long)]
+        comment: Option<String>,
+        /// The plugin directory (holding plugin.yaml).
+        dir: PathBuf,
+    },
     /// Print the version.
     Version,
 }
@@ -394,10 +419,25 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             if *json {
                 println!(
                     "{}",
-                    serde_json::json!({"status": h.status, "message": h.message})
+                    serde_json::json!({
+                        "status": h.status,
+                        "message": h.message,
+                        "instance": h.instance,
+                        "version": h.version,
+                        "sha256": (!h.sha256.is_empty()).then_some(&h.sha256),
+                        "signer": h.signer.as_ref().map(|g| serde_json::json!({"name": g.name, "key_id": g.key_id})),
+                    })
                 );
             } else {
                 println!("{}", health_line(name, &h.status, &h.message));
+                println!(
+                    "  answered by {} ({} {}, sha256 {}, signed by {})",
+                    h.instance,
+                    name,
+                    h.version,
+                    if h.sha256.is_empty() { "-" } else { &h.sha256 },
+                    h.signer.as_ref().map_or("-", |g| g.name.as_str())
+                );
             }
             Ok(if h.status == "SERVING" { 0 } else { 1 })
         }
@@ -424,6 +464,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             };
             crate::top::command(&control_path(), &options).await
         }
+        Command::Keygen { out, force } => crate::sign::keygen(out, *force),
+        Command::Sign {
+            key,
+            files,
+            comment,
+            dir,
+        } => crate::sign::sign(dir, key, files, comment.as_deref()),
         Command::Version => {
             println!("plugvisor {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
@@ -491,6 +538,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 println!("last exit:  {}", or_dash(&status.last_exit));
                 println!("uptime:     {}s", status.uptime_secs);
                 println!("executable: {}", status.executable);
+                println!("sha256:     {}", what_runs_line(&status));
+                println!(
+                    "signed by:  {}",
+                    status.signer.as_ref().map_or("-".to_string(), |g| format!(
+                        "{} (key {}; {})",
+                        g.name, g.key_id, g.comment
+                    ))
+                );
+                if !status.requires.is_empty() {
+                    println!("requires:   {}", requires_line(&status.requires));
+                }
                 println!("methods:    {}", status.methods.join(", "));
                 print_isolation(&status.isolation.unwrap_or_default());
                 println!("events:");
@@ -739,6 +797,7 @@ fn check(args: &ConfigArgs, json: bool) -> anyhow::Result<i32> {
     // Limits this host would refuse at every start (nofile above the hard
     // limit, pids beyond pid_max): caught here rather than in a restart loop.
     let host = plugvisor::manifest::HostLimits::probe(std::path::Path::new("/proc"));
+    let signatures = config.signature_policy().map_err(anyhow::Error::msg)?;
     for m in &discovery.manifests {
         let refused = plugvisor::manifest::host_limits_problems(m, &host);
         if !refused.is_empty() {
@@ -753,7 +812,11 @@ fn check(args: &ConfigArgs, json: bool) -> anyhow::Result<i32> {
         ) {
             Ok(warnings) => {
                 unpinned.extend(warnings);
-                plugins.push(m)
+                // What a start would say of its signature.
+                match plugvisor::signature::check_offline(&signatures, m) {
+                    Ok(_) => plugins.push(m),
+                    Err(why) => errors.push(format!("{}: {why}", m.path.display())),
+                }
             }
             Err(why) => errors.push(format!("{}: {why}", m.path.display())),
         }
@@ -808,6 +871,34 @@ async fn shutdown_signal() {
     }
 }
 
+/// `inspect`'s sha256 line: the digest and what it is of.
+fn what_runs_line(s: &pb::PluginStatus) -> String {
+    if s.sha256.is_empty() {
+        return "- (not started yet)".into();
+    }
+    let of = if s.sha256_sealed {
+        "of the sealed bytes executed"
+    } else {
+        "of the file at start"
+    };
+    format!("{} ({of})", s.sha256)
+}
+
+/// `kv >=1.2 (on crash: restart), cache`.
+fn requires_line(r: &[pb::Requirement]) -> String {
+    r.iter()
+        .map(|r| {
+            let mut s = r.name.clone();
+            if !r.version.is_empty() {
+                s.push_str(&format!(" {}", r.version));
+            }
+            s.push_str(&format!(" (on crash: {})", r.on_crash));
+            s
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn status_json(s: &pb::PluginStatus) -> serde_json::Value {
     serde_json::json!({
         "name": s.name,
@@ -822,6 +913,14 @@ fn status_json(s: &pb::PluginStatus) -> serde_json::Value {
         "executable": s.executable,
         "methods": s.methods,
         "isolation": s.isolation.as_ref().map(isolation_json),
+        "sha256": (!s.sha256.is_empty()).then_some(&s.sha256),
+        "sha256_sealed": s.sha256_sealed,
+        "signer": s.signer.as_ref().map(|g| serde_json::json!({"name": g.name, "key_id": g.key_id, "comment": g.comment})),
+        "requires": s.requires.iter().map(|r| serde_json::json!({
+            "name": r.name,
+            "version": (!r.version.is_empty()).then_some(&r.version),
+            "on_crash": r.on_crash,
+        })).collect::<Vec<_>>(),
     })
 }
 

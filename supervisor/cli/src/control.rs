@@ -218,6 +218,19 @@ pub fn status_of(info: &PluginInfo) -> pb::PluginStatus {
                 reason: r.reason.clone(),
             })
             .collect(),
+        sha256: info.identity.sha256.clone().unwrap_or_default(),
+        sha256_sealed: info.identity.sealed,
+        signer: info.identity.signer.as_ref().map(signer_of),
+        requires: Vec::new(),
+    }
+}
+
+/// The wire form of who signed what runs.
+pub fn signer_of(s: &plugvisor::signature::Signer) -> pb::Signer {
+    pb::Signer {
+        name: s.name.clone(),
+        key_id: s.key_id.clone(),
+        comment: s.comment.clone(),
     }
 }
 
@@ -272,6 +285,7 @@ fn event_of(e: &Event) -> pb::Event {
         }),
         attempt: e.detail.attempt.unwrap_or(0),
         delay_ms: e.detail.delay.map_or(0, |d| d.as_millis() as u64),
+        requirement: e.detail.requirement.clone().unwrap_or_default(),
     }
 }
 
@@ -581,13 +595,17 @@ impl Control for ControlService {
         request: Request<pb::PluginRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
         self.access.borrow().check(&request)?;
-        let (status, message) = self
+        let report = self
             .supervisor
-            .health_check(&request.get_ref().name)
+            .health_report(&request.get_ref().name)
             .await?;
         Ok(Response::new(pb::HealthResponse {
-            status: status.as_str_name().to_string(),
-            message,
+            status: report.health.as_str_name().to_string(),
+            message: report.message,
+            instance: report.instance,
+            version: report.version,
+            sha256: report.identity.sha256.unwrap_or_default(),
+            signer: report.identity.signer.as_ref().map(signer_of),
         }))
     }
 

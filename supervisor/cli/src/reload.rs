@@ -57,6 +57,8 @@ pub const RESTART_SETTINGS: &[&str] = &[
     "cgroup",
     "allow_writable_executables",
     "isolation",
+    "trusted_keys",
+    "require_signatures",
 ];
 
 /// The global settings that differ between `running` and `new`, as
@@ -82,6 +84,8 @@ pub fn changed_settings(running: &Config, new: &Config) -> (Vec<String>, Vec<Str
         same(&running.cgroup, &new.cgroup),
         running.allow_writable_executables == new.allow_writable_executables,
         running.isolation == new.isolation,
+        running.trusted_keys == new.trusted_keys,
+        running.require_signatures == new.require_signatures,
     ];
     let names = |names: &[&str], same: &[bool]| {
         names

@@ -379,6 +379,8 @@ pub struct IsolationOptions {
     pub default_user: Option<String>,
     /// Refuse plugins whose manifest has no `sha256:` pin.
     pub require_pinning: bool,
+    /// Trusted keys, and whether plugins must be signed.
+    pub signatures: crate::signature::SignaturePolicy,
 }
 
 /// What enforces a supervisor's limits.
@@ -412,6 +414,8 @@ pub struct Prepared {
     /// The plugin asked for a filesystem view: give it a private tmp in
     /// its socket directory (`TMPDIR`), applied or not.
     pub private_tmp: bool,
+    /// What runs: the executable's digest and who signed it.
+    pub identity: crate::signature::RunIdentity,
 }
 
 impl Prepared {
@@ -491,6 +495,10 @@ struct Privileges {
     users: Arc<Mutex<privileges::Allocator>>,
     /// Plugin name → what its last start resolved, for `inspect`.
     held: Arc<Mutex<HashMap<String, privileges::Held>>>,
+    /// Trusted keys and `require_signatures`.
+    signatures: Arc<crate::signature::SignaturePolicy>,
+    /// Digests of unsealed executables, for what `inspect` shows runs.
+    digests: Arc<pin::DigestCache>,
 }
 
 impl Privileges {
@@ -512,6 +520,8 @@ impl Privileges {
             last_cap: privileges::last_cap(proc_root),
             users: Arc::default(),
             held: Arc::default(),
+            signatures: Arc::new(opts.signatures.clone()),
+            digests: Arc::default(),
         }
     }
 
@@ -1025,11 +1035,33 @@ fn prepare_blocking(
     manifest: &Manifest,
     instance_id: &str,
 ) -> Result<Prepared, PrepareError> {
-    let exec = pin::Executable::open(&manifest.exec, manifest.sha256.as_deref(), allow_writable)
-        .map_err(|e| match e {
-            pin::PinError::Refused(why) => PrepareError::Refused(why),
-            pin::PinError::Io(why) => PrepareError::Failed(why),
-        })?;
+    // A checked signature compares the sealed bytes, which are what runs.
+    let signed = privileges.signatures.applies_to(&manifest.dir);
+    let exec = pin::Executable::open_with(
+        &manifest.exec,
+        manifest.sha256.as_deref(),
+        allow_writable,
+        manifest.sha256.is_some() || signed,
+    )
+    .map_err(|e| match e {
+        pin::PinError::Refused(why) => PrepareError::Refused(why),
+        pin::PinError::Io(why) => PrepareError::Failed(why),
+    })?;
+    let signer = privileges
+        .signatures
+        .check(manifest, exec.sha256.as_deref())
+        .map_err(PrepareError::Refused)?;
+    let identity = crate::signature::RunIdentity {
+        sha256: match privileges.digests.digest(&exec) {
+            Ok(digest) => Some(digest),
+            Err(e) => {
+                tracing::warn!(plugin = %manifest.name, "cannot compute the sha256 of {}: {e}", manifest.exec.display());
+                None
+            }
+        },
+        sealed: exec.sealed,
+        signer,
+    };
     let (credentials, caps, held) = privileges.resolve(manifest)?;
     if let Some(c) = &credentials
         && !exec.exec_from_fd()
@@ -1106,6 +1138,7 @@ fn prepare_blocking(
         cgroup,
         owner,
         private_tmp: manifest.isolation.filesystem.restricts(),
+        identity,
     })
 }
 
