@@ -41,6 +41,8 @@ enum Next {
 enum RunEnd {
     Exited(ExitStatus),
     HealthFailed(String),
+    /// A requirement with `on_crash: restart` went down: stop, wait for it.
+    RequirementDown(String),
     Command(Command),
     Cancelled,
 }
@@ -116,6 +118,20 @@ impl Actor {
                     continue;
                 }
                 Next::Start => {}
+            }
+            match crate::dependencies::wait_for_requirements(
+                &self.replica,
+                &self.spec,
+                &mut self.commands,
+            )
+            .await
+            {
+                crate::dependencies::WaitEnd::Ready => {}
+                crate::dependencies::WaitEnd::Exit => return,
+                crate::dependencies::WaitEnd::Command(cmd) => {
+                    next = self.while_waiting(cmd).await;
+                    continue;
+                }
             }
             let instance_id = self.next_id();
             let (reason, ready_since) = match self.start_and_run(&instance_id).await {
@@ -265,6 +281,41 @@ impl Actor {
         }
     }
 
+    /// An order that arrived while waiting for requirements.
+    async fn while_waiting(&mut self, cmd: Command) -> Next {
+        match cmd {
+            Command::Start(reply) | Command::Restart(reply) => {
+                self.tracker.clear();
+                let _ = reply.send(());
+                Next::Start
+            }
+            Command::Stop(reply) => {
+                self.replica.down(
+                    "",
+                    PluginState::Stopped,
+                    "stopped by request".into(),
+                    EventDetail::default(),
+                );
+                let _ = reply.send(());
+                Next::Idle
+            }
+            Command::Upgrade(order) => {
+                self.upgrade_idle(order).await;
+                Next::Start
+            }
+            Command::Remove(reply) => {
+                self.replica.down(
+                    "",
+                    PluginState::Stopped,
+                    "removed".into(),
+                    EventDetail::default(),
+                );
+                let _ = reply.send(());
+                Next::Exit
+            }
+        }
+    }
+
     /// Down (stopped or failed): waits for an operator's start or restart.
     async fn idle(&mut self) -> Next {
         loop {
@@ -332,6 +383,12 @@ impl Actor {
                             .or_seccomp_kill(&manifest.isolation.seccomp),
                         ready_since: Some(ready_since),
                     });
+                }
+                RunEnd::RequirementDown(why) => {
+                    self.replica
+                        .stop_instance(&manifest, &mut instance, &why, true, true)
+                        .await;
+                    return Ok(Outcome::Decided(Next::Start));
                 }
                 RunEnd::HealthFailed(why) => {
                     self.replica.route(Route::Pending);
@@ -408,9 +465,30 @@ async fn watch_ready(
     snapshots.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let exited = wait_exit(instance.child.exit_watch());
     tokio::pin!(exited);
+    let mut requirements = crate::dependencies::Watch::new(replica, manifest);
     loop {
         tokio::select! {
             status = &mut exited => return RunEnd::Exited(status),
+            change = requirements.next() => {
+                let went = if change.up { "is ready again" } else { "went down" };
+                let detail = EventDetail {
+                    requirement: Some(change.name.clone()),
+                    ..EventDetail::default()
+                };
+                let state = replica.plugin.board.lock().replicas[replica.index].state;
+                replica.event(
+                    state,
+                    &instance.id,
+                    format!("required plugin {} {went} ({})", change.name, change.why),
+                    detail,
+                );
+                if !change.up && change.on_crash == crate::dependencies::OnCrash::Restart {
+                    return RunEnd::RequirementDown(format!(
+                        "required plugin {} went down; starting again once it is ready (on_crash: restart)",
+                        change.name
+                    ));
+                }
+            }
             _ = replica.host.cancel.cancelled() => return RunEnd::Cancelled,
             cmd = commands.recv() => return match cmd {
                 Some(cmd) => RunEnd::Command(cmd),

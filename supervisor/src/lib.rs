@@ -24,6 +24,7 @@
 //! - [`metrics`]: the Prometheus registry the supervisor feeds.
 //! - [`state`]: atomic state snapshots.
 //! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets.
+//! - [`dependencies`]: `requires:`, start order, waiting, crash propagation.
 //! - [`signature`]: signed plugins (minisign over a list of sha256 sums).
 //! - [`rundir`]: the runtime directory, created and checked so no other
 //!   user can plant or replace a socket in it.
@@ -49,6 +50,7 @@
 
 mod actor;
 pub mod config;
+pub mod dependencies;
 pub mod error;
 mod host;
 pub mod instance;

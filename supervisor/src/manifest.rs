@@ -320,6 +320,8 @@ struct RawManifest {
     calls: CallLimits,
     #[serde(default)]
     upgrade: UpgradeSpec,
+    #[serde(default)]
+    requires: Vec<crate::dependencies::RawRequirement>,
 }
 
 fn one() -> u32 {
@@ -361,6 +363,9 @@ pub struct Manifest {
     /// The SHA-256 of the manifest text this was parsed from: what a
     /// signature is checked against (see [`crate::signature`]).
     pub source_sha256: String,
+    /// Plugins that must be ready before this one starts (see
+    /// [`crate::dependencies`]).
+    pub requires: Vec<crate::dependencies::Requirement>,
 }
 
 /// Checks a plugin name: `[a-z0-9][a-z0-9_-]{0,62}`.
@@ -485,7 +490,10 @@ impl Manifest {
             .sha256
             .map(|digest| validate_sha256(&digest).map_err(|m| err("sha256", m)))
             .transpose()?;
+        let requires = crate::dependencies::parse(&raw.name, raw.requires)
+            .map_err(|(field, m)| err(&field, m))?;
         Ok(Manifest {
+            requires,
             name: raw.name,
             version,
             path: path.to_path_buf(),
@@ -705,6 +713,9 @@ pub fn discover(plugins_dir: &Path) -> Result<Discovery, ManifestError> {
             Err(e) => found.errors.push(e),
         }
     }
+    // Dependency order; a missing requirement or a cycle is an error.
+    let manifests = std::mem::take(&mut found.manifests);
+    found.manifests = crate::dependencies::resolve(manifests, &mut found.errors);
     Ok(found)
 }
 

@@ -134,7 +134,7 @@ pub struct PluginSample {
 }
 
 /// Every state a plugin can be in, so a scrape shows a 0 for the others.
-const STATES: [&str; 8] = [
+const STATES: [&str; 9] = [
     "starting",
     "initializing",
     "ready",
@@ -143,6 +143,7 @@ const STATES: [&str; 8] = [
     "stopped",
     "backoff",
     "failed",
+    "waiting",
 ];
 
 impl Metrics {

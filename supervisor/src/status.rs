@@ -25,6 +25,9 @@ pub enum PluginState {
     Stopped,
     Backoff,
     Failed,
+    /// Not started: a plugin it requires is not ready (the reason says
+    /// which).
+    Waiting,
 }
 
 impl PluginState {
@@ -38,6 +41,7 @@ impl PluginState {
             PluginState::Stopped => "stopped",
             PluginState::Backoff => "backoff",
             PluginState::Failed => "failed",
+            PluginState::Waiting => "waiting",
         }
     }
 
@@ -267,6 +271,8 @@ pub struct PluginInfo {
     pub replicas: Vec<ReplicaInfo>,
     /// Limits, what enforces them, live usage and hardening.
     pub isolation: IsolationStatus,
+    /// The plugins it requires (its manifest's `requires:`).
+    pub requires: Vec<crate::dependencies::Requirement>,
     /// What runs (the first ready replica's, else the first replica's):
     /// the executable's digest and who signed it.
     pub identity: crate::signature::RunIdentity,
@@ -422,6 +428,7 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
         methods: b.methods.clone(),
         reported_version: b.reported_version.clone(),
         isolation: Default::default(),
+        requires: manifest.requires.clone(),
         identity: replicas
             .iter()
             .find(|r| r.state.is_up())

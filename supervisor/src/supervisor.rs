@@ -81,7 +81,9 @@ impl Supervisor {
         }
         let io_tasks = TaskTracker::new();
         let processes = ProcessManager::new()?;
+        let plugins: Arc<Registry> = Arc::default();
         let host = Arc::new(Host {
+            registry: Arc::downgrade(&plugins),
             processes,
             isolation,
             events: broadcast::channel(4096).0,
@@ -110,10 +112,7 @@ impl Supervisor {
                 }
             });
         }
-        Ok(Supervisor {
-            host,
-            plugins: Arc::default(),
-        })
+        Ok(Supervisor { host, plugins })
     }
 
     /// Adds a plugin and starts its replicas. The supervisor config's
@@ -122,6 +121,18 @@ impl Supervisor {
         if self.host.cancel.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
+        let exists = self
+            .plugins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&manifest.name);
+        if exists {
+            return Err(Error::Invalid(format!(
+                "a plugin named `{}` is already supervised",
+                manifest.name
+            )));
+        }
+        crate::dependencies::check_add(&self.plugins, &manifest).map_err(Error::Invalid)?;
         let mut plugins = self.plugins.write().unwrap_or_else(|e| e.into_inner());
         if plugins.contains_key(&manifest.name) {
             return Err(Error::Invalid(format!(
@@ -434,6 +445,7 @@ impl Supervisor {
     /// every replica goes back to the old version and the error says why.
     /// The upgrade runs on its own: dropping this future does not stop it.
     pub async fn upgrade(&self, name: &str, manifest: Manifest) -> Result<(), Error> {
+        crate::dependencies::check_add(&self.plugins, &manifest).map_err(Error::Invalid)?;
         let manifest = Arc::new(manifest);
         self.plugin(name)?
             .run(|reply| Op::Upgrade {
@@ -451,6 +463,7 @@ impl Supervisor {
         manifest: Manifest,
         overrides: PluginOverride,
     ) -> Result<(), Error> {
+        crate::dependencies::check_add(&self.plugins, &manifest).map_err(Error::Invalid)?;
         let manifest = Arc::new(manifest);
         self.plugin(name)?
             .run(|reply| Op::Upgrade {
@@ -543,8 +556,18 @@ impl Supervisor {
             .collect()
     }
 
-    /// Stops every plugin gracefully (in parallel) and waits for all of them.
+    /// Stops every plugin gracefully and waits for all of them: dependents
+    /// before what they require (in waves), then the rest in parallel.
     pub async fn shutdown(&self) {
+        for wave in crate::dependencies::stop_waves(&self.plugins) {
+            let mut stops = tokio::task::JoinSet::new();
+            for name in wave {
+                if let Ok(handle) = self.plugin(&name) {
+                    stops.spawn(async move { handle.run(Op::Stop).await });
+                }
+            }
+            while stops.join_next().await.is_some() {}
+        }
         self.host.cancel.cancel();
         self.host.tasks.close();
         self.host.tasks.wait().await;

@@ -4,6 +4,7 @@
 
 mod cli;
 mod daemon;
+mod dependencies;
 mod grafana;
 mod metrics;
 mod operator;

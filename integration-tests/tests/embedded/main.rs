@@ -4,6 +4,7 @@
 //! than running them on a 2-core machine.
 
 mod confinement;
+mod dependencies;
 mod filesystem;
 mod initialize;
 mod isolation;

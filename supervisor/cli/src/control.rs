@@ -221,7 +221,19 @@ pub fn status_of(info: &PluginInfo) -> pb::PluginStatus {
         sha256: info.identity.sha256.clone().unwrap_or_default(),
         sha256_sealed: info.identity.sealed,
         signer: info.identity.signer.as_ref().map(signer_of),
-        requires: Vec::new(),
+        requires: info
+            .requires
+            .iter()
+            .map(|r| pb::Requirement {
+                name: r.name.clone(),
+                version: r
+                    .version
+                    .as_ref()
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+                on_crash: r.on_crash.as_str().to_string(),
+            })
+            .collect(),
     }
 }
 

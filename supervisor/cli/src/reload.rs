@@ -367,6 +367,7 @@ impl Reloader {
         let mut guard = self.known.lock().await;
         let known = &mut guard.fingerprints;
         let mut started = 0;
+        let mut errors = discovery.errors;
         for manifest in discovery.manifests {
             let overrides = config
                 .plugins
@@ -377,11 +378,24 @@ impl Reloader {
                 tracing::info!(plugin = %manifest.name, "disabled in the supervisor config; not started");
                 continue;
             }
-            known.insert(manifest.name.clone(), fingerprint(&manifest, &overrides));
-            self.supervisor.add(manifest, &overrides)?;
+            let print = fingerprint(&manifest, &overrides);
+            let (name, path) = (manifest.name.clone(), manifest.path.clone());
+            // Refused when what it requires was left out (disabled).
+            if let Err(e) = self.supervisor.add(manifest, &overrides) {
+                if config.strict {
+                    return Err(e.into());
+                }
+                errors.push(ManifestError {
+                    file: path,
+                    field: Some("requires".into()),
+                    message: e.to_string(),
+                });
+                continue;
+            }
+            known.insert(name, print);
             started += 1;
         }
-        Ok((started, discovery.errors))
+        Ok((started, errors))
     }
 
     /// Upgrades one plugin to what its directory holds now (`restart
