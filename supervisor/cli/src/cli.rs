@@ -430,14 +430,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 );
             } else {
                 println!("{}", health_line(name, &h.status, &h.message));
-                println!(
-                    "  answered by {} ({} {}, sha256 {}, signed by {})",
-                    h.instance,
-                    name,
-                    h.version,
-                    if h.sha256.is_empty() { "-" } else { &h.sha256 },
-                    h.signer.as_ref().map_or("-", |g| g.name.as_str())
-                );
             }
             Ok(if h.status == "SERVING" { 0 } else { 1 })
         }
