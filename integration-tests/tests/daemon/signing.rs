@@ -218,6 +218,13 @@ fn signed_plugins_run_showing_their_signer_and_the_rest_are_refused_naming_the_f
     assert_eq!(health["version"], "1.4.0");
     assert_eq!(health["sha256"], digest.as_str());
     assert_eq!(health["signer"]["name"], "release");
+    assert_eq!(
+        daemon.cli_ok(&["health", "good"]),
+        format!(
+            "good: SERVING (version 1.4.0, sha256 {}, signed by release)\n",
+            &digest[..12]
+        )
+    );
     let text = metrics(&address);
     assert!(
         text.contains(&format!(

@@ -429,7 +429,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     })
                 );
             } else {
-                println!("{}", health_line(name, &h.status, &h.message));
+                let runs = what_runs_short(&h.version, &h.sha256, h.signer.as_ref());
+                println!("{}", health_line(name, &h.status, &h.message, &runs));
             }
             Ok(if h.status == "SERVING" { 0 } else { 1 })
         }
@@ -745,12 +746,28 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
 }
 
 /// `NAME: STATUS MESSAGE`, without a trailing space when there is no message.
-fn health_line(name: &str, status: &str, message: &str) -> String {
+fn health_line(name: &str, status: &str, message: &str, runs: &str) -> String {
     if message.is_empty() {
-        format!("{name}: {status}")
+        format!("{name}: {status} ({runs})")
     } else {
-        format!("{name}: {status} {message}")
+        format!("{name}: {status} {message} ({runs})")
     }
+}
+
+/// What answered a health check, short: `version 1.2.0, sha256
+/// 3f2a9c1e7b0d, signed by release` (the digest's first 12 hex digits, as
+/// `inspect` and `health --json` give it whole).
+fn what_runs_short(version: &str, sha256: &str, signer: Option<&pb::Signer>) -> String {
+    let digest = match sha256.get(..12) {
+        Some(short) => short,
+        None if sha256.is_empty() => "unknown",
+        None => sha256,
+    };
+    let signed = match signer {
+        Some(s) => format!("signed by {}", s.name),
+        None => "unsigned".to_string(),
+    };
+    format!("version {version}, sha256 {digest}, {signed}")
 }
 
 /// Refuses, before sending, a call larger than one control message may be
@@ -1135,10 +1152,24 @@ mod tests {
 
     #[test]
     fn health_line_has_no_trailing_space_without_a_message() {
-        assert_eq!(health_line("echo", "SERVING", ""), "echo: SERVING");
+        let runs = what_runs_short("1.0.0", &"ab".repeat(32), None);
+        assert_eq!(runs, "version 1.0.0, sha256 abababababab, unsigned");
         assert_eq!(
-            health_line("echo", "DEGRADED", "disk low"),
-            "echo: DEGRADED disk low"
+            health_line("echo", "SERVING", "", &runs),
+            "echo: SERVING (version 1.0.0, sha256 abababababab, unsigned)"
+        );
+        assert_eq!(
+            health_line("echo", "DEGRADED", "disk low", &runs),
+            "echo: DEGRADED disk low (version 1.0.0, sha256 abababababab, unsigned)"
+        );
+        let signer = pb::Signer {
+            name: "release".into(),
+            key_id: "7C0E27FB1E9D1F88".into(),
+            comment: String::new(),
+        };
+        assert_eq!(
+            what_runs_short("2.1.0", "", Some(&signer)),
+            "version 2.1.0, sha256 unknown, signed by release"
         );
     }
 
