@@ -370,10 +370,24 @@ impl Actor {
         };
         let (mut instance, info) = launched.map_err(ExitReason::Start)?;
         let mut ready_since = self.replica.publish(&instance, &info);
+        // Kept across the loop, so a requirement's change is told once; a
+        // new manifest (an upgrade) brings a new watch.
+        let mut requirements = crate::dependencies::Watch::new(&self.replica, &self.spec.manifest);
+        let mut watched = self.spec.manifest.clone();
         loop {
             let manifest = self.spec.manifest.clone();
-            let end =
-                watch_ready(&self.replica, &manifest, &mut instance, &mut self.commands).await;
+            if !Arc::ptr_eq(&manifest, &watched) {
+                requirements = crate::dependencies::Watch::new(&self.replica, &manifest);
+                watched = manifest.clone();
+            }
+            let end = watch_ready(
+                &self.replica,
+                &manifest,
+                &mut instance,
+                &mut self.commands,
+                &mut requirements,
+            )
+            .await;
             let (why, next, reply) = match end {
                 // What the crashed child left in its process group goes with
                 // it when `instance` is dropped (see `Child`'s Drop).
@@ -386,7 +400,7 @@ impl Actor {
                 }
                 RunEnd::RequirementDown(why) => {
                     self.replica
-                        .stop_instance(&manifest, &mut instance, &why, true, true)
+                        .stop_instance_releasing(&manifest, &mut instance, &why, true)
                         .await;
                     return Ok(Outcome::Decided(Next::Start));
                 }
@@ -416,8 +430,10 @@ impl Actor {
                 RunEnd::Command(Command::Upgrade(order)) => {
                     let new_id = self.next_id();
                     let current = self.spec.clone();
-                    let result =
-                        upgrade::run(&self.replica, &current, instance, order, &new_id).await;
+                    let result = {
+                        let _upgrading = Upgrading::mark(&self.replica);
+                        upgrade::run(&self.replica, &current, instance, order, &new_id).await
+                    };
                     instance = result.instance;
                     if let Some(since) = result.ready_since {
                         ready_since = since;
@@ -430,7 +446,7 @@ impl Actor {
             };
             let restarting = matches!(next, Next::Start);
             self.replica
-                .stop_instance(&manifest, &mut instance, why, restarting, true)
+                .stop_instance_releasing(&manifest, &mut instance, why, restarting)
                 .await;
             if restarting && reply.is_some() {
                 // The answer reads the state: the new start has begun.
@@ -445,12 +461,30 @@ impl Actor {
     }
 }
 
+/// Marks a replica as upgrading (see [`crate::status::ReplicaStatus`]) for
+/// as long as it lives.
+struct Upgrading<'a>(&'a Replica);
+
+impl<'a> Upgrading<'a> {
+    fn mark(replica: &'a Replica) -> Self {
+        replica.update(|r| r.upgrading = true);
+        Upgrading(replica)
+    }
+}
+
+impl Drop for Upgrading<'_> {
+    fn drop(&mut self) {
+        self.0.update(|r| r.upgrading = false);
+    }
+}
+
 /// Watches a ready instance: its exit, health probes, snapshots, commands.
 async fn watch_ready(
     replica: &Replica,
     manifest: &crate::manifest::Manifest,
     instance: &mut Instance,
     commands: &mut mpsc::Receiver<Command>,
+    requirements: &mut crate::dependencies::Watch,
 ) -> RunEnd {
     let interval = manifest.health.interval.0;
     let mut probes = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -465,7 +499,6 @@ async fn watch_ready(
     snapshots.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let exited = wait_exit(instance.child.exit_watch());
     tokio::pin!(exited);
-    let mut requirements = crate::dependencies::Watch::new(replica, manifest);
     loop {
         tokio::select! {
             status = &mut exited => return RunEnd::Exited(status),

@@ -1,8 +1,19 @@
 //! Dependencies between plugins: a manifest's `requires:` names plugins
 //! that must be ready before it starts, optionally with a version range,
-//! and says what their crash does to it (`on_crash: notify`, like systemd's
-//! `Requires=`: an event; `on_crash: restart`, like `BindsTo=`: it stops and
-//! starts again once the requirement is ready again).
+//! and says what the requirement going down does to it:
+//!
+//! - `on_crash: notify` (systemd's `Wants=` once running): an event on the
+//!   dependent, which keeps running, whether the requirement crashed or an
+//!   operator stopped it;
+//! - `on_crash: restart` (systemd's `BindsTo=`): the dependent stops
+//!   whenever the requirement goes down (crash, `stop`, `restart`,
+//!   `remove`), waits in state `waiting`, and starts again once the
+//!   requirement is ready. A deliberate stop of the requirement waits for
+//!   its bound dependents to stop first, as systemd orders stop jobs in
+//!   reverse of `After=`.
+//!
+//! Either way a dependent starts only once every requirement is ready (like
+//! `Requires=` + `After=` on a `Type=notify` unit, at start only).
 //!
 //! Plugins start in dependency order (the daemon adds them topologically),
 //! each waits in state `waiting` until what it requires is ready, a cycle or
@@ -18,17 +29,19 @@ use crate::status::{Event, EventDetail, PluginState};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 
 /// What a crash of a required plugin does to its dependent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnCrash {
-    /// An event on the dependent, which keeps running (systemd `Requires=`).
+    /// An event on the dependent, which keeps running (systemd `Wants=`).
     #[default]
     Notify,
-    /// The dependent stops, waits until the requirement is ready again and
-    /// starts (systemd `BindsTo=`).
+    /// The dependent stops (before the requirement, when that is stopped on
+    /// purpose), waits until the requirement is ready again and starts
+    /// (systemd `BindsTo=`).
     Restart,
 }
 
@@ -332,7 +345,9 @@ pub(crate) fn stop_waves(registry: &Registry) -> Vec<Vec<String>> {
 }
 
 /// Whether the supervised plugin `name` has a ready (or degraded) replica,
-/// and its manifest version; `None` when it is not supervised.
+/// and its manifest version; `None` when it is not supervised. A replica
+/// in a zero-downtime upgrade counts as up: its calls wait, none fail, so
+/// the new instance starting and the old one stopping are no going down.
 fn status_of(registry: &Registry, name: &str) -> Option<(bool, semver::Version, String)> {
     let handle = registry
         .read()
@@ -340,7 +355,10 @@ fn status_of(registry: &Registry, name: &str) -> Option<(bool, semver::Version, 
         .get(name)
         .cloned()?;
     let board = handle.common.board.lock();
-    let up = board.replicas.iter().any(|r| r.state.is_up());
+    let up = board
+        .replicas
+        .iter()
+        .any(|r| r.state.is_up() || r.upgrading);
     let why = board
         .replicas
         .first()
@@ -435,6 +453,9 @@ pub(crate) struct Watch {
     events: Option<broadcast::Receiver<Event>>,
     /// Requirement → (ready when last seen, what its crash does).
     up: BTreeMap<String, (bool, OnCrash)>,
+    /// The first look at every requirement is done: one that went down
+    /// while the instance started (before this watch subscribed) is seen.
+    looked: bool,
 }
 
 /// A requirement that went down or came back.
@@ -447,24 +468,21 @@ pub(crate) struct Change {
 }
 
 impl Watch {
+    /// For an instance started once every requirement was ready: each is
+    /// taken as up, and the first [`Self::next`] looks whether it still is.
     pub fn new(replica: &Replica, manifest: &Manifest) -> Watch {
         let registry = replica.host.registry.clone();
         let events = (!manifest.requires.is_empty()).then(|| replica.host.events.subscribe());
-        let up = match registry.upgrade() {
-            Some(reg) => manifest
-                .requires
-                .iter()
-                .map(|r| {
-                    let up = status_of(&reg, &r.name).is_some_and(|(up, _, _)| up);
-                    (r.name.clone(), (up, r.on_crash))
-                })
-                .collect(),
-            None => BTreeMap::new(),
-        };
+        let up = manifest
+            .requires
+            .iter()
+            .map(|r| (r.name.clone(), (true, r.on_crash)))
+            .collect();
         Watch {
             registry,
             events,
             up,
+            looked: false,
         }
     }
 
@@ -475,12 +493,17 @@ impl Watch {
             return std::future::pending().await;
         };
         loop {
-            let plugin = match events.recv().await {
-                Ok(event) => Some(event.plugin),
-                // Missed events: look at every requirement.
-                Err(broadcast::error::RecvError::Lagged(_)) => None,
-                Err(broadcast::error::RecvError::Closed) => {
-                    return std::future::pending().await;
+            let plugin = if !self.looked {
+                self.looked = true;
+                None
+            } else {
+                match events.recv().await {
+                    Ok(event) => Some(event.plugin),
+                    // Missed events: look at every requirement.
+                    Err(broadcast::error::RecvError::Lagged(_)) => None,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return std::future::pending().await;
+                    }
                 }
             };
             let Some(registry) = self.registry.upgrade() else {
@@ -504,6 +527,108 @@ impl Watch {
                     };
                 }
             }
+        }
+    }
+}
+
+/// Whether a replica in `state` has a child (starting, running, stopping).
+fn has_instance(state: PluginState) -> bool {
+    matches!(
+        state,
+        PluginState::Starting
+            | PluginState::Initializing
+            | PluginState::Ready
+            | PluginState::Degraded
+            | PluginState::Stopping
+    )
+}
+
+/// The plugins bound to `name` (`on_crash: restart`), directly, each with
+/// whether a replica of it has a child.
+fn bound_dependents(registry: &Registry, name: &str) -> Vec<(String, bool, Arc<Manifest>)> {
+    registry
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(|(n, h)| {
+            let board = h.common.board.lock();
+            let bound = board
+                .spec
+                .manifest
+                .requires
+                .iter()
+                .any(|r| r.name == name && r.on_crash == OnCrash::Restart);
+            bound.then(|| {
+                let running = board.replicas.iter().any(|r| has_instance(r.state));
+                (n.clone(), running, board.spec.manifest.clone())
+            })
+        })
+        .collect()
+}
+
+/// How long the bound dependents of `name` (and theirs) may take to stop:
+/// each may be starting (start, Initialize), then snapshots and stops.
+fn release_deadline(registry: &Registry, name: &str) -> Duration {
+    let mut total = Duration::from_secs(5);
+    let mut seen = BTreeSet::new();
+    let mut next = vec![name.to_string()];
+    while let Some(n) = next.pop() {
+        for (dependent, _, m) in bound_dependents(registry, &n) {
+            if seen.insert(dependent.clone()) {
+                let t = &m.timeouts;
+                total += t.start.0 + t.initialize.0 + t.call.0 + t.stop.0;
+                next.push(dependent);
+            }
+        }
+    }
+    total
+}
+
+/// Called by a replica stopping its instance on purpose (stop, restart,
+/// remove, its own requirement going down), once it said `stopping`: when
+/// that leaves its plugin without a replica serving, the plugins bound to
+/// it (`on_crash: restart`) see it go down and stop; this waits until they
+/// have, so dependents stop before what they require, as systemd orders
+/// stops. Bounded: past a deadline (their start, snapshot and stop
+/// timeouts) the stop goes on, with a warning event. Returns at once on
+/// shutdown (which stops plugins in dependency waves itself).
+pub(crate) async fn let_bound_dependents_stop(replica: &Replica, instance: &str) {
+    let Some(registry) = replica.host.registry.upgrade() else {
+        return;
+    };
+    let name = replica.name();
+    // Subscribed before the first look: no change between them is missed.
+    let mut events = replica.host.events.subscribe();
+    if status_of(&registry, name).is_some_and(|(up, _, _)| up) {
+        // Another replica still serves: the plugin is not going down.
+        return;
+    }
+    let limit = release_deadline(&registry, name);
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let running: Vec<String> = bound_dependents(&registry, name)
+            .into_iter()
+            .filter(|(_, running, _)| *running)
+            .map(|(n, _, _)| n)
+            .collect();
+        if running.is_empty() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                let why = format!(
+                    "stopping although {} (bound to it with on_crash: restart) did not stop within {}s",
+                    running.join(", "),
+                    limit.as_secs()
+                );
+                tracing::warn!(plugin = %name, "{why}");
+                replica.event(PluginState::Stopping, instance, why, EventDetail::default());
+                return;
+            }
+            _ = replica.host.cancel.cancelled() => return,
+            event = events.recv() => if let Err(broadcast::error::RecvError::Closed) = event {
+                return;
+            },
         }
     }
 }

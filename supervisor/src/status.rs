@@ -290,6 +290,9 @@ pub(crate) struct ReplicaStatus {
     pub ready_since: Option<Instant>,
     /// What its last instance ran.
     pub identity: crate::signature::RunIdentity,
+    /// A zero-downtime upgrade of its ready instance is under way: calls
+    /// wait (not fail) and the replica counts as up for its dependents.
+    pub upgrading: bool,
 }
 
 impl ReplicaStatus {
@@ -303,6 +306,7 @@ impl ReplicaStatus {
             last_exit: None,
             ready_since: None,
             identity: Default::default(),
+            upgrading: false,
         }
     }
 }

@@ -1,10 +1,11 @@
 //! `requires:` with real plugin processes: a dependent waits for what it
 //! requires, hears of its crash (and with `on_crash: restart` restarts with
-//! it), add and upgrade refuse missing requirements and cycles, and
-//! shutdown stops dependents first.
+//! it), an operator's stop of a requirement stops the plugins bound to it
+//! first (BindsTo=) and its start brings them back, add and upgrade refuse
+//! missing requirements and cycles, and shutdown stops dependents first.
 
 use plugvisor::{Error, Event, PluginState};
-use plugvisor_integration_tests::{Sandbox, bin, wait_state};
+use plugvisor_integration_tests::{Sandbox, bin, is_gone, wait_state};
 use std::time::Duration;
 use tokio::sync::broadcast;
 
@@ -186,5 +187,118 @@ async fn missing_requirements_versions_and_cycles_are_refused_naming_both_ends()
             .contains("requirements would form a cycle: kv → web → kv"),
         "{e}"
     );
+    sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn stopping_a_requirement_stops_bound_dependents_first_and_starting_it_brings_them_back() {
+    let sandbox = Sandbox::new();
+    let tp = bin("testplugin");
+    let sup = sandbox.supervisor();
+    let mut events = sup.events();
+    sup.add(sandbox.manifest("kv", &tp, ""), &Default::default())
+        .unwrap();
+    // web only hears of it (Wants=); bound stops with kv (BindsTo=), and
+    // outer, bound to bound, stops before it.
+    sup.add(
+        sandbox.manifest("web", &tp, "requires: [kv]"),
+        &Default::default(),
+    )
+    .unwrap();
+    sup.add(
+        sandbox.manifest("bound", &tp, "requires: [{name: kv, on_crash: restart}]"),
+        &Default::default(),
+    )
+    .unwrap();
+    sup.add(
+        sandbox.manifest("outer", &tp, "requires: [{name: bound, on_crash: restart}]"),
+        &Default::default(),
+    )
+    .unwrap();
+    collect(&mut events, |s| ready(s, &["kv", "web", "bound", "outer"])).await;
+    let pid = |name: &str| sup.info(name).unwrap().pid.unwrap();
+    let (bound_pid, outer_pid) = (pid("bound"), pid("outer"));
+
+    // A zero-downtime upgrade of kv is no going down: nothing bound to it
+    // stops (its old instance stops while the new one serves).
+    let mut upgrade_events = sup.events();
+    sup.upgrade("kv", sandbox.manifest("kv", &tp, ""))
+        .await
+        .unwrap();
+    // Then web restarts: by its ready, bound has had every event of the
+    // upgrade to react to.
+    sup.restart("web").await.unwrap();
+    let seen = collect(&mut upgrade_events, |s| ready(s, &["web"])).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|e| e.plugin == "bound" && e.state == PluginState::Stopping),
+        "an upgrade of kv stopped bound: {seen:#?}"
+    );
+    assert_eq!(sup.info("bound").unwrap().pid, Some(bound_pid));
+    let web_pid = pid("web");
+
+    let mut events = sup.events();
+    sup.stop("kv").await.unwrap();
+    // When the stop returns, what is bound to kv is already down, waiting
+    // for it, and its processes are gone; web runs on.
+    for (name, old) in [("bound", bound_pid), ("outer", outer_pid)] {
+        let info = sup.info(name).unwrap();
+        assert_eq!(info.state, PluginState::Waiting, "{name}: {info:?}");
+        assert_eq!(info.pid, None, "{name}");
+        assert!(is_gone(old), "{name}'s process {old} still runs");
+    }
+    assert_eq!(
+        sup.info("bound").unwrap().reason.split(" (").next(),
+        Some("waiting for kv to be ready")
+    );
+    assert_eq!(sup.info("web").unwrap().pid, Some(web_pid), "notify only");
+    assert_eq!(sup.info("kv").unwrap().state, PluginState::Stopped);
+    let mut seen = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        seen.push(e);
+    }
+    // Stops in reverse dependency order: kv says it is stopping, then
+    // outer stops before bound, and bound before kv.
+    let at = |plugin: &str, state: PluginState| position(&seen, plugin, state);
+    assert!(at("kv", PluginState::Stopping) < at("bound", PluginState::Stopping));
+    assert!(
+        at("outer", PluginState::Stopped) < at("bound", PluginState::Stopped),
+        "{seen:#?}"
+    );
+    assert!(
+        at("bound", PluginState::Stopped) < at("kv", PluginState::Stopped),
+        "{seen:#?}"
+    );
+    let told = seen
+        .iter()
+        .find(|e| e.plugin == "web" && e.detail.requirement.as_deref() == Some("kv"))
+        .unwrap_or_else(|| panic!("web is told kv went down: {seen:#?}"));
+    assert!(
+        told.reason.starts_with("required plugin kv went down"),
+        "{told:?}"
+    );
+
+    // Starting kv brings bound back once kv is ready, and outer after it.
+    sup.start("kv").await.unwrap();
+    let seen = collect(&mut events, |s| ready(s, &["kv", "bound", "outer"])).await;
+    assert!(
+        position(&seen, "bound", PluginState::Starting) > position(&seen, "kv", PluginState::Ready),
+        "{seen:#?}"
+    );
+    assert!(
+        position(&seen, "outer", PluginState::Starting)
+            > position(&seen, "bound", PluginState::Ready),
+        "{seen:#?}"
+    );
+    assert_eq!(sup.info("web").unwrap().pid, Some(web_pid), "notify only");
+
+    // An operator's stop of a bound dependent holds: kv's restart does not
+    // bring it back.
+    sup.stop("outer").await.unwrap();
+    let mut events = sup.events();
+    sup.restart("kv").await.unwrap();
+    let _ = collect(&mut events, |s| ready(s, &["bound"])).await;
+    assert_eq!(sup.info("outer").unwrap().state, PluginState::Stopped);
     sup.shutdown().await;
 }
