@@ -344,6 +344,40 @@ pub(crate) fn stop_waves(registry: &Registry) -> Vec<Vec<String>> {
     waves
 }
 
+/// `names` (supervised plugins) in the order to stop or remove them: a
+/// plugin before everything it requires, directly or through others
+/// (supervised or not in `names`); otherwise in the order given.
+pub(crate) fn dependents_first(registry: &Registry, names: Vec<String>) -> Vec<String> {
+    let all = supervised(registry);
+    // Everything each plugin requires, transitively.
+    let below = |name: &str| {
+        let mut seen = BTreeSet::new();
+        let mut next = vec![name.to_string()];
+        while let Some(n) = next.pop() {
+            for r in all.get(&n).map(|m| m.requires.as_slice()).unwrap_or(&[]) {
+                if seen.insert(r.name.clone()) {
+                    next.push(r.name.clone());
+                }
+            }
+        }
+        seen
+    };
+    let below: BTreeMap<String, BTreeSet<String>> =
+        names.iter().map(|n| (n.clone(), below(n))).collect();
+    let mut left = names;
+    let mut order = Vec::with_capacity(left.len());
+    while !left.is_empty() {
+        // The first one no other remaining plugin requires; on a cycle
+        // (refused on add), the first.
+        let at = left
+            .iter()
+            .position(|n| !left.iter().any(|d| d != n && below[d].contains(n)))
+            .unwrap_or(0);
+        order.push(left.remove(at));
+    }
+    order
+}
+
 /// Whether the supervised plugin `name` has a ready (or degraded) replica,
 /// and its manifest version; `None` when it is not supervised. A replica
 /// in a zero-downtime upgrade counts as up: its calls wait, none fail, so

@@ -419,6 +419,12 @@ impl Supervisor {
         })
     }
 
+    /// `names` ordered for stopping or removing them one after the other:
+    /// each before every plugin it requires (directly or through others).
+    pub fn dependents_first(&self, names: Vec<String>) -> Vec<String> {
+        crate::dependencies::dependents_first(&self.plugins, names)
+    }
+
     /// Stops a plugin gracefully; it stays stopped until started.
     pub async fn stop(&self, name: &str) -> Result<(), Error> {
         self.plugin(name)?.run(Op::Stop).await

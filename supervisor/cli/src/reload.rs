@@ -1,6 +1,7 @@
 //! Reloading the daemon's plugins: re-read the supervisor config and the
-//! plugins directory, then start added plugins, stop removed ones, and
-//! upgrade changed ones without downtime ([`plugvisor::Supervisor::upgrade_with`]).
+//! plugins directory, then start added plugins (in dependency order), stop
+//! removed ones (dependents first), and upgrade changed ones without
+//! downtime ([`plugvisor::Supervisor::upgrade_with`]).
 //! A plugin whose manifest no longer loads keeps running as it was, and the
 //! report says why. Triggered by SIGHUP, `plugvisor reload`, and (for one
 //! plugin) `plugvisor restart NAME --upgrade`.
@@ -316,10 +317,13 @@ impl Reloader {
                 }
             }
         }
-        for name in running {
-            if wanted.contains(&name) {
-                continue;
-            }
+        // Removed in reverse dependency order: dependents first (additions
+        // and upgrades above went in dependency order, as discovered).
+        let leaving: Vec<String> = running
+            .into_iter()
+            .filter(|name| !wanted.contains(name))
+            .collect();
+        for name in self.supervisor.dependents_first(leaving) {
             if let Some(why) = broken.remove(&name) {
                 report.failed.push((name, why));
                 continue;
