@@ -247,6 +247,96 @@ impl SignaturePolicy {
     }
 }
 
+impl SignaturePolicy {
+    /// What tells two policies apart: each key's name and id, and
+    /// `require`.
+    pub fn summary(&self) -> String {
+        let keys: Vec<String> = self
+            .trusted
+            .iter()
+            .map(|k| format!("{} {}", k.name, k.key_id))
+            .collect();
+        format!("[{}] require: {}", keys.join(", "), self.require)
+    }
+}
+
+/// After the policy changed (a reload): checks what each supervised plugin
+/// runs now against `policy`, the manifest as it was parsed and the
+/// executable's digest from its start, and the other listed files as they
+/// are now. Returns the plugins that would be refused, with why, and posts
+/// an event on each (state unchanged): they keep running, since what runs
+/// was checked when it started and stopping it on a config change would be
+/// an outage no one asked for; their next start (a restart, a crash, an
+/// upgrade) checks the new policy and is refused.
+pub(crate) async fn recheck_running(
+    registry: &crate::plugin::Registry,
+    host: &crate::host::Host,
+    policy: std::sync::Arc<SignaturePolicy>,
+) -> Vec<(String, String)> {
+    use crate::status::{Event, EventDetail};
+    // What runs, per plugin: the manifest and each live replica's identity.
+    let running: Vec<_> = registry
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(|(name, handle)| {
+            let board = handle.common.board.lock();
+            let live: Vec<(usize, String, RunIdentity)> = board
+                .replicas
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.pid.is_some())
+                .map(|(i, r)| (i, r.instance.clone(), r.identity.clone()))
+                .collect();
+            (!live.is_empty()).then(|| {
+                (
+                    name.clone(),
+                    handle.common.clone(),
+                    board.spec.manifest.clone(),
+                    live,
+                )
+            })
+        })
+        .collect();
+    // Reads signatures and listed files: off the runtime's workers.
+    let checked = tokio::task::spawn_blocking(move || {
+        running
+            .into_iter()
+            .filter_map(|(name, common, manifest, live)| {
+                live.into_iter().find_map(|(index, instance, identity)| {
+                    policy
+                        .check(&manifest, identity.sha256.as_deref())
+                        .err()
+                        .map(|why| (name.clone(), common.clone(), index, instance, why))
+                })
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    let mut refused = Vec::with_capacity(checked.len());
+    for (name, common, index, instance, why) in checked {
+        let state = common.board.lock().replicas[index].state;
+        let reason = format!(
+            "what runs no longer passes the reloaded trusted_keys/require_signatures: {why}; it keeps running, and its next start is refused"
+        );
+        tracing::warn!(plugin = %name, instance, "{reason}");
+        let event = Event {
+            time: std::time::SystemTime::now(),
+            plugin: name.clone(),
+            replica: index,
+            instance,
+            state,
+            reason,
+            detail: EventDetail::default(),
+        };
+        common.board.record(&event);
+        let _ = host.events.send(event);
+        refused.push((name, why));
+    }
+    refused
+}
+
 /// What a start would say of the plugin's signature, checked offline
 /// (`plugvisor check`): the executable's digest is read from the file.
 pub fn check_offline(

@@ -419,6 +419,24 @@ impl Supervisor {
         })
     }
 
+    /// The trusted keys and `require_signatures` that starts check now.
+    pub fn signature_policy(&self) -> Arc<crate::signature::SignaturePolicy> {
+        self.host.isolation.signature_policy()
+    }
+
+    /// Replaces the trusted keys and `require_signatures` (a reload): every
+    /// start from now on checks the new ones. Returns the running plugins
+    /// whose signature does not verify under them, with why; they keep
+    /// running, get an event saying so, and their next start is refused.
+    pub async fn set_signature_policy(
+        &self,
+        policy: crate::signature::SignaturePolicy,
+    ) -> Vec<(String, String)> {
+        let policy = Arc::new(policy);
+        self.host.isolation.set_signature_policy((*policy).clone());
+        crate::signature::recheck_running(&self.plugins, &self.host, policy).await
+    }
+
     /// `names` ordered for stopping or removing them one after the other:
     /// each before every plugin it requires (directly or through others).
     pub fn dependents_first(&self, names: Vec<String>) -> Vec<String> {

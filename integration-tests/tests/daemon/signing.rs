@@ -295,3 +295,109 @@ fn without_require_unsigned_plugins_run_but_a_bad_signature_is_still_refused() {
         "{reason}"
     );
 }
+
+#[test]
+fn a_reload_applies_new_trusted_keys_flags_what_runs_and_refuses_it_at_its_next_start() {
+    let sandbox = Sandbox::new();
+    let keys = sandbox.dir.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    keygen(&keys.join("release"));
+    keygen(&keys.join("next"));
+    let signed = launcher_plugin(&sandbox, "signed");
+    sign(&signed, &keys.join("release.key"));
+    launcher_plugin(&sandbox, "plain");
+    let later = launcher_plugin(&sandbox, "later");
+    sign(&later, &keys.join("next.key"));
+    let config = sandbox.dir.path().join("plugvisor.yaml");
+    std::fs::write(
+        &config,
+        "trusted_keys:\n  - name: release\n    key_file: keys/release.pub\n",
+    )
+    .unwrap();
+    let daemon = Daemon::start(&sandbox, &["--config", config.to_str().unwrap()]);
+    let signed_pid = daemon.wait_ready("signed")["pid"].as_i64().unwrap();
+    let plain_pid = daemon.wait_ready("plain")["pid"].as_i64().unwrap();
+    // Signed by a key not trusted yet.
+    let reason = wait_failed(&daemon, "later");
+    assert!(
+        reason.contains("not among the supervisor config's trusted_keys"),
+        "{reason}"
+    );
+
+    // Trust only `next`, and require signatures.
+    std::fs::write(
+        &config,
+        "require_signatures: true\ntrusted_keys:\n  - name: next\n    key_file: keys/next.pub\n",
+    )
+    .unwrap();
+    let out = daemon.cli(&["reload", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "flagged plugins: exit 1 {report}"
+    );
+    assert_eq!(
+        report["settings_applied"],
+        serde_json::json!(["trusted_keys", "require_signatures"]),
+        "{report}"
+    );
+    assert_eq!(
+        report["settings_need_restart"],
+        serde_json::json!([]),
+        "{report}"
+    );
+    let untrusted = report["untrusted"].as_array().unwrap();
+    let why = |name: &str| {
+        untrusted
+            .iter()
+            .find(|u| u["name"] == name)
+            .and_then(|u| u["reason"].as_str())
+            .unwrap_or_else(|| panic!("{name} is not flagged: {report}"))
+            .to_string()
+    };
+    assert!(
+        why("signed").contains("plugins/signed/plugin.sums.minisig is signed by key")
+            && why("signed").contains("not among the supervisor config's trusted_keys (next "),
+        "{report}"
+    );
+    assert!(
+        why("plain").contains("plain is unsigned")
+            && why("plain").contains("require_signatures: true"),
+        "{report}"
+    );
+    assert_eq!(untrusted.len(), 2, "{report}");
+    // They run on, flagged: in ps and as an event.
+    for (name, pid) in [("signed", signed_pid), ("plain", plain_pid)] {
+        let row = daemon.plugin(name);
+        assert_eq!(row["state"], "ready", "{row}");
+        assert_eq!(row["pid"].as_i64(), Some(pid), "{row}");
+        assert!(
+            row["reason"]
+                .as_str()
+                .unwrap()
+                .contains("no longer passes the reloaded trusted_keys/require_signatures"),
+            "{row}"
+        );
+    }
+    let events = daemon.cli_ok(&["events", "plain", "--json"]);
+    assert!(events.contains("its next start is refused"), "{events}");
+
+    // New starts check the new keys: `later` runs now, `plain` is refused.
+    daemon.cli_ok(&["restart", "later"]);
+    let row = daemon.wait_ready("later");
+    assert_eq!(row["signer"]["name"], "next", "{row}");
+    let _ = daemon.cli(&["restart", "plain"]);
+    let reason = wait_failed(&daemon, "plain");
+    assert!(reason.contains("plain is unsigned"), "{reason}");
+
+    // Nothing changed: nothing applied or flagged again.
+    let out = daemon.cli(&["reload", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["settings_applied"],
+        serde_json::json!([]),
+        "{report}"
+    );
+    assert_eq!(report["untrusted"], serde_json::json!([]), "{report}");
+}

@@ -620,6 +620,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     "unchanged": r.unchanged, "failed": failed,
                     "settings_applied": r.settings_applied,
                     "settings_need_restart": r.settings_need_restart,
+                    "untrusted": r.untrusted.iter()
+                        .map(|f| serde_json::json!({"name": f.name, "reason": f.reason}))
+                        .collect::<Vec<_>>(),
                 });
                 println!("{v}");
             } else {
@@ -646,8 +649,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                         r.settings_need_restart.join(", ")
                     );
                 }
+                for f in &r.untrusted {
+                    println!(
+                        "untrusted: {}: runs on, its next start is refused: {}",
+                        f.name, f.reason
+                    );
+                }
             }
-            Ok(if r.failed.is_empty() { 0 } else { 1 })
+            // Plugins left as they were, or running what the new policy
+            // refuses, need the operator.
+            Ok(if r.failed.is_empty() && r.untrusted.is_empty() {
+                0
+            } else {
+                1
+            })
         }
         Command::Start { name } | Command::Stop { name } | Command::Restart { name, .. } => {
             let mut client = control::connect(&control_path()).await?;

@@ -599,6 +599,11 @@ impl Control for ControlService {
                 .collect(),
             settings_applied: report.settings_applied,
             settings_need_restart: report.settings_need_restart,
+            untrusted: report
+                .untrusted
+                .into_iter()
+                .map(|(name, reason)| pb::ReloadFailure { name, reason })
+                .collect(),
         }))
     }
 

@@ -7,7 +7,8 @@
 //! plugin) `plugvisor restart NAME --upgrade`.
 //!
 //! Of the global settings, a reload applies those that can change live
-//! (`plugins_dir`, `plugins`, `control_uids`, `control_gids`, `strict`) and
+//! (`plugins_dir`, `plugins`, `control_uids`, `control_gids`, `strict`,
+//! `trusted_keys`, `require_signatures`) and
 //! reports the others that changed (see [`RESTART_SETTINGS`]) as needing a
 //! restart: they keep their running values until then.
 
@@ -35,6 +36,10 @@ pub struct ReloadReport {
     pub settings_applied: Vec<String>,
     /// Global settings that changed but apply only after a restart.
     pub settings_need_restart: Vec<String>,
+    /// Running plugins whose signature does not verify under the reloaded
+    /// `trusted_keys`/`require_signatures`, and why: they keep running, and
+    /// their next start is refused.
+    pub untrusted: Vec<(String, String)>,
 }
 
 /// Global settings a reload applies.
@@ -44,6 +49,8 @@ pub const LIVE_SETTINGS: &[&str] = &[
     "control_uids",
     "control_gids",
     "strict",
+    "trusted_keys",
+    "require_signatures",
 ];
 
 /// Global settings only a restart of the daemon applies: the directories
@@ -58,8 +65,6 @@ pub const RESTART_SETTINGS: &[&str] = &[
     "cgroup",
     "allow_writable_executables",
     "isolation",
-    "trusted_keys",
-    "require_signatures",
 ];
 
 /// The global settings that differ between `running` and `new`, as
@@ -75,6 +80,8 @@ pub fn changed_settings(running: &Config, new: &Config) -> (Vec<String>, Vec<Str
         running.control_uids == new.control_uids,
         running.control_gids == new.control_gids,
         running.strict == new.strict,
+        running.trusted_keys == new.trusted_keys,
+        running.require_signatures == new.require_signatures,
     ];
     let restart = [
         running.runtime_dir == new.runtime_dir,
@@ -85,8 +92,6 @@ pub fn changed_settings(running: &Config, new: &Config) -> (Vec<String>, Vec<Str
         same(&running.cgroup, &new.cgroup),
         running.allow_writable_executables == new.allow_writable_executables,
         running.isolation == new.isolation,
-        running.trusted_keys == new.trusted_keys,
-        running.require_signatures == new.require_signatures,
     ];
     let names = |names: &[&str], same: &[bool]| {
         names
@@ -134,6 +139,12 @@ impl std::fmt::Display for ReloadReport {
                 f,
                 "; settings changed but not applied until a restart: {}",
                 self.settings_need_restart.join(", ")
+            )?;
+        }
+        for (name, why) in &self.untrusted {
+            write!(
+                f,
+                "; {name} runs on but its next start is refused because {why}"
             )?;
         }
         Ok(())
@@ -213,6 +224,8 @@ impl Reloader {
         running.plugins_dir = new.plugins_dir.clone();
         running.plugins = new.plugins.clone();
         running.strict = new.strict;
+        running.trusted_keys = new.trusted_keys.clone();
+        running.require_signatures = new.require_signatures;
         if changed
             .iter()
             .any(|s| s == "control_uids" || s == "control_gids")
@@ -270,10 +283,29 @@ impl Reloader {
             fingerprints: known,
             settings,
         } = &mut *guard;
+        // Checked when the config loaded; read the key files now, before
+        // anything changes.
+        let signatures = config.signature_policy().map_err(anyhow::Error::msg)?;
         let mut report = ReloadReport::default();
         (report.settings_applied, report.settings_need_restart) =
             changed_settings(settings, &config);
         self.apply_settings(settings, &config, &report.settings_applied);
+        // Before plugins are added or upgraded, so they start under it. The
+        // keys are compared, not only the config: a key file may change.
+        if signatures.summary() != self.supervisor.signature_policy().summary() {
+            if !report
+                .settings_applied
+                .iter()
+                .any(|s| s == "trusted_keys" || s == "require_signatures")
+            {
+                report.settings_applied.push("trusted_keys".into());
+            }
+            tracing::info!(
+                "reload: signatures are now checked with {}",
+                signatures.summary()
+            );
+            report.untrusted = self.supervisor.set_signature_policy(signatures).await;
+        }
         if !report.settings_need_restart.is_empty() {
             tracing::warn!(
                 "reload: changed settings not applied until the daemon restarts: {}",

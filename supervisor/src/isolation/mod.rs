@@ -495,13 +495,21 @@ struct Privileges {
     users: Arc<Mutex<privileges::Allocator>>,
     /// Plugin name → what its last start resolved, for `inspect`.
     held: Arc<Mutex<HashMap<String, privileges::Held>>>,
-    /// Trusted keys and `require_signatures`.
-    signatures: Arc<crate::signature::SignaturePolicy>,
+    /// Trusted keys and `require_signatures`; a reload swaps them, each
+    /// start reads them once.
+    signatures: Arc<std::sync::RwLock<Arc<crate::signature::SignaturePolicy>>>,
     /// Digests of unsealed executables, for what `inspect` shows runs.
     digests: Arc<pin::DigestCache>,
 }
 
 impl Privileges {
+    fn signature_policy(&self) -> Arc<crate::signature::SignaturePolicy> {
+        self.signatures
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn new(opts: &IsolationOptions, proc_root: &Path) -> Privileges {
         let can_setid = capable(CAP_SETUID) && capable(CAP_SETGID);
         if !can_setid {
@@ -520,7 +528,7 @@ impl Privileges {
             last_cap: privileges::last_cap(proc_root),
             users: Arc::default(),
             held: Arc::default(),
-            signatures: Arc::new(opts.signatures.clone()),
+            signatures: Arc::new(std::sync::RwLock::new(Arc::new(opts.signatures.clone()))),
             digests: Arc::default(),
         }
     }
@@ -782,6 +790,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Isolation {
+    /// The trusted keys and `require_signatures` that starts check now.
+    pub fn signature_policy(&self) -> Arc<crate::signature::SignaturePolicy> {
+        self.privileges.signature_policy()
+    }
+
+    /// Replaces the trusted keys and `require_signatures` (a reload): every
+    /// start from now on checks the new ones; what runs is left alone.
+    pub fn set_signature_policy(&self, policy: crate::signature::SignaturePolicy) {
+        // A plain swap: a poisoned lock still holds a whole value.
+        *self
+            .privileges
+            .signatures
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
     /// Chooses the mechanism: probes (or takes) a cgroup tree, sets it up and
     /// cleans what an earlier run left. Without a usable tree it warns once
     /// and runs on rlimits alone, unless cgroups are required: then the
@@ -1035,8 +1059,10 @@ fn prepare_blocking(
     manifest: &Manifest,
     instance_id: &str,
 ) -> Result<Prepared, PrepareError> {
+    // The policy in force now, for the whole start (a reload may swap it).
+    let signatures = privileges.signature_policy();
     // A checked signature compares the sealed bytes, which are what runs.
-    let signed = privileges.signatures.applies_to(&manifest.dir);
+    let signed = signatures.applies_to(&manifest.dir);
     let exec = pin::Executable::open_with(
         &manifest.exec,
         manifest.sha256.as_deref(),
@@ -1047,8 +1073,7 @@ fn prepare_blocking(
         pin::PinError::Refused(why) => PrepareError::Refused(why),
         pin::PinError::Io(why) => PrepareError::Failed(why),
     })?;
-    let signer = privileges
-        .signatures
+    let signer = signatures
         .check(manifest, exec.sha256.as_deref())
         .map_err(PrepareError::Refused)?;
     let identity = crate::signature::RunIdentity {
