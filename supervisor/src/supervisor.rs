@@ -321,10 +321,13 @@ impl Supervisor {
         let response = match started {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) => {
-                return Err(fail(
-                    &mut record,
-                    call_error(status, &common.name, &ready.id),
-                ));
+                // The upload breaking off (on another thread, after the
+                // biased look above) resets the stream: that is the cause.
+                let e = match abort.get() {
+                    Some(why) => cancelled(&common.name, method, why),
+                    None => call_error(status, &common.name, &ready.id),
+                };
+                return Err(fail(&mut record, e));
             }
             Err(_) => {
                 let e = Error::Timeout {
