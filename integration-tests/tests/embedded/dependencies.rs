@@ -216,6 +216,17 @@ async fn stopping_a_requirement_stops_bound_dependents_first_and_starting_it_bri
     )
     .unwrap();
     collect(&mut events, |s| ready(s, &["kv", "web", "bound", "outer"])).await;
+    // The order reload removes in: each before what it requires, also
+    // through a plugin not in the list (outer → bound → kv).
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        sup.dependents_first(names(&["kv", "web", "bound", "outer"])),
+        names(&["web", "outer", "bound", "kv"])
+    );
+    assert_eq!(
+        sup.dependents_first(names(&["kv", "outer"])),
+        names(&["outer", "kv"])
+    );
     let pid = |name: &str| sup.info(name).unwrap().pid.unwrap();
     let (bound_pid, outer_pid) = (pid("bound"), pid("outer"));
 
