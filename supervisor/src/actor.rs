@@ -52,6 +52,8 @@ enum Next {
 enum RunEnd {
     Exited(ExitStatus),
     HealthFailed(String),
+    /// A requirement with `on_crash: restart` went down: stop, wait for it.
+    RequirementDown(String),
     Command(Command),
     Cancelled,
 }
@@ -127,6 +129,20 @@ impl Actor {
                     continue;
                 }
                 Next::Start => {}
+            }
+            match crate::dependencies::wait_for_requirements(
+                &self.replica,
+                &self.spec,
+                &mut self.commands,
+            )
+            .await
+            {
+                crate::dependencies::WaitEnd::Ready => {}
+                crate::dependencies::WaitEnd::Exit => return,
+                crate::dependencies::WaitEnd::Command(cmd) => {
+                    next = self.while_waiting(cmd).await;
+                    continue;
+                }
             }
             let instance_id = self.next_id();
             let (reason, ready_since) = match self.start_and_run(&instance_id).await {
@@ -322,6 +338,58 @@ impl Actor {
         }
     }
 
+    /// An order that arrived while waiting for requirements.
+    async fn while_waiting(&mut self, cmd: Command) -> Next {
+        match cmd {
+            Command::Start(reply) | Command::Restart(reply) => {
+                self.tracker.clear();
+                let _ = reply.send(());
+                Next::Start
+            }
+            Command::Stop(reply) => {
+                self.replica.down(
+                    "",
+                    PluginState::Stopped,
+                    "stopped by request".into(),
+                    EventDetail::default(),
+                );
+                let _ = reply.send(());
+                Next::Idle
+            }
+            Command::Upgrade(order) => {
+                self.upgrade_idle(order).await;
+                Next::Start
+            }
+            Command::Remove(reply) => {
+                self.replica.down(
+                    "",
+                    PluginState::Stopped,
+                    "removed".into(),
+                    EventDetail::default(),
+                );
+                let _ = reply.send(());
+                Next::Exit
+            }
+            Command::Retire {
+                reason,
+                scaled_to,
+                reply,
+            } => {
+                self.replica.down(
+                    "",
+                    PluginState::Stopped,
+                    reason,
+                    EventDetail {
+                        scaled_to: Some(scaled_to),
+                        ..EventDetail::default()
+                    },
+                );
+                let _ = reply.send(());
+                Next::Exit
+            }
+        }
+    }
+
     /// Down (stopped or failed): waits for an operator's start or restart.
     async fn idle(&mut self) -> Next {
         loop {
@@ -402,10 +470,24 @@ impl Actor {
             });
         }
         let mut ready_since = self.replica.publish(&instance, &info);
+        // Kept across the loop, so a requirement's change is told once; a
+        // new manifest (an upgrade) brings a new watch.
+        let mut requirements = crate::dependencies::Watch::new(&self.replica, &self.spec.manifest);
+        let mut watched = self.spec.manifest.clone();
         loop {
             let manifest = self.spec.manifest.clone();
-            let end =
-                watch_ready(&self.replica, &manifest, &mut instance, &mut self.commands).await;
+            if !Arc::ptr_eq(&manifest, &watched) {
+                requirements = crate::dependencies::Watch::new(&self.replica, &manifest);
+                watched = manifest.clone();
+            }
+            let end = watch_ready(
+                &self.replica,
+                &manifest,
+                &mut instance,
+                &mut self.commands,
+                &mut requirements,
+            )
+            .await;
             let (why, next, reply) = match end {
                 // What the crashed child left in its process group goes with
                 // it when `instance` is dropped (see `Child`'s Drop).
@@ -416,6 +498,12 @@ impl Actor {
                             .or_seccomp_kill(&manifest.isolation.seccomp),
                         ready_since: Some(ready_since),
                     });
+                }
+                RunEnd::RequirementDown(why) => {
+                    self.replica
+                        .stop_instance_releasing(&manifest, &mut instance, &why, true)
+                        .await;
+                    return Ok(Outcome::Decided(Next::Start));
                 }
                 RunEnd::HealthFailed(why) => {
                     self.replica.route(Route::Pending);
@@ -453,8 +541,10 @@ impl Actor {
                 RunEnd::Command(Command::Upgrade(order)) => {
                     let new_id = self.next_id();
                     let current = self.spec.clone();
-                    let result =
-                        upgrade::run(&self.replica, &current, instance, order, &new_id).await;
+                    let result = {
+                        let _upgrading = Upgrading::mark(&self.replica);
+                        upgrade::run(&self.replica, &current, instance, order, &new_id).await
+                    };
                     instance = result.instance;
                     if let Some(since) = result.ready_since {
                         ready_since = since;
@@ -467,7 +557,7 @@ impl Actor {
             };
             let restarting = matches!(next, Next::Start);
             self.replica
-                .stop_instance(&manifest, &mut instance, why, restarting, true)
+                .stop_instance_releasing(&manifest, &mut instance, why, restarting)
                 .await;
             if restarting && reply.is_some() {
                 // The answer reads the state: the new start has begun.
@@ -479,6 +569,23 @@ impl Actor {
             }
             return Ok(Outcome::Decided(next));
         }
+    }
+}
+
+/// Marks a replica as upgrading (see [`crate::status::ReplicaStatus`]) for
+/// as long as it lives.
+struct Upgrading<'a>(&'a Replica);
+
+impl<'a> Upgrading<'a> {
+    fn mark(replica: &'a Replica) -> Self {
+        replica.update(|r| r.upgrading = true);
+        Upgrading(replica)
+    }
+}
+
+impl Drop for Upgrading<'_> {
+    fn drop(&mut self) {
+        self.0.update(|r| r.upgrading = false);
     }
 }
 
@@ -525,6 +632,7 @@ async fn watch_ready(
     manifest: &crate::manifest::Manifest,
     instance: &mut Instance,
     commands: &mut mpsc::Receiver<Command>,
+    requirements: &mut crate::dependencies::Watch,
 ) -> RunEnd {
     let interval = manifest.health.interval.0;
     let mut probes = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -542,6 +650,26 @@ async fn watch_ready(
     loop {
         tokio::select! {
             status = &mut exited => return RunEnd::Exited(status),
+            change = requirements.next() => {
+                let went = if change.up { "is ready again" } else { "went down" };
+                let detail = EventDetail {
+                    requirement: Some(change.name.clone()),
+                    ..EventDetail::default()
+                };
+                let state = replica.plugin.board.lock().replicas[replica.index].state;
+                replica.event(
+                    state,
+                    &instance.id,
+                    format!("required plugin {} {went} ({})", change.name, change.why),
+                    detail,
+                );
+                if !change.up && change.on_crash == crate::dependencies::OnCrash::Restart {
+                    return RunEnd::RequirementDown(format!(
+                        "required plugin {} went down; starting again once it is ready (on_crash: restart)",
+                        change.name
+                    ));
+                }
+            }
             _ = replica.host.cancel.cancelled() => return RunEnd::Cancelled,
             cmd = commands.recv() => return match cmd {
                 Some(cmd) => RunEnd::Command(cmd),

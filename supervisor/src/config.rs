@@ -168,6 +168,25 @@ pub struct Config {
     pub registry: Option<crate::registry::RegistryConfig>,
     pub health: HealthConfig,
     pub routing: RoutingConfig,
+    /// Public keys whose signatures plugins may carry (see
+    /// [`crate::signature`]).
+    pub trusted_keys: Vec<TrustedKeyConfig>,
+    /// Refuse plugins without a valid signature by a trusted key.
+    pub require_signatures: bool,
+}
+
+/// One entry of `trusted_keys`: a name and a minisign public key, inline
+/// (`key: RW...`) or in a file (`key_file: release.pub`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedKeyConfig {
+    /// Shown as the signer in `inspect`, `ps --json` and metrics.
+    pub name: String,
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Relative to the config file's directory.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -190,6 +209,8 @@ impl Default for Config {
             registry: None,
             health: HealthConfig::default(),
             routing: RoutingConfig::default(),
+            trusted_keys: Vec::new(),
+            require_signatures: false,
         }
     }
 }
@@ -285,7 +306,53 @@ impl Config {
             crate::manifest::validate_name(name)
                 .map_err(|m| err(format!("health.required: {m}")))?;
         }
+        for key in &mut config.trusted_keys {
+            key.key_file = key.key_file.take().map(|p| base.join(p));
+        }
+        config.signature_policy().map_err(err)?;
         Ok(config)
+    }
+
+    /// The trusted keys, read and checked, and `require_signatures`.
+    pub fn signature_policy(&self) -> Result<crate::signature::SignaturePolicy, String> {
+        let mut trusted: Vec<crate::signature::TrustedKey> = Vec::new();
+        for (i, k) in self.trusted_keys.iter().enumerate() {
+            let at = format!("trusted_keys[{i}]");
+            crate::manifest::validate_name(&k.name).map_err(|m| format!("{at}.name: {m}"))?;
+            let text = match (&k.key, &k.key_file) {
+                (Some(key), None) => key.clone(),
+                (None, Some(file)) => crate::manifest::read_bounded(file, 4096, "a public key")
+                    .map_err(|m| format!("{at}.key_file: {}: {m}", file.display()))?,
+                _ => {
+                    return Err(format!(
+                        "{at} ({}): give exactly one of `key` (the minisign public key, RW...) or `key_file`",
+                        k.name
+                    ));
+                }
+            };
+            let key = crate::signature::TrustedKey::parse(&k.name, &text)
+                .map_err(|m| format!("{at} ({}): {m}", k.name))?;
+            if let Some(other) = trusted
+                .iter()
+                .find(|t| t.name == key.name || t.key_id == key.key_id)
+            {
+                return Err(format!(
+                    "{at} ({}): the same name or key id ({}) as `{}` listed before it",
+                    k.name, key.key_id, other.name
+                ));
+            }
+            trusted.push(key);
+        }
+        if self.require_signatures && trusted.is_empty() {
+            return Err(
+                "require_signatures: true needs at least one key in trusted_keys, or no plugin could start"
+                    .into(),
+            );
+        }
+        Ok(crate::signature::SignaturePolicy {
+            trusted,
+            require: self.require_signatures,
+        })
     }
 
     /// `cgroup.parent`, defaulted: `plugvisor` for the default runtime

@@ -64,6 +64,9 @@ pub(crate) struct Host {
     /// Output readers and exit waiters: end with their children.
     pub io_tasks: TaskTracker,
     pub metrics: Metrics,
+    /// The supervised plugins, for looking up what a plugin requires (weak:
+    /// the facade owns it).
+    pub registry: std::sync::Weak<crate::plugin::Registry>,
     /// Who provides which capability; coordinators keep their plugin's
     /// entry current.
     pub capabilities: crate::capability::CapabilityIndex,

@@ -94,6 +94,9 @@ pub struct Instance {
     /// A container plugin's container: removed when the instance is
     /// dropped.
     pub container: Option<crate::container::ContainerGuard>,
+    /// What it runs: the executable's digest and signer (empty without
+    /// isolation).
+    pub identity: crate::signature::RunIdentity,
 }
 
 impl Instance {
@@ -257,6 +260,10 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
         _ => None,
     };
     let mut prepared = prepared;
+    let identity = prepared
+        .as_ref()
+        .map(|p| p.identity.clone())
+        .unwrap_or_default();
     let owner = match &m.container {
         // The container's user, resolved on the host, owns its socket dir.
         Some(_) => crate::container::owner(m).map_err(StartError::Refused)?,
@@ -433,6 +440,7 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
             cgroup,
             sessions: None,
             container,
+            identity,
         }),
         Err(e) => {
             kill_and_reap(&child).await;

@@ -33,6 +33,8 @@
 //! - [`metrics`]: the Prometheus registry the supervisor feeds.
 //! - [`state`]: atomic state snapshots.
 //! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets.
+//! - [`dependencies`]: `requires:`, start order, waiting, crash propagation.
+//! - [`signature`]: signed plugins (minisign over a list of sha256 sums).
 //! - [`rundir`]: the runtime directory, created and checked so no other
 //!   user can plant or replace a socket in it.
 //!
@@ -60,6 +62,7 @@ pub mod autoscale;
 pub mod capability;
 pub mod config;
 pub mod container;
+pub mod dependencies;
 pub mod error;
 pub mod hooks;
 mod host;
@@ -78,6 +81,7 @@ mod replica;
 mod routing;
 pub mod rundir;
 mod session;
+pub mod signature;
 mod spec;
 pub mod state;
 pub mod status;

@@ -351,6 +351,7 @@ struct RawManifest {
     hooks: HooksSpec,
     #[serde(default)]
     container: Option<ContainerSpec>,
+    requires: Vec<crate::dependencies::RawRequirement>,
 }
 
 fn one() -> serde_json::Value {
@@ -403,6 +404,12 @@ pub struct Manifest {
     /// Set when the plugin is an OCI container: `exec` is then the
     /// container runtime.
     pub container: Option<ContainerSpec>,
+    /// The SHA-256 of the manifest text this was parsed from: what a
+    /// signature is checked against (see [`crate::signature`]).
+    pub source_sha256: String,
+    /// Plugins that must be ready before this one starts (see
+    /// [`crate::dependencies`]).
+    pub requires: Vec<crate::dependencies::Requirement>,
 }
 
 /// Checks a plugin name: `[a-z0-9][a-z0-9_-]{0,62}`.
@@ -587,7 +594,10 @@ impl Manifest {
             .sha256
             .map(|digest| validate_sha256(&digest).map_err(|m| err("sha256", m)))
             .transpose()?;
+        let requires = crate::dependencies::parse(&raw.name, raw.requires)
+            .map_err(|(field, m)| err(&field, m))?;
         Ok(Manifest {
+            requires,
             name: raw.name,
             version,
             path: path.to_path_buf(),
@@ -612,6 +622,7 @@ impl Manifest {
             capabilities: raw.capabilities,
             hooks: raw.hooks,
             container,
+            source_sha256: crate::signature::sha256_hex(text.as_bytes()),
         })
     }
 
@@ -823,6 +834,9 @@ pub fn discover(plugins_dir: &Path) -> Result<Discovery, ManifestError> {
             Err(e) => found.errors.push(e),
         }
     }
+    // Dependency order; a missing requirement or a cycle is an error.
+    let manifests = std::mem::take(&mut found.manifests);
+    found.manifests = crate::dependencies::resolve(manifests, &mut found.errors);
     Ok(found)
 }
 

@@ -56,6 +56,7 @@ struct InfoLabels {
     version: String,
     sha256: String,
     enforcement: String,
+    signer: String,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -137,13 +138,15 @@ pub struct PluginSample {
     pub sha256: String,
     /// What enforces its limits ("cgroup v1", "rlimits only", ...).
     pub enforcement: String,
+    /// The trusted key's name that signed what runs; empty when unsigned.
+    pub signer: String,
     pub memory_bytes: Option<u64>,
     pub cpu_seconds: Option<f64>,
     pub pids: Option<u64>,
 }
 
 /// Every state a plugin can be in, so a scrape shows a 0 for the others.
-const STATES: [&str; 8] = [
+const STATES: [&str; 9] = [
     "starting",
     "initializing",
     "ready",
@@ -152,6 +155,7 @@ const STATES: [&str; 8] = [
     "stopped",
     "backoff",
     "failed",
+    "waiting",
 ];
 
 impl Metrics {
@@ -301,6 +305,7 @@ impl Metrics {
                 version: s.version.clone(),
                 sha256: s.sha256.clone(),
                 enforcement: s.enforcement.clone(),
+                signer: s.signer.clone(),
             })
             .set(1);
             if let Some(bytes) = s.memory_bytes {
@@ -321,7 +326,7 @@ impl Metrics {
         registry.register("plugin_state", "1 for the plugin's current state", state);
         registry.register(
             "plugin_info",
-            "The plugin's version, pinned sha256 and limit enforcement",
+            "What the plugin runs: its version, the executable's sha256, who signed it, and its limit enforcement",
             info,
         );
         registry.register(
@@ -427,6 +432,7 @@ mod tests {
             up: true,
             sha256: "ab".into(),
             enforcement: "cgroup v1".into(),
+            signer: "release".into(),
             memory_bytes: Some(1024),
             cpu_seconds: Some(0.5),
             pids: Some(3),
@@ -435,7 +441,7 @@ mod tests {
             "plugvisor_plugin_up{plugin=\"echo\"} 1",
             "plugvisor_plugin_state{plugin=\"echo\",state=\"ready\"} 1",
             "plugvisor_plugin_state{plugin=\"echo\",state=\"failed\"} 0",
-            "plugvisor_plugin_info{plugin=\"echo\",version=\"1.0.0\",sha256=\"ab\",enforcement=\"cgroup v1\"} 1",
+            "plugvisor_plugin_info{plugin=\"echo\",version=\"1.0.0\",sha256=\"ab\",enforcement=\"cgroup v1\",signer=\"release\"} 1",
             "plugvisor_plugin_memory_bytes{plugin=\"echo\"} 1024",
             "# TYPE plugvisor_plugin_cpu_seconds counter",
             "plugvisor_plugin_cpu_seconds_total{plugin=\"echo\"} 0.5",
@@ -497,6 +503,7 @@ mod tests {
             up: true,
             sha256: String::new(),
             enforcement: "rlimits".into(),
+            signer: String::new(),
             memory_bytes: None,
             cpu_seconds: None,
             pids: None,

@@ -295,6 +295,7 @@ impl Replica {
                 r.ready_since = Some(ready_since);
                 r.instance = instance.id.clone();
                 r.pid = Some(pid);
+                r.identity = instance.identity.clone();
             }
         }
         self.route(Route::Ready(ReadyInstance::new(
@@ -346,6 +347,34 @@ impl Replica {
         restarting: bool,
         snapshot_first: bool,
     ) {
+        self.stop_instance_with(manifest, instance, why, restarting, snapshot_first, false)
+            .await
+    }
+
+    /// [`Self::stop_instance`] for a stop on purpose (not an upgrade's
+    /// switch): once it said `stopping`, the plugins bound to this one stop
+    /// first when it is going down (see
+    /// [`crate::dependencies::let_bound_dependents_stop`]).
+    pub async fn stop_instance_releasing(
+        &self,
+        manifest: &Manifest,
+        instance: &mut Instance,
+        why: &str,
+        restarting: bool,
+    ) {
+        self.stop_instance_with(manifest, instance, why, restarting, true, true)
+            .await
+    }
+
+    async fn stop_instance_with(
+        &self,
+        manifest: &Manifest,
+        instance: &mut Instance,
+        why: &str,
+        restarting: bool,
+        snapshot_first: bool,
+        release: bool,
+    ) {
         if restarting {
             if self
                 .plugin
@@ -362,6 +391,9 @@ impl Replica {
             });
         }
         self.transition(PluginState::Stopping, &instance.id, why.to_string());
+        if release {
+            crate::dependencies::let_bound_dependents_stop(self, &instance.id).await;
+        }
         let env = self.committed_env();
         if instance.child.try_status().is_none() {
             let pid = instance.child.pid().to_string();

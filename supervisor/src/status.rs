@@ -28,6 +28,9 @@ pub enum PluginState {
     /// A registered remote plugin that missed its heartbeats: not routed to
     /// until it sends one again, removed if it stays silent.
     Unavailable,
+    /// Not started: a plugin it requires is not ready (the reason says
+    /// which).
+    Waiting,
 }
 
 impl PluginState {
@@ -42,6 +45,7 @@ impl PluginState {
             PluginState::Backoff => "backoff",
             PluginState::Failed => "failed",
             PluginState::Unavailable => "unavailable",
+            PluginState::Waiting => "waiting",
         }
     }
 
@@ -213,6 +217,8 @@ pub struct EventDetail {
     pub delay: Option<Duration>,
     /// For a change made by autoscaling: the replica count it goes to.
     pub scaled_to: Option<usize>,
+    /// The required plugin the event is about (waiting for it, its crash).
+    pub requirement: Option<String>,
 }
 
 impl EventDetail {
@@ -249,6 +255,8 @@ pub struct ReplicaInfo {
     pub restarts: u32,
     pub last_exit: Option<String>,
     pub ready_for: Option<Duration>,
+    /// What its last instance ran: digest and signer.
+    pub identity: crate::signature::RunIdentity,
 }
 
 /// A point-in-time view of one plugin, for `ps` and `inspect`. With one
@@ -284,6 +292,11 @@ pub struct PluginInfo {
     pub rate_limits: Vec<(String, String)>,
     /// Autoscaling bounds and the last change, when the plugin autoscales.
     pub scaling: Option<crate::autoscale::ScalingInfo>,
+    /// The plugins it requires (its manifest's `requires:`).
+    pub requires: Vec<crate::dependencies::Requirement>,
+    /// What runs (the first ready replica's, else the first replica's):
+    /// the executable's digest and who signed it.
+    pub identity: crate::signature::RunIdentity,
 }
 
 /// Status of one replica, written only by its actor.
@@ -296,6 +309,11 @@ pub(crate) struct ReplicaStatus {
     pub restarts: u32,
     pub last_exit: Option<String>,
     pub ready_since: Option<Instant>,
+    /// What its last instance ran.
+    pub identity: crate::signature::RunIdentity,
+    /// A zero-downtime upgrade of its ready instance is under way: calls
+    /// wait (not fail) and the replica counts as up for its dependents.
+    pub upgrading: bool,
 }
 
 impl ReplicaStatus {
@@ -308,6 +326,8 @@ impl ReplicaStatus {
             restarts: 0,
             last_exit: None,
             ready_since: None,
+            identity: Default::default(),
+            upgrading: false,
         }
     }
 }
@@ -407,6 +427,7 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
             restarts: r.restarts,
             last_exit: r.last_exit.clone(),
             ready_for: r.ready_since.map(|t| t.elapsed()),
+            identity: r.identity.clone(),
         })
         .collect();
     let first = &replicas[0];
@@ -458,6 +479,13 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
         reported_version: b.reported_version.clone(),
         isolation: Default::default(),
         remote: manifest.remote.as_ref().map(crate::remote::RemoteInfo::of),
+        requires: manifest.requires.clone(),
+        identity: replicas
+            .iter()
+            .find(|r| r.state.is_up())
+            .unwrap_or(first)
+            .identity
+            .clone(),
         replicas,
         capabilities: manifest.capabilities.clone(),
         rate_limits: Vec::new(),

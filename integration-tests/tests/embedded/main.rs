@@ -5,6 +5,7 @@
 
 mod autoscale;
 mod confinement;
+mod dependencies;
 mod filesystem;
 mod initialize;
 mod isolation;

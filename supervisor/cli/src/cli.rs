@@ -243,6 +243,31 @@ pub enum Command {
         #[arg(long, default_value = "")]
         filter: String,
     },
+    /// Make a minisign key pair for signing plugins: `<OUT>.key` (secret,
+    /// 0600) and `<OUT>.pub`; prints the `trusted_keys` entry to add.
+    Keygen {
+        /// Path prefix of the two files.
+        #[arg(long, value_name = "PREFIX", default_value = "plugvisor")]
+        out: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Sign a plugin directory: writes plugin.sums (the SHA-256 of its
+    /// manifest, executable and any --file) and plugin.sums.minisig.
+    Sign {
+        /// The minisign secret key (from `plugvisor keygen` or `minisign -G`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Another file of the plugin to cover (relative to its directory).
+        #[arg(long = "file", value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// The signature's trusted comment (default: name, version, time).
+        #[arg(long)]
+        comment: Option<String>,
+        /// The plugin directory (holding plugin.yaml).
+        dir: PathBuf,
+    },
     /// Print the version.
     Version,
 }
@@ -419,10 +444,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             if *json {
                 println!(
                     "{}",
-                    serde_json::json!({"status": h.status, "message": h.message})
+                    serde_json::json!({
+                        "status": h.status,
+                        "message": h.message,
+                        "instance": h.instance,
+                        "version": h.version,
+                        "sha256": (!h.sha256.is_empty()).then_some(&h.sha256),
+                        "signer": h.signer.as_ref().map(|g| serde_json::json!({"name": g.name, "key_id": g.key_id})),
+                    })
                 );
             } else {
-                println!("{}", health_line(name, &h.status, &h.message));
+                let runs = what_runs_short(&h.version, &h.sha256, h.signer.as_ref());
+                println!("{}", health_line(name, &h.status, &h.message, &runs));
             }
             Ok(if h.status == "SERVING" { 0 } else { 1 })
         }
@@ -449,6 +482,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             };
             crate::top::command(&control_path(), &options).await
         }
+        Command::Keygen { out, force } => crate::sign::keygen(out, *force),
+        Command::Sign {
+            key,
+            files,
+            comment,
+            dir,
+        } => crate::sign::sign(dir, key, files, comment.as_deref()),
         Command::Version => {
             println!("plugvisor {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
@@ -520,7 +560,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 println!("uptime:     {}s", status.uptime_secs);
                 match &status.remote {
                     Some(r) => crate::registry::print_remote(r),
-                    None => println!("executable: {}", status.executable),
+                    None => {
+                        println!("executable: {}", status.executable);
+                        println!("sha256:     {}", what_runs_line(&status));
+                        println!(
+                            "signed by:  {}",
+                            status.signer.as_ref().map_or("-".to_string(), |g| format!(
+                                "{} (key {}; {})",
+                                g.name, g.key_id, g.comment
+                            ))
+                        );
+                    }
+                }
+                if !status.requires.is_empty() {
+                    println!("requires:   {}", requires_line(&status.requires));
                 }
                 println!("methods:    {}", status.methods.join(", "));
                 if !status.capabilities.is_empty() {
@@ -616,6 +669,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     "unchanged": r.unchanged, "failed": failed,
                     "settings_applied": r.settings_applied,
                     "settings_need_restart": r.settings_need_restart,
+                    "untrusted": r.untrusted.iter()
+                        .map(|f| serde_json::json!({"name": f.name, "reason": f.reason}))
+                        .collect::<Vec<_>>(),
                 });
                 println!("{v}");
             } else {
@@ -642,8 +698,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                         r.settings_need_restart.join(", ")
                     );
                 }
+                for f in &r.untrusted {
+                    println!(
+                        "untrusted: {}: runs on, its next start is refused: {}",
+                        f.name, f.reason
+                    );
+                }
             }
-            Ok(if r.failed.is_empty() { 0 } else { 1 })
+            // Plugins left as they were, or running what the new policy
+            // refuses, need the operator.
+            Ok(if r.failed.is_empty() && r.untrusted.is_empty() {
+                0
+            } else {
+                1
+            })
         }
         Command::Start { name } | Command::Stop { name } | Command::Restart { name, .. } => {
             let mut client = control::connect(&control_path()).await?;
@@ -783,12 +851,28 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
 }
 
 /// `NAME: STATUS MESSAGE`, without a trailing space when there is no message.
-fn health_line(name: &str, status: &str, message: &str) -> String {
+fn health_line(name: &str, status: &str, message: &str, runs: &str) -> String {
     if message.is_empty() {
-        format!("{name}: {status}")
+        format!("{name}: {status} ({runs})")
     } else {
-        format!("{name}: {status} {message}")
+        format!("{name}: {status} {message} ({runs})")
     }
+}
+
+/// What answered a health check, short: `version 1.2.0, sha256
+/// 3f2a9c1e7b0d, signed by release` (the digest's first 12 hex digits, as
+/// `inspect` and `health --json` give it whole).
+fn what_runs_short(version: &str, sha256: &str, signer: Option<&pb::Signer>) -> String {
+    let digest = match sha256.get(..12) {
+        Some(short) => short,
+        None if sha256.is_empty() => "unknown",
+        None => sha256,
+    };
+    let signed = match signer {
+        Some(s) => format!("signed by {}", s.name),
+        None => "unsigned".to_string(),
+    };
+    format!("version {version}, sha256 {digest}, {signed}")
 }
 
 /// Refuses, before sending, a call larger than one control message may be
@@ -827,6 +911,7 @@ fn check(args: &ConfigArgs, json: bool) -> anyhow::Result<i32> {
     // Limits this host would refuse at every start (nofile above the hard
     // limit, pids beyond pid_max): caught here rather than in a restart loop.
     let host = plugvisor::manifest::HostLimits::probe(std::path::Path::new("/proc"));
+    let signatures = config.signature_policy().map_err(anyhow::Error::msg)?;
     for m in &discovery.manifests {
         let refused = plugvisor::manifest::host_limits_problems(m, &host);
         if !refused.is_empty() {
@@ -841,7 +926,11 @@ fn check(args: &ConfigArgs, json: bool) -> anyhow::Result<i32> {
         ) {
             Ok(warnings) => {
                 unpinned.extend(warnings);
-                plugins.push(m)
+                // What a start would say of its signature.
+                match plugvisor::signature::check_offline(&signatures, m) {
+                    Ok(_) => plugins.push(m),
+                    Err(why) => errors.push(format!("{}: {why}", m.path.display())),
+                }
             }
             Err(why) => errors.push(format!("{}: {why}", m.path.display())),
         }
@@ -896,6 +985,34 @@ async fn shutdown_signal() {
     }
 }
 
+/// `inspect`'s sha256 line: the digest and what it is of.
+fn what_runs_line(s: &pb::PluginStatus) -> String {
+    if s.sha256.is_empty() {
+        return "- (not started yet)".into();
+    }
+    let of = if s.sha256_sealed {
+        "of the sealed bytes executed"
+    } else {
+        "of the file at start"
+    };
+    format!("{} ({of})", s.sha256)
+}
+
+/// `kv >=1.2 (on crash: restart), cache`.
+fn requires_line(r: &[pb::Requirement]) -> String {
+    r.iter()
+        .map(|r| {
+            let mut s = r.name.clone();
+            if !r.version.is_empty() {
+                s.push_str(&format!(" {}", r.version));
+            }
+            s.push_str(&format!(" (on crash: {})", r.on_crash));
+            s
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn status_json(s: &pb::PluginStatus) -> serde_json::Value {
     serde_json::json!({
         "name": s.name,
@@ -923,6 +1040,14 @@ fn status_json(s: &pb::PluginStatus) -> serde_json::Value {
             "restarts": r.restarts,
         })).collect::<Vec<_>>(),
         "scaling": s.scaling.as_ref().map(scaling_json),
+        "sha256": (!s.sha256.is_empty()).then_some(&s.sha256),
+        "sha256_sealed": s.sha256_sealed,
+        "signer": s.signer.as_ref().map(|g| serde_json::json!({"name": g.name, "key_id": g.key_id, "comment": g.comment})),
+        "requires": s.requires.iter().map(|r| serde_json::json!({
+            "name": r.name,
+            "version": (!r.version.is_empty()).then_some(&r.version),
+            "on_crash": r.on_crash,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -1176,10 +1301,24 @@ mod tests {
 
     #[test]
     fn health_line_has_no_trailing_space_without_a_message() {
-        assert_eq!(health_line("echo", "SERVING", ""), "echo: SERVING");
+        let runs = what_runs_short("1.0.0", &"ab".repeat(32), None);
+        assert_eq!(runs, "version 1.0.0, sha256 abababababab, unsigned");
         assert_eq!(
-            health_line("echo", "DEGRADED", "disk low"),
-            "echo: DEGRADED disk low"
+            health_line("echo", "SERVING", "", &runs),
+            "echo: SERVING (version 1.0.0, sha256 abababababab, unsigned)"
+        );
+        assert_eq!(
+            health_line("echo", "DEGRADED", "disk low", &runs),
+            "echo: DEGRADED disk low (version 1.0.0, sha256 abababababab, unsigned)"
+        );
+        let signer = pb::Signer {
+            name: "release".into(),
+            key_id: "7C0E27FB1E9D1F88".into(),
+            comment: String::new(),
+        };
+        assert_eq!(
+            what_runs_short("2.1.0", "", Some(&signer)),
+            "version 2.1.0, sha256 unknown, signed by release"
         );
     }
 

@@ -235,6 +235,31 @@ pub fn status_of(info: &PluginInfo) -> pb::PluginStatus {
             last_reason: s.last_reason.clone().unwrap_or_default(),
             last_change_ms: s.last_change.map_or(0, millis),
         }),
+        sha256: info.identity.sha256.clone().unwrap_or_default(),
+        sha256_sealed: info.identity.sealed,
+        signer: info.identity.signer.as_ref().map(signer_of),
+        requires: info
+            .requires
+            .iter()
+            .map(|r| pb::Requirement {
+                name: r.name.clone(),
+                version: r
+                    .version
+                    .as_ref()
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+                on_crash: r.on_crash.as_str().to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// The wire form of who signed what runs.
+pub fn signer_of(s: &plugvisor::signature::Signer) -> pb::Signer {
+    pb::Signer {
+        name: s.name.clone(),
+        key_id: s.key_id.clone(),
+        comment: s.comment.clone(),
     }
 }
 
@@ -290,6 +315,7 @@ fn event_of(e: &Event) -> pb::Event {
         attempt: e.detail.attempt.unwrap_or(0),
         delay_ms: e.detail.delay.map_or(0, |d| d.as_millis() as u64),
         scaled_to: e.detail.scaled_to.map_or(0, |n| n as u32),
+        requirement: e.detail.requirement.clone().unwrap_or_default(),
     }
 }
 
@@ -613,6 +639,11 @@ impl Control for ControlService {
                 .collect(),
             settings_applied: report.settings_applied,
             settings_need_restart: report.settings_need_restart,
+            untrusted: report
+                .untrusted
+                .into_iter()
+                .map(|(name, reason)| pb::ReloadFailure { name, reason })
+                .collect(),
         }))
     }
 
@@ -621,13 +652,17 @@ impl Control for ControlService {
         request: Request<pb::PluginRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
         self.access.borrow().check(&request)?;
-        let (status, message) = self
+        let report = self
             .supervisor
-            .health_check(&request.get_ref().name)
+            .health_report(&request.get_ref().name)
             .await?;
         Ok(Response::new(pb::HealthResponse {
-            status: status.as_str_name().to_string(),
-            message,
+            status: report.health.as_str_name().to_string(),
+            message: report.message,
+            instance: report.instance,
+            version: report.version,
+            sha256: report.identity.sha256.unwrap_or_default(),
+            signer: report.identity.signer.as_ref().map(signer_of),
         }))
     }
 

@@ -45,6 +45,10 @@ pub async fn run(
     options.state_dir = Some(config.state_dir.clone());
     options.isolation = isolation_options(&config);
     options.prefer_local = config.routing.prefer_local;
+    options.isolation.signatures = config
+        .signature_policy()
+        .map_err(anyhow::Error::msg)
+        .context("trusted_keys")?;
     let supervisor = Supervisor::launch(options)
         .await
         .context("cannot start the supervisor")?;
@@ -212,5 +216,7 @@ fn isolation_options(config: &plugvisor::config::Config) -> plugvisor::isolation
         dynamic_users: config.isolation.dynamic_users,
         default_user: config.isolation.user.clone(),
         require_pinning: config.isolation.require_pinning,
+        // Set by `run` from `trusted_keys`, which it checks.
+        signatures: Default::default(),
     }
 }

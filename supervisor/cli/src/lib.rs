@@ -14,6 +14,7 @@
 //! - [`stream`]: `call --stream`, chunked through `Control.CallStream`.
 //! - [`top`]: `plugvisor top`, the live full-screen view.
 //! - [`new`]: `plugvisor new`, plugin skeletons in Rust, Python and Go.
+//! - [`sign`]: `plugvisor keygen` and `plugvisor sign`, signed plugins.
 //! - [`progress`]: live step lines for long verbs, and terminal colours.
 
 pub mod capability;
@@ -29,6 +30,7 @@ pub mod notify;
 pub mod progress;
 pub mod registry;
 pub mod reload;
+pub mod sign;
 pub mod stream;
 pub mod tenant;
 pub mod tenant_cmd;

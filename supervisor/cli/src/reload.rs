@@ -1,12 +1,14 @@
 //! Reloading the daemon's plugins: re-read the supervisor config and the
-//! plugins directory, then start added plugins, stop removed ones, and
-//! upgrade changed ones without downtime ([`plugvisor::Supervisor::upgrade_with`]).
+//! plugins directory, then start added plugins (in dependency order), stop
+//! removed ones (dependents first), and upgrade changed ones without
+//! downtime ([`plugvisor::Supervisor::upgrade_with`]).
 //! A plugin whose manifest no longer loads keeps running as it was, and the
 //! report says why. Triggered by SIGHUP, `plugvisor reload`, and (for one
 //! plugin) `plugvisor restart NAME --upgrade`.
 //!
 //! Of the global settings, a reload applies those that can change live
-//! (`plugins_dir`, `plugins`, `control_uids`, `control_gids`, `strict`) and
+//! (`plugins_dir`, `plugins`, `control_uids`, `control_gids`, `strict`,
+//! `trusted_keys`, `require_signatures`) and
 //! reports the others that changed (see [`RESTART_SETTINGS`]) as needing a
 //! restart: they keep their running values until then.
 
@@ -34,6 +36,10 @@ pub struct ReloadReport {
     pub settings_applied: Vec<String>,
     /// Global settings that changed but apply only after a restart.
     pub settings_need_restart: Vec<String>,
+    /// Running plugins whose signature does not verify under the reloaded
+    /// `trusted_keys`/`require_signatures`, and why: they keep running, and
+    /// their next start is refused.
+    pub untrusted: Vec<(String, String)>,
 }
 
 /// Global settings a reload applies.
@@ -43,6 +49,8 @@ pub const LIVE_SETTINGS: &[&str] = &[
     "control_uids",
     "control_gids",
     "strict",
+    "trusted_keys",
+    "require_signatures",
 ];
 
 /// Global settings only a restart of the daemon applies: the directories
@@ -74,6 +82,8 @@ pub fn changed_settings(running: &Config, new: &Config) -> (Vec<String>, Vec<Str
         running.control_uids == new.control_uids,
         running.control_gids == new.control_gids,
         running.strict == new.strict,
+        running.trusted_keys == new.trusted_keys,
+        running.require_signatures == new.require_signatures,
     ];
     let restart = [
         running.runtime_dir == new.runtime_dir,
@@ -133,6 +143,12 @@ impl std::fmt::Display for ReloadReport {
                 f,
                 "; settings changed but not applied until a restart: {}",
                 self.settings_need_restart.join(", ")
+            )?;
+        }
+        for (name, why) in &self.untrusted {
+            write!(
+                f,
+                "; {name} runs on but its next start is refused because {why}"
             )?;
         }
         Ok(())
@@ -216,6 +232,8 @@ impl Reloader {
         running.plugins_dir = new.plugins_dir.clone();
         running.plugins = new.plugins.clone();
         running.strict = new.strict;
+        running.trusted_keys = new.trusted_keys.clone();
+        running.require_signatures = new.require_signatures;
         if changed
             .iter()
             .any(|s| s == "control_uids" || s == "control_gids")
@@ -274,10 +292,29 @@ impl Reloader {
             settings,
             tenants,
         } = &mut *guard;
+        // Checked when the config loaded; read the key files now, before
+        // anything changes.
+        let signatures = config.signature_policy().map_err(anyhow::Error::msg)?;
         let mut report = ReloadReport::default();
         (report.settings_applied, report.settings_need_restart) =
             changed_settings(settings, &config);
         self.apply_settings(settings, &config, &report.settings_applied);
+        // Before plugins are added or upgraded, so they start under it. The
+        // keys are compared, not only the config: a key file may change.
+        if signatures.summary() != self.supervisor.signature_policy().summary() {
+            if !report
+                .settings_applied
+                .iter()
+                .any(|s| s == "trusted_keys" || s == "require_signatures")
+            {
+                report.settings_applied.push("trusted_keys".into());
+            }
+            tracing::info!(
+                "reload: signatures are now checked with {}",
+                signatures.summary()
+            );
+            report.untrusted = self.supervisor.set_signature_policy(signatures).await;
+        }
         if !report.settings_need_restart.is_empty() {
             tracing::warn!(
                 "reload: changed settings not applied until the daemon restarts: {}",
@@ -334,16 +371,20 @@ impl Reloader {
             )
             .await;
         }
-        for name in running {
-            if wanted.contains(&name) || crate::registry::is_registered(&self.supervisor, &name) {
-                continue;
-            }
-            // A tenant's entry stays as it was while its plugin's manifest
-            // is broken, like the plugin itself.
-            let base = plugvisor::tenant::split(&name).0;
-            if base != name && broken.contains_key(base) {
-                continue;
-            }
+        // Removed in reverse dependency order: dependents first (additions
+        // and upgrades above went in dependency order, as discovered).
+        let leaving: Vec<String> = running
+            .into_iter()
+            .filter(|name| {
+                // A tenant's entry stays as it was while its plugin's
+                // manifest is broken, like the plugin itself.
+                let base = plugvisor::tenant::split(name).0;
+                !wanted.contains(name)
+                    && !crate::registry::is_registered(&self.supervisor, name)
+                    && !(base != name && broken.contains_key(base))
+            })
+            .collect();
+        for name in self.supervisor.dependents_first(leaving) {
             if let Some(why) = broken.remove(&name) {
                 report.failed.push((name, why));
                 continue;
@@ -396,6 +437,7 @@ impl Reloader {
             ..
         } = &mut *guard;
         let mut started = 0;
+        let mut errors = discovery.errors;
         for manifest in discovery.manifests {
             let overrides = config
                 .plugins
@@ -406,8 +448,21 @@ impl Reloader {
                 tracing::info!(plugin = %manifest.name, "disabled in the supervisor config; not started");
                 continue;
             }
-            known.insert(manifest.name.clone(), fingerprint(&manifest, &overrides));
-            self.supervisor.add(manifest.clone(), &overrides)?;
+            let print = fingerprint(&manifest, &overrides);
+            let (name, path) = (manifest.name.clone(), manifest.path.clone());
+            // Refused when what it requires was left out (disabled).
+            if let Err(e) = self.supervisor.add(manifest.clone(), &overrides) {
+                if config.strict {
+                    return Err(e.into());
+                }
+                errors.push(ManifestError {
+                    file: path,
+                    field: Some("requires".into()),
+                    message: e.to_string(),
+                });
+                continue;
+            }
+            known.insert(name, print);
             started += 1;
             let mut report = ReloadReport::default();
             self.sync_tenants(
@@ -425,7 +480,7 @@ impl Reloader {
                 tracing::error!(plugin = %name, "tenant not started: {why}");
             }
         }
-        Ok((started, discovery.errors))
+        Ok((started, errors))
     }
 
     /// Upgrades one plugin to what its directory holds now (`restart

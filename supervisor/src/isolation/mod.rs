@@ -387,6 +387,8 @@ pub struct IsolationOptions {
     pub default_user: Option<String>,
     /// Refuse plugins whose manifest has no `sha256:` pin.
     pub require_pinning: bool,
+    /// Trusted keys, and whether plugins must be signed.
+    pub signatures: crate::signature::SignaturePolicy,
 }
 
 /// What enforces a supervisor's limits.
@@ -420,6 +422,8 @@ pub struct Prepared {
     /// The plugin asked for a filesystem view: give it a private tmp in
     /// its socket directory (`TMPDIR`), applied or not.
     pub private_tmp: bool,
+    /// What runs: the executable's digest and who signed it.
+    pub identity: crate::signature::RunIdentity,
 }
 
 impl Prepared {
@@ -501,9 +505,21 @@ struct Privileges {
     users: Arc<Mutex<privileges::Allocator>>,
     /// Plugin name → what its last start resolved, for `inspect`.
     held: Arc<Mutex<HashMap<String, privileges::Held>>>,
+    /// Trusted keys and `require_signatures`; a reload swaps them, each
+    /// start reads them once.
+    signatures: Arc<std::sync::RwLock<Arc<crate::signature::SignaturePolicy>>>,
+    /// Digests of unsealed executables, for what `inspect` shows runs.
+    digests: Arc<pin::DigestCache>,
 }
 
 impl Privileges {
+    fn signature_policy(&self) -> Arc<crate::signature::SignaturePolicy> {
+        self.signatures
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn new(opts: &IsolationOptions, proc_root: &Path) -> Privileges {
         let can_setid = capable(CAP_SETUID) && capable(CAP_SETGID);
         if !can_setid {
@@ -522,6 +538,8 @@ impl Privileges {
             last_cap: privileges::last_cap(proc_root),
             users: Arc::default(),
             held: Arc::default(),
+            signatures: Arc::new(std::sync::RwLock::new(Arc::new(opts.signatures.clone()))),
+            digests: Arc::default(),
         }
     }
 
@@ -782,6 +800,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Isolation {
+    /// The trusted keys and `require_signatures` that starts check now.
+    pub fn signature_policy(&self) -> Arc<crate::signature::SignaturePolicy> {
+        self.privileges.signature_policy()
+    }
+
+    /// Replaces the trusted keys and `require_signatures` (a reload): every
+    /// start from now on checks the new ones; what runs is left alone.
+    pub fn set_signature_policy(&self, policy: crate::signature::SignaturePolicy) {
+        // A plain swap: a poisoned lock still holds a whole value.
+        *self
+            .privileges
+            .signatures
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
     /// Chooses the mechanism: probes (or takes) a cgroup tree, sets it up and
     /// cleans what an earlier run left. Without a usable tree it warns once
     /// and runs on rlimits alone, unless cgroups are required: then the
@@ -1093,11 +1127,34 @@ fn prepare_blocking(
     manifest: &Manifest,
     instance_id: &str,
 ) -> Result<Prepared, PrepareError> {
-    let exec = pin::Executable::open(&manifest.exec, manifest.sha256.as_deref(), allow_writable)
-        .map_err(|e| match e {
-            pin::PinError::Refused(why) => PrepareError::Refused(why),
-            pin::PinError::Io(why) => PrepareError::Failed(why),
-        })?;
+    // The policy in force now, for the whole start (a reload may swap it).
+    let signatures = privileges.signature_policy();
+    // A checked signature compares the sealed bytes, which are what runs.
+    let signed = signatures.applies_to(&manifest.dir);
+    let exec = pin::Executable::open_with(
+        &manifest.exec,
+        manifest.sha256.as_deref(),
+        allow_writable,
+        manifest.sha256.is_some() || signed,
+    )
+    .map_err(|e| match e {
+        pin::PinError::Refused(why) => PrepareError::Refused(why),
+        pin::PinError::Io(why) => PrepareError::Failed(why),
+    })?;
+    let signer = signatures
+        .check(manifest, exec.sha256.as_deref())
+        .map_err(PrepareError::Refused)?;
+    let identity = crate::signature::RunIdentity {
+        sha256: match privileges.digests.digest(&exec) {
+            Ok(digest) => Some(digest),
+            Err(e) => {
+                tracing::warn!(plugin = %manifest.name, "cannot compute the sha256 of {}: {e}", manifest.exec.display());
+                None
+            }
+        },
+        sealed: exec.sealed,
+        signer,
+    };
     let (credentials, caps, held) = privileges.resolve(manifest)?;
     if let Some(c) = &credentials
         && !exec.exec_from_fd()
@@ -1174,6 +1231,7 @@ fn prepare_blocking(
         cgroup,
         owner,
         private_tmp: manifest.isolation.filesystem.restricts(),
+        identity,
     })
 }
 
