@@ -348,9 +348,11 @@ struct RawManifest {
     upgrade: UpgradeSpec,
     #[serde(default)]
     capabilities: Vec<String>,
+    #[serde(default)]
     hooks: HooksSpec,
     #[serde(default)]
     container: Option<ContainerSpec>,
+    #[serde(default)]
     requires: Vec<crate::dependencies::RawRequirement>,
 }
 

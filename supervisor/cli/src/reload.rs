@@ -379,9 +379,10 @@ impl Reloader {
                 // A tenant's entry stays as it was while its plugin's
                 // manifest is broken, like the plugin itself.
                 let base = plugvisor::tenant::split(name).0;
-                !wanted.contains(name)
-                    && !crate::registry::is_registered(&self.supervisor, name)
-                    && !(base != name && broken.contains_key(base))
+                let kept = wanted.contains(name)
+                    || crate::registry::is_registered(&self.supervisor, name)
+                    || (base != name && broken.contains_key(base));
+                !kept
             })
             .collect();
         for name in self.supervisor.dependents_first(leaving) {
