@@ -108,6 +108,11 @@ impl Actor {
 
     async fn run(&mut self) {
         let mut next = Next::Start;
+        // A survivor of the previous supervisor, proven to be itself.
+        let mut adopted = crate::adopt::claim(&self.replica, &self.spec).await;
+        if let Some((_, _, start)) = &adopted {
+            self.starts = *start;
+        }
         loop {
             match next {
                 Next::Exit => return,
@@ -117,8 +122,12 @@ impl Actor {
                 }
                 Next::Start => {}
             }
-            let instance_id = self.next_id();
-            let (reason, ready_since) = match self.start_and_run(&instance_id).await {
+            let adopted = adopted.take().map(|(instance, info, _)| (instance, info));
+            let instance_id = match &adopted {
+                Some((instance, _)) => instance.id.clone(),
+                None => self.next_id(),
+            };
+            let (reason, ready_since) = match self.start_and_run(&instance_id, adopted).await {
                 Ok(Outcome::Gone {
                     reason,
                     ready_since,
@@ -305,19 +314,28 @@ impl Actor {
     }
 
     /// Starts one instance and serves calls through it until it ends.
-    async fn start_and_run(&mut self, instance_id: &str) -> Result<Outcome, ExitReason> {
-        let (restored, note) = self
-            .replica
-            .restored_state()
-            .await
-            .map_err(|why| ExitReason::Start(StartError::StateUnreadable(why)))?;
-        // Dropping a start in progress (on shutdown) kills its child: see
-        // `Child`'s Drop.
-        let launched = tokio::select! {
-            r = self.replica.launch(&self.spec, instance_id, restored, &note) => r,
-            _ = self.replica.host.cancel.cancelled() => return Ok(Outcome::Decided(Next::Exit)),
+    async fn start_and_run(
+        &mut self,
+        instance_id: &str,
+        adopted: Option<(Instance, plugvisor_proto::InitializeResponse)>,
+    ) -> Result<Outcome, ExitReason> {
+        let (mut instance, info) = match adopted {
+            Some(adopted) => adopted,
+            None => {
+                let (restored, note) = self
+                    .replica
+                    .restored_state()
+                    .await
+                    .map_err(|why| ExitReason::Start(StartError::StateUnreadable(why)))?;
+                // Dropping a start in progress (on shutdown) kills its child:
+                // see `Child`'s Drop.
+                let launched = tokio::select! {
+                    r = self.replica.launch(&self.spec, instance_id, restored, &note) => r,
+                    _ = self.replica.host.cancel.cancelled() => return Ok(Outcome::Decided(Next::Exit)),
+                };
+                launched.map_err(ExitReason::Start)?
+            }
         };
-        let (mut instance, info) = launched.map_err(ExitReason::Start)?;
         let mut ready_since = self.replica.publish(&instance, &info);
         loop {
             let manifest = self.spec.manifest.clone();

@@ -132,6 +132,9 @@ pub struct Config {
     /// Off by default: such a file can be swapped under the supervisor.
     pub allow_writable_executables: bool,
     pub isolation: IsolationConfig,
+    /// The default of every manifest's `survive_supervisor` (the manifest
+    /// wins when it sets one).
+    pub survive_supervisor: crate::manifest::SurvivePolicy,
 }
 
 impl Default for Config {
@@ -151,6 +154,7 @@ impl Default for Config {
             cgroup: CgroupConfig::default(),
             allow_writable_executables: false,
             isolation: IsolationConfig::default(),
+            survive_supervisor: crate::manifest::SurvivePolicy::OFF,
         }
     }
 }

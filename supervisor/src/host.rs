@@ -30,6 +30,9 @@ pub struct SupervisorOptions {
     /// cgroups (off by default when embedded: see [`crate::isolation::CgroupMode`])
     /// and whether writable executables may run.
     pub isolation: IsolationOptions,
+    /// `survive_supervisor` for plugins whose manifest does not say (the
+    /// supervisor config's default). See [`crate::adopt`].
+    pub survive_supervisor: crate::manifest::SurvivePolicy,
 }
 
 impl SupervisorOptions {
@@ -42,6 +45,7 @@ impl SupervisorOptions {
             log_lines: 2000,
             state_dir: None,
             isolation: IsolationOptions::default(),
+            survive_supervisor: crate::manifest::SurvivePolicy::OFF,
         }
     }
 }
@@ -60,4 +64,17 @@ pub(crate) struct Host {
     /// Output readers and exit waiters: end with their children.
     pub io_tasks: TaskTracker,
     pub metrics: Metrics,
+    /// Survivors of an earlier run, and where this run's are recorded.
+    pub survivors: std::sync::Arc<crate::adopt::Survivors>,
+}
+
+impl SupervisorOptions {
+    /// Where survivors are recorded: below the state dir, else the runtime
+    /// dir.
+    pub fn survivors_dir(&self) -> PathBuf {
+        self.state_dir
+            .as_ref()
+            .unwrap_or(&self.runtime_dir)
+            .join(crate::adopt::DIR_NAME)
+    }
 }

@@ -47,6 +47,7 @@
 //! ```
 
 mod actor;
+pub mod adopt;
 pub mod config;
 pub mod error;
 mod host;

@@ -7,6 +7,7 @@
 //! unknown fields and bad values are errors that name the file and the field.
 
 mod host;
+mod survive;
 mod yaml_guard;
 
 use crate::units::{HumanDuration, HumanSize};
@@ -22,6 +23,7 @@ pub const MANIFEST_FILE: &str = "plugin.yaml";
 /// a bigger file is refused before it is read whole.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 pub use host::{HostLimits, KERNEL_PIDS_MAX, Rlimit, host_limits_problems};
+pub use survive::SurvivePolicy;
 /// Deepest nesting of collections accepted in a manifest or config file.
 pub use yaml_guard::MAX_DEPTH;
 pub(crate) use yaml_guard::{check_shape, read_bounded};
@@ -320,6 +322,8 @@ struct RawManifest {
     calls: CallLimits,
     #[serde(default)]
     upgrade: UpgradeSpec,
+    #[serde(default)]
+    survive_supervisor: Option<SurvivePolicy>,
 }
 
 fn one() -> u32 {
@@ -358,6 +362,9 @@ pub struct Manifest {
     pub replicas: u32,
     pub calls: CallLimits,
     pub upgrade: UpgradeSpec,
+    /// `survive_supervisor:`; unset takes the supervisor config's default.
+    /// See [`crate::adopt`].
+    pub survive_supervisor: Option<SurvivePolicy>,
 }
 
 /// Checks a plugin name: `[a-z0-9][a-z0-9_-]{0,62}`.
@@ -502,6 +509,7 @@ impl Manifest {
             replicas: raw.replicas,
             calls: raw.calls,
             upgrade: raw.upgrade,
+            survive_supervisor: raw.survive_supervisor,
         })
     }
 

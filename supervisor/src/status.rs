@@ -71,6 +71,9 @@ pub enum ExitReason {
     /// Never became ready: spawn, handshake, connect or Initialize failed,
     /// or its saved state could not be read.
     Start(StartError),
+    /// A re-adopted survivor ended; only its parent (not us) could learn
+    /// how. See [`crate::adopt`].
+    Unknown,
 }
 
 impl ExitReason {
@@ -84,6 +87,7 @@ impl ExitReason {
                 signal,
                 core_dumped,
             },
+            ExitStatus::Unknown => ExitReason::Unknown,
         }
     }
 
@@ -103,6 +107,7 @@ impl ExitReason {
             ExitReason::Start(StartError::OomKilled { .. }) => "oom",
             ExitReason::Start(StartError::StateUnreadable(_)) => "snapshot",
             ExitReason::Start(_) => "start",
+            ExitReason::Unknown => "unknown",
         }
     }
 
@@ -164,6 +169,7 @@ impl std::fmt::Display for ExitReason {
             ),
             ExitReason::HealthCheck(why) => write!(f, "killed after failed health checks: {why}"),
             ExitReason::Start(e) => write!(f, "{e}"),
+            ExitReason::Unknown => write!(f, "{}", ExitStatus::Unknown),
         }
     }
 }
@@ -220,6 +226,7 @@ impl EventDetail {
             ExitReason::Start(StartError::ExitedEarly { status, .. }) => match status {
                 ExitStatus::Exited(code) => detail.exit_code = Some(*code),
                 ExitStatus::Signaled { signal, .. } => detail.signal = Some(*signal),
+                ExitStatus::Unknown => {}
             },
             _ => {}
         }

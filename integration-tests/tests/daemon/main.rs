@@ -10,5 +10,6 @@ mod operator;
 mod reload;
 mod stream;
 mod support;
+mod survive;
 mod terminal;
 mod top;

@@ -476,6 +476,7 @@ impl Checker {
             tasks: &self.tasks,
             // The protocol is checked, not the manifest's limits or hardening.
             isolation: None,
+            survive: None,
         })
         .await
     }

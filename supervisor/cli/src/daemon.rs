@@ -44,6 +44,7 @@ pub async fn run(
     options.subreaper = true;
     options.state_dir = Some(config.state_dir.clone());
     options.isolation = isolation_options(&config);
+    options.survive_supervisor = config.survive_supervisor;
     let supervisor = Supervisor::launch(options)
         .await
         .context("cannot start the supervisor")?;
@@ -62,6 +63,7 @@ pub async fn run(
     for error in &errors {
         tracing::error!("plugin not loaded: {error}");
     }
+    supervisor.release_survivors().await;
     for name in config.plugins.keys() {
         if supervisor.info(name).is_err() && config.plugins[name].enabled != Some(false) {
             tracing::warn!(plugin = %name, "the supervisor config has settings for `{name}`, but no such plugin was found in {}", config.plugins_dir.display());
