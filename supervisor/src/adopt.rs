@@ -110,6 +110,9 @@ pub struct Record {
     /// Its bounds, as they were when it started.
     pub max_unsupervised_ms: u64,
     pub max_output: u64,
+    /// Its cgroup directories, for the guard ([`crate::guard`]) to kill
+    /// what is left in them; a supervisor finds them by name instead.
+    pub cgroup: Vec<PathBuf>,
 }
 
 impl Record {
@@ -364,8 +367,8 @@ pub struct Survivors {
     pub proc_root: PathBuf,
     /// `survive_supervisor` for manifests that do not say.
     pub default: SurvivePolicy,
-    /// The flock on `<dir>/lock`, held for the supervisor's life.
-    _lock: std::fs::File,
+    /// The flock on `<dir>/lock`, held until the supervisor shuts down.
+    lock: Mutex<Option<std::fs::File>>,
     /// Records not yet claimed, by plugin and replica.
     pending: Mutex<HashMap<(String, usize), Record>>,
     /// How long ago the previous supervisor last touched the heartbeat.
@@ -419,12 +422,18 @@ impl Survivors {
             dir: dir.to_path_buf(),
             proc_root: proc_root.to_path_buf(),
             default,
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
             pending: Mutex::new(pending),
             unsupervised_for,
         };
         survivors.beat();
         Ok(survivors)
+    }
+
+    /// Lets another supervisor take the directory: this one has shut
+    /// down and stopped every plugin.
+    pub fn release(&self) {
+        lock(&self.lock).take();
     }
 
     /// The instance names to spare from the stale-run cleanup (cgroups and
@@ -786,6 +795,11 @@ pub(crate) fn record_of(
         restarts: replica.plugin.board.lock().replicas[replica.index].restarts,
         max_unsupervised_ms: policy.max_unsupervised.as_millis() as u64,
         max_output: policy.max_output,
+        cgroup: instance
+            .cgroup
+            .as_ref()
+            .map(|c| c.cgroup().paths())
+            .unwrap_or_default(),
     })
 }
 
@@ -1101,6 +1115,7 @@ mod tests {
             restarts: 0,
             max_unsupervised_ms: 600_000,
             max_output: DEFAULT_MAX_OUTPUT_FOR_TESTS,
+            cgroup: vec![],
         }
     }
 

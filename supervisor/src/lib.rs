@@ -50,6 +50,7 @@ mod actor;
 pub mod adopt;
 pub mod config;
 pub mod error;
+pub mod guard;
 mod host;
 pub mod instance;
 pub mod isolation;

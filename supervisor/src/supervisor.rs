@@ -564,6 +564,7 @@ impl Supervisor {
         // do not wait forever on a descendant that escaped its process group.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.host.io_tasks.wait()).await;
         self.host.isolation.shutdown();
+        self.host.survivors.release();
     }
 }
 

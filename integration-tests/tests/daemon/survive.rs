@@ -258,3 +258,39 @@ fn two_daemons_never_share_the_survivors() {
         "{err}"
     );
 }
+
+#[test]
+fn the_guard_kills_a_survivor_left_unsupervised_past_its_bound() {
+    let sandbox = Sandbox::new();
+    sandbox.plugin(
+        "tp",
+        &bin("testplugin"),
+        "survive_supervisor: {max_unsupervised: 1s}",
+    );
+    let mut daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("tp");
+    if wait_record(&sandbox, &daemon, "tp-0-1").is_none() {
+        return;
+    }
+    let survivor = pid_of(&daemon, "tp");
+    daemon.stop_with(libc::SIGKILL);
+    // It is still there right after the daemon died...
+    assert!(!is_gone(survivor));
+    // ...and goes at its bound, killed by the guard the daemon left.
+    let deadline = std::time::Instant::now() + SECS_10;
+    while !is_gone(survivor) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guard did not kill the survivor:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = daemon.log_text();
+    assert!(log.contains("its max_unsupervised: killing pid"), "{log}");
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("tp");
+    assert_ne!(pid_of(&daemon, "tp"), survivor);
+    let events = daemon.cli_ok(&["events", "--json"]);
+    assert!(events.contains("is gone"), "{events}");
+}

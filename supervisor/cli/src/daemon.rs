@@ -45,9 +45,20 @@ pub async fn run(
     options.state_dir = Some(config.state_dir.clone());
     options.isolation = isolation_options(&config);
     options.survive_supervisor = config.survive_supervisor;
+    let survivors_dir = options.survivors_dir();
     let supervisor = Supervisor::launch(options)
         .await
         .context("cannot start the supervisor")?;
+    // Bounds survivors (max_unsupervised, max_output) if this daemon dies.
+    let guard = match crate::survivors::Guard::start(&survivors_dir) {
+        Ok(guard) => Some(guard),
+        Err(e) => {
+            tracing::warn!(
+                "no survivor guard: {e:#}; survivors of a crash are bounded only when a supervisor starts again"
+            );
+            None
+        }
+    };
     let (access, access_now) = tokio::sync::watch::channel(Access {
         uids: config.control_uids.clone(),
         gids: config.control_gids.clone(),
@@ -138,6 +149,9 @@ pub async fn run(
     tokio::select! {
         _ = supervisor.shutdown() => {}
         _ = notifier.feed_watchdog(watchdog) => {}
+    }
+    if let Some(guard) = guard {
+        guard.stop();
     }
     cancel.cancel();
     if let Some(metrics) = metrics {

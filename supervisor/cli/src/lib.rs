@@ -15,6 +15,7 @@
 //! - [`top`]: `plugvisor top`, the live full-screen view.
 //! - [`new`]: `plugvisor new`, plugin skeletons in Rust, Python and Go.
 //! - [`progress`]: live step lines for long verbs, and terminal colours.
+//! - [`survivors`]: the guard the daemon leaves behind for its survivors.
 
 pub mod cli;
 pub mod conformance;
@@ -27,4 +28,5 @@ pub mod notify;
 pub mod progress;
 pub mod reload;
 pub mod stream;
+pub mod survivors;
 pub mod top;
