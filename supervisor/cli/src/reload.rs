@@ -57,6 +57,7 @@ pub const RESTART_SETTINGS: &[&str] = &[
     "cgroup",
     "allow_writable_executables",
     "isolation",
+    "survive_supervisor",
 ];
 
 /// The global settings that differ between `running` and `new`, as
@@ -82,6 +83,7 @@ pub fn changed_settings(running: &Config, new: &Config) -> (Vec<String>, Vec<Str
         same(&running.cgroup, &new.cgroup),
         running.allow_writable_executables == new.allow_writable_executables,
         running.isolation == new.isolation,
+        running.survive_supervisor == new.survive_supervisor,
     ];
     let names = |names: &[&str], same: &[bool]| {
         names
