@@ -404,7 +404,23 @@ impl Survivors {
                 });
             match record {
                 Ok(r) => {
-                    pending.insert((r.plugin.clone(), r.replica), r);
+                    // Two of one replica: a crash in the middle of an
+                    // upgrade. The newer start is the one calls went to
+                    // last; the older one's cgroup is cleaned as stale.
+                    let key = (r.plugin.clone(), r.replica);
+                    let older = match pending.get(&key) {
+                        Some(Record { start, .. }) if *start > r.start => Some(r),
+                        _ => pending.insert(key, r),
+                    };
+                    if let Some(older) = older {
+                        tracing::warn!(
+                            "two survivors of replica {} of {}: keeping the newer, dropping {}",
+                            older.replica,
+                            older.plugin,
+                            older.instance()
+                        );
+                        let _ = std::fs::remove_dir_all(Paths::new(dir, &older.instance()).dir);
+                    }
                 }
                 Err(why) => {
                     if paths.record().exists() {
@@ -606,6 +622,14 @@ pub(crate) async fn tail(
     };
     let mut offset = read_number(&paths.offset(stream));
     let mut saved = offset;
+    // Dropped before this tail began (by the guard, while unsupervised).
+    let earlier = read_number(&paths.dropped(stream));
+    if earlier > 0 {
+        sink.line(
+            stream,
+            format!("[plugvisor: {earlier} bytes of {stream} dropped unread so far: over survive_supervisor.max_output ({max_output} bytes)]"),
+        );
+    }
     let mut punched = 0u64;
     let mut pending: Vec<u8> = Vec::new();
     let mut idle = Duration::from_millis(1);
@@ -619,6 +643,15 @@ pub(crate) async fn tail(
         if size.saturating_sub(read_to) > max_output {
             let skip_to = size - max_output / 2;
             let dropped = skip_to - read_to;
+            // A flood before the handshake must not drop the handshake.
+            if let Some(tx) = handshake.take() {
+                match find_handshake(&file, offset, skip_to) {
+                    Some(found) => {
+                        let _ = tx.send(found);
+                    }
+                    None => handshake = Some(tx),
+                }
+            }
             pending.clear();
             offset = skip_to;
             let total = read_number(&paths.dropped(stream)) + dropped;
@@ -702,6 +735,37 @@ pub(crate) async fn tail(
         let _ = std::fs::remove_file(paths.dropped(stream));
         let _ = std::fs::remove_dir(&paths.dir);
     }
+}
+
+/// The first handshake line (or malformed one) in `[from, to)` of `file`,
+/// read in chunks: output about to be dropped unread is still searched for
+/// it.
+fn find_handshake(file: &std::fs::File, from: u64, to: u64) -> Option<Result<Handshake, String>> {
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut line: Vec<u8> = Vec::new();
+    let mut at = from;
+    while at < to {
+        let want = chunk.len().min((to - at) as usize);
+        let n = pread(file, &mut chunk[..want], at)
+            .ok()
+            .filter(|n| *n > 0)?;
+        at += n as u64;
+        for &b in &chunk[..n] {
+            if b != b'\n' {
+                if line.len() < MAX_LINE {
+                    line.push(b);
+                }
+                continue;
+            }
+            let text = String::from_utf8_lossy(&line);
+            match Handshake::parse(text.trim_end_matches('\r')) {
+                Ok(h) => return Some(Ok(h)),
+                Err(handshake::HandshakeError::Malformed(why)) => return Some(Err(why)),
+                Err(handshake::HandshakeError::NotAHandshake) => line.clear(),
+            }
+        }
+    }
+    None
 }
 
 fn pread(file: &std::fs::File, buf: &mut [u8], at: u64) -> io::Result<usize> {
@@ -1151,6 +1215,24 @@ mod tests {
     }
 
     #[test]
+    fn of_two_records_of_one_replica_the_newer_start_wins() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("s");
+        std::fs::create_dir_all(&dir).unwrap();
+        let older = record(4242, 7, "boot", 0);
+        let mut newer = older.clone();
+        newer.start = 4;
+        newer.pid = 4343;
+        // Either order of the directory listing.
+        write_record(&dir, "tp-0-4", &serde_json::to_vec(&newer).unwrap());
+        write_record(&dir, "tp-0-3", &serde_json::to_vec(&older).unwrap());
+        let s = Survivors::open(&dir, Path::new("/proc"), SurvivePolicy::OFF).unwrap();
+        assert_eq!(s.keep(), HashSet::from(["tp-0-4".to_string()]));
+        assert!(!dir.join("tp-0-3").exists());
+        assert_eq!(s.claim("tp", 0), Some(newer));
+    }
+
+    #[test]
     fn a_second_supervisor_cannot_take_the_directory() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("s");
@@ -1321,6 +1403,36 @@ mod tests {
             blocks < size / 2,
             "{blocks} bytes still allocated of {size}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_handshake_buried_in_a_flood_is_still_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let paths = Paths::new(tmp.path(), "tp-0-3");
+        let (out, _err) = create_output(&paths).unwrap();
+        let mut out = std::io::BufWriter::new(std::fs::File::from(out));
+        for i in 0..5_000 {
+            writeln!(
+                out,
+                "before {i:09} the quick brown fox jumps over the lazy dog"
+            )
+            .unwrap();
+        }
+        writeln!(out, "plugvisor|1|unix|/run/x.sock").unwrap();
+        for i in 0..20_000 {
+            writeln!(
+                out,
+                "after {i:09} the quick brown fox jumps over the lazy dog"
+            )
+            .unwrap();
+        }
+        drop(out);
+        let (tx, rx) = oneshot::channel();
+        let (_exit, exit) = watch::channel(Some(ExitStatus::Unknown));
+        let logs = Arc::new(LogBuffer::new(10));
+        tail(paths, "stdout", MIN_CAP, sink(&logs), Some(tx), exit).await;
+        let found = rx.await.expect("the handshake was reported").unwrap();
+        assert_eq!(found.address, "/run/x.sock");
     }
 
     const MIN_CAP: u64 = crate::manifest::SurvivePolicy::ON.max_output / 1024;

@@ -27,15 +27,25 @@ fn pid_of(daemon: &Daemon, name: &str) -> i32 {
 fn wait_record(sandbox: &Sandbox, daemon: &Daemon, instance: &str) -> Option<serde_json::Value> {
     let path = record_path(sandbox, instance);
     let mut found = None;
-    wait_until_blocking(SECS_10, &format!("the record {}", path.display()), || {
+    let deadline = std::time::Instant::now() + SECS_10;
+    loop {
         if daemon.log_text().contains("runs without cgroups") {
-            return true;
+            break;
         }
         found = std::fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        found.is_some()
-    });
+        if found.is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no record {} within 10s:\n{}",
+            path.display(),
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     if found.is_none() {
         skip("the daemon runs without cgroups here, which survivors need");
     }
@@ -135,6 +145,14 @@ fn survivors_are_readopted_after_a_daemon_sigkill_with_no_output_lost() {
     assert_eq!(tp_inits, 0, "Initialize is not sent again: {events}");
     // Calls reach it over the re-checked socket.
     assert_eq!(daemon.cli_ok(&["call", "tp", "echo", "--data", "hi"]), "hi");
+    // Where it runs in a PID namespace of its own, its pid there differs
+    // from the one recorded and checked (the daemon's view).
+    let ids: serde_json::Value =
+        serde_json::from_str(&daemon.cli_ok(&["call", "tp", "pid_info"])).unwrap();
+    assert_eq!(ids["host_pid"].as_i64(), Some(survivor as i64), "{ids}");
+    if ids["pid"].as_i64() != Some(survivor as i64) {
+        eprintln!("the survivor runs in its own PID namespace: {ids}");
+    }
     // Every tick, from the first, written before, during and after the gap.
     let mut seen = Vec::new();
     let last_before = *before.iter().max().unwrap();
@@ -293,4 +311,49 @@ fn the_guard_kills_a_survivor_left_unsupervised_past_its_bound() {
     assert_ne!(pid_of(&daemon, "tp"), survivor);
     let events = daemon.cli_ok(&["events", "--json"]);
     assert!(events.contains("is gone"), "{events}");
+}
+
+#[test]
+fn a_flood_while_unsupervised_is_bounded_and_said() {
+    let sandbox = Sandbox::new();
+    sandbox.plugin(
+        "tp",
+        &bin("testplugin"),
+        "args: [--tick-ms, '0']\nsurvive_supervisor: {max_output: 64KiB}",
+    );
+    let mut daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("tp");
+    if wait_record(&sandbox, &daemon, "tp-0-1").is_none() {
+        return;
+    }
+    let survivor = pid_of(&daemon, "tp");
+    daemon.stop_with(libc::SIGKILL);
+    let dir = survivors_dir(&sandbox).join("tp-0-1");
+    let dropped = |stream: &str| {
+        std::fs::read_to_string(dir.join(format!("{stream}.dropped")))
+            .map_or(0, |s| s.trim().parse::<u64>().unwrap_or(0))
+    };
+    let before = dropped("stdout");
+    // The guard trims what nobody reads.
+    wait_until_blocking(SECS_10, "the guard to drop unread output", || {
+        dropped("stdout") > before + (1 << 20)
+    });
+    // And gives the space back: what the file takes on disk stays far
+    // below what was written into it.
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = (0, 0);
+    wait_until_blocking(SECS_10, "the dropped output's space to be freed", || {
+        let meta = std::fs::metadata(dir.join("stdout")).unwrap();
+        seen = (meta.blocks() * 512, meta.len());
+        seen.1 > 4 << 20 && seen.0 < seen.1 / 4
+    });
+    assert!(!is_gone(survivor), "the flooding survivor died");
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("tp");
+    assert_eq!(pid_of(&daemon, "tp"), survivor);
+    wait_until_blocking(SECS_10, "the drop to be said in its log", || {
+        daemon
+            .cli_ok(&["logs", "tp", "--tail", "5000"])
+            .contains("dropped unread")
+    });
 }
