@@ -698,9 +698,14 @@ pub(crate) async fn tail(
             }
             offset += start as u64;
             pending.drain(..start);
-            continue;
+            // A flood never idles: let other tasks run between chunks, and
+            // save the offset on the way as well.
+            tokio::task::yield_now().await;
+            if last_save.elapsed() < PERSIST_EVERY {
+                continue;
+            }
         }
-        if last_save.elapsed() >= PERSIST_EVERY || exited {
+        if last_save.elapsed() >= PERSIST_EVERY || (exited && n == 0) {
             if offset != saved
                 && write_atomic(&paths.offset(stream), offset.to_string().as_bytes()).is_ok()
             {
@@ -713,6 +718,9 @@ pub(crate) async fn tail(
                 punched = upto;
             }
             last_save = Instant::now();
+        }
+        if n > 0 {
+            continue;
         }
         if exited {
             if !pending.is_empty() {
