@@ -181,7 +181,12 @@ fn own_cgroup(record: &Record) -> Vec<PathBuf> {
 /// else each listed pid through a pidfd opened while it is still listed.
 fn kill_cgroup(dirs: &[PathBuf]) {
     for dir in dirs {
-        if std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+        // Never created: only an existing cgroup's file is written.
+        let killed = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("cgroup.kill"))
+            .and_then(|mut f| io::Write::write_all(&mut f, b"1"));
+        if killed.is_ok() {
             continue;
         }
         for _ in 0..3 {
