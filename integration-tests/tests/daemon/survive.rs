@@ -170,11 +170,25 @@ fn survivors_are_readopted_after_a_daemon_sigkill_with_no_output_lost() {
     let missing: Vec<u64> = (0..=max).filter(|n| !seen.contains(n)).collect();
     assert!(missing.is_empty(), "lines lost: {missing:?}");
 
+    // Its end is seen through its pidfd (it is not the daemon's child), and
+    // it is restarted as a survivor again.
+    // SAFETY: kill(2) of the plugin process this test saw re-adopted.
+    unsafe { libc::kill(survivor, libc::SIGKILL) };
+    let mut restarted = 0;
+    wait_until_blocking(SECS_10, "a restart after the adopted one died", || {
+        restarted = daemon.plugin("tp")["pid"].as_i64().unwrap_or(0) as i32;
+        restarted != 0 && restarted != survivor && daemon.plugin("tp")["state"] == "ready"
+    });
+    let events = daemon.cli_ok(&["events", "--json"]);
+    assert!(events.contains("status unknown: not our child"), "{events}");
+    assert!(!record_path(&sandbox, "tp-0-1").exists());
+    wait_record(&sandbox, &daemon, "tp-0-2");
+
     // An operator's shutdown stops survivors too.
     let mut daemon = daemon;
     daemon.stop_with(libc::SIGTERM);
-    wait_until_blocking(SECS_10, "the survivor to stop", || is_gone(survivor));
-    assert!(!record_path(&sandbox, "tp-0-1").exists());
+    wait_until_blocking(SECS_10, "the survivor to stop", || is_gone(restarted));
+    assert!(!record_path(&sandbox, "tp-0-2").exists());
 }
 
 #[test]
