@@ -188,9 +188,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Reads a small file, refusing one over `max` bytes.
+/// Reads a small regular file, refusing one over `max` bytes, a symlink,
+/// or anything else that is not a plain file (a FIFO would block).
 pub fn read_small(path: &Path, max: u64) -> io::Result<Vec<u8>> {
-    let f = std::fs::File::open(path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
     let mut bytes = Vec::new();
     f.take(max + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
@@ -1209,13 +1220,34 @@ mod tests {
         write_record(&dir, "tp-2-1", &vec![b' '; MAX_RECORD_BYTES as usize + 10]);
         // A record that names another instance than its directory.
         write_record(&dir, "tp-3-1", &serde_json::to_vec(&good).unwrap());
+        // A FIFO where the record should be (reading it would block), and a
+        // symlink to a good one elsewhere.
+        std::fs::create_dir_all(dir.join("tp-5-3")).unwrap();
+        nix::unistd::mkfifo(
+            &dir.join("tp-5-3").join(RECORD_FILE),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let mut linked = good.clone();
+        linked.replica = 6;
+        std::fs::write(
+            tmp.path().join("elsewhere.json"),
+            serde_json::to_vec(&linked).unwrap(),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.join("tp-6-3")).unwrap();
+        std::os::unix::fs::symlink(
+            tmp.path().join("elsewhere.json"),
+            dir.join("tp-6-3").join(RECORD_FILE),
+        )
+        .unwrap();
         let mut pid1 = good.clone();
         pid1.replica = 4;
         pid1.pid = 1;
         write_record(&dir, "tp-4-3", &serde_json::to_vec(&pid1).unwrap());
         let s = Survivors::open(&dir, Path::new("/proc"), SurvivePolicy::OFF).unwrap();
         assert_eq!(s.keep(), HashSet::from(["tp-0-3".to_string()]));
-        for gone in ["tp-1-1", "tp-2-1", "tp-3-1", "tp-4-3"] {
+        for gone in ["tp-1-1", "tp-2-1", "tp-3-1", "tp-4-3", "tp-5-3", "tp-6-3"] {
             assert!(!dir.join(gone).exists(), "{gone} stays");
         }
         assert_eq!(s.claim("tp", 0), Some(good));
