@@ -384,6 +384,8 @@ pub struct Survivors {
     pending: Mutex<HashMap<(String, usize), Record>>,
     /// How long ago the previous supervisor last touched the heartbeat.
     pub unsupervised_for: Duration,
+    /// Whether the heartbeat task runs.
+    beating: std::sync::atomic::AtomicBool,
 }
 
 impl Survivors {
@@ -452,6 +454,7 @@ impl Survivors {
             lock: Mutex::new(Some(lock)),
             pending: Mutex::new(pending),
             unsupervised_for,
+            beating: Default::default(),
         };
         survivors.beat();
         Ok(survivors)
@@ -501,6 +504,29 @@ impl Survivors {
     pub fn paths(&self, instance: &str) -> Paths {
         Paths::new(&self.dir, instance)
     }
+}
+
+/// Starts (once) the task that touches the heartbeat every [`HEARTBEAT`]
+/// while the supervisor runs: the next one learns from it how long its
+/// survivors went unsupervised. Needs a runtime.
+pub(crate) fn keep_beating(host: &Arc<crate::host::Host>) {
+    if host
+        .survivors
+        .beating
+        .swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        return;
+    }
+    let heart = host.clone();
+    host.tasks.spawn(async move {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                _ = heart.cancel.cancelled() => break,
+                _ = tick.tick() => heart.survivors.beat(),
+            }
+        }
+    });
 }
 
 /// Takes an exclusive flock on `path`, waiting up to [`LOCK_WAIT`] (a guard

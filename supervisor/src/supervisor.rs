@@ -111,17 +111,10 @@ impl Supervisor {
             opts,
             survivors,
         });
-        // While this supervisor runs, its survivors are supervised.
-        let heart = host.clone();
-        host.tasks.spawn(async move {
-            let mut tick = tokio::time::interval(crate::adopt::HEARTBEAT);
-            loop {
-                tokio::select! {
-                    _ = heart.cancel.cancelled() => break,
-                    _ = tick.tick() => heart.survivors.beat(),
-                }
-            }
-        });
+        // Outside a runtime, the first `add` starts it.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            crate::adopt::keep_beating(&host);
+        }
         if host.opts.subreaper {
             // Orphaned descendants of plugins are reparented here and reaped
             // by the process manager's reaper, woken on SIGCHLD.
@@ -161,6 +154,7 @@ impl Supervisor {
             )));
         }
         let name = manifest.name.clone();
+        crate::adopt::keep_beating(&self.host);
         let handle = plugin::spawn(&self.host, &self.plugins, manifest, overrides.clone());
         plugins.insert(name, handle);
         Ok(())
