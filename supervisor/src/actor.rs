@@ -121,6 +121,11 @@ impl Actor {
 
     async fn run(&mut self) {
         let mut next = Next::Start;
+        // A survivor of the previous supervisor, proven to be itself.
+        let mut adopted = crate::adopt::claim(&self.replica, &self.spec).await;
+        if let Some((_, _, start)) = &adopted {
+            self.starts = *start;
+        }
         loop {
             match next {
                 Next::Exit => return,
@@ -130,22 +135,29 @@ impl Actor {
                 }
                 Next::Start => {}
             }
-            match crate::dependencies::wait_for_requirements(
-                &self.replica,
-                &self.spec,
-                &mut self.commands,
-            )
-            .await
-            {
-                crate::dependencies::WaitEnd::Ready => {}
-                crate::dependencies::WaitEnd::Exit => return,
-                crate::dependencies::WaitEnd::Command(cmd) => {
-                    next = self.while_waiting(cmd).await;
-                    continue;
+            let adopted = adopted.take().map(|(instance, info, _)| (instance, info));
+            // A re-adopted survivor is running already: nothing to wait for.
+            if adopted.is_none() {
+                match crate::dependencies::wait_for_requirements(
+                    &self.replica,
+                    &self.spec,
+                    &mut self.commands,
+                )
+                .await
+                {
+                    crate::dependencies::WaitEnd::Ready => {}
+                    crate::dependencies::WaitEnd::Exit => return,
+                    crate::dependencies::WaitEnd::Command(cmd) => {
+                        next = self.while_waiting(cmd).await;
+                        continue;
+                    }
                 }
             }
-            let instance_id = self.next_id();
-            let (reason, ready_since) = match self.start_and_run(&instance_id).await {
+            let instance_id = match &adopted {
+                Some((instance, _)) => instance.id.clone(),
+                None => self.next_id(),
+            };
+            let (reason, ready_since) = match self.start_and_run(&instance_id, adopted).await {
                 Ok(Outcome::Gone {
                     reason,
                     ready_since,
@@ -447,28 +459,39 @@ impl Actor {
     }
 
     /// Starts one instance and serves calls through it until it ends.
-    async fn start_and_run(&mut self, instance_id: &str) -> Result<Outcome, ExitReason> {
+    async fn start_and_run(
+        &mut self,
+        instance_id: &str,
+        adopted: Option<(Instance, plugvisor_proto::InitializeResponse)>,
+    ) -> Result<Outcome, ExitReason> {
         if self.spec.manifest.remote.is_some() {
             return self.connect_and_run(instance_id).await;
         }
-        let (restored, note) = self
-            .replica
-            .restored_state()
-            .await
-            .map_err(|why| ExitReason::Start(StartError::StateUnreadable(why)))?;
-        // Dropping a start in progress (on shutdown) kills its child: see
-        // `Child`'s Drop.
-        let launched = tokio::select! {
-            r = self.replica.launch(&self.spec, instance_id, restored, &note) => r,
-            _ = self.replica.host.cancel.cancelled() => return Ok(Outcome::Decided(Next::Exit)),
+        let (mut instance, info) = match adopted {
+            // A re-adopted survivor ran its post_ready hook when it started.
+            Some(adopted) => adopted,
+            None => {
+                let (restored, note) = self
+                    .replica
+                    .restored_state()
+                    .await
+                    .map_err(|why| ExitReason::Start(StartError::StateUnreadable(why)))?;
+                // Dropping a start in progress (on shutdown) kills its child:
+                // see `Child`'s Drop.
+                let launched = tokio::select! {
+                    r = self.replica.launch(&self.spec, instance_id, restored, &note) => r,
+                    _ = self.replica.host.cancel.cancelled() => return Ok(Outcome::Decided(Next::Exit)),
+                };
+                let (instance, info) = launched.map_err(ExitReason::Start)?;
+                if let Some(reason) = self.post_ready(&instance).await {
+                    return Ok(Outcome::Gone {
+                        reason,
+                        ready_since: None,
+                    });
+                }
+                (instance, info)
+            }
         };
-        let (mut instance, info) = launched.map_err(ExitReason::Start)?;
-        if let Some(reason) = self.post_ready(&instance).await {
-            return Ok(Outcome::Gone {
-                reason,
-                ready_since: None,
-            });
-        }
         let mut ready_since = self.replica.publish(&instance, &info);
         // Kept across the loop, so a requirement's change is told once; a
         // new manifest (an upgrade) brings a new watch.

@@ -173,6 +173,9 @@ pub struct Config {
     pub trusted_keys: Vec<TrustedKeyConfig>,
     /// Refuse plugins without a valid signature by a trusted key.
     pub require_signatures: bool,
+    /// The default of every manifest's `survive_supervisor` (the manifest
+    /// wins when it sets one).
+    pub survive_supervisor: crate::manifest::SurvivePolicy,
 }
 
 /// One entry of `trusted_keys`: a name and a minisign public key, inline
@@ -211,6 +214,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             trusted_keys: Vec::new(),
             require_signatures: false,
+            survive_supervisor: crate::manifest::SurvivePolicy::OFF,
         }
     }
 }

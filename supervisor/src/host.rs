@@ -33,6 +33,9 @@ pub struct SupervisorOptions {
     /// Calls by capability try local providers before remote ones (else
     /// load alone decides).
     pub prefer_local: bool,
+    /// `survive_supervisor` for plugins whose manifest does not say (the
+    /// supervisor config's default). See [`crate::adopt`].
+    pub survive_supervisor: crate::manifest::SurvivePolicy,
 }
 
 impl SupervisorOptions {
@@ -46,6 +49,7 @@ impl SupervisorOptions {
             state_dir: None,
             isolation: IsolationOptions::default(),
             prefer_local: true,
+            survive_supervisor: crate::manifest::SurvivePolicy::OFF,
         }
     }
 }
@@ -75,6 +79,19 @@ pub(crate) struct Host {
     /// Per container runtime (podman, runc): the sweep of containers an
     /// earlier run left, done before this run's first container starts.
     pub container_sweeps: [tokio::sync::OnceCell<()>; 2],
+    /// Survivors of an earlier run, and where this run's are recorded.
+    pub survivors: std::sync::Arc<crate::adopt::Survivors>,
+}
+
+impl SupervisorOptions {
+    /// Where survivors are recorded: below the state dir, else the runtime
+    /// dir.
+    pub fn survivors_dir(&self) -> PathBuf {
+        self.state_dir
+            .as_ref()
+            .unwrap_or(&self.runtime_dir)
+            .join(crate::adopt::DIR_NAME)
+    }
 }
 
 impl Host {

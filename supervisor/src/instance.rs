@@ -97,6 +97,9 @@ pub struct Instance {
     /// What it runs: the executable's digest and signer (empty without
     /// isolation).
     pub identity: crate::signature::RunIdentity,
+    /// `survive_supervisor`: its record and output files (see
+    /// [`crate::adopt`]).
+    pub survival: Option<crate::adopt::Survival>,
 }
 
 impl Instance {
@@ -136,6 +139,8 @@ pub struct StartContext<'a> {
     pub tasks: &'a tokio_util::task::TaskTracker,
     /// Limits, hardening and pinning; `None` spawns without them.
     pub isolation: Option<&'a Isolation>,
+    /// Survive a crash of the supervisor, recorded in this directory.
+    pub survive: Option<(crate::manifest::SurvivePolicy, &'a crate::adopt::Survivors)>,
 }
 
 /// Prepares `<runtime_dir>/plugins/<instance>/` with mode 0700, below a
@@ -284,6 +289,13 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
         },
         _ => None,
     };
+    let survival = match survive_output(&ctx, &mut prepared, cgroup.is_some()) {
+        Ok(survival) => survival,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+    };
     let socket = dir.join("plugin.sock");
     if socket.as_os_str().len() > MAX_SOCKET_PATH {
         let _ = std::fs::remove_dir_all(&dir);
@@ -377,7 +389,20 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
         }
     };
     let (handshake_tx, handshake_rx) = oneshot::channel();
-    forward_output(&ctx, &mut child, handshake_tx);
+    match &survival {
+        Some(s) => crate::adopt::start_tails(
+            ctx.tasks,
+            s,
+            crate::adopt::TailSink {
+                plugin: m.name.clone(),
+                instance: ctx.instance_id.clone(),
+                logs: ctx.logs.clone(),
+            },
+            &child,
+            Some(handshake_tx),
+        ),
+        None => forward_output(&ctx, &mut child, handshake_tx),
+    }
     let instance_id = ctx.instance_id.clone();
     let result = await_handshake(&ctx, &child, &socket, handshake_rx).await;
     // The memory limit may be too low for the plugin to start at all.
@@ -441,6 +466,7 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
             sessions: None,
             container,
             identity,
+            survival,
         }),
         Err(e) => {
             kill_and_reap(&child).await;
@@ -448,6 +474,39 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
             Err(e)
         }
     }
+}
+
+/// A survivor's output files, when the start asks to survive the
+/// supervisor and can: it needs a cgroup (to stay contained unsupervised
+/// and to be proven itself later); without one it is started as any other
+/// plugin, and a warning says so.
+fn survive_output(
+    ctx: &StartContext<'_>,
+    prepared: &mut Option<Prepared>,
+    has_cgroup: bool,
+) -> Result<Option<crate::adopt::Survival>, StartError> {
+    let Some((policy, survivors)) = ctx.survive.filter(|(p, _)| p.enabled) else {
+        return Ok(None);
+    };
+    let Some(p) = prepared.as_mut().filter(|_| has_cgroup) else {
+        tracing::warn!(
+            plugin = %ctx.manifest.name,
+            instance = %ctx.instance_id,
+            "survive_supervisor is set, but this supervisor runs without cgroups, which a survivor needs (to stay contained, and to prove its identity later): it will die with the supervisor"
+        );
+        return Ok(None);
+    };
+    let paths = survivors.paths(&ctx.instance_id);
+    let fds = crate::adopt::create_output(&paths).map_err(|e| StartError::Spawn {
+        exec: ctx.manifest.exec.clone(),
+        reason: format!(
+            "cannot create its output files in {}: {e}",
+            paths.dir.display()
+        ),
+    })?;
+    p.child.survive = true;
+    p.child.output = Some(fds);
+    Ok(Some(crate::adopt::Survival { paths, policy }))
 }
 
 /// Starts the tasks that read the child's stdout and stderr. The first valid

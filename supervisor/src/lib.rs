@@ -58,12 +58,14 @@
 //! ```
 
 mod actor;
+pub mod adopt;
 pub mod autoscale;
 pub mod capability;
 pub mod config;
 pub mod container;
 pub mod dependencies;
 pub mod error;
+pub mod guard;
 pub mod hooks;
 mod host;
 pub mod instance;

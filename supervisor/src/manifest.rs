@@ -10,6 +10,7 @@ mod container;
 mod hooks;
 mod host;
 mod remote;
+mod survive;
 mod yaml_guard;
 
 use crate::units::{HumanDuration, HumanSize};
@@ -28,6 +29,7 @@ pub use container::{ContainerRuntime, ContainerSpec};
 pub use hooks::{DEFAULT_HOOK_TIMEOUT, HookSpec, HooksSpec, MAX_HOOK_TIMEOUT};
 pub use host::{HostLimits, KERNEL_PIDS_MAX, Rlimit, host_limits_problems};
 pub use remote::{RemoteSpec, validate_address};
+pub use survive::SurvivePolicy;
 /// Deepest nesting of collections accepted in a manifest or config file.
 pub use yaml_guard::MAX_DEPTH;
 pub(crate) use yaml_guard::{check_shape, read_bounded};
@@ -354,6 +356,7 @@ struct RawManifest {
     container: Option<ContainerSpec>,
     #[serde(default)]
     requires: Vec<crate::dependencies::RawRequirement>,
+    survive_supervisor: Option<SurvivePolicy>,
 }
 
 fn one() -> serde_json::Value {
@@ -412,6 +415,9 @@ pub struct Manifest {
     /// Plugins that must be ready before this one starts (see
     /// [`crate::dependencies`]).
     pub requires: Vec<crate::dependencies::Requirement>,
+    /// `survive_supervisor:`; unset takes the supervisor config's default.
+    /// See [`crate::adopt`].
+    pub survive_supervisor: Option<SurvivePolicy>,
 }
 
 /// Checks a plugin name: `[a-z0-9][a-z0-9_-]{0,62}`.
@@ -625,6 +631,7 @@ impl Manifest {
             hooks: raw.hooks,
             container,
             source_sha256: crate::signature::sha256_hex(text.as_bytes()),
+            survive_supervisor: raw.survive_supervisor,
         })
     }
 

@@ -49,6 +49,10 @@ pub enum ExitStatus {
     Exited(i32),
     /// A signal ended it.
     Signaled { signal: i32, core_dumped: bool },
+    /// It ended while not our child (a re-adopted survivor of an earlier
+    /// supervisor): its pidfd says it is gone, but only its parent could
+    /// learn how.
+    Unknown,
 }
 
 impl ExitStatus {
@@ -94,6 +98,7 @@ impl std::fmt::Display for ExitStatus {
                 }
                 Ok(())
             }
+            ExitStatus::Unknown => write!(f, "exited (status unknown: not our child)"),
         }
     }
 }
@@ -240,6 +245,47 @@ impl Child {
     /// members that left the group are the cgroup's to kill.
     pub fn signal_group(&self, signal: i32) -> io::Result<bool> {
         self.leader.signal_group(signal)
+    }
+}
+
+impl Child {
+    /// A survivor of an earlier supervisor, proven to be the recorded
+    /// plugin (see [`crate::adopt`]) and held by `pidfd`. It is not our
+    /// child: nothing can wait for it, so a task watches the pidfd and
+    /// reports [`ExitStatus::Unknown`] when it ends. Its process group is
+    /// never signalled by number (its PID is not pinned by us): signals go
+    /// through the pidfd, and the rest of it is its cgroup's to kill.
+    pub fn adopted(
+        pid: i32,
+        pidfd: OwnedFd,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> io::Result<Child> {
+        let watched = pidfd.try_clone()?;
+        // SAFETY: `watched` is an OwnedFd the AsyncFd owns for its whole
+        // life, so the descriptor stays open and names the same pidfd.
+        let watched = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(watched, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| io::Error::other(e.to_string()))?;
+        let leader = Leader::new(pid);
+        // As if reaped: `signal_group` refuses, since `-pid` is not pinned.
+        *lock(&leader.reaped) = true;
+        let (tx, exit) = watch::channel(None);
+        tasks.spawn(async move {
+            // A pidfd turns readable when its process exits.
+            tokio::select! {
+                _ = watched.readable() => {}
+                _ = tx.closed() => return,
+            }
+            tx.send_replace(Some(ExitStatus::Unknown));
+        });
+        Ok(Child {
+            leader: Arc::new(leader),
+            pidfd: Arc::new(pidfd),
+            exit,
+            stdout: None,
+            stderr: None,
+        })
     }
 }
 
@@ -401,15 +447,19 @@ impl ProcessManager {
         setup: ChildSetup,
         exec: Option<ExecFd>,
     ) -> io::Result<Child> {
+        let mut setup = setup;
         let mut command = Command::new(&spec.program);
         command
             .args(&spec.args)
             .env_clear()
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&spec.cwd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stdin(Stdio::null());
+        // A survivor writes to files that outlive us; others to pipes.
+        match setup.output.take() {
+            Some((out, err)) => command.stdout(Stdio::from(out)).stderr(Stdio::from(err)),
+            None => command.stdout(Stdio::piped()).stderr(Stdio::piped()),
+        };
         let exec = exec.map(|fd| ExecArgs {
             fd,
             program: &spec.program,

@@ -209,6 +209,12 @@ impl Replica {
             processes: &self.host.processes,
             tasks: &self.host.io_tasks,
             isolation: Some(&self.host.isolation),
+            survive: Some((
+                manifest
+                    .survive_supervisor
+                    .unwrap_or(self.host.survivors.default),
+                &self.host.survivors,
+            )),
         };
         let mut instance = instance::spawn(ctx).await?;
         let pid = instance.child.pid();
@@ -259,7 +265,7 @@ impl Replica {
     /// Opens the instance's sessions (one per connection). A plugin that
     /// offered them but cannot open them still serves unary Handle: the
     /// failure is logged, not fatal.
-    async fn open_sessions(&self, instance: &mut Instance) {
+    pub(crate) async fn open_sessions(&self, instance: &mut Instance) {
         let timeout = instance.spawned_at.elapsed().max(Duration::from_secs(1));
         match crate::session::Sessions::open(
             &instance.client,
@@ -305,7 +311,9 @@ impl Replica {
             instance.sessions.clone(),
             self.snapshots.clone(),
         )));
-        let mismatch = version_mismatch(&self.plugin.board.lock().spec.manifest, info);
+        let manifest = self.plugin.board.lock().spec.manifest.clone();
+        crate::adopt::commit_ready(self, instance, &manifest, info);
+        let mismatch = version_mismatch(&manifest, info);
         if let Some(m) = &mismatch {
             tracing::warn!(plugin = %self.plugin.name, instance = %instance.id, "{m}");
         }

@@ -72,7 +72,7 @@ fn key_id_of(b64: &str, len: usize) -> Option<String> {
 }
 
 /// What an instance runs, as `inspect`, health answers and metrics show it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RunIdentity {
     /// The executable's SHA-256: of the bytes executed when `sealed`, else
     /// of the file as opened for the start.
@@ -92,7 +92,7 @@ pub struct SignaturePolicy {
 }
 
 /// Who signed what runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Signer {
     /// The trusted key's name in the supervisor config.
     pub name: String,

@@ -82,6 +82,9 @@ pub enum ExitReason {
     /// A remote plugin's connection failed or ended (see
     /// [`crate::remote::ConnectionLost`]).
     Remote(crate::remote::ConnectionLost),
+    /// A re-adopted survivor ended; only its parent (not us) could learn
+    /// how. See [`crate::adopt`].
+    Unknown,
 }
 
 impl ExitReason {
@@ -95,6 +98,7 @@ impl ExitReason {
                 signal,
                 core_dumped,
             },
+            ExitStatus::Unknown => ExitReason::Unknown,
         }
     }
 
@@ -116,6 +120,7 @@ impl ExitReason {
             ExitReason::Start(StartError::Hook(_)) => "hook",
             ExitReason::Start(_) => "start",
             ExitReason::Remote(lost) => lost.kind(),
+            ExitReason::Unknown => "unknown",
         }
     }
 
@@ -178,6 +183,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::HealthCheck(why) => write!(f, "killed after failed health checks: {why}"),
             ExitReason::Start(e) => write!(f, "{e}"),
             ExitReason::Remote(lost) => write!(f, "{lost}"),
+            ExitReason::Unknown => write!(f, "{}", ExitStatus::Unknown),
         }
     }
 }
@@ -238,6 +244,7 @@ impl EventDetail {
             ExitReason::Start(StartError::ExitedEarly { status, .. }) => match status {
                 ExitStatus::Exited(code) => detail.exit_code = Some(*code),
                 ExitStatus::Signaled { signal, .. } => detail.signal = Some(*signal),
+                ExitStatus::Unknown => {}
             },
             _ => {}
         }

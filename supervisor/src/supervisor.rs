@@ -54,27 +54,46 @@ impl Supervisor {
     /// writes cgroupfs in this call; [`Self::launch`] does that on the
     /// blocking pool instead.
     pub fn new(opts: SupervisorOptions) -> std::io::Result<Supervisor> {
+        let survivors = Self::survivors(&opts)?;
         let isolation =
-            Isolation::start(&opts.isolation, &opts.proc_root).map_err(std::io::Error::other)?;
-        Self::with_isolation(opts, isolation)
+            Isolation::start_keeping(&opts.isolation, &opts.proc_root, &survivors.keep())
+                .map_err(std::io::Error::other)?;
+        Self::with_isolation(opts, isolation, survivors)
+    }
+
+    /// Locks the survivors' directory and reads what an earlier run left.
+    fn survivors(opts: &SupervisorOptions) -> std::io::Result<Arc<crate::adopt::Survivors>> {
+        crate::adopt::Survivors::open(
+            &opts.survivors_dir(),
+            &opts.proc_root,
+            opts.survive_supervisor,
+        )
+        .map(Arc::new)
     }
 
     /// [`Self::new`], with the cgroup probing and stale-cgroup cleanup on
     /// the blocking pool (what the daemon uses).
     pub async fn launch(opts: SupervisorOptions) -> std::io::Result<Supervisor> {
-        let isolation = Isolation::start_async(&opts.isolation, &opts.proc_root)
+        let o = opts.clone();
+        let survivors = tokio::task::spawn_blocking(move || Self::survivors(&o))
             .await
-            .map_err(std::io::Error::other)?;
-        Self::with_isolation(opts, isolation)
+            .map_err(std::io::Error::other)??;
+        let isolation =
+            Isolation::start_async_keeping(&opts.isolation, &opts.proc_root, survivors.keep())
+                .await
+                .map_err(std::io::Error::other)?;
+        Self::with_isolation(opts, isolation, survivors)
     }
 
     fn with_isolation(
         opts: SupervisorOptions,
         isolation: Isolation,
+        survivors: Arc<crate::adopt::Survivors>,
     ) -> std::io::Result<Supervisor> {
         // Sockets live there: refuse a directory others could write in, and
-        // clear what an earlier run left.
-        let swept = crate::rundir::prepare(&opts.runtime_dir).map_err(std::io::Error::other)?;
+        // clear what an earlier run left (but survivors' sockets).
+        let swept = crate::rundir::prepare_keeping(&opts.runtime_dir, &survivors.keep())
+            .map_err(std::io::Error::other)?;
         if swept > 0 {
             tracing::info!(
                 "removed {swept} stale socket director{} of an earlier run",
@@ -97,7 +116,12 @@ impl Supervisor {
             metadata: Default::default(),
             container_sweeps: Default::default(),
             opts,
+            survivors,
         });
+        // Outside a runtime, the first `add` starts it.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            crate::adopt::keep_beating(&host);
+        }
         if host.opts.subreaper {
             // Orphaned descendants of plugins are reparented here and reaped
             // by the process manager's reaper, woken on SIGCHLD.
@@ -146,6 +170,7 @@ impl Supervisor {
             )));
         }
         let name = manifest.name.clone();
+        crate::adopt::keep_beating(&self.host);
         let handle = plugin::spawn(&self.host, &self.plugins, manifest, overrides.clone());
         crate::tenant::prefill(&self.host.metadata, &handle.common.board);
         plugins.insert(name, handle);
@@ -619,6 +644,21 @@ impl Supervisor {
             .collect()
     }
 
+    /// Kills the survivors of the previous supervisor (see [`crate::adopt`])
+    /// that no plugin of this one claims: their plugin is gone, or has
+    /// fewer replicas now. Call once the plugins are added. Returns how many.
+    pub async fn release_survivors(&self) -> usize {
+        let wanted: HashMap<String, usize> = self
+            .list_with(false)
+            .into_iter()
+            .map(|p| (p.name, p.replicas.len()))
+            .collect();
+        crate::adopt::release(&self.host, |plugin, replica| {
+            wanted.get(plugin).is_some_and(|n| replica < *n)
+        })
+        .await
+    }
+
     /// Stops every plugin gracefully and waits for all of them: dependents
     /// before what they require (in waves), then the rest in parallel.
     pub async fn shutdown(&self) {
@@ -639,6 +679,7 @@ impl Supervisor {
         // do not wait forever on a descendant that escaped its process group.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.host.io_tasks.wait()).await;
         self.host.isolation.shutdown();
+        self.host.survivors.release();
     }
 }
 

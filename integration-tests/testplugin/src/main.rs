@@ -16,6 +16,7 @@
 //! | `--init-fail` | `Initialize` fails with FAILED_PRECONDITION |
 //! | `--ignore-cookie` | serve without checking `PLUGVISOR_MAGIC_COOKIE` |
 //! | `--ignore-shutdown` | `Shutdown` replies but does nothing (SIGTERM still works) |
+//! | `--tick-ms N` | print `tick <i>` on stdout every N ms, with SIGPIPE's default action (death), as a C program has |
 //!
 //! Protocol faults, for `plugvisor conformance` (see `plugin.rs`'s [`Faults`]):
 //! `--unknown-ok`, `--forget-state`, `--no-stream`, `--stream-fail`,
@@ -48,6 +49,7 @@ struct Args {
     ignore_cookie: bool,
     double_fork: bool,
     exit_immediately: Option<i32>,
+    tick: Option<Duration>,
     faults: Faults,
 }
 
@@ -55,7 +57,7 @@ const USAGE: &str = "usage: testplugin [--junk N] [--no-handshake] [--wrong-path
                      [--ignore-sigterm] [--double-fork] [--init-sleep-ms N] \
                      [--exit-immediately N] [--init-fail] [--ignore-cookie] [--ignore-shutdown] \
                      [--unknown-ok] [--forget-state] [--no-stream] [--stream-fail] \
-                     [--not-serving] [--phantom-method]";
+                     [--not-serving] [--phantom-method] [--tick-ms N]";
 
 impl Args {
     fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
@@ -102,6 +104,9 @@ impl Args {
                 }
                 "--exit-immediately" => {
                     parsed.exit_immediately = Some(num(&flag, value("an exit code")?)?)
+                }
+                "--tick-ms" => {
+                    parsed.tick = Some(Duration::from_millis(num(&flag, value("milliseconds")?)?))
                 }
                 _ => return Err(format!("unknown argument `{arg}`")),
             }
@@ -169,6 +174,25 @@ fn main() -> ExitCode {
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
+    }
+
+    if let Some(every) = args.tick {
+        // SAFETY: restoring a default signal disposition installs no
+        // handler, and no other thread exists yet to race with.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+        std::thread::spawn(move || {
+            for i in 0u64.. {
+                let mut out = std::io::stdout().lock();
+                if writeln!(out, "tick {i}")
+                    .and_then(|()| out.flush())
+                    .is_err()
+                {
+                    std::process::exit(3);
+                }
+                drop(out);
+                std::thread::sleep(every);
+            }
+        });
     }
 
     if args.ignore_sigterm {
@@ -266,9 +290,12 @@ mod tests {
             "--phantom-method",
             "--validate-hang",
             "--validate-silent",
+            "--tick-ms",
+            "20",
         ])
         .unwrap();
         assert_eq!(a.junk, 3);
+        assert_eq!(a.tick, Some(Duration::from_millis(20)));
         assert!(a.no_handshake && a.wrong_path && a.bad_version);
         assert!(a.ignore_sigterm && a.double_fork && a.faults.init_fail);
         assert_eq!(a.faults.init_sleep, Duration::from_millis(250));

@@ -18,6 +18,7 @@ mod routing;
 mod signing;
 mod stream;
 mod support;
+mod survive;
 mod tenant;
 mod terminal;
 mod top;

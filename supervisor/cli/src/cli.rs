@@ -270,6 +270,10 @@ pub enum Command {
     },
     /// Print the version.
     Version,
+    /// Bounds the survivors of a daemon that died (started by `run`; see
+    /// `survive_supervisor` in the README).
+    #[command(hide = true)]
+    SurvivorGuard { dir: std::path::PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -493,6 +497,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             println!("plugvisor {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
         }
+        Command::SurvivorGuard { dir } => crate::survivors::run_guard(dir).await,
         Command::Conformance {
             target,
             json,

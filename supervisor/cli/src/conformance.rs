@@ -492,6 +492,7 @@ impl Checker {
             tasks: &self.tasks,
             // The protocol is checked, not the manifest's limits or hardening.
             isolation: None,
+            survive: None,
         })
         .await
     }

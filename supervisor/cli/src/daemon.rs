@@ -49,9 +49,21 @@ pub async fn run(
         .signature_policy()
         .map_err(anyhow::Error::msg)
         .context("trusted_keys")?;
+    options.survive_supervisor = config.survive_supervisor;
+    let survivors_dir = options.survivors_dir();
     let supervisor = Supervisor::launch(options)
         .await
         .context("cannot start the supervisor")?;
+    // Bounds survivors (max_unsupervised, max_output) if this daemon dies.
+    let guard = match crate::survivors::Guard::start(&survivors_dir) {
+        Ok(guard) => Some(guard),
+        Err(e) => {
+            tracing::warn!(
+                "no survivor guard: {e:#}; survivors of a crash are bounded only when a supervisor starts again"
+            );
+            None
+        }
+    };
     let (access, access_now) = tokio::sync::watch::channel(Access {
         uids: config.control_uids.clone(),
         gids: config.control_gids.clone(),
@@ -67,6 +79,7 @@ pub async fn run(
     for error in &errors {
         tracing::error!("plugin not loaded: {error}");
     }
+    supervisor.release_survivors().await;
     for name in config.plugins.keys() {
         if supervisor.info(name).is_err() && config.plugins[name].enabled != Some(false) {
             tracing::warn!(plugin = %name, "the supervisor config has settings for `{name}`, but no such plugin was found in {}", config.plugins_dir.display());
@@ -176,6 +189,9 @@ pub async fn run(
     tokio::select! {
         _ = supervisor.shutdown() => {}
         _ = notifier.feed_watchdog(watchdog) => {}
+    }
+    if let Some(guard) = guard {
+        guard.stop();
     }
     cancel.cancel();
     if let Some(metrics) = metrics {

@@ -16,6 +16,7 @@
 //! - [`new`]: `plugvisor new`, plugin skeletons in Rust, Python and Go.
 //! - [`sign`]: `plugvisor keygen` and `plugvisor sign`, signed plugins.
 //! - [`progress`]: live step lines for long verbs, and terminal colours.
+//! - [`survivors`]: the guard the daemon leaves behind for its survivors.
 
 pub mod capability;
 pub mod cli;
@@ -32,6 +33,7 @@ pub mod registry;
 pub mod reload;
 pub mod sign;
 pub mod stream;
+pub mod survivors;
 pub mod tenant;
 pub mod tenant_cmd;
 pub mod top;

@@ -67,6 +67,7 @@ pub const RESTART_SETTINGS: &[&str] = &[
     "isolation",
     "health",
     "routing",
+    "survive_supervisor",
 ];
 
 /// The global settings that differ between `running` and `new`, as
@@ -96,6 +97,7 @@ pub fn changed_settings(running: &Config, new: &Config) -> (Vec<String>, Vec<Str
         running.isolation == new.isolation,
         running.health == new.health,
         running.routing == new.routing,
+        running.survive_supervisor == new.survive_supervisor,
     ];
     let names = |names: &[&str], same: &[bool]| {
         names

@@ -175,8 +175,9 @@ impl OomEvidence {
     /// are not counted, its memory hit the limit). Never guessed from
     /// SIGKILL alone.
     pub fn explains(&self, status: ExitStatus) -> bool {
-        let sigkill =
-            matches!(status, ExitStatus::Signaled { signal, .. } if signal == libc::SIGKILL);
+        // A re-adopted survivor's status is unknown: the counter decides.
+        let sigkill = matches!(status, ExitStatus::Signaled { signal, .. } if signal == libc::SIGKILL)
+            || status == ExitStatus::Unknown;
         sigkill
             && match self.kills {
                 Some(kills) => kills > 0,
@@ -268,6 +269,27 @@ pub trait CgroupTree: Send + Sync + fmt::Debug {
     /// Kills and removes what an earlier run left below the parent; returns
     /// the names removed.
     fn clean_stale(&self) -> Result<Vec<String>, CgroupError>;
+    /// [`Self::clean_stale`], sparing the cgroups named in `keep` (those
+    /// of survivors to re-adopt; see [`crate::adopt`]). Trees that cannot
+    /// spare any refuse a non-empty `keep`.
+    fn clean_stale_except(
+        &self,
+        keep: &std::collections::HashSet<String>,
+    ) -> Result<Vec<String>, CgroupError> {
+        if keep.is_empty() {
+            return self.clean_stale();
+        }
+        Err(CgroupError::io(
+            "cannot spare survivors' cgroups in",
+            Path::new(&self.describe()),
+            io::Error::from(io::ErrorKind::Unsupported),
+        ))
+    }
+    /// The instance cgroup `name` an earlier run made, if it exists:
+    /// neither created nor emptied (a survivor's, to re-adopt).
+    fn existing(&self, _name: &str) -> Option<Arc<dyn CgroupManager>> {
+        None
+    }
     /// Removes the parent cgroup if it is empty (at a clean shutdown).
     fn teardown(&self) -> Result<(), CgroupError>;
     /// Creates an instance's cgroup with `limits` written.
@@ -824,6 +846,16 @@ impl Isolation {
     /// Blocks (cgroupfs, and waiting for stale processes to die): call it
     /// from a blocking context, or use [`Self::start_async`].
     pub fn start(opts: &IsolationOptions, proc_root: &Path) -> Result<Isolation, String> {
+        Self::start_keeping(opts, proc_root, &Default::default())
+    }
+
+    /// [`Self::start`], sparing the stale cgroups named in `keep`: those of
+    /// survivors of an earlier run, which are re-adopted or killed later.
+    pub fn start_keeping(
+        opts: &IsolationOptions,
+        proc_root: &Path,
+        keep: &std::collections::HashSet<String>,
+    ) -> Result<Isolation, String> {
         let (tree, require) = match &opts.cgroups {
             CgroupMode::Off => (
                 Err("cgroups are turned off (cgroup.enabled: false, or an embedded supervisor without SupervisorOptions::isolation.cgroups)".to_string()),
@@ -847,7 +879,7 @@ impl Isolation {
         };
         let tree = tree.and_then(|tree| {
             tree.setup().map_err(|e| e.to_string())?;
-            let stale = tree.clean_stale().map_err(|e| e.to_string())?;
+            let stale = tree.clean_stale_except(keep).map_err(|e| e.to_string())?;
             if !stale.is_empty() {
                 tracing::info!(
                     "removed {} stale cgroup(s) of an earlier run: {}",
@@ -898,9 +930,18 @@ impl Isolation {
         opts: &IsolationOptions,
         proc_root: &Path,
     ) -> Result<Isolation, String> {
+        Self::start_async_keeping(opts, proc_root, Default::default()).await
+    }
+
+    /// [`Self::start_keeping`] on the blocking pool.
+    pub async fn start_async_keeping(
+        opts: &IsolationOptions,
+        proc_root: &Path,
+        keep: std::collections::HashSet<String>,
+    ) -> Result<Isolation, String> {
         let opts = opts.clone();
         let proc_root = proc_root.to_path_buf();
-        tokio::task::spawn_blocking(move || Isolation::start(&opts, &proc_root))
+        tokio::task::spawn_blocking(move || Isolation::start_keeping(&opts, &proc_root, &keep))
             .await
             .map_err(|e| format!("starting isolation stopped before it finished: {e}"))?
     }
@@ -1001,6 +1042,9 @@ impl Isolation {
                 seccomp: confinement.seccomp_for(&manifest)?,
                 pid_namespace: false,
                 landlock: confinement.filesystem_for(&manifest)?,
+                // A hook dies with the supervisor, and its output is piped.
+                survive: false,
+                output: None,
             })
         })
         .await
@@ -1223,6 +1267,8 @@ fn prepare_blocking(
         seccomp,
         pid_namespace: manifest.isolation.pid_namespace && confinement.pid_namespace.is_ok(),
         landlock,
+        survive: false,
+        output: None,
     };
     lock(&privileges.held).insert(manifest.name.clone(), held);
     Ok(Prepared {

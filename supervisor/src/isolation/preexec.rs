@@ -143,6 +143,10 @@ pub struct ChildSetup {
     // --- end seccomp and PID namespace
     /// The filesystem view to enter after `no_new_privs`.
     pub landlock: Option<super::landlock::Ruleset>,
+    /// `survive_supervisor`: no parent-death signal (see [`crate::adopt`]).
+    pub survive: bool,
+    /// Where stdout and stderr go instead of pipes (a survivor's files).
+    pub output: Option<(OwnedFd, OwnedFd)>,
 }
 
 /// Execute this open file instead of the path.
@@ -267,6 +271,8 @@ pub struct PreExec {
     /// A pidfd of the supervisor, for a child in its own PID namespace to
     /// check it is alive (`getppid` is 0 there).
     parent_pidfd: Option<OwnedFd>,
+    /// No parent-death signal: the child is to survive the supervisor.
+    survive: bool,
     exec: Option<Exec>,
     /// Write end of the report pipe (close-on-exec, non-blocking).
     report: OwnedFd,
@@ -363,6 +369,7 @@ impl PreExec {
             parent_pidfd,
             exec,
             report: write,
+            survive: setup.survive,
         };
         Ok((pre, report))
     }
@@ -432,8 +439,9 @@ impl PreExec {
             {
                 return Err(self.fail(Step::from(step), cap as usize));
             }
-            // Die with the supervisor, even when it is SIGKILLed.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
+            // Die with the supervisor, even when it is SIGKILLed (unless it
+            // is to survive it).
+            if !self.survive && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
                 return Err(self.fail(Step::ParentDeathSignal, 0));
             }
             // The supervisor may have died before prctl took effect.
@@ -441,7 +449,7 @@ impl PreExec {
                 Some(pidfd) => super::pidns::exited(pidfd),
                 None => libc::getppid() != self.parent,
             };
-            if parent_gone {
+            if parent_gone && !self.survive {
                 *libc::__errno_location() = libc::ESRCH;
                 return Err(self.fail(Step::ParentGone, 0));
             }

@@ -140,6 +140,19 @@ impl CgroupTree for V1Tree {
     }
 
     fn clean_stale(&self) -> Result<Vec<String>, CgroupError> {
+        self.clean_stale_except(&Default::default())
+    }
+
+    fn existing(&self, name: &str) -> Option<Arc<dyn CgroupManager>> {
+        let cgroup = self.cgroup(name);
+        let found = cgroup.dirs.iter().all(|(_, dir)| self.fs.exists(dir));
+        found.then(|| Arc::new(cgroup) as Arc<dyn CgroupManager>)
+    }
+
+    fn clean_stale_except(
+        &self,
+        keep: &std::collections::HashSet<String>,
+    ) -> Result<Vec<String>, CgroupError> {
         let mut names = BTreeSet::new();
         for dir in self.parent_dirs() {
             match self.fs.subdirs(&dir) {
@@ -148,6 +161,7 @@ impl CgroupTree for V1Tree {
                 Err(e) => return Err(CgroupError::io("cannot list", &dir, e)),
             }
         }
+        names.retain(|name| !keep.contains(name));
         for name in &names {
             kill_and_remove_blocking(&self.cgroup(name), Duration::from_secs(2))?;
         }

@@ -272,11 +272,26 @@ impl CgroupTree for V2Tree {
     }
 
     fn clean_stale(&self) -> Result<Vec<String>, CgroupError> {
-        let names = match self.fs.subdirs(&self.parent) {
+        self.clean_stale_except(&Default::default())
+    }
+
+    fn existing(&self, name: &str) -> Option<Arc<dyn CgroupManager>> {
+        let cgroup = self.cgroup(name);
+        self.fs
+            .exists(&cgroup.dir)
+            .then(|| Arc::new(cgroup) as Arc<dyn CgroupManager>)
+    }
+
+    fn clean_stale_except(
+        &self,
+        keep: &std::collections::HashSet<String>,
+    ) -> Result<Vec<String>, CgroupError> {
+        let mut names = match self.fs.subdirs(&self.parent) {
             Ok(names) => names,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(CgroupError::io("cannot list", &self.parent, e)),
         };
+        names.retain(|name| !keep.contains(name));
         for name in &names {
             kill_and_remove_blocking(&self.cgroup(name), Duration::from_secs(2))?;
         }
