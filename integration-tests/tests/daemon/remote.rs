@@ -329,6 +329,10 @@ fn a_registered_plugin_joins_answers_goes_unavailable_and_is_removed() {
             ("PLUGVISOR_CAPABILITIES", "text.upper,text.echo"),
         ],
     );
+    // It joins when its announcement arrives: until then it is not in ps.
+    wait_until_blocking(SECS_15, "the plugin announces itself", || {
+        daemon.ps().iter().any(|p| p["name"] == "echo")
+    });
     let ready = daemon.wait_ready("echo");
     assert_eq!(ready["remote"]["origin"], "registry");
     assert_eq!(
