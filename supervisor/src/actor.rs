@@ -71,15 +71,51 @@ pub(crate) async fn run_replica(
     spec: Arc<Spec>,
     commands: mpsc::Receiver<Command>,
 ) {
+    let tracker = RestartTracker::new(spec.manifest.restart.clone());
+    let resumed = Resumed {
+        starts: 0,
+        tracker,
+        instance: None,
+        start: true,
+    };
+    run_replica_resumed(replica, spec, commands, resumed).await
+}
+
+/// A replica taken over from a previous supervisor image (see
+/// [`crate::handover`]).
+pub(crate) struct Resumed {
+    /// Starts so far: instance ids go on from there.
+    pub starts: u64,
+    pub tracker: RestartTracker,
+    /// Its running instance, to reattach to.
+    pub instance: Option<crate::handover::SavedInstance>,
+    /// Without an instance: start one (`true`: it was between restarts) or
+    /// stay down until an operator starts it.
+    pub start: bool,
+}
+
+/// [`run_replica`] for a replica taken over with its history, and its
+/// running instance if it had one.
+pub(crate) async fn run_replica_resumed(
+    replica: Replica,
+    spec: Arc<Spec>,
+    commands: mpsc::Receiver<Command>,
+    resumed: Resumed,
+) {
     let mut actor = Actor {
-        tracker: RestartTracker::new(spec.manifest.restart.clone()),
+        tracker: resumed.tracker,
         replica,
         spec,
         jitter: Jitter::from_entropy(),
-        starts: 0,
+        starts: resumed.starts,
         commands,
     };
-    actor.run().await;
+    let first = if resumed.start || resumed.instance.is_some() {
+        Next::Start
+    } else {
+        Next::Idle
+    };
+    actor.run(resumed.instance, first).await;
     actor.replica.route(Route::Down {
         state: PluginState::Stopped,
         reason: "the supervisor has shut down".into(),
@@ -106,8 +142,9 @@ impl Actor {
         self.spec = spec;
     }
 
-    async fn run(&mut self) {
-        let mut next = Next::Start;
+    /// Runs the replica from `next`; an `adopted` instance is served
+    /// first, in place of the first start.
+    async fn run(&mut self, mut adopted: Option<crate::handover::SavedInstance>, mut next: Next) {
         loop {
             match next {
                 Next::Exit => return,
@@ -117,8 +154,23 @@ impl Actor {
                 }
                 Next::Start => {}
             }
-            let instance_id = self.next_id();
-            let (reason, ready_since) = match self.start_and_run(&instance_id).await {
+            let (instance_id, outcome) = match adopted.take() {
+                Some(saved) => {
+                    let id = saved.id.clone();
+                    match crate::handover::reattach(&self.replica, &self.spec, saved).await {
+                        Ok((instance, ready_since)) => {
+                            (id, self.serve(instance, ready_since).await)
+                        }
+                        Err(reason) => (id, Err(reason)),
+                    }
+                }
+                None => {
+                    let instance_id = self.next_id();
+                    let outcome = self.start_and_run(&instance_id).await;
+                    (instance_id, outcome)
+                }
+            };
+            let (reason, ready_since) = match outcome {
                 Ok(Outcome::Gone {
                     reason,
                     ready_since,
@@ -163,12 +215,15 @@ impl Actor {
             );
             return Next::Idle;
         }
-        match self.tracker.on_exit(
+        let decision = self.tracker.on_exit(
             Instant::now(),
             reason.is_clean(),
             ready_since,
             self.jitter.sample(),
-        ) {
+        );
+        let tracker = self.tracker.clone();
+        replica.update(|r| r.tracker = Some(tracker));
+        match decision {
             Decision::Restart { delay, attempt } => {
                 replica.update(|r| r.restarts += 1);
                 replica
@@ -317,8 +372,17 @@ impl Actor {
             r = self.replica.launch(&self.spec, instance_id, restored, &note) => r,
             _ = self.replica.host.cancel.cancelled() => return Ok(Outcome::Decided(Next::Exit)),
         };
-        let (mut instance, info) = launched.map_err(ExitReason::Start)?;
-        let mut ready_since = self.replica.publish(&instance, &info);
+        let (instance, info) = launched.map_err(ExitReason::Start)?;
+        let ready_since = self.replica.publish(&instance, &info);
+        self.serve(instance, ready_since).await
+    }
+
+    /// Serves calls through a ready instance until it ends.
+    async fn serve(
+        &mut self,
+        mut instance: Instance,
+        mut ready_since: Instant,
+    ) -> Result<Outcome, ExitReason> {
         loop {
             let manifest = self.spec.manifest.clone();
             let end =

@@ -30,6 +30,9 @@ pub struct SupervisorOptions {
     /// cgroups (off by default when embedded: see [`crate::isolation::CgroupMode`])
     /// and whether writable executables may run.
     pub isolation: IsolationOptions,
+    /// Instances taken over from a previous supervisor image: their socket
+    /// directories and cgroups are not swept at start.
+    pub keep_instances: Vec<String>,
 }
 
 impl SupervisorOptions {
@@ -42,6 +45,7 @@ impl SupervisorOptions {
             log_lines: 2000,
             state_dir: None,
             isolation: IsolationOptions::default(),
+            keep_instances: Vec::new(),
         }
     }
 }

@@ -87,6 +87,9 @@ pub struct Instance {
     pub cgroup: Option<CgroupLease>,
     /// Its `Session` streams, once it said in Initialize that it serves them.
     pub(crate) sessions: Option<Arc<crate::session::Sessions>>,
+    /// Copies of the read ends of its stdout and stderr pipes, close-on-exec,
+    /// for a hand-over to a new supervisor image (see [`crate::handover`]).
+    pub(crate) output: [Option<Arc<std::os::fd::OwnedFd>>; 2],
 }
 
 impl Instance {
@@ -319,7 +322,8 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
         }
     };
     let (handshake_tx, handshake_rx) = oneshot::channel();
-    forward_output(&ctx, &mut child, handshake_tx);
+    let output = output_copies(&child);
+    forward_output(&ctx, &mut child, Some(handshake_tx));
     let instance_id = ctx.instance_id.clone();
     let result = await_handshake(&ctx, &child, &socket, handshake_rx).await;
     // The memory limit may be too low for the plugin to start at all.
@@ -363,6 +367,7 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
             spawned_at,
             cgroup,
             sessions: None,
+            output,
         }),
         Err(e) => {
             kill_and_reap(&child).await;
@@ -372,19 +377,32 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
     }
 }
 
+/// Close-on-exec copies of the read ends of the child's output pipes.
+pub(crate) fn output_copies(child: &Child) -> [Option<Arc<std::os::fd::OwnedFd>>; 2] {
+    use std::os::fd::AsFd;
+    let copy = |fd: Option<std::os::fd::BorrowedFd<'_>>| {
+        fd.and_then(|fd| fd.try_clone_to_owned().ok()).map(Arc::new)
+    };
+    [
+        copy(child.stdout.as_ref().map(|p| p.as_fd())),
+        copy(child.stderr.as_ref().map(|p| p.as_fd())),
+    ]
+}
+
 /// Starts the tasks that read the child's stdout and stderr. The first valid
-/// handshake line on stdout goes to `handshake`; every other line is log output.
-fn forward_output(
+/// handshake line on stdout goes to `handshake` (when one is awaited); every
+/// other line is log output.
+pub(crate) fn forward_output(
     ctx: &StartContext<'_>,
     child: &mut Child,
-    handshake: oneshot::Sender<Result<Handshake, String>>,
+    handshake: Option<oneshot::Sender<Result<Handshake, String>>>,
 ) {
     let plugin = ctx.manifest.name.clone();
     if let Some(stdout) = child.stdout.take() {
         let (plugin, instance, logs) = (plugin.clone(), ctx.instance_id.clone(), ctx.logs.clone());
         ctx.tasks.spawn(async move {
             let mut reader = LineReader::new(stdout);
-            let mut handshake = Some(handshake);
+            let mut handshake = handshake;
             while let Some(line) = reader.next_line().await {
                 if handshake.is_some() {
                     match Handshake::parse(&line) {

@@ -24,6 +24,8 @@
 //! - [`metrics`]: the Prometheus registry the supervisor feeds.
 //! - [`state`]: atomic state snapshots.
 //! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets.
+//! - [`handover`]: handing the running supervisor over to a new image of
+//!   itself (`plugvisor upgrade-self`), every plugin left running.
 //! - [`rundir`]: the runtime directory, created and checked so no other
 //!   user can plant or replace a socket in it.
 //!
@@ -49,6 +51,7 @@
 mod actor;
 pub mod config;
 pub mod error;
+pub mod handover;
 mod host;
 pub mod instance;
 pub mod isolation;

@@ -10,7 +10,7 @@
 //! every replica runs it, so a rejected config can never be picked up by a
 //! later crash-restart.
 
-use crate::actor::{Command, run_replica};
+use crate::actor::{Command, run_replica, run_replica_resumed};
 use crate::config::PluginOverride;
 use crate::error::Error;
 use crate::host::Host;
@@ -55,6 +55,9 @@ pub(crate) enum Op {
     },
     /// Stop every replica (with a last snapshot) and stop supervising.
     Remove(Reply),
+    /// What a hand-over to a new supervisor image carries of the
+    /// coordinator: the overrides and the runtime config.
+    Handover(Reply<(PluginOverride, serde_json::Map<String, serde_json::Value>)>),
 }
 
 /// The supervised plugins, by name.
@@ -89,10 +92,26 @@ pub(crate) fn spawn(
     manifest: Manifest,
     overrides: PluginOverride,
 ) -> Arc<PluginHandle> {
+    spawn_resumed(host, registry, manifest, overrides, None)
+}
+
+/// [`spawn`], for a plugin taken over from a previous supervisor image with
+/// its runtime config, history, output and replicas (see
+/// [`crate::handover`]).
+pub(crate) fn spawn_resumed(
+    host: &Arc<Host>,
+    registry: &Arc<Registry>,
+    manifest: Manifest,
+    overrides: PluginOverride,
+    mut restore: Option<crate::handover::Restore>,
+) -> Arc<PluginHandle> {
     let name = manifest.name.clone();
     let replicas = manifest.replicas as usize;
     let manifest = Arc::new(manifest);
-    let runtime = serde_json::Map::new();
+    let runtime = restore
+        .as_mut()
+        .map(|r| std::mem::take(&mut r.runtime))
+        .unwrap_or_default();
     let spec = Arc::new(Spec::new(manifest.clone(), &overrides, &runtime));
     let (in_flight, queued) = host.metrics.call_gauges(&name);
     let common = Arc::new(Common {
@@ -108,8 +127,16 @@ pub(crate) fn spawn(
         board: Board::new(spec.clone(), replicas, host.opts.history),
         logs: Arc::new(LogBuffer::new(host.opts.log_lines)),
     });
+    let mut resumed = match restore {
+        Some(restore) => crate::handover::restore_board(&common, restore)
+            .into_iter()
+            .map(Some)
+            .collect(),
+        None => Vec::new(),
+    };
+    resumed.resize_with(replicas, || None);
     let mut orders = Vec::with_capacity(replicas);
-    for index in 0..replicas {
+    for (index, resumed) in resumed.into_iter().enumerate() {
         let (tx, rx) = mpsc::channel(REPLICA_QUEUE);
         orders.push(tx);
         let snapshots = host.opts.state_dir.as_deref().map(|dir| {
@@ -128,7 +155,15 @@ pub(crate) fn spawn(
             index,
             snapshots,
         };
-        host.tasks.spawn(run_replica(replica, spec.clone(), rx));
+        match resumed {
+            Some(resumed) => {
+                host.tasks
+                    .spawn(run_replica_resumed(replica, spec.clone(), rx, resumed));
+            }
+            None => {
+                host.tasks.spawn(run_replica(replica, spec.clone(), rx));
+            }
+        }
     }
     let (ops, rx) = mpsc::channel(OP_QUEUE);
     let handle = Arc::new(PluginHandle { common, ops });
@@ -202,6 +237,9 @@ impl Coordinator {
                         .roll_out(self.manifest.clone(), self.overrides.clone(), runtime)
                         .await;
                     let _ = reply.send(result);
+                }
+                Op::Handover(reply) => {
+                    let _ = reply.send(Ok((self.overrides.clone(), self.runtime.clone())));
                 }
                 Op::Remove(reply) => {
                     let result = self.each(Command::Remove).await;

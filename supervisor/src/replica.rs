@@ -185,6 +185,7 @@ impl Replica {
             r.ready_since = Some(ready_since);
             r.instance = instance.id.clone();
             r.pid = Some(pid);
+            r.attached = Some(Arc::new(crate::handover::Attached::of(instance)));
         }
         self.route(Route::Ready(ReadyInstance::new(
             instance.id.clone(),

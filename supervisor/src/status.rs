@@ -275,6 +275,11 @@ pub(crate) struct ReplicaStatus {
     pub restarts: u32,
     pub last_exit: Option<String>,
     pub ready_since: Option<Instant>,
+    /// What a hand-over needs of the running instance (see
+    /// [`crate::handover`]); current only while `instance` and `pid` match.
+    pub attached: Option<Arc<crate::handover::Attached>>,
+    /// The actor's restart history as of its last exit, for a hand-over.
+    pub tracker: Option<crate::policy::RestartTracker>,
 }
 
 impl ReplicaStatus {
@@ -287,6 +292,8 @@ impl ReplicaStatus {
             restarts: 0,
             last_exit: None,
             ready_since: None,
+            attached: None,
+            tracker: None,
         }
     }
 }

@@ -42,8 +42,8 @@ pub use crate::status::{
 /// Supervises a set of plugins. Cheap to clone; all clones share one state.
 #[derive(Clone)]
 pub struct Supervisor {
-    host: Arc<Host>,
-    plugins: Arc<Registry>,
+    pub(crate) host: Arc<Host>,
+    pub(crate) plugins: Arc<Registry>,
 }
 
 impl Supervisor {
@@ -60,19 +60,39 @@ impl Supervisor {
     /// [`Self::new`], with the cgroup probing and stale-cgroup cleanup on
     /// the blocking pool (what the daemon uses).
     pub async fn launch(opts: SupervisorOptions) -> std::io::Result<Supervisor> {
-        let isolation = Isolation::start_async(&opts.isolation, &opts.proc_root)
-            .await
-            .map_err(std::io::Error::other)?;
-        Self::with_isolation(opts, isolation)
+        Self::launch_with(opts, None).await
+    }
+
+    /// [`Self::launch`], spawning children through `processes` (a manager
+    /// whose process thread the caller runs; see
+    /// [`ProcessManager::detached`]) instead of a manager of its own.
+    pub async fn launch_with(
+        opts: SupervisorOptions,
+        processes: Option<ProcessManager>,
+    ) -> std::io::Result<Supervisor> {
+        let isolation =
+            Isolation::start_async_keeping(&opts.isolation, &opts.proc_root, &opts.keep_instances)
+                .await
+                .map_err(std::io::Error::other)?;
+        Self::with_isolation_and(opts, isolation, processes)
     }
 
     fn with_isolation(
         opts: SupervisorOptions,
         isolation: Isolation,
     ) -> std::io::Result<Supervisor> {
+        Self::with_isolation_and(opts, isolation, None)
+    }
+
+    fn with_isolation_and(
+        opts: SupervisorOptions,
+        isolation: Isolation,
+        processes: Option<ProcessManager>,
+    ) -> std::io::Result<Supervisor> {
         // Sockets live there: refuse a directory others could write in, and
         // clear what an earlier run left.
-        let swept = crate::rundir::prepare(&opts.runtime_dir).map_err(std::io::Error::other)?;
+        let swept = crate::rundir::prepare_keeping(&opts.runtime_dir, &opts.keep_instances)
+            .map_err(std::io::Error::other)?;
         if swept > 0 {
             tracing::info!(
                 "removed {swept} stale socket director{} of an earlier run",
@@ -80,7 +100,10 @@ impl Supervisor {
             );
         }
         let io_tasks = TaskTracker::new();
-        let processes = ProcessManager::new()?;
+        let processes = match processes {
+            Some(p) => p,
+            None => ProcessManager::new()?,
+        };
         let host = Arc::new(Host {
             processes,
             isolation,
@@ -184,6 +207,13 @@ impl Supervisor {
     /// One plugin's status.
     pub fn info(&self, name: &str) -> Result<PluginInfo, Error> {
         Ok(self.info_of(&*self.common(name)?))
+    }
+
+    /// The process manager: every child of this supervisor, helpers
+    /// included, must be spawned through it (in daemon mode its reaper
+    /// reaps every child of the process).
+    pub fn processes(&self) -> &ProcessManager {
+        &self.host.processes
     }
 
     /// Every future state transition of every plugin.

@@ -182,6 +182,9 @@ pub struct ControlService {
     /// Reloads and upgrades from the plugins directory; `None` when the
     /// service runs without a daemon config.
     reloader: Option<Arc<Reloader>>,
+    /// Hands the daemon over to a new binary (`upgrade-self`); `None` when
+    /// the service runs without a daemon.
+    upgrader: Option<Arc<crate::upgrade_self::Upgrader>>,
 }
 
 fn millis(t: std::time::SystemTime) -> u64 {
@@ -277,6 +280,34 @@ fn event_of(e: &Event) -> pb::Event {
 
 #[tonic::async_trait]
 impl Control for ControlService {
+    async fn upgrade_self(
+        &self,
+        request: Request<pb::UpgradeSelfRequest>,
+    ) -> Result<Response<pb::UpgradeSelfResponse>, Status> {
+        self.access.borrow().check(&request)?;
+        let upgrader = self.upgrader.as_ref().ok_or_else(|| {
+            Status::failed_precondition("this control service runs without a daemon to upgrade")
+        })?;
+        let binary = request.into_inner().binary;
+        let binary = (!binary.is_empty()).then(|| std::path::PathBuf::from(binary));
+        upgrader.request(binary).await.map(Response::new)
+    }
+
+    async fn daemon_info(
+        &self,
+        request: Request<pb::DaemonInfoRequest>,
+    ) -> Result<Response<pb::DaemonInfoResponse>, Status> {
+        self.access.borrow().check(&request)?;
+        Ok(Response::new(match &self.upgrader {
+            Some(upgrader) => upgrader.info(),
+            None => pb::DaemonInfoResponse {
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                ..Default::default()
+            },
+        }))
+    }
+
     async fn list(
         &self,
         request: Request<pb::ListRequest>,
@@ -677,11 +708,38 @@ pub async fn serve(
     cancel: CancellationToken,
     grace: Duration,
 ) -> Result<(), tonic::transport::Error> {
+    serve_shared(
+        supervisor,
+        Arc::new(listener),
+        access,
+        reloader,
+        None,
+        cancel,
+        grace,
+    )
+    .await
+}
+
+/// [`serve`] on a listener the caller keeps: when `cancel` fires, this
+/// server stops accepting (the caller's listener stays open, so new clients
+/// wait in its backlog for whoever accepts next: a new daemon image after
+/// `upgrade-self`), sends every connection HTTP/2 GOAWAY and lets the calls
+/// in flight finish within `grace`.
+pub async fn serve_shared(
+    supervisor: Supervisor,
+    listener: Arc<tokio::net::UnixListener>,
+    access: tokio::sync::watch::Receiver<Access>,
+    reloader: Option<Arc<Reloader>>,
+    upgrader: Option<Arc<crate::upgrade_self::Upgrader>>,
+    cancel: CancellationToken,
+    grace: Duration,
+) -> Result<(), tonic::transport::Error> {
     let service = ControlService {
         supervisor,
         access,
         cancel: cancel.clone(),
         reloader,
+        upgrader,
     };
     let connections = Connections::default();
     let (accepted, incoming) = tokio::sync::mpsc::channel(16);

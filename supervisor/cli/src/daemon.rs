@@ -5,6 +5,7 @@
 use crate::control::{self, Access};
 use crate::notify::Notifier;
 use crate::reload::{LoadConfig, Reloader};
+use crate::upgrade_self::{Launch, Upgrader};
 use anyhow::Context;
 use plugvisor::config::Config;
 use plugvisor::manifest;
@@ -21,8 +22,21 @@ pub async fn run(
     load_config: LoadConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    run_with(config, load_config, shutdown, Launch::default()).await
+}
+
+/// [`run`], launched as `launch` says; carries on from a previous image's
+/// state when this one was started by `upgrade-self`.
+pub async fn run_with(
+    config: Config,
+    load_config: LoadConfig,
+    shutdown: impl Future<Output = ()>,
+    mut launch: Launch,
+) -> anyhow::Result<()> {
     let notifier = Notifier::from_env().context("NOTIFY_SOCKET is set but unusable")?;
-    if config.strict {
+    let resumed = crate::upgrade_self::resume_env()
+        .context("cannot carry on from the previous daemon image's hand-over")?;
+    if config.strict && resumed.is_none() {
         let discovery = manifest::discover(&config.plugins_dir)?;
         for error in &discovery.errors {
             tracing::error!("plugin not loaded: {error}");
@@ -37,16 +51,44 @@ pub async fn run(
     // The control socket and every plugin socket live here: it must be
     // ours alone (not a symlink, not writable by others).
     plugvisor::rundir::secure_dir(&config.runtime_dir, 0o711)?;
-    let listener = control::bind(&config.control_socket()).await?;
-    control::give_socket_to_group(&config.control_socket(), &config.control_gids)?;
+    let (resumed, inherited) = match resumed {
+        Some(r) => (Some((r.state, r.app)), Some(r.listener)),
+        None => (None, None),
+    };
+    let listener = match inherited {
+        // Inherited, never closed: clients waited in its backlog.
+        Some(listener) => listener,
+        None => {
+            let listener = control::bind(&config.control_socket()).await?;
+            control::give_socket_to_group(&config.control_socket(), &config.control_gids)?;
+            listener
+        }
+    };
 
     let mut options = SupervisorOptions::new(&config.runtime_dir);
     options.subreaper = true;
     options.state_dir = Some(config.state_dir.clone());
     options.isolation = isolation_options(&config);
-    let supervisor = Supervisor::launch(options)
-        .await
-        .context("cannot start the supervisor")?;
+    let (supervisor, state) = match resumed {
+        Some((handed, app)) => {
+            let processes = launch.processes.take().ok_or_else(|| {
+                anyhow::anyhow!("a hand-over needs the process thread on the main thread")
+            })?;
+            let (supervisor, errors) = Supervisor::resume(options, processes, handed)
+                .await
+                .context("cannot start the supervisor from the hand-over state")?;
+            for error in errors {
+                tracing::error!("{error}");
+            }
+            (supervisor, Some(app))
+        }
+        None => {
+            let supervisor = Supervisor::launch_with(options, launch.processes.take())
+                .await
+                .context("cannot start the supervisor")?;
+            (supervisor, None)
+        }
+    };
     let (access, access_now) = tokio::sync::watch::channel(Access {
         uids: config.control_uids.clone(),
         gids: config.control_gids.clone(),
@@ -58,10 +100,25 @@ pub async fn run(
         config.clone(),
         access,
     ));
-    let (started, errors) = reloader.start().await?;
-    for error in &errors {
-        tracing::error!("plugin not loaded: {error}");
-    }
+    let started = match &state {
+        Some(app) => {
+            reloader.resume(app.fingerprints.clone()).await;
+            let started = supervisor.names().len();
+            tracing::info!(
+                generation = app.generation,
+                plugins = started,
+                "took over from the previous daemon image; every plugin kept running"
+            );
+            started
+        }
+        None => {
+            let (started, errors) = reloader.start().await?;
+            for error in &errors {
+                tracing::error!("plugin not loaded: {error}");
+            }
+            started
+        }
+    };
     for name in config.plugins.keys() {
         if supervisor.info(name).is_err() && config.plugins[name].enabled != Some(false) {
             tracing::warn!(plugin = %name, "the supervisor config has settings for `{name}`, but no such plugin was found in {}", config.plugins_dir.display());
@@ -90,14 +147,25 @@ pub async fn run(
         }
         None => None,
     };
-    let server = tokio::spawn(control::serve(
+    let upgrader = Upgrader::new(
         supervisor.clone(),
+        reloader.clone(),
         listener,
         access_now,
-        Some(reloader.clone()),
         cancel.clone(),
-        control::SHUTDOWN_GRACE,
-    ));
+        &launch,
+        state.as_ref(),
+    );
+    upgrader.start_server();
+    if let Some(app) = &state {
+        let info = upgrader.info();
+        tracing::info!(
+            generation = app.generation,
+            "serving after a hand-over of {}ms ({}ms without accepting control connections)",
+            info.last_handover_ms,
+            info.last_pause_ms
+        );
+    }
     let _ = notifier
         .announce(&format!("READY=1\nSTATUS=supervising {started} plugin(s)"))
         .await;
@@ -123,11 +191,26 @@ pub async fn run(
             let _ = notifier.announce("READY=1").await;
         }
     };
+    let upgrade_loop = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+            tracing::warn!("cannot listen for SIGUSR2; upgrade with `plugvisor upgrade-self`");
+            return std::future::pending().await;
+        };
+        while usr2.recv().await.is_some() {
+            tracing::info!("SIGUSR2 received: upgrading the daemon in place");
+            if let Err(e) = upgrader.request(None).await {
+                tracing::error!("{}", e.message());
+            }
+        }
+    };
     tokio::select! {
         _ = shutdown => {}
         _ = status_loop => {}
         _ = reload_loop => {}
+        _ = upgrade_loop => {}
     }
+    upgrader.finish().await;
     tracing::info!("shutting down: stopping plugins");
     let _ = notifier
         .announce("STOPPING=1\nSTATUS=stopping plugins")
@@ -141,11 +224,7 @@ pub async fn run(
     if let Some(metrics) = metrics {
         let _ = metrics.await;
     }
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("control socket: {e}"),
-        Err(e) => tracing::warn!("control socket task: {e}"),
-    }
+    upgrader.stop_server().await;
     let _ = std::fs::remove_file(config.control_socket());
     tracing::info!("stopped");
     Ok(())

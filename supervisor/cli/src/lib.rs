@@ -12,6 +12,8 @@
 //! - [`notify`]: sd_notify for systemd's `Type=notify` and watchdog.
 //! - [`conformance`]: checks one plugin against the protocol, rule by rule.
 //! - [`stream`]: `call --stream`, chunked through `Control.CallStream`.
+//! - [`upgrade_self`]: `plugvisor upgrade-self` / SIGUSR2, replacing the
+//!   daemon with a new binary while every plugin keeps running.
 //! - [`top`]: `plugvisor top`, the live full-screen view.
 //! - [`new`]: `plugvisor new`, plugin skeletons in Rust, Python and Go.
 //! - [`progress`]: live step lines for long verbs, and terminal colours.
@@ -28,3 +30,4 @@ pub mod progress;
 pub mod reload;
 pub mod stream;
 pub mod top;
+pub mod upgrade_self;

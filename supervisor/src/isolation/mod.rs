@@ -268,6 +268,20 @@ pub trait CgroupTree: Send + Sync + fmt::Debug {
     /// Kills and removes what an earlier run left below the parent; returns
     /// the names removed.
     fn clean_stale(&self) -> Result<Vec<String>, CgroupError>;
+    /// [`Self::clean_stale`], sparing the cgroups named in `keep`: those of
+    /// instances taken over from a previous supervisor image.
+    fn clean_stale_keeping(&self, keep: &[String]) -> Result<Vec<String>, CgroupError> {
+        if keep.is_empty() {
+            self.clean_stale()
+        } else {
+            Ok(Vec::new())
+        }
+    }
+    /// The cgroup of an instance that already exists (taken over from a
+    /// previous supervisor image), without creating or changing it.
+    fn existing(&self, _name: &str) -> Option<Arc<dyn CgroupManager>> {
+        None
+    }
     /// Removes the parent cgroup if it is empty (at a clean shutdown).
     fn teardown(&self) -> Result<(), CgroupError>;
     /// Creates an instance's cgroup with `limits` written.
@@ -780,6 +794,16 @@ impl Isolation {
     /// Blocks (cgroupfs, and waiting for stale processes to die): call it
     /// from a blocking context, or use [`Self::start_async`].
     pub fn start(opts: &IsolationOptions, proc_root: &Path) -> Result<Isolation, String> {
+        Self::start_keeping(opts, proc_root, &[])
+    }
+
+    /// [`Self::start`], keeping the cgroups of the instances named in
+    /// `keep` (taken over from a previous supervisor image).
+    pub fn start_keeping(
+        opts: &IsolationOptions,
+        proc_root: &Path,
+        keep: &[String],
+    ) -> Result<Isolation, String> {
         let (tree, require) = match &opts.cgroups {
             CgroupMode::Off => (
                 Err("cgroups are turned off (cgroup.enabled: false, or an embedded supervisor without SupervisorOptions::isolation.cgroups)".to_string()),
@@ -803,7 +827,7 @@ impl Isolation {
         };
         let tree = tree.and_then(|tree| {
             tree.setup().map_err(|e| e.to_string())?;
-            let stale = tree.clean_stale().map_err(|e| e.to_string())?;
+            let stale = tree.clean_stale_keeping(keep).map_err(|e| e.to_string())?;
             if !stale.is_empty() {
                 tracing::info!(
                     "removed {} stale cgroup(s) of an earlier run: {}",
@@ -853,9 +877,19 @@ impl Isolation {
         opts: &IsolationOptions,
         proc_root: &Path,
     ) -> Result<Isolation, String> {
+        Self::start_async_keeping(opts, proc_root, &[]).await
+    }
+
+    /// [`Self::start_async`] with [`Self::start_keeping`]'s `keep`.
+    pub async fn start_async_keeping(
+        opts: &IsolationOptions,
+        proc_root: &Path,
+        keep: &[String],
+    ) -> Result<Isolation, String> {
         let opts = opts.clone();
         let proc_root = proc_root.to_path_buf();
-        tokio::task::spawn_blocking(move || Isolation::start(&opts, &proc_root))
+        let keep = keep.to_vec();
+        tokio::task::spawn_blocking(move || Isolation::start_keeping(&opts, &proc_root, &keep))
             .await
             .map_err(|e| format!("starting isolation stopped before it finished: {e}"))?
     }
@@ -944,6 +978,20 @@ impl Isolation {
             live: self.live.clone(),
             tasks: tasks.clone(),
         }
+    }
+
+    /// The lease of a live instance's existing cgroup, taken over from a
+    /// previous supervisor image; `None` without cgroups.
+    pub fn relet(
+        &self,
+        instance_id: &str,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> Option<CgroupLease> {
+        let Enforcement::Cgroups(tree) = &self.enforcement else {
+            return None;
+        };
+        let cgroup = tree.existing(instance_id)?;
+        Some(self.lease(instance_id, cgroup, tasks))
     }
 
     /// `inspect`'s view of a plugin whose live instances (one per replica)

@@ -140,6 +140,14 @@ impl CgroupTree for V1Tree {
     }
 
     fn clean_stale(&self) -> Result<Vec<String>, CgroupError> {
+        self.clean_stale_keeping(&[])
+    }
+
+    fn existing(&self, name: &str) -> Option<Arc<dyn CgroupManager>> {
+        Some(Arc::new(self.cgroup(name)))
+    }
+
+    fn clean_stale_keeping(&self, keep: &[String]) -> Result<Vec<String>, CgroupError> {
         let mut names = BTreeSet::new();
         for dir in self.parent_dirs() {
             match self.fs.subdirs(&dir) {
@@ -148,6 +156,7 @@ impl CgroupTree for V1Tree {
                 Err(e) => return Err(CgroupError::io("cannot list", &dir, e)),
             }
         }
+        names.retain(|n| !keep.contains(n));
         for name in &names {
             kill_and_remove_blocking(&self.cgroup(name), Duration::from_secs(2))?;
         }

@@ -269,11 +269,20 @@ impl CgroupTree for V2Tree {
     }
 
     fn clean_stale(&self) -> Result<Vec<String>, CgroupError> {
-        let names = match self.fs.subdirs(&self.parent) {
+        self.clean_stale_keeping(&[])
+    }
+
+    fn existing(&self, name: &str) -> Option<Arc<dyn CgroupManager>> {
+        Some(Arc::new(self.cgroup(name)))
+    }
+
+    fn clean_stale_keeping(&self, keep: &[String]) -> Result<Vec<String>, CgroupError> {
+        let mut names = match self.fs.subdirs(&self.parent) {
             Ok(names) => names,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(CgroupError::io("cannot list", &self.parent, e)),
         };
+        names.retain(|n| !keep.contains(n));
         for name in &names {
             kill_and_remove_blocking(&self.cgroup(name), Duration::from_secs(2))?;
         }
