@@ -12,3 +12,4 @@ mod stream;
 mod support;
 mod terminal;
 mod top;
+mod upgrade_self;
