@@ -84,14 +84,15 @@ async fn call_on_one_connection(control: PathBuf, stop: Arc<AtomicBool>, tally: 
         let started = Instant::now();
         let mut result = echo(&mut client).await;
         if let Err(status) = &result
-            && matches!(
+            && (matches!(
                 status.code(),
                 tonic::Code::Unavailable | tonic::Code::Cancelled
-            )
+            ) || status.message().starts_with("h2 protocol error"))
             && !status.message().contains("plugin")
         {
             // The daemon closed the connection (GOAWAY, then close at the
-            // hand-over); the call was never taken: reconnect, call again.
+            // hand-over): a call sent after the GOAWAY was never taken (the
+            // h2 error says GoAway NO_ERROR), so reconnect and call again.
             tally.reconnects.fetch_add(1, Ordering::SeqCst);
             result = match plugvisor_cli::control::connect(&control).await {
                 Ok(fresh) => {
