@@ -2,6 +2,7 @@
 //! a row, while callers hammer the control socket; every plugin keeps its
 //! pid, no call fails; a broken new binary leaves the old daemon serving.
 
+use plugvisor_cli::control_client::ControlConnection;
 use plugvisor_integration_tests::{Daemon, Sandbox, bin};
 use plugvisor_proto as pb;
 use std::os::unix::fs::PermissionsExt;
@@ -29,7 +30,8 @@ fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 struct Tally {
     ok: AtomicU64,
     failed: AtomicU64,
-    reconnects: AtomicU64,
+    /// Calls the client sent again because the daemon never processed them.
+    resent: AtomicU64,
     /// The longest call, in microseconds.
     longest_us: AtomicU64,
 }
@@ -41,9 +43,7 @@ impl Tally {
     }
 }
 
-async fn echo(
-    client: &mut pb::control_client::ControlClient<plugvisor::transport::Connection>,
-) -> Result<(), tonic::Status> {
+async fn echo(client: &mut plugvisor_cli::control::Client) -> Result<(), tonic::Status> {
     let reply = client
         .call(pb::CallRequest {
             plugin: "echo".into(),
@@ -57,12 +57,21 @@ async fn echo(
     Ok(())
 }
 
-/// Calls and calls: a new connection per call.
+/// Calls and calls: a new connection per call. Any error is a failed
+/// call: the control client itself sends again a call the daemon never
+/// processed.
 async fn call_per_connection(control: PathBuf, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
     while !stop.load(Ordering::SeqCst) {
         let started = Instant::now();
-        let result = match plugvisor_cli::control::connect(&control).await {
-            Ok(mut client) => echo(&mut client).await.map_err(|s| s.to_string()),
+        let result = match ControlConnection::connect(&control).await {
+            Ok(connection) => {
+                let mut client = plugvisor_cli::control::client(connection.clone());
+                let result = echo(&mut client).await.map_err(|s| s.to_string());
+                tally
+                    .resent
+                    .fetch_add(connection.resent(), Ordering::SeqCst);
+                result
+            }
             Err(e) => Err(e.to_string()),
         };
         tally.took(started);
@@ -76,32 +85,14 @@ async fn call_per_connection(control: PathBuf, stop: Arc<AtomicBool>, tally: Arc
     }
 }
 
-/// Calls and calls on one long-lived connection; when the daemon closes it
-/// (GOAWAY at a hand-over), reconnects once and sends the call again.
+/// Calls and calls on one long-lived connection, which the daemon closes
+/// (GOAWAY) at each hand-over. Any error is a failed call.
 async fn call_on_one_connection(control: PathBuf, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
-    let mut client = plugvisor_cli::control::connect(&control).await.unwrap();
+    let connection = ControlConnection::connect(&control).await.unwrap();
+    let mut client = plugvisor_cli::control::client(connection.clone());
     while !stop.load(Ordering::SeqCst) {
         let started = Instant::now();
-        let mut result = echo(&mut client).await;
-        if let Err(status) = &result
-            && (matches!(
-                status.code(),
-                tonic::Code::Unavailable | tonic::Code::Cancelled
-            ) || status.message().starts_with("h2 protocol error"))
-            && !status.message().contains("plugin")
-        {
-            // The daemon closed the connection (GOAWAY, then close at the
-            // hand-over): a call sent after the GOAWAY was never taken (the
-            // h2 error says GoAway NO_ERROR), so reconnect and call again.
-            tally.reconnects.fetch_add(1, Ordering::SeqCst);
-            result = match plugvisor_cli::control::connect(&control).await {
-                Ok(fresh) => {
-                    client = fresh;
-                    echo(&mut client).await
-                }
-                Err(e) => Err(tonic::Status::unavailable(e.to_string())),
-            };
-        }
+        let result = echo(&mut client).await;
         tally.took(started);
         match result {
             Ok(()) => tally.ok.fetch_add(1, Ordering::SeqCst),
@@ -110,6 +101,60 @@ async fn call_on_one_connection(control: PathBuf, stop: Arc<AtomicBool>, tally: 
                 tally.failed.fetch_add(1, Ordering::SeqCst)
             }
         };
+    }
+    tally
+        .resent
+        .fetch_add(connection.resent(), Ordering::SeqCst);
+}
+
+fn lines(text: &str) -> Vec<String> {
+    text.lines().map(str::to_string).collect()
+}
+
+/// `plugvisor logs -f` / `events -f` as a child process writing to a file.
+struct Follower {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+impl Follower {
+    fn start(daemon: &Daemon, args: &[&str]) -> Follower {
+        let out = daemon
+            .control
+            .with_file_name(format!("follow-{}.out", args[0]));
+        let child = std::process::Command::new(bin("plugvisor"))
+            .arg("--control")
+            .arg(&daemon.control)
+            .args(args)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .spawn()
+            .unwrap();
+        Follower { child, out }
+    }
+
+    /// Its output once it has `n` lines (or after a deadline, to show what
+    /// it had); it must still be following.
+    fn lines_once(mut self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let read = |out: &Path| lines(&std::fs::read_to_string(out).unwrap_or_default());
+        while read(&self.out).len() < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "the follower stopped: {:?}",
+            read(&self.out)
+        );
+        // No more than the daemon holds either.
+        std::thread::sleep(Duration::from_millis(200));
+        read(&self.out)
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -131,11 +176,16 @@ fn two_upgrades_under_concurrent_callers_keep_every_plugin_and_fail_no_call() {
     let sandbox = Sandbox::new();
     sandbox.plugin("echo", &bin("echo-plugin"), "");
     sandbox.plugin("kv", &bin("kv-plugin"), "");
+    sandbox.plugin("talker", &bin("testplugin"), "args: [\"--junk\", \"3\"]");
     let daemon = Daemon::start(&sandbox, &[]);
     let echo_pid = daemon.wait_ready("echo")["pid"].clone();
     let kv_pid = daemon.wait_ready("kv")["pid"].clone();
+    daemon.wait_ready("talker");
     daemon.cli_ok(&["call", "kv", "set", "--data", "colour=blue"]);
     let events_before = daemon.cli_ok(&["events", "--json"]).lines().count();
+    // Followers of the logs and events, carried across both hand-overs.
+    let follow_logs = Follower::start(&daemon, &["logs", "-f", "talker", "--tail", "0", "--json"]);
+    let follow_events = Follower::start(&daemon, &["events", "-f", "--json"]);
     let new = copy_of_plugvisor(sandbox.dir.path(), "plugvisor-new");
     let newer = copy_of_plugvisor(sandbox.dir.path(), "plugvisor-newer");
 
@@ -170,6 +220,9 @@ fn two_upgrades_under_concurrent_callers_keep_every_plugin_and_fail_no_call() {
         // Calls go on through the new image, on both kinds of connection.
         wait_calls(&per_call, 20);
         wait_calls(&long_lived, 20);
+        // New output between the hand-overs: the followers must show it.
+        daemon.cli_ok(&["restart", "talker"]);
+        daemon.wait_ready("talker");
     }
     stop.store(true, Ordering::SeqCst);
     for caller in callers {
@@ -177,11 +230,12 @@ fn two_upgrades_under_concurrent_callers_keep_every_plugin_and_fail_no_call() {
     }
     let failed = per_call.failed.load(Ordering::SeqCst) + long_lived.failed.load(Ordering::SeqCst);
     eprintln!(
-        "per-connection: {} ok, longest {}us; long-lived: {} ok, {} reconnects, longest {}us",
+        "per-connection: {} ok, {} sent again, longest {}us; long-lived: {} ok, {} sent again, longest {}us",
         per_call.ok.load(Ordering::SeqCst),
+        per_call.resent.load(Ordering::SeqCst),
         per_call.longest_us.load(Ordering::SeqCst),
         long_lived.ok.load(Ordering::SeqCst),
-        long_lived.reconnects.load(Ordering::SeqCst),
+        long_lived.resent.load(Ordering::SeqCst),
         long_lived.longest_us.load(Ordering::SeqCst),
     );
     assert_eq!(failed, 0, "calls failed during the hand-overs");
@@ -204,10 +258,25 @@ fn two_upgrades_under_concurrent_callers_keep_every_plugin_and_fail_no_call() {
         events
             .matches("taken over by the new supervisor image")
             .count(),
-        4
+        6
     );
     let logs = daemon.cli_ok(&["logs", "kv"]);
     assert!(logs.contains("plugin listening"), "{logs}");
+    // The followers went on across both switches: exactly what the daemon
+    // holds now, nothing twice, nothing missing (the talker's output of
+    // three starts, the events of both take-overs).
+    let logs = daemon.cli_ok(&["logs", "talker", "--tail", "0", "--json"]);
+    assert_eq!(
+        logs.matches("junk line 1 before handshake").count(),
+        3,
+        "{logs}"
+    );
+    assert_eq!(follow_logs.lines_once(logs.lines().count()), lines(&logs));
+    let mut held = lines(&events);
+    let mut followed = follow_events.lines_once(held.len());
+    held.sort();
+    followed.sort();
+    assert_eq!(followed, held);
     // The plugins are still the daemon's children (and die with it).
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", kv_pid)).unwrap();
     let ppid: i32 = stat[stat.rfind(')').unwrap() + 2..]

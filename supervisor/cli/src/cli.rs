@@ -626,47 +626,48 @@ async fn dispatch(
             tail,
             json,
         } => {
-            let mut client = control::connect(&control_path()).await?;
-            let mut stream = client
-                .logs(pb::LogsRequest {
-                    plugin: name.clone(),
-                    tail: *tail,
-                    follow: *follow,
-                })
-                .await?
-                .into_inner();
             let mut out = std::io::stdout();
             let color = crate::progress::stdout_color();
-            while let Some(line) = stream.message().await? {
+            let request = pb::LogsRequest {
+                plugin: name.clone(),
+                tail: *tail,
+                follow: *follow,
+            };
+            let again = pb::LogsRequest {
+                tail: 0,
+                ..request.clone()
+            };
+            crate::follow::run(&control_path(), request, again, *follow, |line: &pb::LogLine| {
                 if *json {
                     let v = serde_json::json!({"time_ms": line.time_ms, "instance": line.instance, "stream": line.stream, "line": line.line});
                     writeln!(out, "{v}")?;
                 } else {
-                    writeln!(out, "{}", crate::progress::log_line(&line, color))?;
+                    writeln!(out, "{}", crate::progress::log_line(line, color))?;
                 }
                 out.flush()?;
-            }
+                Ok(())
+            })
+            .await?;
             Ok(0)
         }
         Command::Events { name, follow, json } => {
-            let mut client = control::connect(&control_path()).await?;
-            let mut stream = client
-                .events(pb::EventsRequest {
-                    plugin: name.clone().unwrap_or_default(),
-                    follow: *follow,
-                })
-                .await?
-                .into_inner();
             let mut out = std::io::stdout();
             let color = crate::progress::stdout_color();
-            while let Some(e) = stream.message().await? {
+            let request = pb::EventsRequest {
+                plugin: name.clone().unwrap_or_default(),
+                follow: *follow,
+            };
+            let again = request.clone();
+            crate::follow::run(&control_path(), request, again, *follow, |e: &pb::Event| {
                 if *json {
-                    writeln!(out, "{}", event_json(&e))?;
+                    writeln!(out, "{}", event_json(e))?;
                 } else {
-                    writeln!(out, "{}", crate::progress::event_line(&e, color))?;
+                    writeln!(out, "{}", crate::progress::event_line(e, color))?;
                 }
                 out.flush()?;
-            }
+                Ok(())
+            })
+            .await?;
             Ok(0)
         }
         Command::Reload { json } => {

@@ -6,6 +6,9 @@
 //! - [`cli`]: the command line (clap), one function per verb.
 //! - [`daemon`]: `plugvisor run`: discovery, the control server, signals.
 //! - [`control`]: the gRPC control API the CLI talks to, and its client.
+//! - [`control_client`]: the client's transport: reconnects, and sends a
+//!   call the daemon never processed again, once.
+//! - [`follow`]: `logs -f` / `events -f` carrying on across `upgrade-self`.
 //! - [`connections`]: the control server's open connections, closed at shutdown.
 //! - [`reload`]: re-reading plugins_dir and the config on `reload` / SIGHUP.
 //! - [`metrics_http`]: the Prometheus `/metrics` endpoint.
@@ -22,7 +25,9 @@ pub mod cli;
 pub mod conformance;
 pub mod connections;
 pub mod control;
+pub mod control_client;
 pub mod daemon;
+pub mod follow;
 pub mod metrics_http;
 pub mod new;
 pub mod notify;

@@ -138,6 +138,9 @@ pub struct Upgrader {
     /// Held by the running upgrade: another is refused.
     busy: Arc<tokio::sync::Mutex<()>>,
     last_error: Mutex<String>,
+    /// Set while the control server stops for a switch: follow streams
+    /// then end saying so, and their clients connect again.
+    switching: std::sync::atomic::AtomicBool,
     last_handover_ms: u64,
     last_pause_ms: u64,
     tasks: tokio_util::task::TaskTracker,
@@ -181,6 +184,7 @@ impl Upgrader {
             generation,
             busy: Arc::default(),
             last_error: Mutex::default(),
+            switching: Default::default(),
             last_handover_ms: handover_ms,
             last_pause_ms: pause_ms,
             tasks: tokio_util::task::TaskTracker::new(),
@@ -220,6 +224,11 @@ impl Upgrader {
     pub async fn finish(&self) {
         self.tasks.close();
         self.tasks.wait().await;
+    }
+
+    /// Whether the control server is stopping for a switch to a new binary.
+    pub fn switching(&self) -> bool {
+        self.switching.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn info(&self) -> pb::DaemonInfoResponse {
@@ -362,8 +371,12 @@ impl Upgrader {
     /// on and the reason is kept for `DaemonInfo`).
     async fn switch(self: &Arc<Self>, binary: PathBuf, requested: SystemTime) {
         let paused = SystemTime::now();
+        self.switching
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.stop_server().await;
         let why = self.try_switch(&binary, requested, paused).await;
+        self.switching
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         tracing::error!(
             "upgrade-self to {} failed: {why}; this daemon keeps serving",
             binary.display()
