@@ -138,8 +138,23 @@ impl Actor {
     fn adopt(&mut self, spec: Arc<Spec>) {
         if !Arc::ptr_eq(&spec.manifest, &self.spec.manifest) {
             self.tracker = RestartTracker::new(spec.manifest.restart.clone());
+            self.publish_history();
         }
         self.spec = spec;
+    }
+
+    /// Starts a fresh restart history (an operator's start or restart), as
+    /// if the plugin had never crashed.
+    fn clear_history(&mut self) {
+        self.tracker.clear();
+        self.publish_history();
+    }
+
+    /// Copies the restart history to the board, where a hand-over to a new
+    /// supervisor image reads it.
+    fn publish_history(&self) {
+        let tracker = self.tracker.clone();
+        self.replica.update(|r| r.tracker = Some(tracker));
     }
 
     /// Runs the replica from `next`; an `adopted` instance is served
@@ -177,7 +192,7 @@ impl Actor {
                 }) => (reason, ready_since),
                 Ok(Outcome::Decided(n)) => {
                     if matches!(n, Next::Start) {
-                        self.tracker.clear();
+                        self.clear_history();
                     }
                     next = n;
                     continue;
@@ -221,8 +236,7 @@ impl Actor {
             ready_since,
             self.jitter.sample(),
         );
-        let tracker = self.tracker.clone();
-        replica.update(|r| r.tracker = Some(tracker));
+        self.publish_history();
         match decision {
             Decision::Restart { delay, attempt } => {
                 replica.update(|r| r.restarts += 1);
@@ -285,7 +299,7 @@ impl Actor {
                     let _ = reply.send(());
                 }
                 Some(Command::Restart(reply)) => {
-                    self.tracker.clear();
+                    self.clear_history();
                     self.replica.transition(
                         PluginState::Starting,
                         "",
@@ -329,7 +343,7 @@ impl Actor {
             };
             match cmd {
                 Some(Command::Start(reply) | Command::Restart(reply)) => {
-                    self.tracker.clear();
+                    self.clear_history();
                     self.replica.route(Route::Pending);
                     // The answer reads the state: say it is starting now,
                     // not the `stopped` it is leaving.

@@ -92,7 +92,8 @@ pub struct HandoverState {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SavedPlugin {
     pub manifest_path: PathBuf,
-    /// The manifest's text, parsed again by the new image.
+    /// The text of the manifest as it runs (not the file's text now),
+    /// parsed again by the new image.
     pub manifest_text: String,
     pub overrides: PluginOverride,
     pub runtime: serde_json::Map<String, serde_json::Value>,
@@ -279,12 +280,9 @@ impl Supervisor {
             let common = &handle.common;
             let board = common.board.lock();
             let manifest = board.spec.manifest.clone();
-            let manifest_text = std::fs::read_to_string(&manifest.path).map_err(|e| {
-                HandoverError::Unreadable(format!(
-                    "plugin `{name}`: cannot read its manifest {}: {e}",
-                    manifest.path.display()
-                ))
-            })?;
+            // The manifest as it runs (the file may have been edited, and
+            // not reloaded, since).
+            let manifest_text = manifest.source.to_string();
             let mut replicas = Vec::with_capacity(board.replicas.len());
             for (index, r) in board.replicas.iter().enumerate() {
                 if matches!(
@@ -595,6 +593,8 @@ pub(crate) fn restore_board(common: &Common, restore: Restore) -> Vec<Resumed> {
         row.restarts = r.restarts;
         row.last_exit = r.last_exit;
         row.tracker = Some(tracker.clone());
+        // Shown at once: the instance is being taken over, not started.
+        row.pid = r.instance.as_ref().map(|i| i.pid);
         if matches!(state, PluginState::Stopped | PluginState::Failed) {
             common.routes.set(
                 index,

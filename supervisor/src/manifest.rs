@@ -358,6 +358,9 @@ pub struct Manifest {
     pub replicas: u32,
     pub calls: CallLimits,
     pub upgrade: UpgradeSpec,
+    /// The text this was parsed from: what a hand-over to a new supervisor
+    /// image carries (the file may have changed since).
+    pub source: std::sync::Arc<str>,
 }
 
 /// Checks a plugin name: `[a-z0-9][a-z0-9_-]{0,62}`.
@@ -502,6 +505,7 @@ impl Manifest {
             replicas: raw.replicas,
             calls: raw.calls,
             upgrade: raw.upgrade,
+            source: text.into(),
         })
     }
 

@@ -51,9 +51,9 @@ pub async fn run_with(
     // The control socket and every plugin socket live here: it must be
     // ours alone (not a symlink, not writable by others).
     plugvisor::rundir::secure_dir(&config.runtime_dir, 0o711)?;
-    let (resumed, inherited) = match resumed {
-        Some(r) => (Some((r.state, r.app)), Some(r.listener)),
-        None => (None, None),
+    let (resumed, inherited, inherited_metrics) = match resumed {
+        Some(r) => (Some((r.state, r.app)), Some(r.listener), r.metrics),
+        None => (None, None, None),
     };
     let listener = match inherited {
         // Inherited, never closed: clients waited in its backlog.
@@ -134,16 +134,18 @@ pub async fn run_with(
     let cancel = CancellationToken::new();
     let metrics = match config.metrics_address {
         Some(address) => {
-            let listener = tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| format!("cannot serve metrics on {address}"))?;
+            let listener = match inherited_metrics {
+                // Handed over, never closed: scrapers waited in its backlog.
+                Some(listener) if same_address(&listener, address) => {
+                    listener.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(listener)?
+                }
+                _ => tokio::net::TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("cannot serve metrics on {address}"))?,
+            };
             tracing::info!("metrics on http://{address}/metrics");
-            Some(tokio::spawn(crate::metrics_http::serve(
-                listener,
-                supervisor.clone(),
-                crate::metrics_http::Limits::default(),
-                cancel.clone(),
-            )))
+            Some(listener)
         }
         None => None,
     };
@@ -155,6 +157,7 @@ pub async fn run_with(
         cancel.clone(),
         &launch,
         state.as_ref(),
+        metrics,
     );
     upgrader.start_server();
     if let Some(app) = &state {
@@ -221,13 +224,19 @@ pub async fn run_with(
         _ = notifier.feed_watchdog(watchdog) => {}
     }
     cancel.cancel();
-    if let Some(metrics) = metrics {
-        let _ = metrics.await;
-    }
+    // The control server and the metrics endpoint.
     upgrader.stop_server().await;
     let _ = std::fs::remove_file(config.control_socket());
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Whether a handed-over listener listens where the config says (any port
+/// when the config asks for port 0).
+fn same_address(listener: &std::net::TcpListener, address: std::net::SocketAddr) -> bool {
+    listener.local_addr().is_ok_and(|bound| {
+        bound.ip() == address.ip() && (address.port() == 0 || bound.port() == address.port())
+    })
 }
 
 /// The supervisor's isolation settings from the config: cgroups probed at

@@ -58,6 +58,9 @@ pub const PREFLIGHT_OK: &str = "plugvisor-handover-ok";
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct AppState {
     pub control_fd: i32,
+    /// The metrics listener, if the daemon served metrics.
+    #[serde(default)]
+    pub metrics_fd: Option<i32>,
     pub generation: u64,
     pub fingerprints: BTreeMap<String, String>,
     /// When `upgrade-self` was asked for, and when the old image stopped
@@ -83,6 +86,7 @@ pub struct Resumed {
     pub state: HandoverState,
     pub app: AppState,
     pub listener: tokio::net::UnixListener,
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 /// Reads the state a previous image handed over, if this image was started
@@ -105,10 +109,16 @@ pub fn resume_env() -> anyhow::Result<Option<Resumed>> {
     let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(app.control_fd) };
     std_listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(std_listener)?;
+    let metrics = app.metrics_fd.map(|fd| {
+        plugvisor::process::set_cloexec(fd, true);
+        // SAFETY: the metrics listener, handed over by number, ours alone.
+        unsafe { std::net::TcpListener::from_raw_fd(fd) }
+    });
     Ok(Some(Resumed {
         state,
         app,
         listener,
+        metrics,
     }))
 }
 
@@ -120,6 +130,7 @@ type Server = (
     CancellationToken,
     JoinHandle<Result<(), tonic::transport::Error>>,
 );
+type MetricsServer = (CancellationToken, JoinHandle<()>);
 
 /// Serves the control socket and replaces the daemon on request.
 pub struct Upgrader {
@@ -130,6 +141,10 @@ pub struct Upgrader {
     /// The daemon's shutdown: the control server's token is its child.
     cancel: CancellationToken,
     server: Mutex<Option<Server>>,
+    /// The metrics endpoint's listener, handed over like the control
+    /// socket's, and its server.
+    metrics: Option<Arc<tokio::net::TcpListener>>,
+    metrics_server: Mutex<Option<MetricsServer>>,
     run_argv: Vec<OsString>,
     check_argv: Vec<OsString>,
     /// The binary this image runs from: the default new binary.
@@ -161,6 +176,7 @@ impl Upgrader {
         cancel: CancellationToken,
         launch: &Launch,
         resumed: Option<&AppState>,
+        metrics: Option<tokio::net::TcpListener>,
     ) -> Arc<Upgrader> {
         let now = unix_ms(SystemTime::now());
         let (generation, handover_ms, pause_ms) = match resumed {
@@ -178,6 +194,8 @@ impl Upgrader {
             access,
             cancel,
             server: Mutex::new(None),
+            metrics: metrics.map(Arc::new),
+            metrics_server: Mutex::new(None),
             run_argv: launch.run_argv.clone(),
             check_argv: launch.check_argv.clone(),
             binary: std::env::current_exe().unwrap_or_default(),
@@ -204,11 +222,28 @@ impl Upgrader {
             DRAIN_GRACE,
         ));
         *lock(&self.server) = Some((token, task));
+        if let Some(listener) = &self.metrics {
+            let token = self.cancel.child_token();
+            let task = tokio::spawn(crate::metrics_http::serve_shared(
+                listener.clone(),
+                self.supervisor.clone(),
+                crate::metrics_http::Limits::default(),
+                token.clone(),
+            ));
+            *lock(&self.metrics_server) = Some((token, task));
+        }
     }
 
     /// Stops serving: no more accepts (the listener stays open), GOAWAY,
     /// calls in flight finish within the grace.
     pub async fn stop_server(&self) {
+        let metrics = lock(&self.metrics_server).take();
+        if let Some((token, task)) = metrics {
+            token.cancel();
+            if let Err(e) = task.await {
+                tracing::warn!("metrics endpoint task: {e}");
+            }
+        }
         let server = lock(&self.server).take();
         if let Some((token, task)) = server {
             token.cancel();
@@ -404,6 +439,7 @@ impl Upgrader {
         };
         let app = AppState {
             control_fd: self.listener.as_raw_fd(),
+            metrics_fd: self.metrics.as_ref().map(|l| l.as_raw_fd()),
             generation: self.generation + 1,
             fingerprints: self.reloader.fingerprints().await,
             requested_unix_ms: unix_ms(requested),
@@ -422,7 +458,8 @@ impl Upgrader {
         env.push((ENV_FD.into(), memfd.as_raw_fd().to_string().into()));
         let mut args = vec![binary.as_os_str().to_os_string()];
         args.extend(self.run_argv.iter().cloned());
-        let extra = [self.listener.as_raw_fd(), memfd.as_raw_fd()];
+        let mut extra = vec![self.listener.as_raw_fd(), memfd.as_raw_fd()];
+        extra.extend(self.metrics.as_ref().map(|l| l.as_raw_fd()));
         let error = self
             .supervisor
             .exec_handover(&taken, &extra, binary.to_path_buf(), args, env)
