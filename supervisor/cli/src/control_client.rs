@@ -266,3 +266,108 @@ impl tower::Service<http::Request<tonic::body::Body>> for ControlConnection {
         Box::pin(async move { shared.send(request).await })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plugvisor_proto as pb;
+    use prost::Message;
+    use std::sync::atomic::AtomicUsize;
+
+    /// What the hostile daemon does with the first connection's request.
+    #[derive(Clone, Copy)]
+    enum First {
+        /// RST_STREAM(REFUSED_STREAM): not processed.
+        Refuse,
+        /// Takes it, then drops the connection unanswered: maybe processed.
+        TakeAndDrop,
+    }
+
+    /// Serves DaemonInfo over raw HTTP/2 on `listener`; the first
+    /// connection misbehaves as `first` says. Counts requests received.
+    async fn daemon(listener: tokio::net::UnixListener, first: First, received: Arc<AtomicUsize>) {
+        // Dropped (with every connection) when the server is aborted.
+        let mut connections = tokio::task::JoinSet::new();
+        let mut connection_no = 0;
+        while let Ok((stream, _)) = listener.accept().await {
+            connection_no += 1;
+            connections.spawn(serve(stream, connection_no, first, received.clone()));
+        }
+    }
+
+    async fn serve(
+        stream: tokio::net::UnixStream,
+        connection_no: u32,
+        first: First,
+        received: Arc<AtomicUsize>,
+    ) {
+        let mut conn = h2::server::handshake(stream).await.expect("h2 handshake");
+        while let Some(request) = conn.accept().await {
+            let (_request, mut respond) = request.expect("a request");
+            received.fetch_add(1, Ordering::SeqCst);
+            match (connection_no, first) {
+                (1, First::Refuse) => {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    continue;
+                }
+                (1, First::TakeAndDrop) => break,
+                _ => {}
+            }
+            let reply = pb::DaemonInfoResponse {
+                pid: 42,
+                ..Default::default()
+            }
+            .encode_to_vec();
+            let mut body = vec![0u8];
+            body.extend_from_slice(&(reply.len() as u32).to_be_bytes());
+            body.extend_from_slice(&reply);
+            let response = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(())
+                .expect("a response head");
+            let mut send = respond
+                .send_response(response, false)
+                .expect("send headers");
+            send.send_data(body.into(), false).expect("send data");
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            send.send_trailers(trailers).expect("send trailers");
+        }
+    }
+
+    async fn call(first: First) -> (Result<u32, tonic::Status>, usize, u64) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("control.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let received = Arc::new(AtomicUsize::new(0));
+        let server = tokio::spawn(daemon(listener, first, received.clone()));
+        let connection = ControlConnection::connect(&path).await.expect("connect");
+        let mut client = crate::control::client(connection.clone());
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.daemon_info(pb::DaemonInfoRequest {}),
+        )
+        .await
+        .expect("the call ends");
+        server.abort();
+        (
+            answer.map(|r| r.into_inner().pid),
+            received.load(Ordering::SeqCst),
+            connection.resent(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_is_sent_again_on_a_fresh_connection() {
+        let (answer, received, resent) = call(First::Refuse).await;
+        assert_eq!(answer.expect("answered the second time"), 42);
+        assert_eq!((received, resent), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn a_call_lost_after_the_daemon_took_it_is_not_sent_again() {
+        let (answer, received, resent) = call(First::TakeAndDrop).await;
+        let status = answer.expect_err("the daemon dropped it");
+        assert_eq!((received, resent), (1, 0), "{status:?}");
+    }
+}
