@@ -9,13 +9,15 @@
 //!    exit 1, garbage, a hang) refuses the upgrade with its reason while this
 //!    daemon serves on. Only one upgrade runs at a time: another request is
 //!    refused, not queued.
-//! 2. Quiesce: this image stops accepting on the control socket but keeps
-//!    the listener open (new clients wait in its backlog), sends HTTP/2
-//!    GOAWAY to every connection, and lets calls in flight finish
-//!    (follow streams end).
+//! 2. Quiesce: this image stops accepting on the control socket and the
+//!    metrics endpoint but keeps both listeners open (new clients wait in
+//!    their backlogs), sends HTTP/2 GOAWAY to every control connection, and
+//!    lets calls in flight finish. Follow streams end with
+//!    [`crate::follow::handover_status`], so their clients connect again.
 //! 3. Hand over: the supervisor's state and this daemon's part (the
 //!    listener's descriptor, reload bookkeeping, timings) go to a sealed
-//!    memfd; the process thread execs the new binary with exactly those
+//!    memfd (with the metrics listener's descriptor too); the process
+//!    thread execs the new binary with exactly those
 //!    descriptors inheritable (see [`plugvisor::handover`]). If the exec
 //!    fails, or the state cannot be taken (a plugin is starting), this image
 //!    serves on and `DaemonInfo.last_upgrade_error` says why.
