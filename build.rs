@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/plugvisor/v1/plugin.proto",
         "proto/plugvisor/v1/control.proto",
+        "proto/plugvisor/v1/registry.proto",
     ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");

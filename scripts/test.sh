@@ -8,6 +8,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== python example virtualenv"
 scripts/setup-python.sh
+echo "== kubernetes manifest tools (deploy/kubernetes)"
+scripts/setup-k8s-tools.sh
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo build (binaries the end-to-end tests run)"

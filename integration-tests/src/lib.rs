@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 /// to the running test executable, and fresh: the first call in a test
 /// process runs `cargo build --workspace --bins` (see [`build_bins`]), so a
 /// test never runs a binary older than the source.
+pub mod tls;
+
 pub fn bin(name: &str) -> PathBuf {
     let dir = bin_dir();
     if let Err(e) = BUILT.get_or_init(|| build_bins(&dir)) {

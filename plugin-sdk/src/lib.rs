@@ -49,6 +49,7 @@ mod plugin;
 mod serve;
 mod service;
 pub mod testing;
+pub mod tls;
 
 use std::io::IsTerminal;
 

@@ -207,6 +207,16 @@ pub trait Plugin: Send + Sync + 'static {
         Health::Serving
     }
 
+    /// Says whether the plugin can run with `config` (the complete merged
+    /// config it would be initialized with), before an operator's
+    /// `plugvisor config` change is rolled out: `Err(reason)` refuses it,
+    /// nothing changes, and the operator sees `reason`. Accepts everything
+    /// by default.
+    async fn validate_config(&self, config: &serde_json::Value) -> Result<(), String> {
+        let _ = config;
+        Ok(())
+    }
+
     /// The plugin's state, for snapshots, restarts and upgrades. Empty by
     /// default.
     async fn export_state(&self) -> Result<StateSnapshot, Status> {

@@ -147,6 +147,10 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("the plugin's gRPC server failed: {0}")]
     Serve(#[source] tonic::transport::Error),
+    /// Serving over TCP + mutual TLS could not be set up (a bad
+    /// certificate file, an address that cannot be bound).
+    #[error("{0}")]
+    Tls(String),
     /// The test harness could not connect to the plugin it started.
     #[error("failed to connect to the plugin at {}: {source}", path.display())]
     Connect {
@@ -272,6 +276,11 @@ pub async fn serve<P: Plugin>(plugin: P) -> Result<(), ServeError> {
 /// `plugvisor|1|unix|<path>` on stdout; serve the `plugvisor.v1.Plugin` and
 /// `grpc.health.v1.Health` services.
 pub async fn serve_with<P: Plugin>(plugin: P, mut options: ServeOptions) -> Result<(), ServeError> {
+    // A plugin run on another host serves TCP + mutual TLS instead.
+    if let Some(remote) = crate::tls::RemoteEnv::from_env()? {
+        crate::init_logging();
+        return crate::tls::serve_remote(plugin, remote, options).await;
+    }
     let env = HandshakeEnv::from_env()?;
     crate::init_logging();
     let listener = env.bind()?;
@@ -302,17 +311,18 @@ pub async fn serve_listener<P: Plugin>(
         announce(line)?;
         tracing::info!(handshake = %line, "plugin listening");
     }
-    run(Arc::new(plugin), listener, &options, shutdown, signals).await
+    let incoming = UnixListenerStream::new(listener);
+    run(Arc::new(plugin), incoming, &options, shutdown, signals).await
 }
 
 /// SIGTERM and SIGINT, turned into a future.
-struct Signals {
+pub(crate) struct Signals {
     term: Signal,
     int: Signal,
 }
 
 impl Signals {
-    fn install_if(wanted: bool) -> Result<Option<Signals>, ServeError> {
+    pub(crate) fn install_if(wanted: bool) -> Result<Option<Signals>, ServeError> {
         if !wanted {
             return Ok(None);
         }
@@ -335,14 +345,27 @@ impl Signals {
     }
 }
 
-/// The serve loop shared by every entry point.
-async fn run<P: Plugin>(
+/// The serve loop shared by every entry point, over any stream of
+/// connections (a Unix listener's, or accepted TLS connections).
+pub(crate) async fn run<P, I, IO, IE>(
     plugin: Arc<P>,
-    listener: UnixListener,
+    incoming: I,
     options: &ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
     mut signals: Option<Signals>,
-) -> Result<(), ServeError> {
+) -> Result<(), ServeError>
+where
+    P: Plugin,
+    I: tokio_stream::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (shutdown_tx, mut shutdown_rx) = watch::channel(None);
     let shared = Arc::new(Shared {
         draining: watch::channel(false).0,
@@ -376,7 +399,7 @@ async fn run<P: Plugin>(
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
-        .serve_with_incoming_shutdown(routes, UnixListenerStream::new(listener), stop);
+        .serve_with_incoming_shutdown(routes, incoming, stop);
     tokio::pin!(server);
 
     // Serve until a stop request, then drain until its deadline. The server

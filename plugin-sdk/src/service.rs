@@ -17,7 +17,8 @@ use plugvisor_proto::plugin_server::{Plugin as PluginService, PluginServer};
 use plugvisor_proto::{
     Chunk, ExportStateRequest, ExportStateResponse, HandleRequest, HandleResponse,
     HealthCheckRequest, HealthCheckResponse, InitializeRequest, InitializeResponse, SessionRequest,
-    SessionResponse, ShutdownRequest, ShutdownResponse, health_check_response,
+    SessionResponse, ShutdownRequest, ShutdownResponse, ValidateConfigRequest,
+    ValidateConfigResponse, health_check_response,
 };
 use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt};
@@ -307,6 +308,21 @@ impl<P: Plugin> PluginService for PluginAdapter<P> {
         Ok(tonic::Response::new(HealthCheckResponse {
             status: status.into(),
             message,
+        }))
+    }
+
+    async fn validate_config(
+        &self,
+        request: tonic::Request<ValidateConfigRequest>,
+    ) -> Result<tonic::Response<ValidateConfigResponse>, Status> {
+        let config = parse_config(&request.into_inner().config_json)?;
+        let (accepted, reason) = match self.plugin.validate_config(&config).await {
+            Ok(()) => (true, String::new()),
+            Err(reason) => (false, reason),
+        };
+        Ok(tonic::Response::new(ValidateConfigResponse {
+            accepted,
+            reason,
         }))
     }
 

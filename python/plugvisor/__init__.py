@@ -122,6 +122,11 @@ class Plugin:
     def export_state(self) -> bytes:
         return b""
 
+    def validate_config(self, config: dict) -> str | None:
+        """Asked before `plugvisor config` rolls out a new config (the complete
+        merged one): return a reason to refuse it, or None to accept."""
+        return None
+
     def shutdown(self) -> None:
         """Called after the drain, just before exit: flush and close."""
 
@@ -262,6 +267,19 @@ class _Servicer:
         except Error as err:
             _abort(context, err)
         return self.pb.ExportStateResponse(state=state, state_version=self.plugin.state_version)
+
+    def ValidateConfig(self, request, context):
+        try:
+            config = json.loads(request.config_json) if request.config_json.strip() else {}
+        except ValueError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"config_json is not valid JSON: {err}")
+        if not isinstance(config, dict):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "config_json must be a JSON object")
+        try:
+            reason = self.plugin.validate_config(config)
+        except Error as err:
+            _abort(context, err)
+        return self.pb.ValidateConfigResponse(accepted=reason is None, reason=reason or "")
 
     def Session(self, request_iterator, context):
         # Optional in the protocol: Initialize does not offer sessions, so

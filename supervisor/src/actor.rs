@@ -5,6 +5,8 @@
 //! restart, upgrade, remove). The pure policy lives in [`crate::policy`],
 //! the steps of an upgrade in [`crate::upgrade`].
 
+mod remote;
+
 use crate::instance::{self, Instance, StartError, probe};
 use crate::policy::{Decision, Jitter, RestartTracker};
 use crate::process::{ExitStatus, wait_exit};
@@ -26,6 +28,15 @@ pub(crate) enum Command {
     Upgrade(Order),
     /// Stop for good: the plugin is no longer supervised.
     Remove(oneshot::Sender<()>),
+    /// Stop for good because autoscaling removes this replica: leave
+    /// routing first, let the calls in flight finish, then stop (with a
+    /// last snapshot).
+    Retire {
+        reason: String,
+        /// The replica count autoscaling goes to.
+        scaled_to: usize,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// What to do after an instance is gone.
@@ -41,6 +52,8 @@ enum Next {
 enum RunEnd {
     Exited(ExitStatus),
     HealthFailed(String),
+    /// A requirement with `on_crash: restart` went down: stop, wait for it.
+    RequirementDown(String),
     Command(Command),
     Cancelled,
 }
@@ -170,6 +183,8 @@ impl Actor {
                 Next::Start => {}
             }
             let (instance_id, outcome) = match adopted.take() {
+                // Taken over running: its requirements were met when it
+                // started, and a hand-over is no going down of theirs.
                 Some(saved) => {
                     let id = saved.id.clone();
                     match crate::handover::reattach(&self.replica, &self.spec, saved).await {
@@ -180,6 +195,20 @@ impl Actor {
                     }
                 }
                 None => {
+                    match crate::dependencies::wait_for_requirements(
+                        &self.replica,
+                        &self.spec,
+                        &mut self.commands,
+                    )
+                    .await
+                    {
+                        crate::dependencies::WaitEnd::Ready => {}
+                        crate::dependencies::WaitEnd::Exit => return,
+                        crate::dependencies::WaitEnd::Command(cmd) => {
+                            next = self.while_waiting(cmd).await;
+                            continue;
+                        }
+                    }
                     let instance_id = self.next_id();
                     let outcome = self.start_and_run(&instance_id).await;
                     (instance_id, outcome)
@@ -210,6 +239,20 @@ impl Actor {
         reason: ExitReason,
         ready_since: Option<Instant>,
     ) -> Next {
+        if spawned(&reason) {
+            self.replica
+                .hook_reported(
+                    &self.spec.manifest,
+                    &self.spec.env,
+                    "post_exit",
+                    instance_id,
+                    &[
+                        ("PLUGVISOR_EXIT_REASON", reason.to_string()),
+                        ("PLUGVISOR_EXIT_KIND", reason.kind().to_string()),
+                    ],
+                )
+                .await;
+        }
         let replica = &self.replica;
         replica.update(|r| {
             r.last_exit = Some(reason.to_string());
@@ -284,6 +327,21 @@ impl Actor {
         }
     }
 
+    /// Runs the post-ready hook of an initialized instance before it is
+    /// published, so it takes calls only once the hook succeeded. A failure
+    /// kills the instance and is its exit reason (the restart policy
+    /// answers it like a failed start).
+    async fn post_ready(&self, instance: &Instance) -> Option<ExitReason> {
+        let result = tokio::select! {
+            r = self.replica.post_ready(&self.spec, instance) => r,
+            // The watch that follows sees it and stops the instance.
+            _ = self.replica.host.cancel.cancelled() => Ok(()),
+        };
+        let e = result.err()?;
+        instance::kill_and_reap(&instance.child).await;
+        Some(ExitReason::Start(StartError::Hook(e)))
+    }
+
     /// Waits out a backoff delay; an operator's stop or restart cuts it short.
     async fn backoff(&mut self, delay: Duration) -> Next {
         let sleep = tokio::time::sleep(delay);
@@ -329,7 +387,76 @@ impl Actor {
                     let _ = reply.send(());
                     return Next::Exit;
                 }
+                Some(Command::Retire {
+                    reason,
+                    scaled_to,
+                    reply,
+                }) => {
+                    self.replica.down(
+                        "",
+                        PluginState::Stopped,
+                        reason,
+                        EventDetail {
+                            scaled_to: Some(scaled_to),
+                            ..EventDetail::default()
+                        },
+                    );
+                    let _ = reply.send(());
+                    return Next::Exit;
+                }
                 None => return Next::Exit,
+            }
+        }
+    }
+
+    /// An order that arrived while waiting for requirements.
+    async fn while_waiting(&mut self, cmd: Command) -> Next {
+        match cmd {
+            Command::Start(reply) | Command::Restart(reply) => {
+                self.tracker.clear();
+                let _ = reply.send(());
+                Next::Start
+            }
+            Command::Stop(reply) => {
+                self.replica.down(
+                    "",
+                    PluginState::Stopped,
+                    "stopped by request".into(),
+                    EventDetail::default(),
+                );
+                let _ = reply.send(());
+                Next::Idle
+            }
+            Command::Upgrade(order) => {
+                self.upgrade_idle(order).await;
+                Next::Start
+            }
+            Command::Remove(reply) => {
+                self.replica.down(
+                    "",
+                    PluginState::Stopped,
+                    "removed".into(),
+                    EventDetail::default(),
+                );
+                let _ = reply.send(());
+                Next::Exit
+            }
+            Command::Retire {
+                reason,
+                scaled_to,
+                reply,
+            } => {
+                self.replica.down(
+                    "",
+                    PluginState::Stopped,
+                    reason,
+                    EventDetail {
+                        scaled_to: Some(scaled_to),
+                        ..EventDetail::default()
+                    },
+                );
+                let _ = reply.send(());
+                Next::Exit
             }
         }
     }
@@ -360,6 +487,23 @@ impl Actor {
                     let _ = reply.send(());
                     return Next::Exit;
                 }
+                Some(Command::Retire {
+                    reason,
+                    scaled_to,
+                    reply,
+                }) => {
+                    self.replica.event(
+                        PluginState::Stopped,
+                        "",
+                        reason,
+                        EventDetail {
+                            scaled_to: Some(scaled_to),
+                            ..EventDetail::default()
+                        },
+                    );
+                    let _ = reply.send(());
+                    return Next::Exit;
+                }
                 None => return Next::Exit,
             }
         }
@@ -375,6 +519,9 @@ impl Actor {
 
     /// Starts one instance and serves calls through it until it ends.
     async fn start_and_run(&mut self, instance_id: &str) -> Result<Outcome, ExitReason> {
+        if self.spec.manifest.remote.is_some() {
+            return self.connect_and_run(instance_id).await;
+        }
         let (restored, note) = self
             .replica
             .restored_state()
@@ -387,6 +534,12 @@ impl Actor {
             _ = self.replica.host.cancel.cancelled() => return Ok(Outcome::Decided(Next::Exit)),
         };
         let (instance, info) = launched.map_err(ExitReason::Start)?;
+        if let Some(reason) = self.post_ready(&instance).await {
+            return Ok(Outcome::Gone {
+                reason,
+                ready_since: None,
+            });
+        }
         let ready_since = self.replica.publish(&instance, &info);
         self.serve(instance, ready_since).await
     }
@@ -397,19 +550,40 @@ impl Actor {
         mut instance: Instance,
         mut ready_since: Instant,
     ) -> Result<Outcome, ExitReason> {
+        // Kept across the loop, so a requirement's change is told once; a
+        // new manifest (an upgrade) brings a new watch.
+        let mut requirements = crate::dependencies::Watch::new(&self.replica, &self.spec.manifest);
+        let mut watched = self.spec.manifest.clone();
         loop {
             let manifest = self.spec.manifest.clone();
-            let end =
-                watch_ready(&self.replica, &manifest, &mut instance, &mut self.commands).await;
+            if !Arc::ptr_eq(&manifest, &watched) {
+                requirements = crate::dependencies::Watch::new(&self.replica, &manifest);
+                watched = manifest.clone();
+            }
+            let end = watch_ready(
+                &self.replica,
+                &manifest,
+                &mut instance,
+                &mut self.commands,
+                &mut requirements,
+            )
+            .await;
             let (why, next, reply) = match end {
                 // What the crashed child left in its process group goes with
                 // it when `instance` is dropped (see `Child`'s Drop).
                 RunEnd::Exited(status) => {
+                    let oom = instance.ended_by_oom(status).await;
                     return Ok(Outcome::Gone {
-                        reason: ExitReason::of_exit(status, instance.oom_killed(status))
+                        reason: ExitReason::of_exit(status, oom)
                             .or_seccomp_kill(&manifest.isolation.seccomp),
                         ready_since: Some(ready_since),
                     });
+                }
+                RunEnd::RequirementDown(why) => {
+                    self.replica
+                        .stop_instance_releasing(&manifest, &mut instance, &why, true)
+                        .await;
+                    return Ok(Outcome::Decided(Next::Start));
                 }
                 RunEnd::HealthFailed(why) => {
                     self.replica.route(Route::Pending);
@@ -434,11 +608,23 @@ impl Actor {
                 RunEnd::Command(Command::Restart(reply)) => {
                     ("restart requested", Next::Start, Some(reply))
                 }
+                RunEnd::Command(Command::Retire {
+                    reason,
+                    scaled_to,
+                    reply,
+                }) => {
+                    self.retire(&manifest, &mut instance, &reason, scaled_to)
+                        .await;
+                    let _ = reply.send(());
+                    return Ok(Outcome::Decided(Next::Exit));
+                }
                 RunEnd::Command(Command::Upgrade(order)) => {
                     let new_id = self.next_id();
                     let current = self.spec.clone();
-                    let result =
-                        upgrade::run(&self.replica, &current, instance, order, &new_id).await;
+                    let result = {
+                        let _upgrading = Upgrading::mark(&self.replica);
+                        upgrade::run(&self.replica, &current, instance, order, &new_id).await
+                    };
                     instance = result.instance;
                     if let Some(since) = result.ready_since {
                         ready_since = since;
@@ -451,7 +637,7 @@ impl Actor {
             };
             let restarting = matches!(next, Next::Start);
             self.replica
-                .stop_instance(&manifest, &mut instance, why, restarting, true)
+                .stop_instance_releasing(&manifest, &mut instance, why, restarting)
                 .await;
             if restarting && reply.is_some() {
                 // The answer reads the state: the new start has begun.
@@ -466,12 +652,67 @@ impl Actor {
     }
 }
 
+/// Marks a replica as upgrading (see [`crate::status::ReplicaStatus`]) for
+/// as long as it lives.
+struct Upgrading<'a>(&'a Replica);
+
+impl<'a> Upgrading<'a> {
+    fn mark(replica: &'a Replica) -> Self {
+        replica.update(|r| r.upgrading = true);
+        Upgrading(replica)
+    }
+}
+
+impl Drop for Upgrading<'_> {
+    fn drop(&mut self) {
+        self.0.update(|r| r.upgrading = false);
+    }
+}
+
+impl Actor {
+    /// Scaling down: no new call comes to this replica, the calls in
+    /// flight finish (up to `timeouts.call`, the longest a call is given),
+    /// then it stops gracefully with a last snapshot.
+    async fn retire(
+        &self,
+        manifest: &crate::manifest::Manifest,
+        instance: &mut Instance,
+        reason: &str,
+        scaled_to: usize,
+    ) {
+        let replica = &self.replica;
+        let ready = replica.plugin.routes.ready(replica.index);
+        replica.route(Route::Down {
+            state: PluginState::Stopping,
+            reason: reason.to_string(),
+        });
+        replica.event(
+            PluginState::Stopping,
+            &instance.id,
+            format!("{reason}; draining the calls in flight"),
+            EventDetail {
+                scaled_to: Some(scaled_to),
+                ..EventDetail::default()
+            },
+        );
+        if let Some(ready) = ready
+            && !ready.drained(manifest.timeouts.call.0).await
+        {
+            tracing::warn!(plugin = %replica.name(), instance = %instance.id, "calls still in flight after timeouts.call; stopping anyway");
+        }
+        replica
+            .stop_instance(manifest, instance, reason, false, true)
+            .await;
+    }
+}
+
 /// Watches a ready instance: its exit, health probes, snapshots, commands.
 async fn watch_ready(
     replica: &Replica,
     manifest: &crate::manifest::Manifest,
     instance: &mut Instance,
     commands: &mut mpsc::Receiver<Command>,
+    requirements: &mut crate::dependencies::Watch,
 ) -> RunEnd {
     let interval = manifest.health.interval.0;
     let mut probes = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -489,6 +730,26 @@ async fn watch_ready(
     loop {
         tokio::select! {
             status = &mut exited => return RunEnd::Exited(status),
+            change = requirements.next() => {
+                let went = if change.up { "is ready again" } else { "went down" };
+                let detail = EventDetail {
+                    requirement: Some(change.name.clone()),
+                    ..EventDetail::default()
+                };
+                let state = replica.plugin.board.lock().replicas[replica.index].state;
+                replica.event(
+                    state,
+                    &instance.id,
+                    format!("required plugin {} {went} ({})", change.name, change.why),
+                    detail,
+                );
+                if !change.up && change.on_crash == crate::dependencies::OnCrash::Restart {
+                    return RunEnd::RequirementDown(format!(
+                        "required plugin {} went down; starting again once it is ready (on_crash: restart)",
+                        change.name
+                    ));
+                }
+            }
             _ = replica.host.cancel.cancelled() => return RunEnd::Cancelled,
             cmd = commands.recv() => return match cmd {
                 Some(cmd) => RunEnd::Command(cmd),
@@ -534,5 +795,24 @@ async fn watch_ready(
                 }
             }
         }
+    }
+}
+
+/// Whether an instance that ended for `reason` had been spawned (its
+/// post-exit hook then runs): not when a check, its sandbox or its
+/// pre-start hook stopped it first.
+fn spawned(reason: &ExitReason) -> bool {
+    match reason {
+        ExitReason::Start(e) => {
+            !matches!(
+                e,
+                StartError::SocketDir { .. }
+                    | StartError::Spawn { .. }
+                    | StartError::Refused(_)
+                    | StartError::Isolation { .. }
+                    | StartError::StateUnreadable(_)
+            ) && !matches!(e, StartError::Hook(h) if h.hook == "pre_start")
+        }
+        _ => true,
     }
 }

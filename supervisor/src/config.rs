@@ -35,6 +35,9 @@ pub struct PluginOverride {
     pub config: serde_json::Map<String, serde_json::Value>,
     /// Added to (and overriding) the manifest's `env`.
     pub env: BTreeMap<String, String>,
+    /// Tenants of the plugin, each run as its own entry
+    /// `<plugin>@<tenant>` (see [`crate::tenant`]).
+    pub tenants: BTreeMap<String, crate::tenant::TenantSpec>,
 }
 
 /// `cgroup:` — where plugin cgroups are made, and whether they are a must.
@@ -81,6 +84,34 @@ pub struct IsolationConfig {
     pub user: Option<String>,
     /// Refuse to start a plugin whose manifest has no `sha256:` pin.
     pub require_pinning: bool,
+}
+
+/// `health:` — the standard gRPC health service (`grpc.health.v1.Health`)
+/// on a TCP port, for probes such as Kubernetes' `grpc` liveness and
+/// readiness probes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Where to serve it, e.g. `0.0.0.0:8081`; not served when unset.
+    pub address: Option<std::net::SocketAddr>,
+    /// The plugins readiness waits for (each needs a ready or degraded
+    /// replica); default: every supervised plugin.
+    pub required: Option<Vec<String>>,
+}
+
+/// `routing:` — where calls by capability go.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Try local providers of a capability before remote ones; `false`:
+    /// load alone decides.
+    pub prefer_local: bool,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig { prefer_local: true }
+    }
 }
 
 /// Checks `cgroup.parent`: path components of letters, digits, `.`, `_`, `-`.
@@ -132,6 +163,30 @@ pub struct Config {
     /// Off by default: such a file can be swapped under the supervisor.
     pub allow_writable_executables: bool,
     pub isolation: IsolationConfig,
+    /// Where remote plugins announce themselves (TCP + mutual TLS); off
+    /// when unset. See [`crate::registry`].
+    pub registry: Option<crate::registry::RegistryConfig>,
+    pub health: HealthConfig,
+    pub routing: RoutingConfig,
+    /// Public keys whose signatures plugins may carry (see
+    /// [`crate::signature`]).
+    pub trusted_keys: Vec<TrustedKeyConfig>,
+    /// Refuse plugins without a valid signature by a trusted key.
+    pub require_signatures: bool,
+}
+
+/// One entry of `trusted_keys`: a name and a minisign public key, inline
+/// (`key: RW...`) or in a file (`key_file: release.pub`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedKeyConfig {
+    /// Shown as the signer in `inspect`, `ps --json` and metrics.
+    pub name: String,
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Relative to the config file's directory.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -151,6 +206,11 @@ impl Default for Config {
             cgroup: CgroupConfig::default(),
             allow_writable_executables: false,
             isolation: IsolationConfig::default(),
+            registry: None,
+            health: HealthConfig::default(),
+            routing: RoutingConfig::default(),
+            trusted_keys: Vec::new(),
+            require_signatures: false,
         }
     }
 }
@@ -231,11 +291,68 @@ impl Config {
                 "isolation.user: `{user}` is not a valid user name or number"
             )));
         }
-        for name in config.plugins.keys() {
+        if let Some(registry) = &mut config.registry {
+            registry.resolve(base).map_err(err)?;
+        }
+        for (name, plugin) in &config.plugins {
             crate::manifest::validate_name(name)
                 .map_err(|m| err(format!("plugins.{name}: {m}")))?;
+            for (tenant, spec) in &plugin.tenants {
+                crate::tenant::validate(tenant, spec, &format!("plugins.{name}.tenants.{tenant}"))
+                    .map_err(err)?;
+            }
         }
+        for name in config.health.required.iter().flatten() {
+            crate::manifest::validate_name(name)
+                .map_err(|m| err(format!("health.required: {m}")))?;
+        }
+        for key in &mut config.trusted_keys {
+            key.key_file = key.key_file.take().map(|p| base.join(p));
+        }
+        config.signature_policy().map_err(err)?;
         Ok(config)
+    }
+
+    /// The trusted keys, read and checked, and `require_signatures`.
+    pub fn signature_policy(&self) -> Result<crate::signature::SignaturePolicy, String> {
+        let mut trusted: Vec<crate::signature::TrustedKey> = Vec::new();
+        for (i, k) in self.trusted_keys.iter().enumerate() {
+            let at = format!("trusted_keys[{i}]");
+            crate::manifest::validate_name(&k.name).map_err(|m| format!("{at}.name: {m}"))?;
+            let text = match (&k.key, &k.key_file) {
+                (Some(key), None) => key.clone(),
+                (None, Some(file)) => crate::manifest::read_bounded(file, 4096, "a public key")
+                    .map_err(|m| format!("{at}.key_file: {}: {m}", file.display()))?,
+                _ => {
+                    return Err(format!(
+                        "{at} ({}): give exactly one of `key` (the minisign public key, RW...) or `key_file`",
+                        k.name
+                    ));
+                }
+            };
+            let key = crate::signature::TrustedKey::parse(&k.name, &text)
+                .map_err(|m| format!("{at} ({}): {m}", k.name))?;
+            if let Some(other) = trusted
+                .iter()
+                .find(|t| t.name == key.name || t.key_id == key.key_id)
+            {
+                return Err(format!(
+                    "{at} ({}): the same name or key id ({}) as `{}` listed before it",
+                    k.name, key.key_id, other.name
+                ));
+            }
+            trusted.push(key);
+        }
+        if self.require_signatures && trusted.is_empty() {
+            return Err(
+                "require_signatures: true needs at least one key in trusted_keys, or no plugin could start"
+                    .into(),
+            );
+        }
+        Ok(crate::signature::SignaturePolicy {
+            trusted,
+            require: self.require_signatures,
+        })
     }
 
     /// `cgroup.parent`, defaulted: `plugvisor` for the default runtime

@@ -67,6 +67,25 @@ pub enum Error {
     ShuttingDown,
     #[error("{0}")]
     Invalid(String),
+    /// Over a `calls.rate` limit: retry after `retry_after`.
+    #[error(
+        "plugin `{plugin}` is over its rate limit for {scope} ({limit}); retry in {}ms",
+        retry_after.as_millis()
+    )]
+    RateLimited {
+        plugin: String,
+        /// `all methods`, or `method \`resize\``.
+        scope: String,
+        /// `500/s, burst 100`.
+        limit: String,
+        retry_after: Duration,
+    },
+    #[error("no plugin provides capability `{0}`; `plugvisor ps --capability {0}` lists providers")]
+    UnknownCapability(String),
+    /// Every provider of the capability is stopped or failed, or none was
+    /// ready within the deadline.
+    #[error("no provider of capability `{capability}` is ready: {reason}")]
+    NoProvider { capability: String, reason: String },
 }
 
 impl Error {
@@ -79,7 +98,9 @@ impl Error {
             Error::UnknownPlugin(_) => Code::NotFound,
             Error::Timeout { .. } => Code::DeadlineExceeded,
             Error::Invalid(_) => Code::InvalidArgument,
-            Error::Overloaded { .. } => Code::ResourceExhausted,
+            Error::Overloaded { .. } | Error::RateLimited { .. } => Code::ResourceExhausted,
+            Error::UnknownCapability(_) => Code::NotFound,
+            Error::NoProvider { .. } => Code::Unavailable,
             Error::UpgradeFailed { .. } => Code::FailedPrecondition,
             Error::NotPersisted { .. } => Code::DataLoss,
             Error::Cancelled { .. } => Code::Cancelled,
@@ -91,10 +112,23 @@ impl Error {
     }
 }
 
+/// The gRPC metadata key of a rate-limited call's retry hint, in
+/// milliseconds.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> tonic::Status {
         match e {
             Error::Plugin(status) => status,
+            Error::RateLimited { retry_after, .. } => {
+                let mut status = tonic::Status::new(e.code(), e.to_string());
+                // The retry hint, for clients that back off by it.
+                status.metadata_mut().insert(
+                    RETRY_AFTER_MS,
+                    tonic::metadata::MetadataValue::from(retry_after.as_millis() as u64),
+                );
+                status
+            }
             other => tonic::Status::new(other.code(), other.to_string()),
         }
     }

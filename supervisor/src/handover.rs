@@ -60,6 +60,7 @@ pub struct Attached {
     socket_dir: PathBuf,
     sessions: bool,
     cgroup: bool,
+    identity: crate::signature::RunIdentity,
 }
 
 impl Attached {
@@ -72,6 +73,7 @@ impl Attached {
             socket_dir: instance.socket_dir.clone(),
             sessions: instance.sessions.is_some(),
             cgroup: instance.cgroup.is_some(),
+            identity: instance.identity.clone(),
         }
     }
 }
@@ -102,6 +104,22 @@ pub struct SavedPlugin {
     pub history: Vec<SavedEvent>,
     pub logs: Vec<SavedLine>,
     pub replicas: Vec<SavedReplica>,
+    /// What the running manifest changes of the parsed text: a tenant's
+    /// entry is the plugin's manifest renamed, with the tenant's limits and
+    /// environment (see [`crate::tenant::entry_for`]).
+    #[serde(default)]
+    pub entry: Option<SavedEntry>,
+    /// The last autoscaling decision and when (unix ms): the new image's
+    /// policy counts its cooldown from there.
+    #[serde(default)]
+    pub last_scaling: Option<(String, u64)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SavedEntry {
+    pub name: String,
+    pub limits: crate::manifest::Limits,
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -119,6 +137,10 @@ pub struct SavedEvent {
     pub oom: bool,
     pub attempt: Option<u32>,
     pub delay_ms: Option<u64>,
+    #[serde(default)]
+    pub scaled_to: Option<usize>,
+    #[serde(default)]
+    pub requirement: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -155,6 +177,9 @@ pub struct SavedInstanceFds {
     pub sessions: bool,
     pub cgroup: bool,
     pub ready_for_ms: u64,
+    /// What it runs (sha256, signer), as checked when it started.
+    #[serde(default)]
+    pub identity: crate::signature::RunIdentity,
 }
 
 /// A running instance as the new image received it, its descriptors owned.
@@ -169,6 +194,7 @@ pub struct SavedInstance {
     sessions: bool,
     cgroup: bool,
     ready_for: Duration,
+    identity: crate::signature::RunIdentity,
 }
 
 /// The state taken by the old image, with the descriptors it names held
@@ -211,6 +237,8 @@ fn state_of(name: &str) -> Option<PluginState> {
         Stopped,
         Backoff,
         Failed,
+        Unavailable,
+        Waiting,
     ]
     .into_iter()
     .find(|s| s.as_str() == name)
@@ -280,6 +308,18 @@ impl Supervisor {
             let common = &handle.common;
             let board = common.board.lock();
             let manifest = board.spec.manifest.clone();
+            if manifest
+                .remote
+                .as_ref()
+                .is_some_and(|r| r.registration.is_some())
+            {
+                // A registration lives as long as its lease in the
+                // registry, which does not outlive this image: the plugin
+                // announces itself again to the new one (see the module
+                // docs).
+                continue;
+            }
+            let remote = manifest.remote.is_some();
             // The manifest as it runs (the file may have been edited, and
             // not reloaded, since).
             let manifest_text = manifest.source.to_string();
@@ -294,7 +334,7 @@ impl Supervisor {
                         r.state
                     )));
                 }
-                let instance = if r.state.is_up() {
+                let instance = if r.state.is_up() && !remote {
                     let attached = r
                         .attached
                         .as_ref()
@@ -323,6 +363,7 @@ impl Supervisor {
                         ready_for_ms: r
                             .ready_since
                             .map_or(0, |s| now_i.duration_since(s).as_millis() as u64),
+                        identity: attached.identity.clone(),
                     })
                 } else {
                     None
@@ -361,10 +402,21 @@ impl Supervisor {
                     oom: e.detail.oom,
                     attempt: e.detail.attempt,
                     delay_ms: e.detail.delay.map(|d| d.as_millis() as u64),
+                    scaled_to: e.detail.scaled_to,
+                    requirement: e.detail.requirement.clone(),
                 })
                 .collect();
             let methods = board.methods.clone();
             let reported_version = board.reported_version.clone();
+            let last_scaling = board
+                .last_scaling
+                .as_ref()
+                .map(|(note, at)| (note.clone(), unix_ms(*at)));
+            let entry = Some(SavedEntry {
+                name: manifest.name.clone(),
+                limits: manifest.limits.clone(),
+                env: manifest.env.clone(),
+            });
             drop(board);
             let logs = common
                 .logs
@@ -387,6 +439,8 @@ impl Supervisor {
                 history,
                 logs,
                 replicas,
+                entry,
+                last_scaling,
             });
         }
         Ok(Taken {
@@ -450,52 +504,67 @@ impl Supervisor {
         }
         let supervisor = Supervisor::launch_with(opts, Some(processes)).await?;
         let mut errors = Vec::new();
-        for saved in plugins {
-            if let Err(e) = supervisor.resume_plugin(saved).await {
-                errors.push(e);
+        let mut parsed = Vec::with_capacity(plugins.len());
+        for mut saved in plugins {
+            match running_manifest(&saved) {
+                Ok(manifest) => parsed.push((manifest, saved)),
+                Err(e) => {
+                    // Not supervised any more: its children must not run on.
+                    for r in saved.replicas.iter_mut() {
+                        if let Some(i) = take_fds(r.instance.take())
+                            && let Ok(child) = supervisor
+                                .host
+                                .processes
+                                .track(i.pid, i.pidfd, i.stdout, i.stderr)
+                                .await
+                        {
+                            instance::kill_and_reap(&child).await;
+                        }
+                    }
+                    errors.push(format!(
+                        "plugin not taken over, its instances were stopped: {e}"
+                    ));
+                }
             }
         }
+        // Every plugin is in the registry before any replica looks at its
+        // requirements: a dependent never sees its requirement missing.
+        let mut registry = supervisor
+            .plugins
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        for (manifest, mut saved) in parsed {
+            let restore = Restore {
+                runtime: std::mem::take(&mut saved.runtime),
+                saved,
+            };
+            let name = manifest.name.clone();
+            let overrides = restore.saved.overrides.clone();
+            let handle = plugin::spawn_resumed(
+                &supervisor.host,
+                &supervisor.plugins,
+                manifest,
+                overrides,
+                Some(restore),
+            );
+            registry.insert(name, handle);
+        }
+        drop(registry);
         Ok((supervisor, errors))
     }
+}
 
-    async fn resume_plugin(&self, mut saved: SavedPlugin) -> Result<(), String> {
-        let manifest = match Manifest::parse(&saved.manifest_path, &saved.manifest_text) {
-            Ok(m) => m,
-            Err(e) => {
-                // Not supervised any more: its children must not run on.
-                for r in saved.replicas.iter_mut() {
-                    if let Some(i) = take_fds(r.instance.take())
-                        && let Ok(child) = self
-                            .host
-                            .processes
-                            .track(i.pid, i.pidfd, i.stdout, i.stderr)
-                            .await
-                    {
-                        instance::kill_and_reap(&child).await;
-                    }
-                }
-                return Err(format!(
-                    "plugin not taken over, its instances were stopped: {e}"
-                ));
-            }
-        };
-        let restore = Restore {
-            runtime: std::mem::take(&mut saved.runtime),
-            saved,
-        };
-        let name = manifest.name.clone();
-        let mut plugins = self.plugins.write().unwrap_or_else(|e| e.into_inner());
-        let overrides = restore.saved.overrides.clone();
-        let handle = plugin::spawn_resumed(
-            &self.host,
-            &self.plugins,
-            manifest,
-            overrides,
-            Some(restore),
-        );
-        plugins.insert(name, handle);
-        Ok(())
+/// The manifest a saved plugin ran: its text parsed again, with what its
+/// entry changed of it (a tenant's name, limits and environment).
+fn running_manifest(saved: &SavedPlugin) -> Result<Manifest, String> {
+    let mut manifest =
+        Manifest::parse(&saved.manifest_path, &saved.manifest_text).map_err(|e| e.to_string())?;
+    if let Some(entry) = &saved.entry {
+        manifest.name = entry.name.clone();
+        manifest.limits = entry.limits.clone();
+        manifest.env = entry.env.clone();
     }
+    Ok(manifest)
 }
 
 /// The inherited descriptors of a saved instance, owned from here on.
@@ -514,6 +583,7 @@ fn take_fds(saved: Option<SavedInstanceFds>) -> Option<SavedInstance> {
         sessions: s.sessions,
         cgroup: s.cgroup,
         ready_for: Duration::from_millis(s.ready_for_ms),
+        identity: s.identity,
     };
     for fd in [
         Some(&owned.pidfd),
@@ -534,6 +604,14 @@ pub(crate) struct Restore {
     saved: SavedPlugin,
 }
 
+impl Restore {
+    /// The replicas it ran: more than its manifest's count when autoscaling
+    /// had added some.
+    pub(crate) fn replicas(&self) -> usize {
+        self.saved.replicas.len()
+    }
+}
+
 /// Puts a plugin's history, output, rows and routes back; returns what
 /// each replica's actor resumes from.
 pub(crate) fn restore_board(common: &Common, restore: Restore) -> Vec<Resumed> {
@@ -551,6 +629,10 @@ pub(crate) fn restore_board(common: &Common, restore: Restore) -> Vec<Resumed> {
     let mut board = common.board.lock();
     board.methods = saved.methods;
     board.reported_version = saved.reported_version;
+    board.last_scaling = saved
+        .last_scaling
+        .map(|(note, ms)| (note, from_unix_ms(ms)));
+    let remote = board.spec.manifest.remote.is_some();
     let name = common.name.clone();
     board.history = saved
         .history
@@ -572,6 +654,8 @@ pub(crate) fn restore_board(common: &Common, restore: Restore) -> Vec<Resumed> {
                     oom: e.oom,
                     attempt: e.attempt,
                     delay: e.delay_ms.map(Duration::from_millis),
+                    scaled_to: e.scaled_to,
+                    requirement: e.requirement,
                 },
             })
         })
@@ -595,6 +679,9 @@ pub(crate) fn restore_board(common: &Common, restore: Restore) -> Vec<Resumed> {
         row.tracker = Some(tracker.clone());
         // Shown at once: the instance is being taken over, not started.
         row.pid = r.instance.as_ref().map(|i| i.pid);
+        // A remote plugin is connected to again: it counts as up for its
+        // dependents meanwhile, and calls wait for it.
+        row.upgrading = remote && state.is_up();
         if matches!(state, PluginState::Stopped | PluginState::Failed) {
             common.routes.set(
                 index,
@@ -654,29 +741,51 @@ pub(crate) async fn reattach(
     };
     let socket = saved.socket_dir.join("plugin.sock");
     let timeout = spec.manifest.timeouts.start.0;
-    let channel = match tokio::time::timeout(
-        timeout,
-        crate::transport::connect_plugin(&socket, saved.pid),
-    )
-    .await
-    {
-        Ok(Ok(channel)) => channel,
-        Ok(Err(e)) => {
-            instance::kill_and_reap(&child).await;
-            return Err(ExitReason::Start(StartError::Connect(format!(
-                "cannot reconnect to {} after the supervisor's hand-over: {e}",
-                socket.display()
-            ))));
-        }
-        Err(_) => {
-            instance::kill_and_reap(&child).await;
-            return Err(ExitReason::Start(StartError::Connect(format!(
-                "no connection to {} within {}ms after the supervisor's hand-over",
-                socket.display(),
-                timeout.as_millis()
-            ))));
-        }
+    // A container plugin's child is its runtime; the socket is served by
+    // the container's init process, which the runtime names.
+    let mut container = crate::container::reattached(
+        &spec.manifest,
+        &host.opts.runtime_dir,
+        &id,
+        &host.processes,
+        &host.io_tasks,
+    );
+    let expected = match &mut container {
+        Some(guard) => match crate::container::init_pid(&host.processes, guard).await {
+            Ok(pid) => {
+                guard.observe(&host.isolation, &id, pid);
+                pid
+            }
+            Err(e) => {
+                instance::kill_and_reap(&child).await;
+                return Err(ExitReason::Start(StartError::Connect(format!(
+                    "cannot find the container's process after the supervisor's hand-over: {e}"
+                ))));
+            }
+        },
+        None => saved.pid,
     };
+    let channel =
+        match tokio::time::timeout(timeout, crate::transport::connect_plugin(&socket, expected))
+            .await
+        {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => {
+                instance::kill_and_reap(&child).await;
+                return Err(ExitReason::Start(StartError::Connect(format!(
+                    "cannot reconnect to {} after the supervisor's hand-over: {e}",
+                    socket.display()
+                ))));
+            }
+            Err(_) => {
+                instance::kill_and_reap(&child).await;
+                return Err(ExitReason::Start(StartError::Connect(format!(
+                    "no connection to {} within {}ms after the supervisor's hand-over",
+                    socket.display(),
+                    timeout.as_millis()
+                ))));
+            }
+        };
     let client = PluginClient::with_origin(channel, crate::transport::origin())
         .max_decoding_message_size(crate::transport::MAX_MESSAGE)
         .max_encoding_message_size(crate::transport::MAX_MESSAGE);
@@ -689,6 +798,8 @@ pub(crate) async fn reattach(
         cgroup,
         sessions: None,
         output,
+        container,
+        identity: saved.identity,
     };
     if saved.sessions {
         match crate::session::Sessions::open(
@@ -717,6 +828,7 @@ pub(crate) async fn reattach(
         r.ready_since = Some(ready_since);
         r.instance = id.clone();
         r.pid = Some(pid);
+        r.identity = instance.identity.clone();
         r.attached = Some(Arc::new(Attached::of(&instance)));
     });
     replica.route(Route::Ready(ReadyInstance::new(

@@ -33,6 +33,9 @@ pub struct SupervisorOptions {
     /// Instances taken over from a previous supervisor image: their socket
     /// directories and cgroups are not swept at start.
     pub keep_instances: Vec<String>,
+    /// Calls by capability try local providers before remote ones (else
+    /// load alone decides).
+    pub prefer_local: bool,
 }
 
 impl SupervisorOptions {
@@ -46,6 +49,7 @@ impl SupervisorOptions {
             state_dir: None,
             isolation: IsolationOptions::default(),
             keep_instances: Vec::new(),
+            prefer_local: true,
         }
     }
 }
@@ -64,4 +68,53 @@ pub(crate) struct Host {
     /// Output readers and exit waiters: end with their children.
     pub io_tasks: TaskTracker,
     pub metrics: Metrics,
+    /// The supervised plugins, for looking up what a plugin requires (weak:
+    /// the facade owns it).
+    pub registry: std::sync::Weak<crate::plugin::Registry>,
+    /// Who provides which capability; coordinators keep their plugin's
+    /// entry current.
+    pub capabilities: crate::capability::CapabilityIndex,
+    /// Plugin metadata by executable checksum (see [`crate::tenant`]).
+    pub metadata: std::sync::Arc<crate::tenant::MetadataCache>,
+    /// Per container runtime (podman, runc): the sweep of containers an
+    /// earlier run left, done before this run's first container starts.
+    pub container_sweeps: [tokio::sync::OnceCell<()>; 2],
+}
+
+impl Host {
+    /// Removes, once per runtime and before any container of this
+    /// supervisor runs, the containers an earlier run left behind (see
+    /// [`crate::container::sweep_stale`]). A failure is logged: the start
+    /// goes on (its own container is replaced by name anyway).
+    pub async fn sweep_containers(
+        &self,
+        runtime: crate::manifest::ContainerRuntime,
+        program: &std::path::Path,
+    ) {
+        let cell = &self.container_sweeps[runtime as usize];
+        cell.get_or_init(|| async {
+            match crate::container::sweep_stale(
+                &self.processes,
+                &self.opts.runtime_dir,
+                runtime,
+                program,
+                &self.opts.keep_instances,
+            )
+            .await
+            {
+                Ok(removed) if removed.is_empty() => {}
+                Ok(removed) => tracing::info!(
+                    "removed {} stale {} container(s) of an earlier run: {}",
+                    removed.len(),
+                    runtime.as_str(),
+                    removed.join(", ")
+                ),
+                Err(e) => tracing::warn!(
+                    "cannot sweep stale {} containers of an earlier run: {e}",
+                    runtime.as_str()
+                ),
+            }
+        })
+        .await;
+    }
 }

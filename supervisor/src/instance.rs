@@ -63,6 +63,10 @@ pub enum StartError {
     /// the state it may hold.
     #[error("cannot restore its saved state: {0}")]
     StateUnreadable(String),
+    /// A lifecycle hook failed: pre-start (the plugin was not spawned) or
+    /// post-ready (the instance was killed).
+    #[error("{0}")]
+    Hook(crate::hooks::HookError),
 }
 
 fn last_output(lines: &[String]) -> String {
@@ -90,6 +94,12 @@ pub struct Instance {
     /// Copies of the read ends of its stdout and stderr pipes, close-on-exec,
     /// for a hand-over to a new supervisor image (see [`crate::handover`]).
     pub(crate) output: [Option<Arc<std::os::fd::OwnedFd>>; 2],
+    /// A container plugin's container: removed when the instance is
+    /// dropped.
+    pub container: Option<crate::container::ContainerGuard>,
+    /// What it runs: the executable's digest and signer (empty without
+    /// isolation).
+    pub identity: crate::signature::RunIdentity,
 }
 
 impl Instance {
@@ -99,6 +109,16 @@ impl Instance {
         self.cgroup
             .as_ref()
             .is_some_and(|c| c.cgroup().oom_evidence().explains(status))
+    }
+
+    /// [`Self::oom_killed`], and for a container plugin what its runtime's
+    /// cgroup or the runtime itself says (see
+    /// [`crate::container::ContainerGuard::oom_killed`]).
+    pub async fn ended_by_oom(&self, status: ExitStatus) -> bool {
+        match &self.container {
+            Some(guard) => guard.oom_killed(status).await,
+            None => self.oom_killed(status),
+        }
     }
 }
 
@@ -230,8 +250,12 @@ async fn prepare_isolation(ctx: &StartContext<'_>) -> Result<Option<Prepared>, S
 /// the child's whole process group is killed and reaped before returning.
 pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
     let m = ctx.manifest;
-    // Checks and cgroup first: a refused plugin leaves nothing behind.
-    let prepared = prepare_isolation(&ctx).await?;
+    // Checks and cgroup first: a refused plugin leaves nothing behind. A
+    // container's isolation is its runtime's.
+    let prepared = match m.container {
+        Some(_) => None,
+        None => prepare_isolation(&ctx).await?,
+    };
     // Dropping the lease (on any failure below) kills and removes the cgroup.
     let cg = prepared.as_ref().and_then(|p| p.cgroup.clone());
     let cgroup = match (ctx.isolation, cg) {
@@ -239,7 +263,15 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
         _ => None,
     };
     let mut prepared = prepared;
-    let owner = prepared.as_ref().and_then(|p| p.owner);
+    let identity = prepared
+        .as_ref()
+        .map(|p| p.identity.clone())
+        .unwrap_or_default();
+    let owner = match &m.container {
+        // The container's user, resolved on the host, owns its socket dir.
+        Some(_) => crate::container::owner(m).map_err(StartError::Refused)?,
+        None => prepared.as_ref().and_then(|p| p.owner),
+    };
     let dir = socket_dir(ctx.runtime_dir, &ctx.instance_id, owner)?;
     let tmp = match &mut prepared {
         Some(p) if p.private_tmp => match own_tmp(&dir, owner).and_then(|tmp| {
@@ -291,11 +323,37 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
         env.push(("TMPDIR".into(), tmp.into()));
     }
     env.extend(ctx.env.iter().map(|(k, v)| (k.into(), v.into())));
-    let spec = SpawnSpec {
-        program: m.exec.clone(),
-        args: m.args.clone(),
-        env,
-        cwd: m.dir.clone(),
+    let (spec, mut container) = match &m.container {
+        None => (
+            SpawnSpec {
+                program: m.exec.clone(),
+                args: m.args.clone(),
+                env,
+                cwd: m.dir.clone(),
+            },
+            None,
+        ),
+        Some(c) => match crate::container::plan(
+            m,
+            c,
+            ctx.runtime_dir,
+            &ctx.instance_id,
+            &dir,
+            env,
+            ctx.processes,
+            ctx.tasks,
+        )
+        .await
+        {
+            Ok(plan) => (plan.spec, Some(plan.guard)),
+            Err(reason) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(StartError::Spawn {
+                    exec: m.exec.clone(),
+                    reason,
+                });
+            }
+        },
     };
     let spawned_at = Instant::now();
     let spawned = match prepared {
@@ -340,18 +398,36 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
     let result = match result {
         Ok(()) => {
             let remaining = m.timeouts.start.0.saturating_sub(spawned_at.elapsed());
-            match tokio::time::timeout(
-                remaining.max(Duration::from_millis(100)),
-                crate::transport::connect_plugin(&socket, child.pid()),
-            )
-            .await
-            {
-                Ok(Ok(channel)) => Ok(channel),
-                Ok(Err(e)) => Err(StartError::Connect(e.to_string())),
-                Err(_) => Err(StartError::Connect(format!(
-                    "no connection within the start timeout to {}",
-                    socket.display()
-                ))),
+            // A container's socket is served by its init process, which the
+            // runtime names; any other plugin's, by the child itself.
+            let expected = match &mut container {
+                Some(guard) => {
+                    let init = crate::container::init_pid(ctx.processes, guard)
+                        .await
+                        .map_err(StartError::Connect);
+                    // Its runtime's cgroup, for inspect, ps and OOM kills.
+                    if let (Ok(pid), Some(isolation)) = (&init, ctx.isolation) {
+                        guard.observe(isolation, &ctx.instance_id, *pid);
+                    }
+                    init
+                }
+                None => Ok(child.pid()),
+            };
+            match expected {
+                Err(e) => Err(e),
+                Ok(expected) => match tokio::time::timeout(
+                    remaining.max(Duration::from_millis(100)),
+                    crate::transport::connect_plugin(&socket, expected),
+                )
+                .await
+                {
+                    Ok(Ok(channel)) => Ok(channel),
+                    Ok(Err(e)) => Err(StartError::Connect(e.to_string())),
+                    Err(_) => Err(StartError::Connect(format!(
+                        "no connection within the start timeout to {}",
+                        socket.display()
+                    ))),
+                },
             }
         }
         Err(e) => Err(e),
@@ -368,6 +444,8 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
             cgroup,
             sessions: None,
             output,
+            container,
+            identity,
         }),
         Err(e) => {
             kill_and_reap(&child).await;

@@ -12,7 +12,8 @@
 //! - [`instance`]: one child's start (handshake, connect, Initialize) and stop.
 //! - [`isolation`]: cgroups (v1, v2), rlimits, binary pinning, and the
 //!   sandbox: own uid, no capabilities, seccomp, a PID namespace.
-//! - [`policy`]: the restart policy as pure functions of time.
+//! - [`policy`]: the restart policy as pure functions of time;
+//!   [`autoscale`]: the autoscaling policy, and its task.
 //! - [`supervisor`]: the public API (the facade) and the call paths. Behind
 //!   it, per plugin, one coordinator (`plugin`: owns what the plugin should
 //!   run, runs operations that span replicas) and one actor per replica
@@ -21,11 +22,21 @@
 //!   runs), `routing` (where calls go and admission), `session` (calls
 //!   multiplexed on long-lived streams), `host` (what every plugin shares)
 //!   and [`status`] (states, events, the published view).
+//! - [`ratelimit`]: `calls.rate` token buckets, checked before admission;
+//!   [`capability`]: who provides what, and which provider a call by
+//!   capability goes to.
+//! - [`tenant`]: per-tenant instances (`<plugin>@<tenant>`) and the
+//!   metadata cache by executable checksum.
+//! - [`container`]: plugins that are OCI images (podman) or bundles (runc).
+//! - [`hooks`]: lifecycle hooks (pre-start, post-ready, pre-stop,
+//!   post-exit).
 //! - [`metrics`]: the Prometheus registry the supervisor feeds.
 //! - [`state`]: atomic state snapshots.
 //! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets.
 //! - [`handover`]: handing the running supervisor over to a new image of
 //!   itself (`plugvisor upgrade-self`), every plugin left running.
+//! - [`dependencies`]: `requires:`, start order, waiting, crash propagation.
+//! - [`signature`]: signed plugins (minisign over a list of sha256 sums).
 //! - [`rundir`]: the runtime directory, created and checked so no other
 //!   user can plant or replace a socket in it.
 //!
@@ -49,9 +60,14 @@
 //! ```
 
 mod actor;
+pub mod autoscale;
+pub mod capability;
 pub mod config;
+pub mod container;
+pub mod dependencies;
 pub mod error;
 pub mod handover;
+pub mod hooks;
 mod host;
 pub mod instance;
 pub mod isolation;
@@ -61,17 +77,24 @@ pub mod metrics;
 mod plugin;
 pub mod policy;
 pub mod process;
+pub mod ratelimit;
+pub mod registry;
+pub mod remote;
 mod replica;
 mod routing;
 pub mod rundir;
 mod session;
+pub mod signature;
 mod spec;
 pub mod state;
 pub mod status;
 pub mod supervisor;
+pub mod tenant;
+pub mod tls;
 pub mod transport;
 pub mod units;
 mod upgrade;
+mod validate;
 
 pub use error::Error;
 pub use supervisor::{

@@ -6,7 +6,10 @@
 //! installed side by side (the highest version wins). Parsing is strict:
 //! unknown fields and bad values are errors that name the file and the field.
 
+mod container;
+mod hooks;
 mod host;
+mod remote;
 mod yaml_guard;
 
 use crate::units::{HumanDuration, HumanSize};
@@ -21,7 +24,10 @@ pub const MANIFEST_FILE: &str = "plugin.yaml";
 /// Largest manifest accepted (1 MiB); real ones are a few hundred bytes, and
 /// a bigger file is refused before it is read whole.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+pub use container::{ContainerRuntime, ContainerSpec};
+pub use hooks::{DEFAULT_HOOK_TIMEOUT, HookSpec, HooksSpec, MAX_HOOK_TIMEOUT};
 pub use host::{HostLimits, KERNEL_PIDS_MAX, Rlimit, host_limits_problems};
+pub use remote::{RemoteSpec, validate_address};
 /// Deepest nesting of collections accepted in a manifest or config file.
 pub use yaml_guard::MAX_DEPTH;
 pub(crate) use yaml_guard::{check_shape, read_bounded};
@@ -163,7 +169,7 @@ impl Default for StateSpec {
 /// `limits:` — resources a plugin instance may use. Memory, cpu and pids are
 /// enforced by the instance's cgroup; the rest are rlimits set before exec.
 /// See [`crate::isolation`].
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Hard memory limit: beyond it the kernel's OOM killer ends the plugin
@@ -258,6 +264,17 @@ pub struct CallLimits {
     pub max_in_flight: usize,
     /// Beyond this many waiting calls, new ones get RESOURCE_EXHAUSTED.
     pub max_queue: usize,
+    /// Calls per unit of time (`500/s`) across all methods; beyond it,
+    /// RESOURCE_EXHAUSTED with a retry hint. See [`crate::ratelimit`].
+    pub rate: Option<crate::ratelimit::Rate>,
+    /// Calls let through at once after a quiet spell; default: one second's
+    /// worth of `rate` (at least 1).
+    #[serde(deserialize_with = "crate::ratelimit::de_burst")]
+    pub burst: Option<u64>,
+    /// Each method's own limit, checked before the plugin's:
+    /// `methods: {resize: {rate: 50/s, burst: 10}}`.
+    #[serde(deserialize_with = "crate::ratelimit::de_methods")]
+    pub methods: BTreeMap<String, crate::ratelimit::MethodLimit>,
 }
 
 impl Default for CallLimits {
@@ -265,6 +282,9 @@ impl Default for CallLimits {
         CallLimits {
             max_in_flight: 1024,
             max_queue: 1024,
+            rate: None,
+            burst: None,
+            methods: BTreeMap::new(),
         }
     }
 }
@@ -291,7 +311,12 @@ impl Default for UpgradeSpec {
 struct RawManifest {
     name: String,
     version: String,
-    exec: String,
+    /// Instead of `exec`: a plugin on another host.
+    #[serde(default)]
+    remote: Option<remote::RawRemote>,
+    /// Required, unless `container:` runs the plugin.
+    #[serde(default)]
+    exec: Option<String>,
     #[serde(default)]
     args: Vec<String>,
     #[serde(default)]
@@ -314,16 +339,25 @@ struct RawManifest {
     idempotent: Vec<String>,
     #[serde(default)]
     state: StateSpec,
+    /// A count, or an autoscaling policy: see [`crate::autoscale`].
     #[serde(default = "one")]
-    replicas: u32,
+    replicas: serde_json::Value,
     #[serde(default)]
     calls: CallLimits,
     #[serde(default)]
     upgrade: UpgradeSpec,
+    #[serde(default)]
+    capabilities: Vec<String>,
+    #[serde(default)]
+    hooks: HooksSpec,
+    #[serde(default)]
+    container: Option<ContainerSpec>,
+    #[serde(default)]
+    requires: Vec<crate::dependencies::RawRequirement>,
 }
 
-fn one() -> u32 {
-    1
+fn one() -> serde_json::Value {
+    1.into()
 }
 
 /// A validated manifest.
@@ -354,13 +388,33 @@ pub struct Manifest {
     /// deadline). Every other call is sent at most once.
     pub idempotent: Vec<String>,
     pub state: StateSpec,
-    /// Identical children; calls go to the least-loaded ready one.
+    /// Identical children; calls go to the least-loaded ready one. With
+    /// `autoscale`, the count started with (its `min`).
     pub replicas: u32,
+    /// `replicas: {min, max, ...}`: the replica count follows the load.
+    pub autoscale: Option<crate::autoscale::AutoscaleSpec>,
     pub calls: CallLimits,
     pub upgrade: UpgradeSpec,
     /// The text this was parsed from: what a hand-over to a new supervisor
     /// image carries (the file may have changed since).
     pub source: std::sync::Arc<str>,
+    /// Set for a plugin on another host (`remote:`): it is connected to,
+    /// not spawned, and `exec` is empty.
+    pub remote: Option<RemoteSpec>,
+    /// What the plugin provides (`image.resize`): calls can name one
+    /// instead of a plugin. See [`crate::capability`].
+    pub capabilities: Vec<String>,
+    /// Commands run at pre-start, post-ready, pre-stop and post-exit.
+    pub hooks: HooksSpec,
+    /// Set when the plugin is an OCI container: `exec` is then the
+    /// container runtime.
+    pub container: Option<ContainerSpec>,
+    /// The SHA-256 of the manifest text this was parsed from: what a
+    /// signature is checked against (see [`crate::signature`]).
+    pub source_sha256: String,
+    /// Plugins that must be ready before this one starts (see
+    /// [`crate::dependencies`]).
+    pub requires: Vec<crate::dependencies::Requirement>,
 }
 
 /// Checks a plugin name: `[a-z0-9][a-z0-9_-]{0,62}`.
@@ -415,15 +469,74 @@ impl Manifest {
                 ),
             )
         })?;
-        if raw.exec.trim().is_empty() {
-            return Err(err("exec", "must name the plugin's executable".into()));
-        }
         let dir = path
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         let dir = std::path::absolute(&dir).unwrap_or(dir);
-        let exec = dir.join(&raw.exec);
+        let remote = match raw.remote {
+            Some(r) => {
+                let keys: serde_yaml::Mapping =
+                    serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))?;
+                if let Some((field, why)) = remote::LOCAL_ONLY
+                    .iter()
+                    .find(|(field, _)| keys.contains_key(*field))
+                {
+                    return Err(err(
+                        field,
+                        format!(
+                            "does not apply to a remote plugin ({why}); remove it, or remove `remote:`"
+                        ),
+                    ));
+                }
+                Some(
+                    r.resolve(&dir)
+                        .map_err(|(f, m)| err(&format!("remote.{f}"), m))?,
+                )
+            }
+            None => None,
+        };
+        let (exec, container) = match (raw.exec, raw.container) {
+            _ if remote.is_some() => (PathBuf::new(), None),
+            (Some(exec), None) => {
+                if exec.trim().is_empty() {
+                    return Err(err("exec", "must name the plugin's executable".into()));
+                }
+                (dir.join(&exec), None)
+            }
+            (None, None) => {
+                return Err(err(
+                    "exec",
+                    "missing: name the plugin's executable (or run it as a container with `container:`, or give `remote:` for a plugin on another host)".into(),
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "container",
+                    "a container plugin runs its image or bundle, not `exec`; remove one of them"
+                        .into(),
+                ));
+            }
+            (None, Some(c)) => {
+                let c = c
+                    .validate(&dir)
+                    .map_err(|(f, m)| err(&format!("container.{f}"), m))?;
+                if raw.sha256.is_some() {
+                    return Err(err(
+                        "sha256",
+                        "pins an executable; pin a container's image by digest (`image: name@sha256:...`) instead".into(),
+                    ));
+                }
+                if c.runtime == ContainerRuntime::Runc && !raw.args.is_empty() {
+                    return Err(err(
+                        "args",
+                        "a runc bundle's command is its config.json's process.args; remove `args`"
+                            .into(),
+                    ));
+                }
+                (c.runtime_program(), Some(c))
+            }
+        };
         let config = match raw.config {
             None | Some(serde_json::Value::Null) => serde_json::Map::new(),
             Some(serde_json::Value::Object(map)) => map,
@@ -445,6 +558,9 @@ impl Manifest {
                 ));
             }
         }
+        raw.hooks
+            .validate()
+            .map_err(|(f, m)| err(&format!("hooks.{f}"), m))?;
         validate_restart(&raw.restart).map_err(|(f, m)| err(&format!("restart.{f}"), m))?;
         if raw.health.interval.0.is_zero() {
             return Err(err("health.interval", "must be greater than zero".into()));
@@ -455,15 +571,13 @@ impl Manifest {
         if raw.health.failure_threshold == 0 {
             return Err(err("health.failure_threshold", "must be at least 1".into()));
         }
-        if !(1..=64).contains(&raw.replicas) {
-            return Err(err(
-                "replicas",
-                format!("{} is out of range; expected 1 to 64", raw.replicas),
-            ));
-        }
+        let (replicas, autoscale) =
+            crate::autoscale::parse_replicas(&raw.replicas).map_err(|(f, m)| err(&f, m))?;
         if raw.calls.max_in_flight == 0 {
             return Err(err("calls.max_in_flight", "must be at least 1".into()));
         }
+        crate::ratelimit::validate(&raw.calls).map_err(|(f, m)| err(&f, m))?;
+        crate::capability::validate_all(&raw.capabilities).map_err(|m| err("capabilities", m))?;
         if let Some(empty) = raw.idempotent.iter().find(|m| m.trim().is_empty()) {
             return Err(err("idempotent", format!("`{empty}` is not a method name")));
         }
@@ -485,7 +599,10 @@ impl Manifest {
             .sha256
             .map(|digest| validate_sha256(&digest).map_err(|m| err("sha256", m)))
             .transpose()?;
+        let requires = crate::dependencies::parse(&raw.name, raw.requires)
+            .map_err(|(field, m)| err(&field, m))?;
         Ok(Manifest {
+            requires,
             name: raw.name,
             version,
             path: path.to_path_buf(),
@@ -502,10 +619,16 @@ impl Manifest {
             isolation,
             idempotent: raw.idempotent,
             state: raw.state,
-            replicas: raw.replicas,
+            replicas,
+            autoscale,
             calls: raw.calls,
             upgrade: raw.upgrade,
             source: text.into(),
+            remote,
+            capabilities: raw.capabilities,
+            hooks: raw.hooks,
+            container,
+            source_sha256: crate::signature::sha256_hex(text.as_bytes()),
         })
     }
 
@@ -561,7 +684,7 @@ fn validate_restart(r: &RestartSpec) -> Result<(), (&'static str, String)> {
     Ok(())
 }
 
-fn validate_limits(l: &Limits) -> Result<(), (&'static str, String)> {
+pub(crate) fn validate_limits(l: &Limits) -> Result<(), (&'static str, String)> {
     const MIB: u64 = 1 << 20;
     if let Some(m) = l.memory
         && m.0 < MIB
@@ -651,7 +774,19 @@ fn yaml_error(path: &Path, e: &serde_yaml::Error) -> ManifestError {
     // field path when it has no spaces.
     let (field, message) = match text.split_once(": ") {
         Some((head, rest)) if !head.contains(' ') && !head.is_empty() => {
-            (Some(head.to_string()), rest.to_string())
+            // A value's own error may name the field inside the section
+            // ("calls: burst: ..."): keep the whole path.
+            match rest.split_once(": ") {
+                Some((inner, detail))
+                    if !inner.is_empty()
+                        && inner.chars().all(|c| {
+                            c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c)
+                        }) =>
+                {
+                    (Some(format!("{head}.{inner}")), detail.to_string())
+                }
+                _ => (Some(head.to_string()), rest.to_string()),
+            }
         }
         _ => (None, text.clone()),
     };
@@ -705,6 +840,9 @@ pub fn discover(plugins_dir: &Path) -> Result<Discovery, ManifestError> {
             Err(e) => found.errors.push(e),
         }
     }
+    // Dependency order; a missing requirement or a cycle is an error.
+    let manifests = std::mem::take(&mut found.manifests);
+    found.manifests = crate::dependencies::resolve(manifests, &mut found.errors);
     Ok(found)
 }
 
@@ -761,7 +899,9 @@ fn load_plugin_dir(dir: &Path) -> Result<Option<Manifest>, ManifestError> {
             ));
         }
     }
-    manifest.check_executable()?;
+    if manifest.remote.is_none() {
+        manifest.check_executable()?;
+    }
     Ok(Some(manifest))
 }
 

@@ -36,6 +36,15 @@ struct CallLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RateLimitLabels {
+    plugin: String,
+    /// The method with its own limit, or `*` for the plugin's limit.
+    method: String,
+    /// `method` or `plugin`: which limit refused.
+    limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     plugin: String,
     state: String,
@@ -47,6 +56,7 @@ struct InfoLabels {
     version: String,
     sha256: String,
     enforcement: String,
+    signer: String,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -76,6 +86,8 @@ pub struct Metrics {
     in_flight: Family<PluginLabel, Gauge>,
     /// Calls waiting for an admission slot; fed by [`Metrics::queued`].
     queued: Family<PluginLabel, Gauge>,
+    /// Calls refused by a rate limit; handles kept by each limit.
+    rate_limited: Family<RateLimitLabels, Counter>,
 }
 
 /// Holds one unit of a gauge (a call in flight, a call queued) and gives it
@@ -111,6 +123,7 @@ impl Default for Metrics {
             call_duration: Family::new_with_constructor(latency_histogram),
             in_flight: Family::default(),
             queued: Family::default(),
+            rate_limited: Family::default(),
         }
     }
 }
@@ -125,13 +138,15 @@ pub struct PluginSample {
     pub sha256: String,
     /// What enforces its limits ("cgroup v1", "rlimits only", ...).
     pub enforcement: String,
+    /// The trusted key's name that signed what runs; empty when unsigned.
+    pub signer: String,
     pub memory_bytes: Option<u64>,
     pub cpu_seconds: Option<f64>,
     pub pids: Option<u64>,
 }
 
 /// Every state a plugin can be in, so a scrape shows a 0 for the others.
-const STATES: [&str; 8] = [
+const STATES: [&str; 9] = [
     "starting",
     "initializing",
     "ready",
@@ -140,6 +155,7 @@ const STATES: [&str; 8] = [
     "stopped",
     "backoff",
     "failed",
+    "waiting",
 ];
 
 impl Metrics {
@@ -241,6 +257,18 @@ impl Metrics {
         )
     }
 
+    /// The refusal counter of one rate limit (`method` `*` for the
+    /// plugin's), for the limit to keep: no label lookup per call.
+    pub fn rate_limited(&self, plugin: &str, method: &str, limit: &str) -> Counter {
+        self.rate_limited
+            .get_or_create(&RateLimitLabels {
+                plugin: plugin.to_string(),
+                method: method.to_string(),
+                limit: limit.to_string(),
+            })
+            .clone()
+    }
+
     /// The text exposition of every series, with gauges from `samples`.
     pub fn encode(&self, samples: &[PluginSample]) -> String {
         let mut registry = Registry::with_prefix("plugvisor");
@@ -277,6 +305,7 @@ impl Metrics {
                 version: s.version.clone(),
                 sha256: s.sha256.clone(),
                 enforcement: s.enforcement.clone(),
+                signer: s.signer.clone(),
             })
             .set(1);
             if let Some(bytes) = s.memory_bytes {
@@ -297,7 +326,7 @@ impl Metrics {
         registry.register("plugin_state", "1 for the plugin's current state", state);
         registry.register(
             "plugin_info",
-            "The plugin's version, pinned sha256 and limit enforcement",
+            "What the plugin runs: its version, the executable's sha256, who signed it, and its limit enforcement",
             info,
         );
         registry.register(
@@ -314,6 +343,11 @@ impl Metrics {
             "plugin_pids",
             "Processes and threads in the plugin's cgroup",
             pids,
+        );
+        registry.register(
+            "calls_rate_limited",
+            "Calls refused by a rate limit (calls.rate), by limit",
+            self.rate_limited.clone(),
         );
         registry.register(
             "restarts",
@@ -398,6 +432,7 @@ mod tests {
             up: true,
             sha256: "ab".into(),
             enforcement: "cgroup v1".into(),
+            signer: "release".into(),
             memory_bytes: Some(1024),
             cpu_seconds: Some(0.5),
             pids: Some(3),
@@ -406,7 +441,7 @@ mod tests {
             "plugvisor_plugin_up{plugin=\"echo\"} 1",
             "plugvisor_plugin_state{plugin=\"echo\",state=\"ready\"} 1",
             "plugvisor_plugin_state{plugin=\"echo\",state=\"failed\"} 0",
-            "plugvisor_plugin_info{plugin=\"echo\",version=\"1.0.0\",sha256=\"ab\",enforcement=\"cgroup v1\"} 1",
+            "plugvisor_plugin_info{plugin=\"echo\",version=\"1.0.0\",sha256=\"ab\",enforcement=\"cgroup v1\",signer=\"release\"} 1",
             "plugvisor_plugin_memory_bytes{plugin=\"echo\"} 1024",
             "# TYPE plugvisor_plugin_cpu_seconds counter",
             "plugvisor_plugin_cpu_seconds_total{plugin=\"echo\"} 0.5",
@@ -468,6 +503,7 @@ mod tests {
             up: true,
             sha256: String::new(),
             enforcement: "rlimits".into(),
+            signer: String::new(),
             memory_bytes: None,
             cpu_seconds: None,
             pids: None,

@@ -10,6 +10,8 @@
 //! every replica runs it, so a rejected config can never be picked up by a
 //! later crash-restart.
 
+mod scale;
+
 use crate::actor::{Command, run_replica, run_replica_resumed};
 use crate::config::PluginOverride;
 use crate::error::Error;
@@ -58,6 +60,14 @@ pub(crate) enum Op {
     /// What a hand-over to a new supervisor image carries of the
     /// coordinator: the overrides and the runtime config.
     Handover(Reply<(PluginOverride, serde_json::Map<String, serde_json::Value>)>),
+    /// Autoscaling: run `to` replicas (kept within the manifest's
+    /// `replicas.min`/`max`), adding or draining replicas; `reason` goes
+    /// into the events.
+    Scale {
+        to: usize,
+        reason: String,
+        reply: Reply,
+    },
 }
 
 /// The supervised plugins, by name.
@@ -106,7 +116,13 @@ pub(crate) fn spawn_resumed(
     mut restore: Option<crate::handover::Restore>,
 ) -> Arc<PluginHandle> {
     let name = manifest.name.clone();
-    let replicas = manifest.replicas as usize;
+    let mut replicas = manifest.replicas as usize;
+    if let (Some(policy), Some(restore)) = (&manifest.autoscale, &restore) {
+        // As many as ran: replicas added by scaling keep running.
+        replicas = restore
+            .replicas()
+            .clamp(policy.min as usize, policy.max as usize);
+    }
     let manifest = Arc::new(manifest);
     let runtime = restore
         .as_mut()
@@ -123,10 +139,20 @@ pub(crate) fn spawn_resumed(
             manifest.calls.max_queue,
             queued,
         ),
+        rate_limits: crate::ratelimit::RateLimitSlot::new(crate::ratelimit::RateLimits::new(
+            &name,
+            &manifest.calls,
+            &host.metrics,
+        )),
         in_flight,
         board: Board::new(spec.clone(), replicas, host.opts.history),
         logs: Arc::new(LogBuffer::new(host.opts.log_lines)),
     });
+    host.capabilities.set(
+        &name,
+        crate::capability::Locality::of(&manifest),
+        &manifest.capabilities,
+    );
     let mut resumed = match restore {
         Some(restore) => crate::handover::restore_board(&common, restore)
             .into_iter()
@@ -136,38 +162,15 @@ pub(crate) fn spawn_resumed(
     };
     resumed.resize_with(replicas, || None);
     let mut orders = Vec::with_capacity(replicas);
+    let mut tasks = Vec::with_capacity(replicas);
     for (index, resumed) in resumed.into_iter().enumerate() {
-        let (tx, rx) = mpsc::channel(REPLICA_QUEUE);
+        let (tx, task) = start_replica_resumed(host, &common, &spec, index, None, resumed);
         orders.push(tx);
-        let snapshots = host.opts.state_dir.as_deref().map(|dir| {
-            // Replica 0 keeps the plain name, so going from one replica to
-            // several keeps the existing snapshots.
-            let key = if index == 0 {
-                name.clone()
-            } else {
-                format!("{name}@{index}")
-            };
-            Arc::new(Snapshots::new(SnapshotStore::new(dir, &key)))
-        });
-        let replica = Replica {
-            host: host.clone(),
-            plugin: common.clone(),
-            index,
-            snapshots,
-        };
-        match resumed {
-            Some(resumed) => {
-                host.tasks
-                    .spawn(run_replica_resumed(replica, spec.clone(), rx, resumed));
-            }
-            None => {
-                host.tasks.spawn(run_replica(replica, spec.clone(), rx));
-            }
-        }
+        tasks.push(task);
     }
     let (ops, rx) = mpsc::channel(OP_QUEUE);
     let handle = Arc::new(PluginHandle { common, ops });
-    let coordinator = Coordinator {
+    let mut coordinator = Coordinator {
         host: host.clone(),
         registry: registry.clone(),
         handle: Arc::downgrade(&handle),
@@ -176,9 +179,65 @@ pub(crate) fn spawn_resumed(
         overrides,
         runtime,
         replicas: orders,
+        replica_tasks: tasks,
+        ops: handle.ops.downgrade(),
+        policy: None,
     };
+    coordinator.keep_policy();
     host.tasks.spawn(coordinator.run(rx));
     handle
+}
+
+/// Starts replica `index`'s actor on `spec`; `added` is the event that
+/// says why it was added (by autoscaling), recorded before it starts.
+fn start_replica(
+    host: &Arc<Host>,
+    common: &Arc<Common>,
+    spec: &Arc<Spec>,
+    index: usize,
+    added: Option<(String, crate::status::EventDetail)>,
+) -> (mpsc::Sender<Command>, tokio::task::JoinHandle<()>) {
+    start_replica_resumed(host, common, spec, index, added, None)
+}
+
+/// [`start_replica`], for a replica taken over from a previous supervisor
+/// image when `resumed` is set (see [`crate::handover`]).
+fn start_replica_resumed(
+    host: &Arc<Host>,
+    common: &Arc<Common>,
+    spec: &Arc<Spec>,
+    index: usize,
+    added: Option<(String, crate::status::EventDetail)>,
+    resumed: Option<crate::actor::Resumed>,
+) -> (mpsc::Sender<Command>, tokio::task::JoinHandle<()>) {
+    let name = &common.name;
+    let (tx, rx) = mpsc::channel(REPLICA_QUEUE);
+    let snapshots = host.opts.state_dir.as_deref().map(|dir| {
+        // Replica 0 keeps the plain name, so going from one replica to
+        // several keeps the existing snapshots.
+        let key = if index == 0 {
+            name.clone()
+        } else {
+            format!("{name}@{index}")
+        };
+        Arc::new(Snapshots::new(SnapshotStore::new(dir, &key)))
+    });
+    let replica = Replica {
+        host: host.clone(),
+        plugin: common.clone(),
+        index,
+        snapshots,
+    };
+    if let Some((reason, detail)) = added {
+        replica.event(crate::status::PluginState::Starting, "", reason, detail);
+    }
+    let task = match resumed {
+        Some(resumed) => host
+            .tasks
+            .spawn(run_replica_resumed(replica, spec.clone(), rx, resumed)),
+        None => host.tasks.spawn(run_replica(replica, spec.clone(), rx)),
+    };
+    (tx, task)
 }
 
 /// The owner of a plugin's desired state.
@@ -192,6 +251,13 @@ struct Coordinator {
     overrides: PluginOverride,
     runtime: serde_json::Map<String, serde_json::Value>,
     replicas: Vec<mpsc::Sender<Command>>,
+    /// Each replica's actor task, awaited when scaling down removes it.
+    replica_tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Its own operations channel, for the autoscaling policy task (weak:
+    /// the coordinator must not keep its own channel open).
+    ops: mpsc::WeakSender<Op>,
+    /// Stops the autoscaling policy task when dropped or replaced.
+    policy: Option<tokio_util::sync::DropGuard>,
 }
 
 impl Coordinator {
@@ -221,7 +287,25 @@ impl Coordinator {
                 } => {
                     let overrides = overrides.unwrap_or_else(|| self.overrides.clone());
                     let runtime = self.runtime.clone();
-                    let result = self.roll_out(manifest, overrides, runtime).await;
+                    // A config change on the same version is validated by
+                    // the running replicas first, as `plugvisor config` is.
+                    let current = Spec::new(self.manifest.clone(), &self.overrides, &runtime);
+                    let new = Spec::new(manifest.clone(), &overrides, &runtime);
+                    let asked = if crate::validate::changed_config(&current, &new) {
+                        crate::validate::ask_replicas(
+                            &self.common,
+                            self.replicas.len(),
+                            &new.config,
+                            self.manifest.timeouts.call.0,
+                        )
+                        .await
+                    } else {
+                        Ok(())
+                    };
+                    let result = match asked {
+                        Ok(()) => self.roll_out(manifest, overrides, runtime).await,
+                        Err(refused) => Err(refused),
+                    };
                     let _ = reply.send(result);
                 }
                 Op::SetConfig { changes, reply } => {
@@ -233,21 +317,38 @@ impl Coordinator {
                             runtime.insert(key, value);
                         }
                     }
-                    let result = self
-                        .roll_out(self.manifest.clone(), self.overrides.clone(), runtime)
-                        .await;
+                    let config = Spec::new(self.manifest.clone(), &self.overrides, &runtime).config;
+                    let asked = crate::validate::ask_replicas(
+                        &self.common,
+                        self.replicas.len(),
+                        &config,
+                        self.manifest.timeouts.call.0,
+                    )
+                    .await;
+                    let result = match asked {
+                        Ok(()) => {
+                            self.roll_out(self.manifest.clone(), self.overrides.clone(), runtime)
+                                .await
+                        }
+                        Err(refused) => Err(refused),
+                    };
                     let _ = reply.send(result);
                 }
                 Op::Handover(reply) => {
                     let _ = reply.send(Ok((self.overrides.clone(), self.runtime.clone())));
                 }
+                Op::Scale { to, reason, reply } => {
+                    let _ = reply.send(self.scale(to, reason).await);
+                }
                 Op::Remove(reply) => {
+                    self.policy = None;
                     let result = self.each(Command::Remove).await;
                     let mut registry = self.registry.write().unwrap_or_else(|e| e.into_inner());
                     if let Some(current) = registry.get(&self.common.name)
                         && std::ptr::eq(Arc::as_ptr(current), self.handle.as_ptr())
                     {
                         registry.remove(&self.common.name);
+                        self.host.capabilities.remove(&self.common.name);
                     }
                     drop(registry);
                     let _ = reply.send(result);
@@ -287,7 +388,7 @@ impl Coordinator {
                 manifest.name
             )));
         }
-        if manifest.replicas as usize != self.replicas.len() {
+        if !manifest.accepts_replicas(self.replicas.len()) {
             return Err(Error::Invalid(format!(
                 "an upgrade cannot change replicas ({} to {}); remove and add the plugin (or reload) to change them",
                 self.replicas.len(),
@@ -345,10 +446,25 @@ impl Coordinator {
         }
         match failure {
             None => {
+                // The new manifest's limits and capabilities take effect
+                // with it, and only then.
+                self.common
+                    .rate_limits
+                    .replace(crate::ratelimit::RateLimits::new(
+                        &name,
+                        &manifest.calls,
+                        &self.host.metrics,
+                    ));
+                self.host.capabilities.set(
+                    &name,
+                    crate::capability::Locality::of(&manifest),
+                    &manifest.capabilities,
+                );
                 self.manifest = manifest;
                 self.overrides = overrides;
                 self.runtime = runtime;
                 self.common.board.lock().spec = spec;
+                self.keep_policy();
                 Ok(())
             }
             Some(why) => Err(Error::UpgradeFailed {

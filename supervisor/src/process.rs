@@ -452,6 +452,18 @@ impl ProcessManager {
             .unwrap_or_else(|_| io::Error::other("the process thread has stopped"))
     }
 
+    /// Another handle on the same process thread, for work that must spawn
+    /// a child after its owner has gone (removing a container when its
+    /// instance is dropped). The thread lives while any handle does.
+    pub fn handle(&self) -> ProcessManager {
+        ProcessManager {
+            jobs: self.jobs.clone(),
+            wake: self.wake.clone(),
+            adopt: self.adopt.clone(),
+            orphans: self.orphans.clone(),
+        }
+    }
+
     /// Makes this process a child subreaper, so orphaned descendants of
     /// plugins are reparented here instead of escaping to init. Prefer
     /// [`Self::adopt_orphans`], which also reaps them.

@@ -19,6 +19,8 @@ pub(crate) struct Common {
     pub name: String,
     pub routes: Routes,
     pub admission: Admission,
+    /// `calls.rate` limits, checked before admission.
+    pub rate_limits: crate::ratelimit::RateLimitSlot,
     /// The plugin's `plugvisor_calls_in_flight` gauge.
     pub in_flight: prometheus_client::metrics::gauge::Gauge,
     pub board: Board,
@@ -74,7 +76,91 @@ impl Replica {
 
     /// Updates this replica's row of the board.
     pub fn update(&self, f: impl FnOnce(&mut ReplicaStatus)) {
-        f(&mut self.plugin.board.lock().replicas[self.index]);
+        // A replica removed by scaling down has no row any more.
+        if let Some(row) = self.plugin.board.lock().replicas.get_mut(self.index) {
+            f(row);
+        }
+    }
+
+    /// Runs one lifecycle hook of `manifest` for `instance_id`, if the
+    /// manifest has it. `env` is the plugin's environment (see
+    /// [`crate::hooks`]).
+    pub async fn hook(
+        &self,
+        manifest: &Manifest,
+        env: &[(String, String)],
+        name: &'static str,
+        instance_id: &str,
+        extra: &[(&str, String)],
+    ) -> Result<(), crate::hooks::HookError> {
+        let Some(hook) = manifest
+            .hooks
+            .each()
+            .find(|(n, _)| *n == name)
+            .map(|(_, h)| h)
+        else {
+            return Ok(());
+        };
+        let ctx = crate::hooks::HookContext {
+            manifest,
+            replica: self.index,
+            instance_id,
+            env,
+            processes: &self.host.processes,
+            isolation: Some(&self.host.isolation),
+            logs: &self.plugin.logs,
+        };
+        let done = crate::hooks::run(&ctx, name, hook, extra).await?;
+        tracing::info!(plugin = %self.plugin.name, instance = instance_id, "{name} hook done in {}ms", done.took.as_millis());
+        Ok(())
+    }
+
+    /// Runs the post-ready hook of `instance` (initialized, not yet
+    /// published) under `spec`.
+    pub async fn post_ready(
+        &self,
+        spec: &Spec,
+        instance: &Instance,
+    ) -> Result<(), crate::hooks::HookError> {
+        if spec.manifest.hooks.post_ready.is_some() {
+            self.transition(
+                PluginState::Initializing,
+                &instance.id,
+                "initialized; running its post_ready hook before it takes calls".into(),
+            );
+        }
+        let extra = [("PLUGVISOR_PLUGIN_PID", instance.child.pid().to_string())];
+        self.hook(
+            &spec.manifest,
+            &spec.env,
+            "post_ready",
+            &instance.id,
+            &extra,
+        )
+        .await
+    }
+
+    /// A hook whose failure does not change the instance's course
+    /// (pre-stop, post-exit): an event in the current state and a warning.
+    pub async fn hook_reported(
+        &self,
+        manifest: &Manifest,
+        env: &[(String, String)],
+        name: &'static str,
+        instance_id: &str,
+        extra: &[(&str, String)],
+    ) {
+        if let Err(e) = self.hook(manifest, env, name, instance_id, extra).await {
+            let state = self.plugin.board.lock().replicas[self.index].state;
+            tracing::warn!(plugin = %self.plugin.name, instance = instance_id, "{e}");
+            self.transition(state, instance_id, e.to_string());
+        }
+    }
+
+    /// The environment the committed spec gives the plugin, for hooks run
+    /// where only the manifest is at hand.
+    pub fn committed_env(&self) -> Vec<(String, String)> {
+        self.plugin.board.lock().spec.env.clone()
     }
 
     /// Spawns and initializes an instance of `spec`, with `restored` state.
@@ -90,12 +176,30 @@ impl Replica {
         self.event(
             PluginState::Starting,
             instance_id,
-            format!("spawning {} {}", manifest.exec.display(), manifest.version),
+            match &manifest.container {
+                None => format!("spawning {} {}", manifest.exec.display(), manifest.version),
+                Some(c) => format!(
+                    "spawning container {} ({} {}) {}",
+                    crate::container::name(&self.host.opts.runtime_dir, instance_id),
+                    c.runtime.as_str(),
+                    c.image
+                        .clone()
+                        .or_else(|| c.bundle.as_ref().map(|b| b.display().to_string()))
+                        .unwrap_or_default(),
+                    manifest.version
+                ),
+            },
             EventDetail {
                 version: Some(manifest.version.to_string()),
                 ..EventDetail::default()
             },
         );
+        self.hook(manifest, &spec.env, "pre_start", instance_id, &[])
+            .await
+            .map_err(StartError::Hook)?;
+        if let Some(c) = &manifest.container {
+            self.host.sweep_containers(c.runtime, &manifest.exec).await;
+        }
         let ctx = StartContext {
             manifest,
             instance_id: instance_id.to_string(),
@@ -133,6 +237,12 @@ impl Replica {
                     return Err(StartError::Refused(format!(
                         "{m}; refused because the manifest sets isolation.require_version_match: true"
                     )));
+                }
+                if let Err(why) =
+                    crate::tenant::check_instance(&self.host.metadata, manifest, &info).await
+                {
+                    instance::kill_and_reap(&instance.child).await;
+                    return Err(StartError::Refused(why));
                 }
                 if info.sessions {
                     self.open_sessions(&mut instance).await;
@@ -181,11 +291,13 @@ impl Replica {
             let mut b = self.plugin.board.lock();
             b.methods = info.methods.clone();
             b.reported_version = (!info.version.is_empty()).then(|| info.version.clone());
-            let r = &mut b.replicas[self.index];
-            r.ready_since = Some(ready_since);
-            r.instance = instance.id.clone();
-            r.pid = Some(pid);
-            r.attached = Some(Arc::new(crate::handover::Attached::of(instance)));
+            if let Some(r) = b.replicas.get_mut(self.index) {
+                r.ready_since = Some(ready_since);
+                r.instance = instance.id.clone();
+                r.pid = Some(pid);
+                r.identity = instance.identity.clone();
+                r.attached = Some(Arc::new(crate::handover::Attached::of(instance)));
+            }
         }
         self.route(Route::Ready(ReadyInstance::new(
             instance.id.clone(),
@@ -236,6 +348,34 @@ impl Replica {
         restarting: bool,
         snapshot_first: bool,
     ) {
+        self.stop_instance_with(manifest, instance, why, restarting, snapshot_first, false)
+            .await
+    }
+
+    /// [`Self::stop_instance`] for a stop on purpose (not an upgrade's
+    /// switch): once it said `stopping`, the plugins bound to this one stop
+    /// first when it is going down (see
+    /// [`crate::dependencies::let_bound_dependents_stop`]).
+    pub async fn stop_instance_releasing(
+        &self,
+        manifest: &Manifest,
+        instance: &mut Instance,
+        why: &str,
+        restarting: bool,
+    ) {
+        self.stop_instance_with(manifest, instance, why, restarting, true, true)
+            .await
+    }
+
+    async fn stop_instance_with(
+        &self,
+        manifest: &Manifest,
+        instance: &mut Instance,
+        why: &str,
+        restarting: bool,
+        snapshot_first: bool,
+        release: bool,
+    ) {
         if restarting {
             if self
                 .plugin
@@ -252,6 +392,24 @@ impl Replica {
             });
         }
         self.transition(PluginState::Stopping, &instance.id, why.to_string());
+        if release {
+            crate::dependencies::let_bound_dependents_stop(self, &instance.id).await;
+        }
+        let env = self.committed_env();
+        if instance.child.try_status().is_none() {
+            let pid = instance.child.pid().to_string();
+            self.hook_reported(
+                manifest,
+                &env,
+                "pre_stop",
+                &instance.id,
+                &[
+                    ("PLUGVISOR_PLUGIN_PID", pid),
+                    ("PLUGVISOR_STOP_REASON", why.to_string()),
+                ],
+            )
+            .await;
+        }
         if snapshot_first
             && instance.child.try_status().is_none()
             && let Some(snapshots) = &self.snapshots
@@ -262,7 +420,13 @@ impl Replica {
             self.snapshot_failed(&instance.id, "at stop", &e);
         }
         let status = instance::stop(instance, manifest.timeouts.stop.0).await;
-        let current = self.plugin.board.lock().replicas[self.index].instance == instance.id;
+        let current = self
+            .plugin
+            .board
+            .lock()
+            .replicas
+            .get(self.index)
+            .is_some_and(|r| r.instance == instance.id);
         if current {
             self.update(|r| {
                 r.last_exit = Some(status.to_string());
@@ -271,7 +435,19 @@ impl Replica {
             });
         }
         let reason = format!("{why}; the plugin {status}");
-        let detail = EventDetail::of_exit(&ExitReason::from_status(status));
+        let exit = ExitReason::from_status(status);
+        self.hook_reported(
+            manifest,
+            &env,
+            "post_exit",
+            &instance.id,
+            &[
+                ("PLUGVISOR_EXIT_REASON", reason.clone()),
+                ("PLUGVISOR_EXIT_KIND", exit.kind().to_string()),
+            ],
+        )
+        .await;
+        let detail = EventDetail::of_exit(&exit);
         if restarting {
             self.event(PluginState::Stopped, &instance.id, reason, detail);
         } else {
@@ -333,7 +509,12 @@ pub(crate) fn snapshot_failed(
     when: &str,
     why: &str,
 ) {
-    let state = plugin.board.lock().replicas[replica].state;
+    let state = plugin
+        .board
+        .lock()
+        .replicas
+        .get(replica)
+        .map_or(PluginState::Stopped, |r| r.state);
     let event = Event {
         time: SystemTime::now(),
         plugin: plugin.name.clone(),

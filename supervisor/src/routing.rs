@@ -119,17 +119,59 @@ impl Routes {
         }
     }
 
-    /// Publishes a replica's route.
+    /// Publishes a replica's route. A replica removed by scaling down has
+    /// no route any more: what it still says is dropped.
     pub fn set(&self, replica: usize, route: Route) {
-        self.routes.send_modify(|routes| routes[replica] = route);
+        self.routes.send_modify(|routes| {
+            if let Some(slot) = routes.get_mut(replica) {
+                *slot = route;
+            }
+        });
     }
 
     /// The replica's current ready instance, if it is ready.
     pub fn ready(&self, replica: usize) -> Option<Arc<ReadyInstance>> {
-        match &self.routes.borrow()[replica] {
-            Route::Ready(r) => Some(r.clone()),
+        match self.routes.borrow().get(replica) {
+            Some(Route::Ready(r)) => Some(r.clone()),
             _ => None,
         }
+    }
+
+    /// Whether some replica is ready now, and whether every one is down
+    /// (stopped or failed, none starting): `(ready, all_down)`.
+    pub fn readiness(&self) -> (bool, bool) {
+        let routes = self.routes.borrow();
+        (
+            routes.iter().any(|r| matches!(r, Route::Ready(_))),
+            routes.iter().all(|r| matches!(r, Route::Down { .. })),
+        )
+    }
+
+    /// Sets the number of replicas (the coordinator's, when it scales):
+    /// new ones are pending; removed ones must have stopped already.
+    pub fn resize(&self, replicas: usize) {
+        self.routes
+            .send_modify(|routes| routes.resize(replicas, Route::Pending));
+    }
+
+    /// The load on the replicas now, for the autoscaling policy.
+    pub fn load(&self) -> Load {
+        let routes = self.routes.borrow();
+        let mut load = Load {
+            replicas: routes.len(),
+            ..Load::default()
+        };
+        for route in routes.iter() {
+            match route {
+                Route::Ready(r) => {
+                    load.ready_ids.push(r.id.clone());
+                    load.in_flight += r.in_flight.load(Ordering::Relaxed);
+                }
+                Route::Pending => load.pending += 1,
+                Route::Down { .. } => {}
+            }
+        }
+        load
     }
 
     /// The least-loaded ready instance other than `avoid`, waiting for one
@@ -167,6 +209,18 @@ impl Routes {
             }
         }
     }
+}
+
+/// What [`Routes::load`] reads.
+#[derive(Debug, Default)]
+pub(crate) struct Load {
+    pub replicas: usize,
+    /// The ready instances' ids.
+    pub ready_ids: Vec<String>,
+    /// Replicas starting or restarting.
+    pub pending: usize,
+    /// Calls in flight on the ready instances.
+    pub in_flight: usize,
 }
 
 enum Choice {
@@ -290,6 +344,11 @@ impl Admission {
                 queued: self.max_queue,
             }),
         }
+    }
+
+    /// Calls waiting for a slot now.
+    pub fn waiting(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
     }
 
     /// Calls waiting for a slot now.

@@ -25,6 +25,12 @@ pub enum PluginState {
     Stopped,
     Backoff,
     Failed,
+    /// A registered remote plugin that missed its heartbeats: not routed to
+    /// until it sends one again, removed if it stays silent.
+    Unavailable,
+    /// Not started: a plugin it requires is not ready (the reason says
+    /// which).
+    Waiting,
 }
 
 impl PluginState {
@@ -38,6 +44,8 @@ impl PluginState {
             PluginState::Stopped => "stopped",
             PluginState::Backoff => "backoff",
             PluginState::Failed => "failed",
+            PluginState::Unavailable => "unavailable",
+            PluginState::Waiting => "waiting",
         }
     }
 
@@ -71,6 +79,9 @@ pub enum ExitReason {
     /// Never became ready: spawn, handshake, connect or Initialize failed,
     /// or its saved state could not be read.
     Start(StartError),
+    /// A remote plugin's connection failed or ended (see
+    /// [`crate::remote::ConnectionLost`]).
+    Remote(crate::remote::ConnectionLost),
 }
 
 impl ExitReason {
@@ -102,7 +113,9 @@ impl ExitReason {
             ExitReason::Start(StartError::Refused(_)) => "refused",
             ExitReason::Start(StartError::OomKilled { .. }) => "oom",
             ExitReason::Start(StartError::StateUnreadable(_)) => "snapshot",
+            ExitReason::Start(StartError::Hook(_)) => "hook",
             ExitReason::Start(_) => "start",
+            ExitReason::Remote(lost) => lost.kind(),
         }
     }
 
@@ -164,6 +177,7 @@ impl std::fmt::Display for ExitReason {
             ),
             ExitReason::HealthCheck(why) => write!(f, "killed after failed health checks: {why}"),
             ExitReason::Start(e) => write!(f, "{e}"),
+            ExitReason::Remote(lost) => write!(f, "{lost}"),
         }
     }
 }
@@ -201,6 +215,10 @@ pub struct EventDetail {
     pub attempt: Option<u32>,
     /// How long the backoff waits.
     pub delay: Option<Duration>,
+    /// For a change made by autoscaling: the replica count it goes to.
+    pub scaled_to: Option<usize>,
+    /// The required plugin the event is about (waiting for it, its crash).
+    pub requirement: Option<String>,
 }
 
 impl EventDetail {
@@ -237,6 +255,8 @@ pub struct ReplicaInfo {
     pub restarts: u32,
     pub last_exit: Option<String>,
     pub ready_for: Option<Duration>,
+    /// What its last instance ran: digest and signer.
+    pub identity: crate::signature::RunIdentity,
 }
 
 /// A point-in-time view of one plugin, for `ps` and `inspect`. With one
@@ -263,6 +283,20 @@ pub struct PluginInfo {
     pub replicas: Vec<ReplicaInfo>,
     /// Limits, what enforces them, live usage and hardening.
     pub isolation: IsolationStatus,
+    /// Where a remote plugin runs; `None` for a local child.
+    pub remote: Option<crate::remote::RemoteInfo>,
+    /// What it provides (`capabilities:` in its manifest).
+    pub capabilities: Vec<String>,
+    /// Its `calls.rate` limits in force: `(scope, limit)`, scope `*` for
+    /// the plugin's, else the method's name; limit like `500/s, burst 100`.
+    pub rate_limits: Vec<(String, String)>,
+    /// Autoscaling bounds and the last change, when the plugin autoscales.
+    pub scaling: Option<crate::autoscale::ScalingInfo>,
+    /// The plugins it requires (its manifest's `requires:`).
+    pub requires: Vec<crate::dependencies::Requirement>,
+    /// What runs (the first ready replica's, else the first replica's):
+    /// the executable's digest and who signed it.
+    pub identity: crate::signature::RunIdentity,
 }
 
 /// Status of one replica, written only by its actor.
@@ -280,6 +314,11 @@ pub(crate) struct ReplicaStatus {
     pub attached: Option<Arc<crate::handover::Attached>>,
     /// The actor's restart history as of its last exit, for a hand-over.
     pub tracker: Option<crate::policy::RestartTracker>,
+    /// What its last instance ran.
+    pub identity: crate::signature::RunIdentity,
+    /// A zero-downtime upgrade of its ready instance is under way: calls
+    /// wait (not fail) and the replica counts as up for its dependents.
+    pub upgrading: bool,
 }
 
 impl ReplicaStatus {
@@ -294,6 +333,8 @@ impl ReplicaStatus {
             ready_since: None,
             attached: None,
             tracker: None,
+            identity: Default::default(),
+            upgrading: false,
         }
     }
 }
@@ -315,6 +356,9 @@ pub(crate) struct BoardInner {
     pub reported_version: Option<String>,
     pub replicas: Vec<ReplicaStatus>,
     pub history: VecDeque<Event>,
+    /// The last change autoscaling made (reason, when), written by the
+    /// coordinator.
+    pub last_scaling: Option<(String, SystemTime)>,
 }
 
 impl Board {
@@ -326,6 +370,7 @@ impl Board {
                 reported_version: None,
                 replicas: vec![ReplicaStatus::new(); replicas],
                 history: VecDeque::new(),
+                last_scaling: None,
             }),
             history_len,
         }
@@ -345,13 +390,21 @@ impl Board {
     /// history.
     pub fn record(&self, event: &Event) {
         let mut b = self.lock();
-        let r = &mut b.replicas[event.replica];
-        r.state = event.state;
-        r.reason = event.reason.clone();
+        // A replica removed by scaling down has no row any more.
+        if let Some(r) = b.replicas.get_mut(event.replica) {
+            r.state = event.state;
+            r.reason = event.reason.clone();
+        }
         if b.history.len() >= self.history_len {
             b.history.pop_front();
         }
         b.history.push_back(event.clone());
+    }
+
+    /// Sets the number of replica rows (the coordinator's, when it
+    /// scales): new rows start as `starting`.
+    pub fn resize(&self, replicas: usize) {
+        self.lock().replicas.resize(replicas, ReplicaStatus::new());
     }
 
     /// A summary of each replica, for "not ready" errors.
@@ -381,6 +434,7 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
             restarts: r.restarts,
             last_exit: r.last_exit.clone(),
             ready_for: r.ready_since.map(|t| t.elapsed()),
+            identity: r.identity.clone(),
         })
         .collect();
     let first = &replicas[0];
@@ -389,11 +443,14 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
     } else {
         let up = replicas.iter().filter(|r| r.state.is_up()).count();
         let all_ready = replicas.iter().all(|r| r.state == PluginState::Ready);
+        let scaling = crate::autoscale::settling(&b.spec.manifest, &replicas);
         if all_ready {
             (
                 PluginState::Ready,
                 format!("{up}/{} replicas ready", replicas.len()),
             )
+        } else if let Some(reason) = scaling {
+            (PluginState::Ready, reason)
         } else if up > 0 {
             (
                 PluginState::Degraded,
@@ -404,6 +461,16 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
         }
     };
     let manifest = &b.spec.manifest;
+    let scaling = manifest
+        .autoscale
+        .as_ref()
+        .map(|a| crate::autoscale::ScalingInfo {
+            min: a.min,
+            max: a.max,
+            current: replicas.len() as u32,
+            last_reason: b.last_scaling.as_ref().map(|(r, _)| r.clone()),
+            last_change: b.last_scaling.as_ref().map(|(_, t)| *t),
+        });
     let info = PluginInfo {
         name: name.to_string(),
         version: manifest.version.to_string(),
@@ -418,7 +485,18 @@ pub(crate) fn info_of(name: &str, board: &Board) -> (PluginInfo, Arc<Spec>) {
         methods: b.methods.clone(),
         reported_version: b.reported_version.clone(),
         isolation: Default::default(),
+        remote: manifest.remote.as_ref().map(crate::remote::RemoteInfo::of),
+        requires: manifest.requires.clone(),
+        identity: replicas
+            .iter()
+            .find(|r| r.state.is_up())
+            .unwrap_or(first)
+            .identity
+            .clone(),
         replicas,
+        capabilities: manifest.capabilities.clone(),
+        rate_limits: Vec::new(),
+        scaling,
     };
     (info, b.spec.clone())
 }

@@ -9,6 +9,8 @@
 //! least-loaded ready instance, and wait for a restarting plugin up to their
 //! deadline.
 
+mod by_capability;
+
 use crate::config::PluginOverride;
 use crate::error::Error;
 use crate::host::Host;
@@ -104,7 +106,9 @@ impl Supervisor {
             Some(p) => p,
             None => ProcessManager::new()?,
         };
+        let plugins: Arc<Registry> = Arc::default();
         let host = Arc::new(Host {
+            registry: Arc::downgrade(&plugins),
             processes,
             isolation,
             events: broadcast::channel(4096).0,
@@ -112,6 +116,9 @@ impl Supervisor {
             tasks: TaskTracker::new(),
             io_tasks,
             metrics: crate::metrics::Metrics::default(),
+            capabilities: Default::default(),
+            metadata: Default::default(),
+            container_sweeps: Default::default(),
             opts,
         });
         if host.opts.subreaper {
@@ -133,10 +140,7 @@ impl Supervisor {
                 }
             });
         }
-        Ok(Supervisor {
-            host,
-            plugins: Arc::default(),
-        })
+        Ok(Supervisor { host, plugins })
     }
 
     /// Adds a plugin and starts its replicas. The supervisor config's
@@ -145,6 +149,18 @@ impl Supervisor {
         if self.host.cancel.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
+        let exists = self
+            .plugins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&manifest.name);
+        if exists {
+            return Err(Error::Invalid(format!(
+                "a plugin named `{}` is already supervised",
+                manifest.name
+            )));
+        }
+        crate::dependencies::check_add(&self.plugins, &manifest).map_err(Error::Invalid)?;
         let mut plugins = self.plugins.write().unwrap_or_else(|e| e.into_inner());
         if plugins.contains_key(&manifest.name) {
             return Err(Error::Invalid(format!(
@@ -154,8 +170,24 @@ impl Supervisor {
         }
         let name = manifest.name.clone();
         let handle = plugin::spawn(&self.host, &self.plugins, manifest, overrides.clone());
+        crate::tenant::prefill(&self.host.metadata, &handle.common.board);
         plugins.insert(name, handle);
         Ok(())
+    }
+
+    /// Adds `tenant` of a plugin as its own entry, `<plugin>@<tenant>`
+    /// (see [`crate::tenant`]): `base` is the plugin's manifest and
+    /// `base_overrides` its supervisor-config overrides, under the tenant's.
+    pub fn add_tenant(
+        &self,
+        base: &Manifest,
+        base_overrides: &PluginOverride,
+        tenant: &str,
+        spec: &crate::tenant::TenantSpec,
+    ) -> Result<(), Error> {
+        let (manifest, overrides) =
+            crate::tenant::entry_for(base, base_overrides, tenant, spec).map_err(Error::Invalid)?;
+        self.add(manifest, &overrides)
     }
 
     fn plugin(&self, name: &str) -> Result<Arc<PluginHandle>, Error> {
@@ -201,7 +233,13 @@ impl Supervisor {
             info.replicas.iter().map(|r| r.instance.as_str()),
             usage,
         );
+        info.rate_limits = common.rate_limits.current().describe();
         info
+    }
+
+    /// The manifest a plugin runs now (what its coordinator last committed).
+    pub fn manifest(&self, name: &str) -> Result<Arc<Manifest>, Error> {
+        Ok(self.common(name)?.board.spec().manifest.clone())
     }
 
     /// One plugin's status.
@@ -306,6 +344,9 @@ impl Supervisor {
             record.code = e.code();
             e
         };
+        if let Err(e) = common.rate_limits.check(method) {
+            return Err(fail(&mut record, e));
+        }
         let permit = match common.admission.admit(deadline, timeout).await {
             Ok(permit) => permit,
             Err(e) => return Err(fail(&mut record, e)),
@@ -340,10 +381,13 @@ impl Supervisor {
         let response = match started {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) => {
-                return Err(fail(
-                    &mut record,
-                    call_error(status, &common.name, &ready.id),
-                ));
+                // The upload breaking off (on another thread, after the
+                // biased look above) resets the stream: that is the cause.
+                let e = match abort.get() {
+                    Some(why) => cancelled(&common.name, method, why),
+                    None => call_error(status, &common.name, &ready.id),
+                };
+                return Err(fail(&mut record, e));
             }
             Err(_) => {
                 let e = Error::Timeout {
@@ -410,6 +454,58 @@ impl Supervisor {
             })
     }
 
+    /// [`Self::health_check`], with what answered: the instance, the
+    /// version it runs, its executable's digest and signer.
+    pub async fn health_report(&self, plugin: &str) -> Result<HealthReport, Error> {
+        let common = self.common(plugin)?;
+        let timeout = common.board.spec().manifest.health.timeout.0;
+        let ready = pick(&common, Instant::now() + timeout, timeout, None).await?;
+        let (health, message) =
+            probe(&ready.client, timeout)
+                .await
+                .map_err(|reason| Error::Lost {
+                    plugin: plugin.to_string(),
+                    instance: ready.id.clone(),
+                    reason,
+                })?;
+        let board = common.board.lock();
+        Ok(HealthReport {
+            health,
+            message,
+            instance: ready.id.clone(),
+            version: board.spec.manifest.version.to_string(),
+            identity: board
+                .replicas
+                .get(ready.replica)
+                .map(|r| r.identity.clone())
+                .unwrap_or_default(),
+        })
+    }
+
+    /// The trusted keys and `require_signatures` that starts check now.
+    pub fn signature_policy(&self) -> Arc<crate::signature::SignaturePolicy> {
+        self.host.isolation.signature_policy()
+    }
+
+    /// Replaces the trusted keys and `require_signatures` (a reload): every
+    /// start from now on checks the new ones. Returns the running plugins
+    /// whose signature does not verify under them, with why; they keep
+    /// running, get an event saying so, and their next start is refused.
+    pub async fn set_signature_policy(
+        &self,
+        policy: crate::signature::SignaturePolicy,
+    ) -> Vec<(String, String)> {
+        let policy = Arc::new(policy);
+        self.host.isolation.set_signature_policy((*policy).clone());
+        crate::signature::recheck_running(&self.plugins, &self.host, policy).await
+    }
+
+    /// `names` ordered for stopping or removing them one after the other:
+    /// each before every plugin it requires (directly or through others).
+    pub fn dependents_first(&self, names: Vec<String>) -> Vec<String> {
+        crate::dependencies::dependents_first(&self.plugins, names)
+    }
+
     /// Stops a plugin gracefully; it stays stopped until started.
     pub async fn stop(&self, name: &str) -> Result<(), Error> {
         self.plugin(name)?.run(Op::Stop).await
@@ -436,6 +532,7 @@ impl Supervisor {
     /// every replica goes back to the old version and the error says why.
     /// The upgrade runs on its own: dropping this future does not stop it.
     pub async fn upgrade(&self, name: &str, manifest: Manifest) -> Result<(), Error> {
+        crate::dependencies::check_add(&self.plugins, &manifest).map_err(Error::Invalid)?;
         let manifest = Arc::new(manifest);
         self.plugin(name)?
             .run(|reply| Op::Upgrade {
@@ -453,6 +550,7 @@ impl Supervisor {
         manifest: Manifest,
         overrides: PluginOverride,
     ) -> Result<(), Error> {
+        crate::dependencies::check_add(&self.plugins, &manifest).map_err(Error::Invalid)?;
         let manifest = Arc::new(manifest);
         self.plugin(name)?
             .run(|reply| Op::Upgrade {
@@ -477,12 +575,18 @@ impl Supervisor {
             .map(|common| {
                 let info = self.info_of(common);
                 let usage = info.isolation.usage.clone().unwrap_or_default();
-                let sha256 = common
-                    .board
-                    .spec()
-                    .manifest
+                // What runs; before a first start, the manifest's pin.
+                let sha256 = info
+                    .identity
                     .sha256
                     .clone()
+                    .or_else(|| common.board.spec().manifest.sha256.clone())
+                    .unwrap_or_default();
+                let signer = info
+                    .identity
+                    .signer
+                    .as_ref()
+                    .map(|s| s.name.clone())
                     .unwrap_or_default();
                 crate::metrics::PluginSample {
                     up: info.replicas.iter().any(|r| r.state.is_up()),
@@ -490,6 +594,7 @@ impl Supervisor {
                     version: info.version,
                     state: info.state.to_string(),
                     sha256,
+                    signer,
                     enforcement: info.isolation.mechanism,
                     memory_bytes: usage.memory_current,
                     cpu_seconds: usage.cpu.map(|d| d.as_secs_f64()),
@@ -528,6 +633,12 @@ impl Supervisor {
         self.plugin(name)?.run(Op::Remove).await
     }
 
+    /// Sends an event that belongs to no live plugin (a registered plugin
+    /// that left) to the event stream.
+    pub(crate) fn emit(&self, event: Event) {
+        let _ = self.host.events.send(event);
+    }
+
     /// The names of the supervised plugins.
     pub fn names(&self) -> Vec<String> {
         self.plugins
@@ -538,8 +649,18 @@ impl Supervisor {
             .collect()
     }
 
-    /// Stops every plugin gracefully (in parallel) and waits for all of them.
+    /// Stops every plugin gracefully and waits for all of them: dependents
+    /// before what they require (in waves), then the rest in parallel.
     pub async fn shutdown(&self) {
+        for wave in crate::dependencies::stop_waves(&self.plugins) {
+            let mut stops = tokio::task::JoinSet::new();
+            for name in wave {
+                if let Ok(handle) = self.plugin(&name) {
+                    stops.spawn(async move { handle.run(Op::Stop).await });
+                }
+            }
+            while stops.join_next().await.is_some() {}
+        }
         self.host.cancel.cancel();
         self.host.tasks.close();
         self.host.tasks.wait().await;
@@ -549,6 +670,19 @@ impl Supervisor {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.host.io_tasks.wait()).await;
         self.host.isolation.shutdown();
     }
+}
+
+/// A health probe's answer and what gave it.
+#[derive(Debug, Clone)]
+pub struct HealthReport {
+    pub health: Health,
+    pub message: String,
+    /// The instance that answered.
+    pub instance: String,
+    /// The manifest version it runs.
+    pub version: String,
+    /// Its executable's digest and signer.
+    pub identity: crate::signature::RunIdentity,
 }
 
 /// A ready instance of the plugin, waiting for one until `deadline`.
@@ -578,6 +712,7 @@ async fn call_once(
     let plugin = common.name.as_str();
     let timeout = timeout.unwrap_or(manifest.timeouts.call.0);
     let deadline = Instant::now() + timeout;
+    common.rate_limits.check(method)?;
     let _permit = common.admission.admit(deadline, timeout).await?;
     let retry = manifest.idempotent.iter().any(|m| m == method);
     let mut lost: Option<String> = None;

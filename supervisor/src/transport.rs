@@ -178,6 +178,41 @@ pub(crate) async fn handshake(stream: UnixStream) -> io::Result<Connection> {
 }
 
 async fn sender(stream: UnixStream) -> io::Result<SendRequest<tonic::body::Body>> {
+    sender_with(stream, None).await
+}
+
+/// HTTP/2 over already connected streams (TCP + TLS to a remote plugin),
+/// one connection each. The receiver gets why as soon as any of them ends:
+/// a remote plugin has no process to watch, its connections are its life.
+pub(crate) async fn over_streams<S>(
+    streams: Vec<S>,
+) -> io::Result<(Connection, tokio::sync::mpsc::Receiver<Closed>)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (closed_tx, closed) = tokio::sync::mpsc::channel(streams.len().max(1));
+    let mut senders = Vec::with_capacity(streams.len());
+    for stream in streams {
+        senders.push(sender_with(stream, Some(closed_tx.clone())).await?);
+    }
+    Ok((Connection::new(senders), closed))
+}
+
+/// Why a watched connection ended.
+#[derive(Debug, Clone)]
+pub(crate) struct Closed {
+    pub why: String,
+    /// Set when TLS refused the connection (the peer's alert, say).
+    pub rejection: Option<crate::tls::Rejection>,
+}
+
+async fn sender_with<S>(
+    stream: S,
+    closed: Option<tokio::sync::mpsc::Sender<Closed>>,
+) -> io::Result<SendRequest<tonic::body::Body>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -188,8 +223,25 @@ async fn sender(stream: UnixStream) -> io::Result<SendRequest<tonic::body::Body>
     // Owned by the connection itself: it ends when the peer goes away (the
     // plugin exits) or every handle to it is dropped.
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!("connection closed: {e}");
+        let why = match connection.await {
+            Ok(()) => Closed {
+                why: "the peer closed the connection".to_string(),
+                rejection: None,
+            },
+            Err(e) => {
+                tracing::debug!("connection closed: {e}");
+                let rejection = crate::tls::find_rejection(&e);
+                Closed {
+                    why: match &rejection {
+                        Some(r) => r.to_string(),
+                        None => error_chain(&e),
+                    },
+                    rejection,
+                }
+            }
+        };
+        if let Some(closed) = closed {
+            let _ = closed.try_send(why);
         }
     });
     Ok(send)

@@ -183,6 +183,19 @@ async fn switch_over(
         instance::kill_and_reap(&fresh.child).await;
         return Err(format!("the new instance is not healthy: {why}"));
     }
+    // A new version with a new config: the new version says whether it
+    // accepts it, before it takes calls (see `crate::validate`).
+    if crate::validate::changed_config_and_version(current, new)
+        && let Err(why) =
+            crate::validate::ask(&fresh.client, &new.config, new.manifest.timeouts.call.0).await
+    {
+        instance::kill_and_reap(&fresh.child).await;
+        return Err(format!("the new instance refused the new config: {why}"));
+    }
+    if let Err(e) = replica.post_ready(new, &fresh).await {
+        instance::kill_and_reap(&fresh.child).await;
+        return Err(format!("the new instance's {e}"));
+    }
     let ready_since = replica.publish(&fresh, &info);
     let switched = started.elapsed();
     // Probation: the old instance stays up, taking no calls, in case the new

@@ -20,6 +20,8 @@ mod fleet;
 mod floor;
 #[path = "bench/handover.rs"]
 mod handover;
+#[path = "bench/remote.rs"]
+mod remote;
 #[path = "bench/spin.rs"]
 mod spin;
 #[path = "bench/stats.rs"]
@@ -626,6 +628,43 @@ async fn embedded_and_daemon(
         }
     };
 
+    // 2b. The same over TCP + mutual TLS on loopback (a remote plugin).
+    eprintln!("[2b] Handle 64 B, one caller, embedded, over TCP + mTLS ...");
+    let tls = remote::latency(root, bins, sup, counts.latency_warmup, counts.latency)
+        .await
+        .and_then(Stats::of);
+    match tls {
+        Ok(s) => {
+            let ratio = embedded
+                .as_ref()
+                .map(|e| s.p50.as_secs_f64() / e.p50.as_secs_f64());
+            table.push(
+                Row::new(
+                    "2b Handle 64 B, 1 caller, TCP + mTLS loopback: p50 / p99",
+                    s.p50_p99(),
+                    "-",
+                    Verdict::Info,
+                )
+                .cpus(mode),
+            );
+            table.push(
+                Row::new(
+                    "   TCP + mTLS p50 / Unix-socket p50",
+                    ratio_text(ratio, "embedded"),
+                    "-",
+                    Verdict::Info,
+                )
+                .cpus(mode),
+            );
+            table.json("tls_p50_us", s.p50_us());
+            table.json("tls_p99_us", s.p99_us());
+            if let Some(r) = ratio {
+                table.json("tls_over_unix_p50", r);
+            }
+        }
+        Err(e) => table.error("2b Handle 64 B over TCP + mTLS", &e),
+    }
+
     // 4. Concurrent callers (before the spawn figures, which need the exec
     // floor of section 6 for the daemon's spawn figure as well).
     eprintln!("[4/11] 1 and {CALLERS} concurrent callers, embedded ...");
@@ -1062,6 +1101,7 @@ async fn daemon_figures(
         payload: payload(),
         metadata: HashMap::new(),
         timeout_ms,
+        ..Default::default()
     };
     // The first call waits for the plugin to become ready.
     client

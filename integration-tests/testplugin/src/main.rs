@@ -94,6 +94,8 @@ impl Args {
                 "--stream-fail" => parsed.faults.stream_fail = true,
                 "--not-serving" => parsed.faults.not_serving = true,
                 "--phantom-method" => parsed.faults.phantom_method = true,
+                "--validate-hang" => parsed.faults.validate_hang = true,
+                "--validate-silent" => parsed.faults.validate_silent = true,
                 "--init-sleep-ms" => {
                     let ms = num(&flag, value("milliseconds")?)?;
                     parsed.faults.init_sleep = Duration::from_millis(ms);
@@ -109,13 +111,18 @@ impl Args {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::parse(std::env::args().skip(1)) {
+    let mut args = match Args::parse(std::env::args().skip(1)) {
         Ok(args) => args,
         Err(why) => {
             eprintln!("testplugin: {why}\n{USAGE}");
             return ExitCode::from(2);
         }
     };
+    // The environment can ask for a phantom method too: a plugin whose
+    // methods depend on something other than its binary and arguments.
+    if std::env::var_os("TESTPLUGIN_PHANTOM_METHOD").is_some() {
+        args.faults.phantom_method = true;
+    }
 
     // Before any thread exists: forking a multi-threaded process is unsafe.
     let grandchild = if args.double_fork {
@@ -257,6 +264,8 @@ mod tests {
             "--stream-fail",
             "--not-serving",
             "--phantom-method",
+            "--validate-hang",
+            "--validate-silent",
         ])
         .unwrap();
         assert_eq!(a.junk, 3);
@@ -268,6 +277,7 @@ mod tests {
         let f = &a.faults;
         assert!(f.unknown_ok && f.forget_state && f.no_stream && f.stream_fail);
         assert!(f.not_serving && f.phantom_method);
+        assert!(f.validate_hang && f.validate_silent);
     }
 
     #[test]

@@ -45,6 +45,11 @@ pub struct Faults {
     /// `--phantom-method`: lists a method `phantom` first, which `Handle`
     /// answers UNIMPLEMENTED like any unknown method.
     pub phantom_method: bool,
+    /// `--validate-hang`: `ValidateConfig` never answers.
+    pub validate_hang: bool,
+    /// `--validate-silent`: `ValidateConfig` refuses every config without
+    /// a reason.
+    pub validate_silent: bool,
 }
 
 #[derive(Debug)]
@@ -228,6 +233,22 @@ impl TestPlugin {
 impl Plugin for TestPlugin {
     fn version(&self) -> &str {
         env!("CARGO_PKG_VERSION")
+    }
+
+    /// Refuses a config that sets `refuse`, giving its value as the reason.
+    /// `--validate-hang` never answers; `--validate-silent` refuses without
+    /// a reason.
+    async fn validate_config(&self, config: &serde_json::Value) -> Result<(), String> {
+        if self.faults.validate_hang {
+            std::future::pending::<()>().await;
+        }
+        if self.faults.validate_silent {
+            return Err(String::new());
+        }
+        match config.get("refuse") {
+            Some(why) => Err(format!("`refuse` is set: {why}")),
+            None => Ok(()),
+        }
     }
 
     /// `echo` streams, unless `--no-stream`; `--claim-stream` declares it
@@ -419,6 +440,17 @@ impl Plugin for TestPlugin {
             "syscall" => crate::isolation::syscall(&req),
             "write_file" => crate::isolation::write_file(&req),
             "read_file" => crate::isolation::read_file(&req),
+            // The file's bytes (up to 1 MiB): what a container sees.
+            "cat" => {
+                let path = String::from_utf8_lossy(&req.payload).into_owned();
+                let mut bytes = Vec::new();
+                std::fs::File::open(&path)
+                    .and_then(|f| {
+                        std::io::Read::read_to_end(&mut std::io::Read::take(f, 1 << 20), &mut bytes)
+                    })
+                    .map(|_| Response::new(bytes))
+                    .map_err(|e| Status::not_found(format!("{path}: {e}")))
+            }
             "pid_info" => crate::isolation::pid_info(),
             other => Err(unknown_method(other)),
         }

@@ -281,7 +281,16 @@ fn health_prints_no_trailing_space_and_an_oversized_call_streams_naming_the_limi
     let sandbox = sandbox();
     let daemon = Daemon::start(&sandbox, &[]);
     daemon.wait_ready("echo");
-    assert_eq!(daemon.cli_ok(&["health", "echo"]), "echo: SERVING\n");
+    // The status, then what answered: version, short digest of the file it
+    // runs, signer. One line, nothing trailing.
+    let digest = plugvisor::isolation::pin::sha256_file(&bin("echo-plugin")).unwrap();
+    assert_eq!(
+        daemon.cli_ok(&["health", "echo"]),
+        format!(
+            "echo: SERVING (version 1.0.0, sha256 {}, unsigned)\n",
+            &digest[..12]
+        )
+    );
 
     let big = sandbox.dir.path().join("big.bin");
     let file = std::fs::File::create(&big).expect("create the payload file");

@@ -514,6 +514,7 @@ fn upload(daemon: &Daemon, chunks: usize, complete: bool) -> Result<Vec<u8>, ton
                 },
                 data: vec![7u8; 1000].into(),
                 end_of_input: complete && i + 1 == chunks,
+                ..Default::default()
             })
             .collect();
         let mut reply = client
@@ -542,8 +543,14 @@ fn an_upload_without_its_end_mark_is_cancelled_not_taken_as_whole() {
     assert_eq!(err.code(), tonic::Code::Cancelled, "{err:?}");
     assert_eq!(upload(&daemon, 2, true).unwrap(), b"2000");
     // Depending on timing the plugin sees the cut upload fail, or never sees
-    // it at all; it never counts it as complete.
-    let logs = daemon.cli_ok(&["logs", "tp", "--tail", "50"]);
+    // it at all; it never counts it as complete. The plugin's stderr reaches
+    // the daemon's log buffer on its own time: wait for the last upload's
+    // line (everything it wrote before is there by then).
+    let mut logs = String::new();
+    wait_until_blocking(SECS_10, "the last upload in tp's log", || {
+        logs = daemon.cli_ok(&["logs", "tp", "--tail", "50"]);
+        logs.contains("upload complete: 2000 bytes")
+    });
     let complete: Vec<&str> = logs
         .lines()
         .filter(|l| l.contains("upload complete"))
@@ -552,6 +559,10 @@ fn an_upload_without_its_end_mark_is_cancelled_not_taken_as_whole() {
         complete.len(),
         2,
         "only the two marked uploads were taken whole:\n{logs}"
+    );
+    assert!(
+        complete[0].contains("upload complete: 3000 bytes"),
+        "{logs}"
     );
 }
 

@@ -242,3 +242,51 @@ fn strict_reload_changes_nothing_when_a_manifest_is_broken() {
         serde_json::from_str(&daemon.cli_ok(&["reload", "--json"])).expect("JSON");
     assert_eq!(report["added"], serde_json::json!(["added"]), "{report}");
 }
+
+#[test]
+fn reload_adds_in_dependency_order_and_removes_dependents_first() {
+    let sandbox = Sandbox::new();
+    let tp = bin("testplugin");
+    // Names whose alphabetical order is the wrong one each time: zweb
+    // requires auth (removed: zweb first), app requires zdb (added: zdb
+    // first). notify only, so no stop waits for another on its own.
+    sandbox.plugin("auth", &tp, "");
+    sandbox.plugin("zweb", &tp, "requires: [auth]");
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("auth");
+    daemon.wait_ready("zweb");
+
+    sandbox.plugin("app", &tp, "requires: [zdb]");
+    sandbox.plugin("zdb", &tp, "");
+    let report: serde_json::Value =
+        serde_json::from_str(&daemon.cli_ok(&["reload", "--json"])).unwrap();
+    assert_eq!(
+        report["added"],
+        serde_json::json!(["zdb", "app"]),
+        "{report}"
+    );
+    assert_eq!(report["failed"], serde_json::json!([]), "{report}");
+    daemon.wait_ready("app");
+
+    for name in ["auth", "zweb"] {
+        std::fs::remove_dir_all(sandbox.plugins_dir().join(name)).unwrap();
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&daemon.cli_ok(&["reload", "--json"])).unwrap();
+    assert_eq!(
+        report["removed"],
+        serde_json::json!(["zweb", "auth"]),
+        "{report}"
+    );
+    // zweb was gone before auth began stopping.
+    let log = daemon.log_text();
+    let line = |plugin: &str, what: &str| {
+        log.lines()
+            .position(|l| l.contains(&format!("plugin={plugin}")) && l.contains(what))
+            .unwrap_or_else(|| panic!("no `{what}` line of {plugin} in {log}"))
+    };
+    assert!(
+        line("zweb", "state=\"stopped\"") < line("auth", "state=\"stopping\""),
+        "{log}"
+    );
+}

@@ -2,8 +2,8 @@
 //! a live daemon whose plugin crashes, reading what the screen shows after
 //! each key; and piped, where it prints one plain snapshot.
 
-use crate::support::tmux::{Tmux, row};
-use plugvisor_integration_tests::{Daemon, Sandbox, bin};
+use crate::support::tmux::{SCREEN_TIMEOUT, Tmux, row};
+use plugvisor_integration_tests::{Daemon, Sandbox, bin, wait_until_blocking};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -67,11 +67,16 @@ fn top_shows_live_rows_and_steers_a_crashing_plugin() {
     caller.join().unwrap();
 
     // A crash: the restart count goes up, the row is marked, the pid moves.
+    // The mark lasts a few seconds from when top sees the restart, and the
+    // new instance may take longer than that to be ready on a busy host:
+    // wait for each on its own.
     let out = daemon.cli(&["call", "tp", "crash"]);
     assert_eq!(out.status.code(), Some(1));
-    let screen = tmux.wait_for("tp restarted once, marked", |s| {
+    tmux.wait_for("tp restarted once, marked", |s| {
+        row(s, "tp").is_some_and(|r| r[4] == "1") && s.lines().any(|l| l.starts_with("! tp"))
+    });
+    let screen = tmux.wait_for("tp ready again", |s| {
         row(s, "tp").is_some_and(|r| r[1] == "ready" && r[4] == "1")
-            && s.lines().any(|l| l.starts_with("! tp"))
     });
     assert!(
         !row(&screen, "tp")
@@ -82,9 +87,10 @@ fn top_shows_live_rows_and_steers_a_crashing_plugin() {
 
     // Sorting by RESTARTS (key 5, largest first) puts tp on top.
     tmux.keys(&["5"]);
-    let screen = tmux.wait_for("sorted by restarts", |s| s.contains("sort RESTARTS ▼"));
-    let first_row = screen.lines().nth(2).unwrap_or_default();
-    assert!(first_row.contains("tp"), "{screen}");
+    // Header and rows of one and the same frame.
+    tmux.wait_for("sorted by restarts, tp first", |s| {
+        s.contains("sort RESTARTS ▼") && s.lines().nth(2).is_some_and(|l| l.contains("tp"))
+    });
 
     // The filter keeps matching rows only.
     tmux.keys(&["/"]);
@@ -126,12 +132,24 @@ fn top_shows_live_rows_and_steers_a_crashing_plugin() {
     });
 
     // Two crashes within the window: tp gives up and shows as failed, in
-    // red.
+    // red. The second crash must reach the restarted instance: wait for a
+    // ready tp with a new pid (the crashed one may still show as ready
+    // until its exit is seen).
+    let crashed = daemon.wait_ready("tp")["pid"].as_i64().unwrap();
     let _ = daemon.cli(&["call", "tp", "crash"]);
+    let mut restarted = 0;
+    wait_until_blocking(
+        SCREEN_TIMEOUT,
+        "tp ready again after the first crash",
+        || {
+            let tp = daemon.plugin("tp");
+            restarted = tp["pid"].as_i64().unwrap_or(0);
+            tp["state"] == "ready" && restarted != crashed
+        },
+    );
     tmux.wait_for("tp back after the first crash", |s| {
-        row(s, "tp").is_some_and(|r| r[1] == "ready")
+        row(s, "tp").is_some_and(|r| r[1] == "ready" && r[2] == restarted.to_string())
     });
-    daemon.wait_ready("tp");
     let _ = daemon.cli(&["call", "tp", "crash"]);
     tmux.wait_for("tp failed", |s| {
         row(s, "tp").is_some_and(|r| r[1] == "failed")

@@ -62,6 +62,13 @@ impl Plugin for RawPlugin {
         Err(Status::unimplemented("session"))
     }
 
+    async fn validate_config(
+        &self,
+        _: Request<plugvisor_proto::ValidateConfigRequest>,
+    ) -> Result<Response<plugvisor_proto::ValidateConfigResponse>, Status> {
+        Err(Status::unimplemented("validate_config"))
+    }
+
     async fn health_check(
         &self,
         _: Request<HealthCheckRequest>,

@@ -3,11 +3,14 @@
 //! One test binary for all of them: linking one binary per file costs more
 //! than running them on a 2-core machine.
 
+mod autoscale;
 mod confinement;
+mod dependencies;
 mod filesystem;
 mod initialize;
 mod isolation;
 mod privileges;
+mod routing;
 mod state;
 mod supervision;
 mod upgrade;

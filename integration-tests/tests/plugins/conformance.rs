@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// The rule keys, in order, as the report prints them.
-const RULES: [&str; 11] = [
+const RULES: [&str; 12] = [
     "cookie",
     "handshake",
     "initialize",
@@ -18,6 +18,7 @@ const RULES: [&str; 11] = [
     "state",
     "shutdown",
     "sigterm",
+    "validate",
 ];
 
 /// A finished `plugvisor conformance` run.
@@ -106,7 +107,7 @@ fn echo_example_conforms() {
         "{run}"
     );
     assert!(run.stdout.ends_with(
-        "11 passed, 0 failed, 0 skipped: echo-plugin conforms to plugvisor protocol 1\n"
+        "12 passed, 0 failed, 0 skipped: echo-plugin conforms to plugvisor protocol 1\n"
     ));
 }
 
@@ -136,6 +137,57 @@ fn well_behaved_testplugin_conforms_and_echoes_the_config_token() {
             .contains("`config` method returned the token"),
         "{run}"
     );
+    let validate = run.line("validate");
+    assert!(
+        validate.contains("accepted the config it runs with; accepted a changed config"),
+        "{run}"
+    );
+    assert!(
+        validate.contains("its `config` method still returns the running config"),
+        "{run}"
+    );
+}
+
+#[test]
+fn refusing_the_running_config_with_a_reason_passes_rule_12_with_a_warning() {
+    let run = testplugin(
+        &Sandbox::new(),
+        "",
+        &["--config", r#"{"refuse": "not on this host"}"#],
+    );
+    run.expect(0, &[], &[]);
+    assert!(
+        run.line("validate")
+            .contains("refused the config it runs with: `refuse` is set: \"not on this host\""),
+        "{run}"
+    );
+    assert!(
+        run.stdout
+            .contains("warning: it refuses the config Initialize accepted"),
+        "{run}"
+    );
+}
+
+#[test]
+fn a_hanging_validate_config_fails_rule_12() {
+    let run = testplugin(&Sandbox::new(), "--validate-hang", &["--timeout", "2s"]);
+    run.expect(1, &["validate"], &[]);
+    assert!(
+        run.line("validate")
+            .contains("ValidateConfig of the config it runs with: no answer within 2000ms"),
+        "{run}"
+    );
+}
+
+#[test]
+fn a_refusal_without_a_reason_fails_rule_12() {
+    let run = testplugin(&Sandbox::new(), "--validate-silent", &[]);
+    run.expect(1, &["validate"], &[]);
+    assert!(
+        run.line("validate")
+            .contains("refused the config it runs with without a reason"),
+        "{run}"
+    );
 }
 
 #[test]
@@ -144,7 +196,7 @@ fn json_report_lists_every_rule() {
     assert_eq!(run.code, 0, "{run}");
     let report: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON");
     assert_eq!(report["conforms"], true);
-    assert_eq!(report["passed"], 11);
+    assert_eq!(report["passed"], 12);
     let keys: Vec<&str> = report["rules"]
         .as_array()
         .expect("rules")
@@ -203,7 +255,7 @@ fn no_handshake_fails_within_the_timeout() {
 #[test]
 fn a_failing_initialize_fails_rule_3_and_skips_what_needs_it() {
     let run = testplugin(&Sandbox::new(), "--init-fail", &[]);
-    run.expect(1, &["initialize"], &RULES[3..10]);
+    run.expect(1, &["initialize"], &[&RULES[3..10], &["validate"]].concat());
     assert!(
         run.line("initialize").contains("FailedPrecondition"),
         "{run}"

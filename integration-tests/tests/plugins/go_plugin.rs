@@ -71,7 +71,7 @@ fn go_example_conforms() {
     );
     assert!(
         stdout.ends_with(
-            "10 passed, 0 failed, 1 skipped: go-echo conforms to plugvisor protocol 1\n"
+            "10 passed, 0 failed, 2 skipped: go-echo conforms to plugvisor protocol 1\n"
         ),
         "{stdout}"
     );
@@ -146,4 +146,40 @@ fn go_example_runs_under_the_daemon_and_comes_back_after_a_kill() {
     // Its stderr is captured as JSON log records.
     let logs = daemon.cli_ok(&["logs", "go", "--tail", "50"]);
     assert!(logs.contains("\"message\":\"serving\""), "{logs}");
+}
+
+/// go-echo does not implement ValidateConfig (its server embeds
+/// `UnimplementedPluginServer`, so the RPC answers UNIMPLEMENTED): the
+/// optional check is skipped, and `plugvisor config` rolls the change out.
+#[test]
+fn a_config_change_reaches_a_plugin_without_validate_config() {
+    let plugin = match go_echo() {
+        Ok(plugin) => plugin,
+        Err(why) => return skip(why),
+    };
+    let sandbox = Sandbox::new();
+    sandbox.plugin(
+        "go",
+        &plugin,
+        "config: {greeting: hi}\nreplicas: 2\nlimits: {pids: 64}\nupgrade: {probation: 50ms}",
+    );
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("go");
+
+    let out = daemon.cli(&["config", "go", "greeting=\"hello\"", "extra=3"]);
+    assert!(
+        out.status.success(),
+        "a plugin without ValidateConfig refused a config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for _ in 0..4 {
+        // Calls spread over both replicas: each runs the new config.
+        let config: serde_json::Value =
+            serde_json::from_str(&daemon.cli_ok(&["call", "go", "config"])).expect("JSON");
+        assert_eq!(config["greeting"], "hello", "{config}");
+        assert_eq!(config["extra"], 3, "{config}");
+    }
+    let shown: serde_json::Value =
+        serde_json::from_str(&daemon.cli_ok(&["config", "go"])).expect("config is JSON");
+    assert_eq!(shown["greeting"], "hello", "{shown}");
 }

@@ -119,7 +119,7 @@ fn rust_skeleton_builds_passes_its_test_and_conforms() {
         .current_dir(&dir));
     assert_ok("the skeleton's build.sh", &out);
     assert!(dir.join("bin/rs-skel").is_file());
-    assert_conforms(&dir, "rs-skel", "11 passed, 0 failed, 0 skipped");
+    assert_conforms(&dir, "rs-skel", "12 passed, 0 failed, 0 skipped");
 }
 
 #[test]
@@ -151,7 +151,7 @@ fn python_skeleton_passes_its_test_and_conforms() {
     assert_ok("the skeleton's test_plugin.py", &out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.ends_with("3 passed, 0 failed\n"), "{stdout}");
-    assert_conforms(&dir, "py-skel", "10 passed, 0 failed, 1 skipped");
+    assert_conforms(&dir, "py-skel", "11 passed, 0 failed, 1 skipped");
 }
 
 #[test]
@@ -192,7 +192,7 @@ fn go_skeleton_passes_its_test_and_conforms() {
         .env("GOCACHE", &cache)
         .current_dir(&dir));
     assert_ok("the skeleton's build.sh", &out);
-    assert_conforms(&dir, "go-skel", "10 passed, 0 failed, 1 skipped");
+    assert_conforms(&dir, "go-skel", "10 passed, 0 failed, 2 skipped");
 }
 
 #[test]

@@ -68,7 +68,7 @@ fn a_ten_line_python_plugin_conforms() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("10 passed, 0 failed, 1 skipped"),
+        stdout.contains("11 passed, 0 failed, 1 skipped"),
         "{stdout}"
     );
     assert!(

@@ -44,6 +44,10 @@ pub struct ConfigArgs {
     /// config's metrics_address).
     #[arg(long, value_name = "ADDR")]
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Serve gRPC health (grpc.health.v1) on this TCP address, e.g.
+    /// 0.0.0.0:8081 (overrides the config's health.address).
+    #[arg(long, value_name = "ADDR")]
+    pub health_address: Option<std::net::SocketAddr>,
     /// Refuse to start when any manifest fails to load or any plugin cannot
     /// be added; a reload then changes nothing while a manifest is broken.
     /// (Plugins that crash after starting are restarted, not fatal.)
@@ -76,6 +80,10 @@ pub enum Command {
     Ps {
         #[arg(long)]
         json: bool,
+        /// Only the providers of this capability, in the order a call by
+        /// capability tries them (ready, local, least loaded first).
+        #[arg(long, value_name = "CAPABILITY")]
+        capability: Option<String>,
     },
     /// Show one plugin's status and recent events.
     Inspect {
@@ -147,10 +155,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Call a plugin's method and print the reply.
+    /// Call a plugin's method and print the reply; with `--capability CAP
+    /// METHOD`, call a ready provider of a capability.
     Call {
+        /// The plugin (with --capability: the method).
         name: String,
-        method: String,
+        /// The method (not given with --capability).
+        method: Option<String>,
+        /// Call a ready provider of this capability instead of a named
+        /// plugin; stderr says which one answered.
+        #[arg(long, value_name = "CAPABILITY", conflicts_with = "stream")]
+        capability: Option<String>,
         /// The payload as a string.
         #[arg(long, conflicts_with = "data_file")]
         data: Option<String>,
@@ -171,6 +186,12 @@ pub enum Command {
         /// Payloads over one message's limit (64 MiB) stream by themselves.
         #[arg(long)]
         stream: bool,
+    },
+    /// Tenants of plugins: each runs as its own entry PLUGIN@TENANT, the
+    /// name `call`, `inspect`, `logs`, `stop` and the rest take.
+    Tenant {
+        #[command(subcommand)]
+        command: crate::tenant_cmd::TenantCommand,
     },
     /// Plugin state: `state export NAME` prints what ExportState returns.
     State {
@@ -245,6 +266,31 @@ pub enum Command {
         #[arg(long, default_value = "")]
         filter: String,
     },
+    /// Make a minisign key pair for signing plugins: `<OUT>.key` (secret,
+    /// 0600) and `<OUT>.pub`; prints the `trusted_keys` entry to add.
+    Keygen {
+        /// Path prefix of the two files.
+        #[arg(long, value_name = "PREFIX", default_value = "plugvisor")]
+        out: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Sign a plugin directory: writes plugin.sums (the SHA-256 of its
+    /// manifest, executable and any --file) and plugin.sums.minisig.
+    Sign {
+        /// The minisign secret key (from `plugvisor keygen` or `minisign -G`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Another file of the plugin to cover (relative to its directory).
+        #[arg(long = "file", value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// The signature's trusted comment (default: name, version, time).
+        #[arg(long)]
+        comment: Option<String>,
+        /// The plugin directory (holding plugin.yaml).
+        dir: PathBuf,
+    },
     /// Print the version.
     Version,
 }
@@ -279,6 +325,9 @@ pub fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
     }
     if let Some(address) = args.metrics_address {
         config.metrics_address = Some(address);
+    }
+    if let Some(address) = args.health_address {
+        config.health.address = Some(address);
     }
     if args.strict {
         config.strict = true;
@@ -472,6 +521,7 @@ async fn dispatch(
             println!("{}", serde_json::to_string_pretty(&config)?);
             Ok(0)
         }
+        Command::Tenant { command } => crate::tenant_cmd::run(command, &control_path()).await,
         Command::State {
             command: StateCommand::Export { name, out, json },
         } => {
@@ -514,10 +564,18 @@ async fn dispatch(
             if *json {
                 println!(
                     "{}",
-                    serde_json::json!({"status": h.status, "message": h.message})
+                    serde_json::json!({
+                        "status": h.status,
+                        "message": h.message,
+                        "instance": h.instance,
+                        "version": h.version,
+                        "sha256": (!h.sha256.is_empty()).then_some(&h.sha256),
+                        "signer": h.signer.as_ref().map(|g| serde_json::json!({"name": g.name, "key_id": g.key_id})),
+                    })
                 );
             } else {
-                println!("{}", health_line(name, &h.status, &h.message));
+                let runs = what_runs_short(&h.version, &h.sha256, h.signer.as_ref());
+                println!("{}", health_line(name, &h.status, &h.message, &runs));
             }
             Ok(if h.status == "SERVING" { 0 } else { 1 })
         }
@@ -544,6 +602,13 @@ async fn dispatch(
             };
             crate::top::command(&control_path(), &options).await
         }
+        Command::Keygen { out, force } => crate::sign::keygen(out, *force),
+        Command::Sign {
+            key,
+            files,
+            comment,
+            dir,
+        } => crate::sign::sign(dir, key, files, comment.as_deref()),
         Command::Version => {
             println!("plugvisor {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
@@ -569,11 +634,14 @@ async fn dispatch(
             sdk_path: sdk_path.clone(),
             python: python.clone(),
         }),
-        Command::Ps { json } => {
+        Command::Ps { json, capability } => {
             let mut client = control::connect(&control_path()).await?;
             // The table shows no usage; `--json` keeps every field.
             let list = client
-                .list(pb::ListRequest { usage: *json })
+                .list(pb::ListRequest {
+                    usage: *json,
+                    capability: capability.clone().unwrap_or_default(),
+                })
                 .await?
                 .into_inner();
             if *json {
@@ -610,8 +678,40 @@ async fn dispatch(
                 println!("restarts:   {}", status.restarts);
                 println!("last exit:  {}", or_dash(&status.last_exit));
                 println!("uptime:     {}s", status.uptime_secs);
-                println!("executable: {}", status.executable);
+                match &status.remote {
+                    Some(r) => crate::registry::print_remote(r),
+                    None => {
+                        println!("executable: {}", status.executable);
+                        println!("sha256:     {}", what_runs_line(&status));
+                        println!(
+                            "signed by:  {}",
+                            status.signer.as_ref().map_or("-".to_string(), |g| format!(
+                                "{} (key {}; {})",
+                                g.name, g.key_id, g.comment
+                            ))
+                        );
+                    }
+                }
+                if !status.requires.is_empty() {
+                    println!("requires:   {}", requires_line(&status.requires));
+                }
                 println!("methods:    {}", status.methods.join(", "));
+                if !status.capabilities.is_empty() {
+                    println!("provides:   {}", status.capabilities.join(", "));
+                }
+                for l in &status.rate_limits {
+                    let scope = if l.method == "*" { "calls" } else { &l.method };
+                    println!("rate limit: {scope}: {}", l.limit);
+                }
+                if let Some(scaling) = &status.scaling {
+                    println!(
+                        "replicas:   {} (autoscaled between {} and {})",
+                        scaling.current, scaling.min, scaling.max
+                    );
+                    println!("scaled:     {}", or_dash(&scaling.last_reason));
+                } else if status.replicas.len() > 1 {
+                    println!("replicas:   {}", status.replicas.len());
+                }
                 print_isolation(&status.isolation.unwrap_or_default());
                 println!("events:");
                 for e in &r.history {
@@ -690,6 +790,9 @@ async fn dispatch(
                     "unchanged": r.unchanged, "failed": failed,
                     "settings_applied": r.settings_applied,
                     "settings_need_restart": r.settings_need_restart,
+                    "untrusted": r.untrusted.iter()
+                        .map(|f| serde_json::json!({"name": f.name, "reason": f.reason}))
+                        .collect::<Vec<_>>(),
                 });
                 println!("{v}");
             } else {
@@ -716,8 +819,20 @@ async fn dispatch(
                         r.settings_need_restart.join(", ")
                     );
                 }
+                for f in &r.untrusted {
+                    println!(
+                        "untrusted: {}: runs on, its next start is refused: {}",
+                        f.name, f.reason
+                    );
+                }
             }
-            Ok(if r.failed.is_empty() { 0 } else { 1 })
+            // Plugins left as they were, or running what the new policy
+            // refuses, need the operator.
+            Ok(if r.failed.is_empty() && r.untrusted.is_empty() {
+                0
+            } else {
+                1
+            })
         }
         Command::Start { name } | Command::Stop { name } | Command::Restart { name, .. } => {
             let mut client = control::connect(&control_path()).await?;
@@ -744,6 +859,7 @@ async fn dispatch(
         Command::Call {
             name,
             method,
+            capability,
             data,
             data_file,
             stdin,
@@ -752,6 +868,18 @@ async fn dispatch(
             stream,
         } => {
             use crate::stream::Payload;
+            // `call NAME METHOD`, or `call --capability CAP METHOD`.
+            let (name, method, capability) = match (capability, method) {
+                (None, Some(method)) => (name.clone(), method.clone(), String::new()),
+                (Some(cap), None) => (String::new(), name.clone(), cap.clone()),
+                (None, None) => return usage("name the method to call: `call NAME METHOD`"),
+                (Some(_), Some(extra)) => {
+                    return usage(&format!(
+                        "unexpected argument `{extra}`: with --capability, name only the method (`call --capability CAP METHOD`)"
+                    ));
+                }
+            };
+            let (name, method) = (&name, &method);
             let payload = match (data, data_file, stdin.as_deref()) {
                 (Some(d), None, None) => Payload::data(d, *stream),
                 (None, Some(f), None) => Payload::file(f, *stream)?,
@@ -768,6 +896,12 @@ async fn dispatch(
             let payload = match payload {
                 Payload::Whole(bytes) => bytes,
                 Payload::Stream { source, reason } => {
+                    if !capability.is_empty() {
+                        bail!(
+                            "{}; the CLI sends streams to a named plugin: `plugvisor ps --capability {capability}` lists the providers",
+                            reason.unwrap_or_else(|| "this payload goes as a stream".into())
+                        );
+                    }
                     if let Some(reason) = reason {
                         if *json {
                             bail!(
@@ -788,19 +922,41 @@ async fn dispatch(
                 payload,
                 metadata: Default::default(),
                 timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
+                capability: capability.clone(),
             };
             check_message_size(&request)?;
             let mut client = control::connect(&control_path()).await?;
             let reply = client.call(request).await;
+            let target = if capability.is_empty() {
+                name
+            } else {
+                &capability
+            };
             let reply = match reply {
                 Ok(r) => r.into_inner(),
-                Err(status) => bail!("{name}.{method}: {:?}: {}", status.code(), status.message()),
+                Err(status) => {
+                    let hint = status
+                        .metadata()
+                        .get(plugvisor::error::RETRY_AFTER_MS)
+                        .and_then(|v| v.to_str().ok())
+                        .map(|ms| format!(" (retry-after-ms: {ms})"))
+                        .unwrap_or_default();
+                    bail!(
+                        "{target}.{method}: {:?}: {}{hint}",
+                        status.code(),
+                        status.message()
+                    )
+                }
             };
+            if !capability.is_empty() && !*json {
+                eprintln!("plugvisor: {capability}: answered by {}", reply.plugin);
+            }
             let mut out = std::io::stdout();
             if *json {
                 let v = serde_json::json!({
                     "payload": String::from_utf8_lossy(&reply.payload),
                     "metadata": reply.metadata,
+                    "plugin": reply.plugin,
                 });
                 writeln!(out, "{v}")?;
             } else {
@@ -816,12 +972,28 @@ async fn dispatch(
 }
 
 /// `NAME: STATUS MESSAGE`, without a trailing space when there is no message.
-fn health_line(name: &str, status: &str, message: &str) -> String {
+fn health_line(name: &str, status: &str, message: &str, runs: &str) -> String {
     if message.is_empty() {
-        format!("{name}: {status}")
+        format!("{name}: {status} ({runs})")
     } else {
-        format!("{name}: {status} {message}")
+        format!("{name}: {status} {message} ({runs})")
     }
+}
+
+/// What answered a health check, short: `version 1.2.0, sha256
+/// 3f2a9c1e7b0d, signed by release` (the digest's first 12 hex digits, as
+/// `inspect` and `health --json` give it whole).
+fn what_runs_short(version: &str, sha256: &str, signer: Option<&pb::Signer>) -> String {
+    let digest = match sha256.get(..12) {
+        Some(short) => short,
+        None if sha256.is_empty() => "unknown",
+        None => sha256,
+    };
+    let signed = match signer {
+        Some(s) => format!("signed by {}", s.name),
+        None => "unsigned".to_string(),
+    };
+    format!("version {version}, sha256 {digest}, {signed}")
 }
 
 /// Refuses, before sending, a call larger than one control message may be
@@ -860,6 +1032,7 @@ fn check(args: &ConfigArgs, json: bool) -> anyhow::Result<i32> {
     // Limits this host would refuse at every start (nofile above the hard
     // limit, pids beyond pid_max): caught here rather than in a restart loop.
     let host = plugvisor::manifest::HostLimits::probe(std::path::Path::new("/proc"));
+    let signatures = config.signature_policy().map_err(anyhow::Error::msg)?;
     for m in &discovery.manifests {
         let refused = plugvisor::manifest::host_limits_problems(m, &host);
         if !refused.is_empty() {
@@ -874,7 +1047,11 @@ fn check(args: &ConfigArgs, json: bool) -> anyhow::Result<i32> {
         ) {
             Ok(warnings) => {
                 unpinned.extend(warnings);
-                plugins.push(m)
+                // What a start would say of its signature.
+                match plugvisor::signature::check_offline(&signatures, m) {
+                    Ok(_) => plugins.push(m),
+                    Err(why) => errors.push(format!("{}: {why}", m.path.display())),
+                }
             }
             Err(why) => errors.push(format!("{}: {why}", m.path.display())),
         }
@@ -1006,6 +1183,34 @@ async fn shutdown_signal() {
     }
 }
 
+/// `inspect`'s sha256 line: the digest and what it is of.
+fn what_runs_line(s: &pb::PluginStatus) -> String {
+    if s.sha256.is_empty() {
+        return "- (not started yet)".into();
+    }
+    let of = if s.sha256_sealed {
+        "of the sealed bytes executed"
+    } else {
+        "of the file at start"
+    };
+    format!("{} ({of})", s.sha256)
+}
+
+/// `kv >=1.2 (on crash: restart), cache`.
+fn requires_line(r: &[pb::Requirement]) -> String {
+    r.iter()
+        .map(|r| {
+            let mut s = r.name.clone();
+            if !r.version.is_empty() {
+                s.push_str(&format!(" {}", r.version));
+            }
+            s.push_str(&format!(" (on crash: {})", r.on_crash));
+            s
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn status_json(s: &pb::PluginStatus) -> serde_json::Value {
     serde_json::json!({
         "name": s.name,
@@ -1019,8 +1224,47 @@ fn status_json(s: &pb::PluginStatus) -> serde_json::Value {
         "uptime_secs": s.uptime_secs,
         "executable": s.executable,
         "methods": s.methods,
+        "capabilities": s.capabilities,
+        "rate_limits": s.rate_limits.iter().map(|l| serde_json::json!({
+            "method": l.method,
+            "limit": l.limit,
+        })).collect::<Vec<_>>(),
         "isolation": s.isolation.as_ref().map(isolation_json),
+        "remote": s.remote.as_ref().map(crate::registry::remote_json),
+        "replicas": s.replicas.iter().map(|r| serde_json::json!({
+            "instance": r.instance,
+            "state": r.state,
+            "pid": (r.pid != 0).then_some(r.pid),
+            "restarts": r.restarts,
+        })).collect::<Vec<_>>(),
+        "scaling": s.scaling.as_ref().map(scaling_json),
+        "sha256": (!s.sha256.is_empty()).then_some(&s.sha256),
+        "sha256_sealed": s.sha256_sealed,
+        "signer": s.signer.as_ref().map(|g| serde_json::json!({"name": g.name, "key_id": g.key_id, "comment": g.comment})),
+        "requires": s.requires.iter().map(|r| serde_json::json!({
+            "name": r.name,
+            "version": (!r.version.is_empty()).then_some(&r.version),
+            "on_crash": r.on_crash,
+        })).collect::<Vec<_>>(),
     })
+}
+
+fn scaling_json(s: &pb::Scaling) -> serde_json::Value {
+    serde_json::json!({
+        "min": s.min,
+        "max": s.max,
+        "current": s.current,
+        "last_reason": (!s.last_reason.is_empty()).then_some(&s.last_reason),
+        "last_change_ms": (s.last_change_ms != 0).then_some(s.last_change_ms),
+    })
+}
+
+/// `2 (autoscaled 1-8)`, or the plain count.
+fn replicas_cell(p: &pb::PluginStatus) -> String {
+    match &p.scaling {
+        Some(s) => format!("{} ({}-{})", s.current, s.min, s.max),
+        None => p.replicas.len().max(1).to_string(),
+    }
 }
 
 fn isolation_json(i: &pb::Isolation) -> serde_json::Value {
@@ -1165,6 +1409,9 @@ fn event_json(e: &pb::Event) -> serde_json::Value {
         v["attempt"] = e.attempt.into();
         v["delay_ms"] = e.delay_ms.into();
     }
+    if e.scaled_to != 0 {
+        v["scaled_to"] = e.scaled_to.into();
+    }
     v
 }
 
@@ -1189,7 +1436,9 @@ fn or_dash(s: &str) -> &str {
 }
 
 fn print_table(plugins: &[pb::PluginStatus]) {
-    let rows: Vec<[String; 7]> = plugins
+    // The REPLICAS column shows only when some plugin autoscales.
+    let scaled = plugins.iter().any(|p| p.scaling.is_some());
+    let rows: Vec<Vec<String>> = plugins
         .iter()
         .map(|p| {
             [
@@ -1204,10 +1453,14 @@ fn print_table(plugins: &[pb::PluginStatus]) {
                     "-".into()
                 },
                 or_dash(&p.last_exit).to_string(),
+                crate::registry::location(p),
             ]
+            .into_iter()
+            .chain(scaled.then(|| replicas_cell(p)))
+            .collect()
         })
         .collect();
-    let header = [
+    let mut header = vec![
         "NAME",
         "VERSION",
         "STATE",
@@ -1215,8 +1468,12 @@ fn print_table(plugins: &[pb::PluginStatus]) {
         "RESTARTS",
         "UPTIME",
         "LAST EXIT",
+        "WHERE",
     ];
-    let mut widths = header.map(str::len);
+    if scaled {
+        header.push("REPLICAS");
+    }
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
@@ -1225,12 +1482,12 @@ fn print_table(plugins: &[pb::PluginStatus]) {
     let line = |cells: Vec<&str>| {
         let text: Vec<String> = cells
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
         println!("{}", text.join("  ").trim_end());
     };
-    line(header.to_vec());
+    line(header.clone());
     for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
@@ -1242,10 +1499,24 @@ mod tests {
 
     #[test]
     fn health_line_has_no_trailing_space_without_a_message() {
-        assert_eq!(health_line("echo", "SERVING", ""), "echo: SERVING");
+        let runs = what_runs_short("1.0.0", &"ab".repeat(32), None);
+        assert_eq!(runs, "version 1.0.0, sha256 abababababab, unsigned");
         assert_eq!(
-            health_line("echo", "DEGRADED", "disk low"),
-            "echo: DEGRADED disk low"
+            health_line("echo", "SERVING", "", &runs),
+            "echo: SERVING (version 1.0.0, sha256 abababababab, unsigned)"
+        );
+        assert_eq!(
+            health_line("echo", "DEGRADED", "disk low", &runs),
+            "echo: DEGRADED disk low (version 1.0.0, sha256 abababababab, unsigned)"
+        );
+        let signer = pb::Signer {
+            name: "release".into(),
+            key_id: "7C0E27FB1E9D1F88".into(),
+            comment: String::new(),
+        };
+        assert_eq!(
+            what_runs_short("2.1.0", "", Some(&signer)),
+            "version 2.1.0, sha256 unknown, signed by release"
         );
     }
 

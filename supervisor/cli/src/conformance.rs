@@ -26,7 +26,8 @@ use plugvisor::units::HumanDuration;
 use plugvisor_proto::handshake::{self, Handshake, HandshakeError, PROTOCOL_VERSION};
 use plugvisor_proto::{
     Chunk, ExportStateRequest, ExportStateResponse, HandleRequest, HandleResponse,
-    HealthCheckRequest, RestoredState, ShutdownRequest, health_check_response,
+    HealthCheckRequest, RestoredState, ShutdownRequest, ValidateConfigRequest,
+    health_check_response,
 };
 use prost::bytes::Bytes;
 use serde_json::{Map, Value};
@@ -402,6 +403,17 @@ impl Checker {
         instance::kill_and_reap(&first.child).await;
         drop(first);
         checks.push(self.sigterm().await);
+        // Rule 12 runs on the first instance, before Shutdown, but is listed
+        // last (rules keep their numbers).
+        if let Some(at) = checks.iter().position(|c| c.rule == Rule::ValidateConfig) {
+            let validate = checks.remove(at);
+            checks.push(validate);
+        } else {
+            checks.push(Check::skip(
+                Rule::ValidateConfig,
+                "Initialize failed (rule 3)",
+            ));
+        }
         checks
     }
 
@@ -444,6 +456,10 @@ impl Checker {
         checks.push(match exited(a, Rule::State) {
             Some(skip) => skip,
             None => self.state(a).await,
+        });
+        checks.push(match exited(a, Rule::ValidateConfig) {
+            Some(skip) => skip,
+            None => self.validate_config(a, declared).await,
         });
         checks.push(match exited(a, Rule::Shutdown) {
             Some(skip) => skip,
@@ -1002,6 +1018,97 @@ impl Checker {
             },
         };
         instance::stop(&mut b, AUX_STOP).await;
+        check
+    }
+
+    /// Rule 12: ValidateConfig is optional (UNIMPLEMENTED skips the rule).
+    /// A plugin that serves it is asked about the config it runs with and
+    /// about a changed one: each must be answered within the deadline, a
+    /// refusal must give the operator a reason, and validating must change
+    /// nothing (its `config` method, if any, still shows the running token).
+    async fn validate_config(&self, a: &Instance, declared: &Declared) -> Check {
+        let rule = Rule::ValidateConfig;
+        let mut changed = self.config.clone();
+        changed.insert(
+            TOKEN_KEY.to_string(),
+            Value::from(format!("{}-validated-only", self.token)),
+        );
+        let asks = [
+            (
+                "the config it runs with",
+                Value::Object(self.config.clone()),
+            ),
+            ("a changed config", Value::Object(changed)),
+        ];
+        let (mut problems, mut notes, mut warnings) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, (what, config)) in asks.into_iter().enumerate() {
+            let message = ValidateConfigRequest {
+                config_json: config.to_string(),
+            };
+            let mut client = a.client.clone();
+            let answer = deadline(
+                self.timeout,
+                client.validate_config(request(message, self.timeout)),
+            )
+            .await;
+            match answer {
+                Err(e) if e.code() == Some(Code::Unimplemented) && i == 0 => {
+                    return Check::skip(
+                        rule,
+                        "plugin does not validate configs (optional): ValidateConfig answered UNIMPLEMENTED, so every config change is rolled out",
+                    );
+                }
+                Err(e) => {
+                    let hung = matches!(e, CallError::Timeout(_));
+                    problems.push(format!("ValidateConfig of {what}: {e}"));
+                    if hung {
+                        // The next ask would hang as well.
+                        break;
+                    }
+                }
+                Ok(answer) if answer.accepted => notes.push(format!("accepted {what}")),
+                Ok(answer) if answer.reason.trim().is_empty() => problems.push(format!(
+                    "refused {what} without a reason; the operator would see none"
+                )),
+                Ok(answer) => {
+                    notes.push(format!("refused {what}: {}", answer.reason));
+                    if i == 0 {
+                        warnings.push(
+                            "it refuses the config Initialize accepted; every config change will be refused"
+                                .to_string(),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(status) = a.child.try_status() {
+            problems.push(format!("the plugin {status} after ValidateConfig"));
+        } else if declared.methods.iter().any(|m| m == "config") {
+            let token = self.token.as_bytes();
+            let validated = format!("{}-validated-only", self.token);
+            match self.call(a, "config", b"").await {
+                Ok(reply)
+                    if reply
+                        .payload
+                        .windows(validated.len())
+                        .any(|w| w == validated.as_bytes()) =>
+                {
+                    problems.push(
+                        "validating the changed config applied it: its `config` method returns the validated token".into(),
+                    )
+                }
+                Ok(reply) if reply.payload.windows(token.len()).any(|w| w == token) => {
+                    notes.push("its `config` method still returns the running config".into())
+                }
+                Ok(reply) => problems.push(format!(
+                    "after ValidateConfig, `config` replied {} without the running config's token",
+                    preview(&reply.payload, 48)
+                )),
+                Err(e) => problems.push(format!("`config` after ValidateConfig failed: {e}")),
+            }
+        }
+        let mut check = Check::verdict(rule, problems, notes);
+        check.warnings = warnings;
         check
     }
 

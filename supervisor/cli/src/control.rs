@@ -208,6 +208,16 @@ pub fn status_of(info: &PluginInfo) -> pb::PluginStatus {
         reason: info.reason.clone(),
         reported_version: info.reported_version.clone().unwrap_or_default(),
         isolation: Some(isolation_of(&info.isolation)),
+        remote: info.remote.as_ref().map(crate::registry::remote_status),
+        capabilities: info.capabilities.clone(),
+        rate_limits: info
+            .rate_limits
+            .iter()
+            .map(|(method, limit)| pb::RateLimit {
+                method: method.clone(),
+                limit: limit.clone(),
+            })
+            .collect(),
         replicas: info
             .replicas
             .iter()
@@ -221,6 +231,38 @@ pub fn status_of(info: &PluginInfo) -> pb::PluginStatus {
                 reason: r.reason.clone(),
             })
             .collect(),
+        scaling: info.scaling.as_ref().map(|s| pb::Scaling {
+            min: s.min,
+            max: s.max,
+            current: s.current,
+            last_reason: s.last_reason.clone().unwrap_or_default(),
+            last_change_ms: s.last_change.map_or(0, millis),
+        }),
+        sha256: info.identity.sha256.clone().unwrap_or_default(),
+        sha256_sealed: info.identity.sealed,
+        signer: info.identity.signer.as_ref().map(signer_of),
+        requires: info
+            .requires
+            .iter()
+            .map(|r| pb::Requirement {
+                name: r.name.clone(),
+                version: r
+                    .version
+                    .as_ref()
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+                on_crash: r.on_crash.as_str().to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// The wire form of who signed what runs.
+pub fn signer_of(s: &plugvisor::signature::Signer) -> pb::Signer {
+    pb::Signer {
+        name: s.name.clone(),
+        key_id: s.key_id.clone(),
+        comment: s.comment.clone(),
     }
 }
 
@@ -275,6 +317,8 @@ fn event_of(e: &Event) -> pb::Event {
         }),
         attempt: e.detail.attempt.unwrap_or(0),
         delay_ms: e.detail.delay.map_or(0, |d| d.as_millis() as u64),
+        scaled_to: e.detail.scaled_to.map_or(0, |n| n as u32),
+        requirement: e.detail.requirement.clone().unwrap_or_default(),
     }
 }
 
@@ -314,10 +358,14 @@ impl Control for ControlService {
     ) -> Result<Response<pb::ListResponse>, Status> {
         self.access.borrow().check(&request)?;
         let usage = request.get_ref().usage;
+        let capability = request.get_ref().capability.clone();
         // Reading cgroup files for many plugins blocks: not on a worker.
         let supervisor = self.supervisor.clone();
         let plugins = tokio::task::spawn_blocking(move || {
-            supervisor.list_with(usage).iter().map(status_of).collect()
+            if capability.is_empty() {
+                return supervisor.list_with(usage).iter().map(status_of).collect();
+            }
+            crate::capability::providers(&supervisor, &capability, usage)
         })
         .await
         .map_err(|e| Status::internal(format!("listing the plugins failed: {e}")))?;
@@ -350,13 +398,29 @@ impl Control for ControlService {
         self.access.borrow().check(&request)?;
         let r = request.into_inner();
         let timeout = (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms));
-        let reply = self
-            .supervisor
-            .call(&r.plugin, &r.method, r.payload, r.metadata, timeout)
-            .await?;
+        let (plugin, reply) = match (r.plugin.is_empty(), r.capability.is_empty()) {
+            (false, true) => {
+                let reply = self
+                    .supervisor
+                    .call(&r.plugin, &r.method, r.payload, r.metadata, timeout)
+                    .await?;
+                (r.plugin, reply)
+            }
+            (true, false) => {
+                self.supervisor
+                    .call_capability(&r.capability, &r.method, r.payload, r.metadata, timeout)
+                    .await?
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "name either a plugin or a capability to call",
+                ));
+            }
+        };
         Ok(Response::new(pb::CallResponse {
             payload: reply.payload,
             metadata: reply.metadata,
+            plugin,
         }))
     }
 
@@ -371,21 +435,23 @@ impl Control for ControlService {
         let first = input.message().await?.ok_or_else(|| {
             Status::invalid_argument("empty stream: the first chunk must name plugin and method")
         })?;
-        if first.plugin.is_empty() || first.method.is_empty() {
+        if first.plugin.is_empty() == first.capability.is_empty() || first.method.is_empty() {
             return Err(Status::invalid_argument(
-                "the first chunk must name the plugin and the method",
+                "the first chunk must name the method and either the plugin or a capability",
             ));
         }
+        let plugin = if first.plugin.is_empty() {
+            // The best ready provider now: a stream is not sent twice.
+            self.supervisor
+                .provider(&first.capability, crate::capability::STREAM_WAIT)
+                .await?
+        } else {
+            first.plugin.clone()
+        };
         let upload = upload_of(first.clone(), input);
         let output = self
             .supervisor
-            .call_stream(
-                &first.plugin,
-                &first.method,
-                Default::default(),
-                upload,
-                None,
-            )
+            .call_stream(&plugin, &first.method, Default::default(), upload, None)
             .await?;
         let output = output.map(|data| {
             data.map(|data| pb::CallChunk {
@@ -618,6 +684,11 @@ impl Control for ControlService {
                 .collect(),
             settings_applied: report.settings_applied,
             settings_need_restart: report.settings_need_restart,
+            untrusted: report
+                .untrusted
+                .into_iter()
+                .map(|(name, reason)| pb::ReloadFailure { name, reason })
+                .collect(),
         }))
     }
 
@@ -626,13 +697,17 @@ impl Control for ControlService {
         request: Request<pb::PluginRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
         self.access.borrow().check(&request)?;
-        let (status, message) = self
+        let report = self
             .supervisor
-            .health_check(&request.get_ref().name)
+            .health_report(&request.get_ref().name)
             .await?;
         Ok(Response::new(pb::HealthResponse {
-            status: status.as_str_name().to_string(),
-            message,
+            status: report.health.as_str_name().to_string(),
+            message: report.message,
+            instance: report.instance,
+            version: report.version,
+            sha256: report.identity.sha256.unwrap_or_default(),
+            signer: report.identity.signer.as_ref().map(signer_of),
         }))
     }
 
@@ -648,6 +723,14 @@ impl Control for ControlService {
             .map_err(|e| Status::internal(format!("reading the metrics failed: {e}")))?;
         Ok(Response::new(pb::MetricsResponse { text }))
     }
+
+    async fn tenant(
+        &self,
+        request: Request<pb::TenantRequest>,
+    ) -> Result<Response<pb::TenantResponse>, Status> {
+        self.access.borrow().check(&request)?;
+        self.tenant_request(request.into_inner()).await
+    }
 }
 
 impl ControlService {
@@ -656,6 +739,61 @@ impl ControlService {
     fn handing_over(&self) -> impl Fn() -> bool + Send + 'static {
         let upgrader = self.upgrader.clone();
         move || upgrader.as_ref().is_some_and(|u| u.switching())
+    }
+
+    /// The `Tenant` RPC: see [`crate::tenant`].
+    async fn tenant_request(
+        &self,
+        r: pb::TenantRequest,
+    ) -> Result<Response<pb::TenantResponse>, Status> {
+        use crate::tenant::TenantOp;
+        use pb::tenant_request::Action;
+        let reloader = self
+            .reloader
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("this control service has no tenants"))?;
+        let (plugin, tenant) = (r.plugin.clone(), r.tenant.clone());
+        let op = match Action::try_from(r.action).unwrap_or(Action::Unspecified) {
+            Action::List => TenantOp::List {
+                plugin: (!plugin.is_empty()).then_some(plugin),
+            },
+            Action::Add => {
+                let spec = if r.spec_json.is_empty() {
+                    serde_json::json!({})
+                } else {
+                    serde_json::from_str(&r.spec_json).map_err(|e| {
+                        Status::invalid_argument(format!("spec_json is not JSON: {e}"))
+                    })?
+                };
+                TenantOp::Add {
+                    plugin,
+                    tenant,
+                    spec,
+                }
+            }
+            Action::Remove => TenantOp::Remove { plugin, tenant },
+            Action::Enable => TenantOp::Enable { plugin, tenant },
+            Action::Disable => TenantOp::Disable { plugin, tenant },
+            Action::Unspecified => {
+                return Err(Status::invalid_argument(
+                    "action: expected LIST, ADD, REMOVE, ENABLE or DISABLE",
+                ));
+            }
+        };
+        let rows = reloader.tenant(op).await?;
+        Ok(Response::new(pb::TenantResponse {
+            tenants: rows
+                .into_iter()
+                .map(|t| pb::TenantStatus {
+                    name: plugvisor::tenant::entry_name(&t.plugin, &t.tenant),
+                    plugin: t.plugin,
+                    tenant: t.tenant,
+                    source: t.source,
+                    enabled: t.enabled,
+                    status: t.status.as_ref().map(status_of),
+                })
+                .collect(),
+        }))
     }
 
     fn command_response(&self, name: &str) -> Result<Response<pb::CommandResponse>, Status> {

@@ -69,6 +69,11 @@ pub async fn run_with(
     options.subreaper = true;
     options.state_dir = Some(config.state_dir.clone());
     options.isolation = isolation_options(&config);
+    options.prefer_local = config.routing.prefer_local;
+    options.isolation.signatures = config
+        .signature_policy()
+        .map_err(anyhow::Error::msg)
+        .context("trusted_keys")?;
     let (supervisor, state) = match resumed {
         Some((handed, app)) => {
             let processes = launch.processes.take().ok_or_else(|| {
@@ -149,6 +154,37 @@ pub async fn run_with(
         }
         None => None,
     };
+    // Its own token: registered plugins leave before the others stop.
+    let registry_cancel = CancellationToken::new();
+    let registry = match &config.registry {
+        Some(registry) => Some(tokio::spawn(
+            crate::registry::start(
+                registry.clone(),
+                supervisor.clone(),
+                registry_cancel.clone(),
+            )
+            .await?,
+        )),
+        None => None,
+    };
+    let health = match config.health.address {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot serve gRPC health on {address}"))?;
+            tracing::info!("gRPC health (grpc.health.v1) on {address}");
+            Some(tokio::spawn(crate::health_tcp::serve(
+                listener,
+                crate::health_tcp::Checker::new(
+                    supervisor.clone(),
+                    config.control_socket(),
+                    config.health.required.clone(),
+                ),
+                cancel.clone(),
+            )))
+        }
+        None => None,
+    };
     let upgrader = Upgrader::new(
         supervisor.clone(),
         reloader.clone(),
@@ -218,6 +254,10 @@ pub async fn run_with(
     let _ = notifier
         .announce("STOPPING=1\nSTATUS=stopping plugins")
         .await;
+    registry_cancel.cancel();
+    if let Some(registry) = registry {
+        let _ = registry.await;
+    }
     // Stopping can outlast WatchdogSec (each plugin may take timeouts.stop).
     tokio::select! {
         _ = supervisor.shutdown() => {}
@@ -226,6 +266,13 @@ pub async fn run_with(
     cancel.cancel();
     // The control server and the metrics endpoint.
     upgrader.stop_server().await;
+    if let Some(health) = health {
+        match health.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("gRPC health: {e}"),
+            Err(e) => tracing::warn!("gRPC health task: {e}"),
+        }
+    }
     let _ = std::fs::remove_file(config.control_socket());
     tracing::info!("stopped");
     Ok(())
@@ -257,5 +304,7 @@ fn isolation_options(config: &plugvisor::config::Config) -> plugvisor::isolation
         dynamic_users: config.isolation.dynamic_users,
         default_user: config.isolation.user.clone(),
         require_pinning: config.isolation.require_pinning,
+        // Set by `run` from `trusted_keys`, which it checks.
+        signatures: Default::default(),
     }
 }

@@ -19,8 +19,10 @@
 //!   daemon with a new binary while every plugin keeps running.
 //! - [`top`]: `plugvisor top`, the live full-screen view.
 //! - [`new`]: `plugvisor new`, plugin skeletons in Rust, Python and Go.
+//! - [`sign`]: `plugvisor keygen` and `plugvisor sign`, signed plugins.
 //! - [`progress`]: live step lines for long verbs, and terminal colours.
 
+pub mod capability;
 pub mod cli;
 pub mod conformance;
 pub mod connections;
@@ -28,11 +30,16 @@ pub mod control;
 pub mod control_client;
 pub mod daemon;
 pub mod follow;
+pub mod health_tcp;
 pub mod metrics_http;
 pub mod new;
 pub mod notify;
 pub mod progress;
+pub mod registry;
 pub mod reload;
+pub mod sign;
 pub mod stream;
+pub mod tenant;
+pub mod tenant_cmd;
 pub mod top;
 pub mod upgrade_self;

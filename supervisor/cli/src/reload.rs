@@ -1,12 +1,14 @@
 //! Reloading the daemon's plugins: re-read the supervisor config and the
-//! plugins directory, then start added plugins, stop removed ones, and
-//! upgrade changed ones without downtime ([`plugvisor::Supervisor::upgrade_with`]).
+//! plugins directory, then start added plugins (in dependency order), stop
+//! removed ones (dependents first), and upgrade changed ones without
+//! downtime ([`plugvisor::Supervisor::upgrade_with`]).
 //! A plugin whose manifest no longer loads keeps running as it was, and the
 //! report says why. Triggered by SIGHUP, `plugvisor reload`, and (for one
 //! plugin) `plugvisor restart NAME --upgrade`.
 //!
 //! Of the global settings, a reload applies those that can change live
-//! (`plugins_dir`, `plugins`, `control_uids`, `control_gids`, `strict`) and
+//! (`plugins_dir`, `plugins`, `control_uids`, `control_gids`, `strict`,
+//! `trusted_keys`, `require_signatures`) and
 //! reports the others that changed (see [`RESTART_SETTINGS`]) as needing a
 //! restart: they keep their running values until then.
 
@@ -34,6 +36,10 @@ pub struct ReloadReport {
     pub settings_applied: Vec<String>,
     /// Global settings that changed but apply only after a restart.
     pub settings_need_restart: Vec<String>,
+    /// Running plugins whose signature does not verify under the reloaded
+    /// `trusted_keys`/`require_signatures`, and why: they keep running, and
+    /// their next start is refused.
+    pub untrusted: Vec<(String, String)>,
 }
 
 /// Global settings a reload applies.
@@ -43,6 +49,8 @@ pub const LIVE_SETTINGS: &[&str] = &[
     "control_uids",
     "control_gids",
     "strict",
+    "trusted_keys",
+    "require_signatures",
 ];
 
 /// Global settings only a restart of the daemon applies: the directories
@@ -57,6 +65,8 @@ pub const RESTART_SETTINGS: &[&str] = &[
     "cgroup",
     "allow_writable_executables",
     "isolation",
+    "health",
+    "routing",
 ];
 
 /// The global settings that differ between `running` and `new`, as
@@ -72,6 +82,8 @@ pub fn changed_settings(running: &Config, new: &Config) -> (Vec<String>, Vec<Str
         running.control_uids == new.control_uids,
         running.control_gids == new.control_gids,
         running.strict == new.strict,
+        running.trusted_keys == new.trusted_keys,
+        running.require_signatures == new.require_signatures,
     ];
     let restart = [
         running.runtime_dir == new.runtime_dir,
@@ -82,6 +94,8 @@ pub fn changed_settings(running: &Config, new: &Config) -> (Vec<String>, Vec<Str
         same(&running.cgroup, &new.cgroup),
         running.allow_writable_executables == new.allow_writable_executables,
         running.isolation == new.isolation,
+        running.health == new.health,
+        running.routing == new.routing,
     ];
     let names = |names: &[&str], same: &[bool]| {
         names
@@ -131,33 +145,42 @@ impl std::fmt::Display for ReloadReport {
                 self.settings_need_restart.join(", ")
             )?;
         }
+        for (name, why) in &self.untrusted {
+            write!(
+                f,
+                "; {name} runs on but its next start is refused because {why}"
+            )?;
+        }
         Ok(())
     }
 }
 
 /// Keeps what the daemon runs in step with its config and plugins directory.
 pub struct Reloader {
-    supervisor: Supervisor,
+    pub(crate) supervisor: Supervisor,
     load_config: LoadConfig,
-    /// What runs now. One lock, so reloads and upgrades take turns.
-    known: tokio::sync::Mutex<Known>,
+    /// What runs now. One lock, so reloads, upgrades and tenant changes
+    /// take turns.
+    pub(crate) known: tokio::sync::Mutex<Known>,
     /// Who may use the control socket; the control service reads it on
     /// every call.
     access: tokio::sync::watch::Sender<Access>,
 }
 
 /// What the daemon runs now.
-struct Known {
+pub(crate) struct Known {
     /// What each running plugin was started from, to see what changed.
-    fingerprints: BTreeMap<String, String>,
+    pub(crate) fingerprints: BTreeMap<String, String>,
     /// The settings in force: the live ones as last reloaded, the others as
     /// the daemon started with them.
-    settings: Config,
+    pub(crate) settings: Config,
+    /// Tenants added, enabled or disabled at runtime (`plugvisor tenant`).
+    pub(crate) tenants: crate::tenant::RuntimeTenants,
 }
 
 /// Identifies what a plugin runs: the manifest file's text, the executable's
 /// size, mtime and inode, and the config's overrides.
-fn fingerprint(manifest: &Manifest, overrides: &PluginOverride) -> String {
+pub(crate) fn fingerprint(manifest: &Manifest, overrides: &PluginOverride) -> String {
     use std::os::unix::fs::MetadataExt;
     let text = std::fs::read_to_string(&manifest.path).unwrap_or_default();
     let exec = std::fs::metadata(&manifest.exec)
@@ -198,6 +221,7 @@ impl Reloader {
             known: tokio::sync::Mutex::new(Known {
                 fingerprints: BTreeMap::new(),
                 settings: running,
+                tenants: Default::default(),
             }),
             access,
         }
@@ -208,6 +232,8 @@ impl Reloader {
         running.plugins_dir = new.plugins_dir.clone();
         running.plugins = new.plugins.clone();
         running.strict = new.strict;
+        running.trusted_keys = new.trusted_keys.clone();
+        running.require_signatures = new.require_signatures;
         if changed
             .iter()
             .any(|s| s == "control_uids" || s == "control_gids")
@@ -264,11 +290,31 @@ impl Reloader {
         let Known {
             fingerprints: known,
             settings,
+            tenants,
         } = &mut *guard;
+        // Checked when the config loaded; read the key files now, before
+        // anything changes.
+        let signatures = config.signature_policy().map_err(anyhow::Error::msg)?;
         let mut report = ReloadReport::default();
         (report.settings_applied, report.settings_need_restart) =
             changed_settings(settings, &config);
         self.apply_settings(settings, &config, &report.settings_applied);
+        // Before plugins are added or upgraded, so they start under it. The
+        // keys are compared, not only the config: a key file may change.
+        if signatures.summary() != self.supervisor.signature_policy().summary() {
+            if !report
+                .settings_applied
+                .iter()
+                .any(|s| s == "trusted_keys" || s == "require_signatures")
+            {
+                report.settings_applied.push("trusted_keys".into());
+            }
+            tracing::info!(
+                "reload: signatures are now checked with {}",
+                signatures.summary()
+            );
+            report.untrusted = self.supervisor.set_signature_policy(signatures).await;
+        }
         if !report.settings_need_restart.is_empty() {
             tracing::warn!(
                 "reload: changed settings not applied until the daemon restarts: {}",
@@ -293,7 +339,7 @@ impl Reloader {
             wanted.push(name.clone());
             let print = fingerprint(&manifest, &overrides);
             if !running.contains(&name) {
-                match self.supervisor.add(manifest, &overrides) {
+                match self.supervisor.add(manifest.clone(), &overrides) {
                     Ok(()) => {
                         known.insert(name.clone(), print);
                         report.added.push(name);
@@ -303,7 +349,10 @@ impl Reloader {
             } else if known.get(&name) == Some(&print) {
                 report.unchanged.push(name);
             } else {
-                match self.replace(&name, manifest, overrides).await {
+                match self
+                    .replace(&name, manifest.clone(), overrides.clone())
+                    .await
+                {
                     Ok(()) => {
                         known.insert(name.clone(), print);
                         report.upgraded.push(name);
@@ -311,11 +360,32 @@ impl Reloader {
                     Err(e) => report.failed.push((name, e.to_string())),
                 }
             }
+            self.sync_tenants(
+                &manifest,
+                &overrides,
+                tenants,
+                known,
+                &running,
+                &mut report,
+                &mut wanted,
+            )
+            .await;
         }
-        for name in running {
-            if wanted.contains(&name) {
-                continue;
-            }
+        // Removed in reverse dependency order: dependents first (additions
+        // and upgrades above went in dependency order, as discovered).
+        let leaving: Vec<String> = running
+            .into_iter()
+            .filter(|name| {
+                // A tenant's entry stays as it was while its plugin's
+                // manifest is broken, like the plugin itself.
+                let base = plugvisor::tenant::split(name).0;
+                let kept = wanted.contains(name)
+                    || crate::registry::is_registered(&self.supervisor, name)
+                    || (base != name && broken.contains_key(base));
+                !kept
+            })
+            .collect();
+        for name in self.supervisor.dependents_first(leaving) {
             if let Some(why) = broken.remove(&name) {
                 report.failed.push((name, why));
                 continue;
@@ -339,14 +409,14 @@ impl Reloader {
 
     /// Replaces a running plugin: an upgrade when the replica count is the
     /// same, else a stop and a fresh start.
-    async fn replace(
+    pub(crate) async fn replace(
         &self,
         name: &str,
         manifest: Manifest,
         overrides: PluginOverride,
     ) -> Result<(), Error> {
         let replicas = self.supervisor.info(name)?.replicas.len();
-        if replicas == manifest.replicas as usize {
+        if manifest.accepts_replicas(replicas) {
             self.supervisor
                 .upgrade_with(name, manifest, overrides)
                 .await
@@ -361,8 +431,14 @@ impl Reloader {
     pub async fn start(&self) -> anyhow::Result<(usize, Vec<ManifestError>)> {
         let (config, discovery) = self.discover().await?;
         let mut guard = self.known.lock().await;
-        let known = &mut guard.fingerprints;
+        guard.tenants = crate::tenant::RuntimeTenants::load(&config.state_dir)?;
+        let Known {
+            fingerprints: known,
+            tenants,
+            ..
+        } = &mut *guard;
         let mut started = 0;
+        let mut errors = discovery.errors;
         for manifest in discovery.manifests {
             let overrides = config
                 .plugins
@@ -373,11 +449,39 @@ impl Reloader {
                 tracing::info!(plugin = %manifest.name, "disabled in the supervisor config; not started");
                 continue;
             }
-            known.insert(manifest.name.clone(), fingerprint(&manifest, &overrides));
-            self.supervisor.add(manifest, &overrides)?;
+            let print = fingerprint(&manifest, &overrides);
+            let (name, path) = (manifest.name.clone(), manifest.path.clone());
+            // Refused when what it requires was left out (disabled).
+            if let Err(e) = self.supervisor.add(manifest.clone(), &overrides) {
+                if config.strict {
+                    return Err(e.into());
+                }
+                errors.push(ManifestError {
+                    file: path,
+                    field: Some("requires".into()),
+                    message: e.to_string(),
+                });
+                continue;
+            }
+            known.insert(name, print);
             started += 1;
+            let mut report = ReloadReport::default();
+            self.sync_tenants(
+                &manifest,
+                &overrides,
+                tenants,
+                known,
+                &[],
+                &mut report,
+                &mut Vec::new(),
+            )
+            .await;
+            started += report.added.len();
+            for (name, why) in report.failed {
+                tracing::error!(plugin = %name, "tenant not started: {why}");
+            }
         }
-        Ok((started, discovery.errors))
+        Ok((started, errors))
     }
 
     /// What each running plugin was started from, for a hand-over to a new
@@ -395,6 +499,8 @@ impl Reloader {
     /// Upgrades one plugin to what its directory holds now (`restart
     /// --upgrade`), even if nothing seems changed.
     pub async fn upgrade(&self, name: &str) -> Result<(), Error> {
+        // A tenant's entry upgrades to what its plugin's directory holds.
+        let (name, tenant) = plugvisor::tenant::split(name);
         let (config, discovery) = self
             .discover()
             .await
@@ -418,9 +524,13 @@ impl Reloader {
         let overrides = config.plugins.get(name).cloned().unwrap_or_default();
         let print = fingerprint(&manifest, &overrides);
         let mut known = self.known.lock().await;
-        self.replace(name, manifest, overrides).await?;
-        known.fingerprints.insert(name.to_string(), print);
-        Ok(())
+        if tenant.is_none() {
+            self.replace(name, manifest.clone(), overrides.clone())
+                .await?;
+            known.fingerprints.insert(name.to_string(), print);
+        }
+        self.upgrade_tenants(&mut known, &manifest, &overrides, tenant)
+            .await
     }
 }
 

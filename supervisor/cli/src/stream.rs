@@ -229,6 +229,7 @@ fn chunk(first: &mut bool, plugin: &str, method: &str, data: Bytes, last: bool) 
         method,
         data,
         end_of_input: last,
+        ..Default::default()
     }
 }
 

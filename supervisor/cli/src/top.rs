@@ -66,7 +66,10 @@ pub async fn command(control: &Path, options: &Options) -> anyhow::Result<i32> {
 
 async fn read(client: &mut Client) -> Result<Reading, tonic::Status> {
     let plugins = client
-        .list(pb::ListRequest { usage: true })
+        .list(pb::ListRequest {
+            usage: true,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .plugins;

@@ -290,6 +290,14 @@ pub trait CgroupTree: Send + Sync + fmt::Debug {
         name: &str,
         limits: &CgroupLimits,
     ) -> Result<Arc<dyn CgroupManager>, CgroupError>;
+    /// The cgroup another manager (a container runtime) made for a
+    /// process, from that process's `/proc/<pid>/cgroup`: for reading
+    /// usage and OOM kills only. `None` when it is not below this tree's
+    /// mounts (or is a root cgroup, whose usage is the whole host's).
+    fn adopt(&self, proc_cgroup: &str) -> Option<Arc<dyn CgroupManager>> {
+        let _ = proc_cgroup;
+        None
+    }
 }
 
 /// `CAP_SYS_ADMIN`: new namespaces (`network: none`).
@@ -393,6 +401,8 @@ pub struct IsolationOptions {
     pub default_user: Option<String>,
     /// Refuse plugins whose manifest has no `sha256:` pin.
     pub require_pinning: bool,
+    /// Trusted keys, and whether plugins must be signed.
+    pub signatures: crate::signature::SignaturePolicy,
 }
 
 /// What enforces a supervisor's limits.
@@ -426,6 +436,8 @@ pub struct Prepared {
     /// The plugin asked for a filesystem view: give it a private tmp in
     /// its socket directory (`TMPDIR`), applied or not.
     pub private_tmp: bool,
+    /// What runs: the executable's digest and who signed it.
+    pub identity: crate::signature::RunIdentity,
 }
 
 impl Prepared {
@@ -487,6 +499,8 @@ pub struct Isolation {
     privileges: Privileges,
     /// What this host allows of seccomp and PID namespaces.
     confinement: Confinement,
+    /// Where `/proc` is: container cgroups are found through it.
+    proc_root: PathBuf,
 }
 
 /// What `prepare` needs to decide who a plugin runs as and what it keeps.
@@ -505,9 +519,21 @@ struct Privileges {
     users: Arc<Mutex<privileges::Allocator>>,
     /// Plugin name → what its last start resolved, for `inspect`.
     held: Arc<Mutex<HashMap<String, privileges::Held>>>,
+    /// Trusted keys and `require_signatures`; a reload swaps them, each
+    /// start reads them once.
+    signatures: Arc<std::sync::RwLock<Arc<crate::signature::SignaturePolicy>>>,
+    /// Digests of unsealed executables, for what `inspect` shows runs.
+    digests: Arc<pin::DigestCache>,
 }
 
 impl Privileges {
+    fn signature_policy(&self) -> Arc<crate::signature::SignaturePolicy> {
+        self.signatures
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn new(opts: &IsolationOptions, proc_root: &Path) -> Privileges {
         let can_setid = capable(CAP_SETUID) && capable(CAP_SETGID);
         if !can_setid {
@@ -526,6 +552,8 @@ impl Privileges {
             last_cap: privileges::last_cap(proc_root),
             users: Arc::default(),
             held: Arc::default(),
+            signatures: Arc::new(std::sync::RwLock::new(Arc::new(opts.signatures.clone()))),
+            digests: Arc::default(),
         }
     }
 
@@ -786,6 +814,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Isolation {
+    /// The trusted keys and `require_signatures` that starts check now.
+    pub fn signature_policy(&self) -> Arc<crate::signature::SignaturePolicy> {
+        self.privileges.signature_policy()
+    }
+
+    /// Replaces the trusted keys and `require_signatures` (a reload): every
+    /// start from now on checks the new ones; what runs is left alone.
+    pub fn set_signature_policy(&self, policy: crate::signature::SignaturePolicy) {
+        // A plain swap: a poisoned lock still holds a whole value.
+        *self
+            .privileges
+            .signatures
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
     /// Chooses the mechanism: probes (or takes) a cgroup tree, sets it up and
     /// cleans what an earlier run left. Without a usable tree it warns once
     /// and runs on rlimits alone, unless cgroups are required: then the
@@ -867,6 +911,7 @@ impl Isolation {
             live: Arc::default(),
             privileges: Privileges::new(opts, proc_root),
             confinement: Confinement::probe(),
+            proc_root: proc_root.to_path_buf(),
         })
     }
 
@@ -960,6 +1005,63 @@ impl Isolation {
                 "preparing the start stopped before it finished (a panic on the blocking pool)"
                     .into(),
             ))
+        })
+    }
+
+    /// The sandbox a lifecycle hook of `manifest` runs in (see
+    /// [`crate::hooks`]): the plugin's user, capabilities, rlimits,
+    /// network namespace, `no_new_privs`, seccomp filter and filesystem
+    /// view, but neither its cgroup (a hook is time-bounded instead, and
+    /// pre-start runs before the cgroup exists) nor its PID namespace (the
+    /// hook's process group is killed when it ends or times out).
+    pub async fn hook_setup(
+        &self,
+        manifest: &Manifest,
+    ) -> Result<preexec::ChildSetup, PrepareError> {
+        let cgroups = matches!(self.enforcement, Enforcement::Cgroups(_));
+        let confinement = self.confinement.clone();
+        let privileges = self.privileges.clone();
+        let manifest = manifest.clone();
+        tokio::task::spawn_blocking(move || {
+            let (credentials, caps, _held) = privileges.resolve(&manifest)?;
+            let data_fallback = (!cgroups).then_some(manifest.limits.memory).flatten();
+            Ok(preexec::ChildSetup {
+                cgroup_procs: Vec::new(),
+                rlimits: rlimits::from_limits(&manifest.limits, data_fallback.map(|s| s.0)),
+                credentials,
+                network_none: manifest.isolation.network == NetworkMode::None,
+                no_new_privs: manifest.isolation.no_new_privs,
+                caps: Some(caps),
+                seccomp: confinement.seccomp_for(&manifest)?,
+                pid_namespace: false,
+                landlock: confinement.filesystem_for(&manifest)?,
+            })
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(PrepareError::Failed(
+                "preparing the hook's sandbox stopped before it finished (a panic on the blocking pool)"
+                    .into(),
+            ))
+        })
+    }
+
+    /// Records the cgroup a container runtime made for a live instance
+    /// whose container's init process is `pid`, so `inspect`, `ps` and the
+    /// exit reason (OOM kills) see it like any plugin's. The runtime owns
+    /// it: the returned handle only forgets it when dropped.
+    pub fn observe(&self, instance_id: &str, pid: i32) -> Option<ObservedCgroup> {
+        let Enforcement::Cgroups(tree) = &self.enforcement else {
+            return None;
+        };
+        let path = self.proc_root.join(pid.to_string()).join("cgroup");
+        let text = std::fs::read_to_string(&path).ok()?;
+        let cgroup = tree.adopt(&text)?;
+        lock(&self.live).insert(instance_id.to_string(), cgroup.clone());
+        Some(ObservedCgroup {
+            instance: instance_id.to_string(),
+            cgroup,
+            live: self.live.clone(),
         })
     }
 
@@ -1073,11 +1175,34 @@ fn prepare_blocking(
     manifest: &Manifest,
     instance_id: &str,
 ) -> Result<Prepared, PrepareError> {
-    let exec = pin::Executable::open(&manifest.exec, manifest.sha256.as_deref(), allow_writable)
-        .map_err(|e| match e {
-            pin::PinError::Refused(why) => PrepareError::Refused(why),
-            pin::PinError::Io(why) => PrepareError::Failed(why),
-        })?;
+    // The policy in force now, for the whole start (a reload may swap it).
+    let signatures = privileges.signature_policy();
+    // A checked signature compares the sealed bytes, which are what runs.
+    let signed = signatures.applies_to(&manifest.dir);
+    let exec = pin::Executable::open_with(
+        &manifest.exec,
+        manifest.sha256.as_deref(),
+        allow_writable,
+        manifest.sha256.is_some() || signed,
+    )
+    .map_err(|e| match e {
+        pin::PinError::Refused(why) => PrepareError::Refused(why),
+        pin::PinError::Io(why) => PrepareError::Failed(why),
+    })?;
+    let signer = signatures
+        .check(manifest, exec.sha256.as_deref())
+        .map_err(PrepareError::Refused)?;
+    let identity = crate::signature::RunIdentity {
+        sha256: match privileges.digests.digest(&exec) {
+            Ok(digest) => Some(digest),
+            Err(e) => {
+                tracing::warn!(plugin = %manifest.name, "cannot compute the sha256 of {}: {e}", manifest.exec.display());
+                None
+            }
+        },
+        sealed: exec.sealed,
+        signer,
+    };
     let (credentials, caps, held) = privileges.resolve(manifest)?;
     if let Some(c) = &credentials
         && !exec.exec_from_fd()
@@ -1154,6 +1279,7 @@ fn prepare_blocking(
         cgroup,
         owner,
         private_tmp: manifest.isolation.filesystem.restricts(),
+        identity,
     })
 }
 
@@ -1167,6 +1293,9 @@ pub fn check_manifest(
     allow_writable_executables: bool,
     require_pinning: bool,
 ) -> Result<Vec<String>, String> {
+    if let Some(remote) = &m.remote {
+        return crate::remote::check(remote).map(|()| Vec::new());
+    }
     pin::Executable::open(&m.exec, m.sha256.as_deref(), allow_writable_executables)
         .map_err(|e| e.to_string())?;
     preexec::Credentials::resolve(m.isolation.user.as_deref(), m.isolation.group.as_deref())?;
@@ -1195,6 +1324,34 @@ pub fn check_manifest(
         warnings.push(what);
     }
     Ok(warnings)
+}
+
+/// A container runtime's cgroup of a live instance (see
+/// [`Isolation::observe`]): read, never killed or removed; dropping it
+/// only stops showing it.
+#[derive(Debug)]
+pub struct ObservedCgroup {
+    instance: String,
+    cgroup: Arc<dyn CgroupManager>,
+    live: Arc<Mutex<HashMap<String, Arc<dyn CgroupManager>>>>,
+}
+
+impl ObservedCgroup {
+    pub fn cgroup(&self) -> &Arc<dyn CgroupManager> {
+        &self.cgroup
+    }
+}
+
+impl Drop for ObservedCgroup {
+    fn drop(&mut self) {
+        let mut live = lock(&self.live);
+        if live
+            .get(&self.instance)
+            .is_some_and(|c| Arc::ptr_eq(c, &self.cgroup))
+        {
+            live.remove(&self.instance);
+        }
+    }
 }
 
 /// Holds a live instance's cgroup. Dropping it kills whatever is left in

@@ -47,10 +47,13 @@ pub struct Executable {
     /// What to execute: with a pin, the sealed in-memory copy whose digest
     /// was checked; without one, the file itself (read-only). Close-on-exec.
     pub fd: OwnedFd,
-    /// The digest computed from the sealed copy, when the manifest pins one.
+    /// The digest computed from the sealed copy, when the manifest pins one
+    /// or a signature is checked.
     pub sha256: Option<String>,
     /// Starts with `#!`.
     pub script: bool,
+    /// `fd` is a sealed copy: the child executes it, not the path.
+    pub sealed: bool,
 }
 
 impl Executable {
@@ -61,6 +64,18 @@ impl Executable {
         path: &Path,
         expected: Option<&str>,
         allow_writable: bool,
+    ) -> Result<Executable, PinError> {
+        Self::open_with(path, expected, allow_writable, expected.is_some())
+    }
+
+    /// [`Self::open`]; with `seal`, the bytes are copied into a sealed memfd
+    /// and their digest recorded even without an `expected` one (a
+    /// signature is checked against it).
+    pub fn open_with(
+        path: &Path,
+        expected: Option<&str>,
+        allow_writable: bool,
+        seal: bool,
     ) -> Result<Executable, PinError> {
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -96,7 +111,7 @@ impl Executable {
                 meta.mode() & 0o7777
             )));
         }
-        let Some(expected) = expected else {
+        if expected.is_none() && !seal {
             let mut head = [0u8; 2];
             let n = read_head(&mut file, &mut head)
                 .map_err(|e| PinError::Io(format!("cannot read {}: {e}", path.display())))?;
@@ -105,8 +120,9 @@ impl Executable {
                 fd: OwnedFd::from(file),
                 sha256: None,
                 script: n == 2 && head == *b"#!",
+                sealed: false,
             });
-        };
+        }
         let sealed = sealed_copy(&mut file, path)?;
         drop(file);
         let mut sealed = std::fs::File::from(sealed);
@@ -120,7 +136,9 @@ impl Executable {
             PinError::Io(format!("cannot read the copy of {}: {e}", path.display()))
         })?;
         let actual = hex(&hasher.finalize());
-        if !expected.eq_ignore_ascii_case(&actual) {
+        if let Some(expected) = expected
+            && !expected.eq_ignore_ascii_case(&actual)
+        {
             return Err(PinError::Refused(format!(
                 "sha256 mismatch for {}: expected {expected}, actual {actual}; refusing to run it. If this binary is intended, update `sha256:` in the manifest",
                 path.display()
@@ -131,18 +149,87 @@ impl Executable {
             fd: OwnedFd::from(sealed),
             sha256: Some(actual),
             script: n == 2 && head == *b"#!",
+            sealed: true,
         })
     }
 
     /// Whether the child must execute the descriptor rather than the path:
-    /// when the bytes were pinned.
+    /// when the bytes were sealed (pinned or signed).
     pub fn exec_from_fd(&self) -> bool {
-        self.sha256.is_some()
+        self.sealed
     }
 
     /// The descriptor to execute, duplicated for the spawn.
     pub fn try_clone_fd(&self) -> std::io::Result<OwnedFd> {
         self.fd.as_fd().try_clone_to_owned()
+    }
+
+    /// The digest of the file as opened (not sealed), read through the
+    /// descriptor without moving its offset. A file being executed cannot
+    /// be written (ETXTBSY), so while the child runs this is what it runs;
+    /// only a sealed copy guarantees it from the check on.
+    pub fn digest_of_file(&self) -> std::io::Result<String> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::from(self.fd.as_fd().try_clone_to_owned()?);
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut offset = 0u64;
+        loop {
+            let n = file.read_at(&mut buf, offset)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            offset += n as u64;
+        }
+        Ok(hex(&hasher.finalize()))
+    }
+
+    /// What identifies the file's content for [`DigestCache`]: device,
+    /// inode, size, modification and change times (any write moves them).
+    pub fn content_key(&self) -> std::io::Result<ContentKey> {
+        let meta = std::fs::File::from(self.fd.as_fd().try_clone_to_owned()?).metadata()?;
+        Ok(ContentKey([
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime() as u64,
+            meta.mtime_nsec() as u64,
+            meta.ctime() as u64,
+            meta.ctime_nsec() as u64,
+        ]))
+    }
+}
+
+/// See [`Executable::content_key`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ContentKey([u64; 7]);
+
+/// Digests of unsealed executables by content key, so restarts and many
+/// plugins sharing one binary hash it once. Bounded: cleared when full.
+#[derive(Debug, Default)]
+pub struct DigestCache(std::sync::Mutex<std::collections::HashMap<ContentKey, String>>);
+
+impl DigestCache {
+    const MAX: usize = 4096;
+
+    /// The digest of `exe` as opened, from the cache or computed now.
+    pub fn digest(&self, exe: &Executable) -> std::io::Result<String> {
+        if let Some(digest) = &exe.sha256 {
+            return Ok(digest.clone());
+        }
+        let key = exe.content_key()?;
+        // Plain inserts and lookups: a poisoned lock is still consistent.
+        if let Some(d) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(d.clone());
+        }
+        let digest = exe.digest_of_file()?;
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= Self::MAX {
+            map.clear();
+        }
+        map.insert(key, digest.clone());
+        Ok(digest)
     }
 }
 

@@ -175,6 +175,36 @@ impl CgroupTree for V1Tree {
         result
     }
 
+    fn adopt(&self, proc_cgroup: &str) -> Option<Arc<dyn CgroupManager>> {
+        let mut dirs = Vec::new();
+        for h in &self.hierarchies {
+            // `<id>:<controllers>:<path>`, one line per hierarchy.
+            let path = proc_cgroup.lines().find_map(|line| {
+                let mut fields = line.splitn(3, ':');
+                let (_, names, path) = (fields.next()?, fields.next()?, fields.next()?);
+                let mut c = Controllers::default();
+                names.split(',').for_each(|n| set(&mut c, n));
+                let ours = h.controllers;
+                let shared = (c.memory && ours.memory)
+                    || (c.cpu && ours.cpu)
+                    || (c.cpuacct && ours.cpuacct)
+                    || (c.pids && ours.pids)
+                    || (c.freezer && ours.freezer);
+                shared.then(|| path.trim().trim_matches('/').to_string())
+            });
+            match path {
+                Some(rel) if !rel.is_empty() => dirs.push((h.controllers, h.mount.join(rel))),
+                _ => {}
+            }
+        }
+        (!dirs.is_empty()).then(|| {
+            Arc::new(V1Cgroup {
+                fs: self.fs.clone(),
+                dirs,
+            }) as Arc<dyn CgroupManager>
+        })
+    }
+
     fn create(
         &self,
         name: &str,
@@ -460,6 +490,37 @@ mod tests {
             .collect();
         assert_eq!(procs.len(), 5);
         assert!(procs.contains(&fs.root().join("freezer/plugvisor/echo-0-1/cgroup.procs")));
+    }
+
+    #[test]
+    fn adopts_a_runtimes_cgroup_from_proc_cgroup_for_reading_only() {
+        let fs = Arc::new(FakeCgroupFs::v1(&ALL).unwrap());
+        let tree = tree(&fs);
+        let ctr = "libpod_parent/libpod-abc";
+        for c in ALL {
+            std::fs::create_dir_all(fs.root().join(c).join(ctr)).unwrap();
+        }
+        fs.set_file(&format!("memory/{ctr}/memory.usage_in_bytes"), "8192\n")
+            .unwrap();
+        fs.set_file(
+            &format!("memory/{ctr}/memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
+        )
+        .unwrap();
+        let proc_cgroup = format!(
+            "12:memory:/{ctr}\n11:cpu,cpuacct:/{ctr}\n5:pids:/{ctr}\n3:freezer:/{ctr}\n1:name=systemd:/elsewhere\n"
+        );
+        let cg = tree.adopt(&proc_cgroup).expect("adopted");
+        assert!(
+            cg.paths().contains(&fs.root().join("memory").join(ctr)),
+            "{:?}",
+            cg.paths()
+        );
+        assert_eq!(cg.usage().memory_current, Some(8192));
+        assert_eq!(cg.oom_evidence().kills, Some(1));
+        // A process in the root cgroups: its usage would be the host's.
+        assert!(tree.adopt("12:memory:/\n5:pids:/\n").is_none());
+        assert!(tree.adopt("").is_none());
     }
 
     #[test]

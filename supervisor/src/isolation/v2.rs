@@ -53,6 +53,8 @@ pub struct V2Tree {
     pid: i32,
     /// Of memory, cpu and pids, those `base` offers.
     controllers: Controllers,
+    /// The v2 mount: where other managers' cgroups are found.
+    mount: PathBuf,
 }
 
 /// The supervisor's own v2 cgroup (`0::/path` in `<proc>/self/cgroup`).
@@ -147,6 +149,7 @@ impl V2Tree {
             leaf,
             pid: o.pid,
             controllers,
+            mount: mount.to_path_buf(),
         })
     }
 
@@ -298,6 +301,21 @@ impl CgroupTree for V2Tree {
         self.fs
             .rmdir(&self.parent)
             .map_err(|e| CgroupError::io("cannot remove the cgroup", &self.parent, e))
+    }
+
+    fn adopt(&self, proc_cgroup: &str) -> Option<Arc<dyn CgroupManager>> {
+        let path = proc_cgroup
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))?
+            .trim();
+        if path.trim_matches('/').is_empty() {
+            return None;
+        }
+        Some(Arc::new(V2Cgroup {
+            fs: self.fs.clone(),
+            dir: join_cgroup(&self.mount, path),
+            controllers: self.controllers,
+        }))
     }
 
     fn create(

@@ -142,7 +142,10 @@ async fn measure(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         let list = client
-            .list(pb::ListRequest { usage: false })
+            .list(pb::ListRequest {
+                usage: false,
+                ..Default::default()
+            })
             .await?
             .into_inner();
         ready = list
@@ -215,6 +218,7 @@ async fn measure(
                     payload: vec![b'x'; PAYLOAD].into(),
                     metadata: HashMap::new(),
                     timeout_ms: 0,
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();
@@ -248,7 +252,10 @@ async fn measure(
     }
     let health_failures = series.iter().sum();
     let list = client
-        .list(pb::ListRequest { usage: false })
+        .list(pb::ListRequest {
+            usage: false,
+            ..Default::default()
+        })
         .await?
         .into_inner();
     let restarts = list.plugins.iter().map(|p| u64::from(p.restarts)).sum();

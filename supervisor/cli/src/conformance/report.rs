@@ -19,10 +19,11 @@ pub enum Rule {
     State,
     Shutdown,
     Sigterm,
+    ValidateConfig,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 11] = [
+    pub const ALL: [Rule; 12] = [
         Rule::Cookie,
         Rule::Handshake,
         Rule::Initialize,
@@ -34,6 +35,7 @@ impl Rule {
         Rule::State,
         Rule::Shutdown,
         Rule::Sigterm,
+        Rule::ValidateConfig,
     ];
 
     /// 1-based, as printed.
@@ -55,6 +57,7 @@ impl Rule {
             Rule::State => "state",
             Rule::Shutdown => "shutdown",
             Rule::Sigterm => "sigterm",
+            Rule::ValidateConfig => "validate",
         }
     }
 
@@ -71,6 +74,9 @@ impl Rule {
             Rule::State => "ExportState survives a restore through Initialize",
             Rule::Shutdown => "Shutdown drains and exits 0 within its deadline",
             Rule::Sigterm => "SIGTERM makes it exit 0 within 5s",
+            Rule::ValidateConfig => {
+                "ValidateConfig (optional) answers in time, refuses only with a reason, applies nothing"
+            }
         }
     }
 }
@@ -248,11 +254,11 @@ mod tests {
     #[test]
     fn rules_are_numbered_in_order_with_unique_keys() {
         let numbers: Vec<usize> = Rule::ALL.iter().map(|r| r.number()).collect();
-        assert_eq!(numbers, (1..=11).collect::<Vec<_>>());
+        assert_eq!(numbers, (1..=12).collect::<Vec<_>>());
         let mut keys: Vec<&str> = Rule::ALL.iter().map(|r| r.key()).collect();
         keys.sort_unstable();
         keys.dedup();
-        assert_eq!(keys.len(), 11);
+        assert_eq!(keys.len(), 12);
         assert!(Rule::ALL.iter().all(|r| !r.title().contains(": ")));
     }
 
