@@ -51,9 +51,14 @@ pub async fn run_with(
     // The control socket and every plugin socket live here: it must be
     // ours alone (not a symlink, not writable by others).
     plugvisor::rundir::secure_dir(&config.runtime_dir, 0o711)?;
-    let (resumed, inherited, inherited_metrics) = match resumed {
-        Some(r) => (Some((r.state, r.app)), Some(r.listener), r.metrics),
-        None => (None, None, None),
+    let (resumed, inherited, inherited_metrics, inherited_health) = match resumed {
+        Some(r) => (
+            Some((r.state, r.app)),
+            Some(r.listener),
+            r.metrics,
+            r.health,
+        ),
+        None => (None, None, None, None),
     };
     let listener = match inherited {
         // Inherited, never closed: clients waited in its backlog.
@@ -167,11 +172,25 @@ pub async fn run_with(
         )),
         None => None,
     };
+    let mut health_copy = None;
     let health = match config.health.address {
         Some(address) => {
-            let listener = tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| format!("cannot serve gRPC health on {address}"))?;
+            let listener = match inherited_health {
+                // Handed over, never closed: probes waited in its backlog.
+                Some(listener) if same_address(&listener, address) => {
+                    listener.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(listener)?
+                }
+                _ => tokio::net::TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("cannot serve gRPC health on {address}"))?,
+            };
+            health_copy = Some(
+                std::os::fd::AsFd::as_fd(&listener)
+                    .try_clone_to_owned()
+                    .map(std::net::TcpListener::from)
+                    .context("cannot keep the gRPC health listener for a hand-over")?,
+            );
             tracing::info!("gRPC health (grpc.health.v1) on {address}");
             Some(tokio::spawn(crate::health_tcp::serve(
                 listener,
@@ -195,6 +214,9 @@ pub async fn run_with(
         state.as_ref(),
         metrics,
     );
+    if let Some(listener) = health_copy {
+        upgrader.keep_health_listener(listener);
+    }
     upgrader.start_server();
     if let Some(app) = &state {
         let info = upgrader.info();

@@ -63,6 +63,9 @@ pub struct AppState {
     /// The metrics listener, if the daemon served metrics.
     #[serde(default)]
     pub metrics_fd: Option<i32>,
+    /// The gRPC health listener (`health.address`), if served.
+    #[serde(default)]
+    pub health_fd: Option<i32>,
     pub generation: u64,
     pub fingerprints: BTreeMap<String, String>,
     /// When `upgrade-self` was asked for, and when the old image stopped
@@ -89,6 +92,7 @@ pub struct Resumed {
     pub app: AppState,
     pub listener: tokio::net::UnixListener,
     pub metrics: Option<std::net::TcpListener>,
+    pub health: Option<std::net::TcpListener>,
 }
 
 /// Reads the state a previous image handed over, if this image was started
@@ -116,11 +120,17 @@ pub fn resume_env() -> anyhow::Result<Option<Resumed>> {
         // SAFETY: the metrics listener, handed over by number, ours alone.
         unsafe { std::net::TcpListener::from_raw_fd(fd) }
     });
+    let health = app.health_fd.map(|fd| {
+        plugvisor::process::set_cloexec(fd, true);
+        // SAFETY: the gRPC health listener, handed over by number, ours alone.
+        unsafe { std::net::TcpListener::from_raw_fd(fd) }
+    });
     Ok(Some(Resumed {
         state,
         app,
         listener,
         metrics,
+        health,
     }))
 }
 
@@ -147,6 +157,10 @@ pub struct Upgrader {
     /// socket's, and its server.
     metrics: Option<Arc<tokio::net::TcpListener>>,
     metrics_server: Mutex<Option<MetricsServer>>,
+    /// A copy of the gRPC health listener, handed over as it is: its
+    /// server runs until the exec, and probes that arrive during the
+    /// switch wait in its backlog for the new image.
+    health: Mutex<Option<std::net::TcpListener>>,
     run_argv: Vec<OsString>,
     check_argv: Vec<OsString>,
     /// The binary this image runs from: the default new binary.
@@ -198,6 +212,7 @@ impl Upgrader {
             server: Mutex::new(None),
             metrics: metrics.map(Arc::new),
             metrics_server: Mutex::new(None),
+            health: Mutex::new(None),
             run_argv: launch.run_argv.clone(),
             check_argv: launch.check_argv.clone(),
             binary: std::env::current_exe().unwrap_or_default(),
@@ -209,6 +224,12 @@ impl Upgrader {
             last_pause_ms: pause_ms,
             tasks: tokio_util::task::TaskTracker::new(),
         })
+    }
+
+    /// Hands `listener` (a copy of the gRPC health listener) over at every
+    /// switch.
+    pub fn keep_health_listener(&self, listener: std::net::TcpListener) {
+        *lock(&self.health) = Some(listener);
     }
 
     /// Starts serving the control socket.
@@ -439,9 +460,11 @@ impl Upgrader {
                 Err(e) => return e.to_string(),
             }
         };
+        let health_fd = lock(&self.health).as_ref().map(|l| l.as_raw_fd());
         let app = AppState {
             control_fd: self.listener.as_raw_fd(),
             metrics_fd: self.metrics.as_ref().map(|l| l.as_raw_fd()),
+            health_fd,
             generation: self.generation + 1,
             fingerprints: self.reloader.fingerprints().await,
             requested_unix_ms: unix_ms(requested),
@@ -462,6 +485,7 @@ impl Upgrader {
         args.extend(self.run_argv.iter().cloned());
         let mut extra = vec![self.listener.as_raw_fd(), memfd.as_raw_fd()];
         extra.extend(self.metrics.as_ref().map(|l| l.as_raw_fd()));
+        extra.extend(health_fd);
         let error = self
             .supervisor
             .exec_handover(&taken, &extra, binary.to_path_buf(), args, env)
