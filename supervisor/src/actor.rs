@@ -84,15 +84,51 @@ pub(crate) async fn run_replica(
     spec: Arc<Spec>,
     commands: mpsc::Receiver<Command>,
 ) {
+    let tracker = RestartTracker::new(spec.manifest.restart.clone());
+    let resumed = Resumed {
+        starts: 0,
+        tracker,
+        instance: None,
+        start: true,
+    };
+    run_replica_resumed(replica, spec, commands, resumed).await
+}
+
+/// A replica taken over from a previous supervisor image (see
+/// [`crate::handover`]).
+pub(crate) struct Resumed {
+    /// Starts so far: instance ids go on from there.
+    pub starts: u64,
+    pub tracker: RestartTracker,
+    /// Its running instance, to reattach to.
+    pub instance: Option<crate::handover::SavedInstance>,
+    /// Without an instance: start one (`true`: it was between restarts) or
+    /// stay down until an operator starts it.
+    pub start: bool,
+}
+
+/// [`run_replica`] for a replica taken over with its history, and its
+/// running instance if it had one.
+pub(crate) async fn run_replica_resumed(
+    replica: Replica,
+    spec: Arc<Spec>,
+    commands: mpsc::Receiver<Command>,
+    resumed: Resumed,
+) {
     let mut actor = Actor {
-        tracker: RestartTracker::new(spec.manifest.restart.clone()),
+        tracker: resumed.tracker,
         replica,
         spec,
         jitter: Jitter::from_entropy(),
-        starts: 0,
+        starts: resumed.starts,
         commands,
     };
-    actor.run().await;
+    let first = if resumed.start || resumed.instance.is_some() {
+        Next::Start
+    } else {
+        Next::Idle
+    };
+    actor.run(resumed.instance, first).await;
     actor.replica.route(Route::Down {
         state: PluginState::Stopped,
         reason: "the supervisor has shut down".into(),
@@ -115,15 +151,36 @@ impl Actor {
     fn adopt(&mut self, spec: Arc<Spec>) {
         if !Arc::ptr_eq(&spec.manifest, &self.spec.manifest) {
             self.tracker = RestartTracker::new(spec.manifest.restart.clone());
+            self.publish_history();
         }
         self.spec = spec;
     }
 
-    async fn run(&mut self) {
-        let mut next = Next::Start;
-        // A survivor of the previous supervisor, proven to be itself.
-        let mut adopted = crate::adopt::claim(&self.replica, &self.spec).await;
-        if let Some((_, _, start)) = &adopted {
+    /// Starts a fresh restart history (an operator's start or restart), as
+    /// if the plugin had never crashed.
+    fn clear_history(&mut self) {
+        self.tracker.clear();
+        self.publish_history();
+    }
+
+    /// Copies the restart history to the board, where a hand-over to a new
+    /// supervisor image reads it.
+    fn publish_history(&self) {
+        let tracker = self.tracker.clone();
+        self.replica.update(|r| r.tracker = Some(tracker));
+    }
+
+    /// Runs the replica from `next`; an `adopted` instance is served
+    /// first, in place of the first start.
+    async fn run(&mut self, mut adopted: Option<crate::handover::SavedInstance>, mut next: Next) {
+        // A survivor of a crashed supervisor, proven to be itself (none
+        // when this replica was taken over from a previous image of this
+        // supervisor: that instance is the one it runs).
+        let mut survivor = match adopted {
+            Some(_) => None,
+            None => crate::adopt::claim(&self.replica, &self.spec).await,
+        };
+        if let Some((_, _, start)) = &survivor {
             self.starts = *start;
         }
         loop {
@@ -135,36 +192,54 @@ impl Actor {
                 }
                 Next::Start => {}
             }
-            let adopted = adopted.take().map(|(instance, info, _)| (instance, info));
-            // A re-adopted survivor is running already: nothing to wait for.
-            if adopted.is_none() {
-                match crate::dependencies::wait_for_requirements(
-                    &self.replica,
-                    &self.spec,
-                    &mut self.commands,
-                )
-                .await
-                {
-                    crate::dependencies::WaitEnd::Ready => {}
-                    crate::dependencies::WaitEnd::Exit => return,
-                    crate::dependencies::WaitEnd::Command(cmd) => {
-                        next = self.while_waiting(cmd).await;
-                        continue;
+            let (instance_id, outcome) = match adopted.take() {
+                // Taken over running: its requirements were met when it
+                // started, and a hand-over is no going down of theirs.
+                Some(saved) => {
+                    let id = saved.id.clone();
+                    match crate::handover::reattach(&self.replica, &self.spec, saved).await {
+                        Ok((instance, ready_since)) => {
+                            (id, self.serve(instance, ready_since).await)
+                        }
+                        Err(reason) => (id, Err(reason)),
                     }
                 }
-            }
-            let instance_id = match &adopted {
-                Some((instance, _)) => instance.id.clone(),
-                None => self.next_id(),
+                // A re-adopted survivor is running already: nothing to
+                // wait for, and it ran its post_ready hook when it started.
+                None if survivor.is_some() => {
+                    let (instance, info, _) = survivor.take().expect("checked");
+                    let id = instance.id.clone();
+                    let ready_since = self.replica.publish(&instance, &info);
+                    (id, self.serve(instance, ready_since).await)
+                }
+                None => {
+                    match crate::dependencies::wait_for_requirements(
+                        &self.replica,
+                        &self.spec,
+                        &mut self.commands,
+                    )
+                    .await
+                    {
+                        crate::dependencies::WaitEnd::Ready => {}
+                        crate::dependencies::WaitEnd::Exit => return,
+                        crate::dependencies::WaitEnd::Command(cmd) => {
+                            next = self.while_waiting(cmd).await;
+                            continue;
+                        }
+                    }
+                    let instance_id = self.next_id();
+                    let outcome = self.start_and_run(&instance_id).await;
+                    (instance_id, outcome)
+                }
             };
-            let (reason, ready_since) = match self.start_and_run(&instance_id, adopted).await {
+            let (reason, ready_since) = match outcome {
                 Ok(Outcome::Gone {
                     reason,
                     ready_since,
                 }) => (reason, ready_since),
                 Ok(Outcome::Decided(n)) => {
                     if matches!(n, Next::Start) {
-                        self.tracker.clear();
+                        self.clear_history();
                     }
                     next = n;
                     continue;
@@ -216,12 +291,14 @@ impl Actor {
             );
             return Next::Idle;
         }
-        match self.tracker.on_exit(
+        let decision = self.tracker.on_exit(
             Instant::now(),
             reason.is_clean(),
             ready_since,
             self.jitter.sample(),
-        ) {
+        );
+        self.publish_history();
+        match decision {
             Decision::Restart { delay, attempt } => {
                 replica.update(|r| r.restarts += 1);
                 replica
@@ -298,7 +375,7 @@ impl Actor {
                     let _ = reply.send(());
                 }
                 Some(Command::Restart(reply)) => {
-                    self.tracker.clear();
+                    self.clear_history();
                     self.replica.transition(
                         PluginState::Starting,
                         "",
@@ -411,7 +488,7 @@ impl Actor {
             };
             match cmd {
                 Some(Command::Start(reply) | Command::Restart(reply)) => {
-                    self.tracker.clear();
+                    self.clear_history();
                     self.replica.route(Route::Pending);
                     // The answer reads the state: say it is starting now,
                     // not the `stopped` it is leaving.
@@ -459,40 +536,38 @@ impl Actor {
     }
 
     /// Starts one instance and serves calls through it until it ends.
-    async fn start_and_run(
-        &mut self,
-        instance_id: &str,
-        adopted: Option<(Instance, plugvisor_proto::InitializeResponse)>,
-    ) -> Result<Outcome, ExitReason> {
+    async fn start_and_run(&mut self, instance_id: &str) -> Result<Outcome, ExitReason> {
         if self.spec.manifest.remote.is_some() {
             return self.connect_and_run(instance_id).await;
         }
-        let (mut instance, info) = match adopted {
-            // A re-adopted survivor ran its post_ready hook when it started.
-            Some(adopted) => adopted,
-            None => {
-                let (restored, note) = self
-                    .replica
-                    .restored_state()
-                    .await
-                    .map_err(|why| ExitReason::Start(StartError::StateUnreadable(why)))?;
-                // Dropping a start in progress (on shutdown) kills its child:
-                // see `Child`'s Drop.
-                let launched = tokio::select! {
-                    r = self.replica.launch(&self.spec, instance_id, restored, &note) => r,
-                    _ = self.replica.host.cancel.cancelled() => return Ok(Outcome::Decided(Next::Exit)),
-                };
-                let (instance, info) = launched.map_err(ExitReason::Start)?;
-                if let Some(reason) = self.post_ready(&instance).await {
-                    return Ok(Outcome::Gone {
-                        reason,
-                        ready_since: None,
-                    });
-                }
-                (instance, info)
-            }
+        let (restored, note) = self
+            .replica
+            .restored_state()
+            .await
+            .map_err(|why| ExitReason::Start(StartError::StateUnreadable(why)))?;
+        // Dropping a start in progress (on shutdown) kills its child: see
+        // `Child`'s Drop.
+        let launched = tokio::select! {
+            r = self.replica.launch(&self.spec, instance_id, restored, &note) => r,
+            _ = self.replica.host.cancel.cancelled() => return Ok(Outcome::Decided(Next::Exit)),
         };
-        let mut ready_since = self.replica.publish(&instance, &info);
+        let (instance, info) = launched.map_err(ExitReason::Start)?;
+        if let Some(reason) = self.post_ready(&instance).await {
+            return Ok(Outcome::Gone {
+                reason,
+                ready_since: None,
+            });
+        }
+        let ready_since = self.replica.publish(&instance, &info);
+        self.serve(instance, ready_since).await
+    }
+
+    /// Serves calls through a ready instance until it ends.
+    async fn serve(
+        &mut self,
+        mut instance: Instance,
+        mut ready_since: Instant,
+    ) -> Result<Outcome, ExitReason> {
         // Kept across the loop, so a requirement's change is told once; a
         // new manifest (an upgrade) brings a new watch.
         let mut requirements = crate::dependencies::Watch::new(&self.replica, &self.spec.manifest);

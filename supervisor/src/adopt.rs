@@ -40,7 +40,7 @@ use plugvisor_proto::InitializeResponse;
 use plugvisor_proto::handshake::{self, Handshake};
 use plugvisor_proto::plugin_client::PluginClient;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -472,7 +472,7 @@ impl Survivors {
 
     /// The instance names to spare from the stale-run cleanup (cgroups and
     /// socket directories).
-    pub fn keep(&self) -> HashSet<String> {
+    pub fn keep(&self) -> Vec<String> {
         lock(&self.pending).values().map(Record::instance).collect()
     }
 
@@ -1038,6 +1038,8 @@ pub(crate) async fn readopt(
         spawned_at: Instant::now(),
         cgroup: Some(host.isolation.lease(&instance_id, cgroup, &host.io_tasks)),
         sessions: None,
+        // Its output is in files, read by the tails started above.
+        output: [None, None],
         survival: Some(survival),
         // Not removed by plugvisor: a survivor is a plain child.
         container: None,
@@ -1281,7 +1283,7 @@ mod tests {
         pid1.pid = 1;
         write_record(&dir, "tp-4-3", &serde_json::to_vec(&pid1).unwrap());
         let s = Survivors::open(&dir, Path::new("/proc"), SurvivePolicy::OFF).unwrap();
-        assert_eq!(s.keep(), HashSet::from(["tp-0-3".to_string()]));
+        assert_eq!(s.keep(), vec!["tp-0-3".to_string()]);
         for gone in ["tp-1-1", "tp-2-1", "tp-3-1", "tp-4-3", "tp-5-3", "tp-6-3"] {
             assert!(!dir.join(gone).exists(), "{gone} stays");
         }
@@ -1302,7 +1304,7 @@ mod tests {
         write_record(&dir, "tp-0-4", &serde_json::to_vec(&newer).unwrap());
         write_record(&dir, "tp-0-3", &serde_json::to_vec(&older).unwrap());
         let s = Survivors::open(&dir, Path::new("/proc"), SurvivePolicy::OFF).unwrap();
-        assert_eq!(s.keep(), HashSet::from(["tp-0-4".to_string()]));
+        assert_eq!(s.keep(), vec!["tp-0-4".to_string()]);
         assert!(!dir.join("tp-0-3").exists());
         assert_eq!(s.claim("tp", 0), Some(newer));
     }

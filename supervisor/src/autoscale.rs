@@ -596,7 +596,18 @@ pub(crate) async fn run_policy(
                 s.spec = spec;
                 s
             }
-            None => scaler.insert(Scaler::new(spec)),
+            None => {
+                let mut fresh = Scaler::new(spec);
+                // Taken over from a previous supervisor image: the
+                // cooldown runs from the last change it made.
+                let last = common.board.lock().last_scaling.as_ref().map(|(_, at)| *at);
+                if let Some(age) = last.and_then(|at| at.elapsed().ok())
+                    && let Some(at) = Instant::now().checked_sub(age)
+                {
+                    fresh.changed(at);
+                }
+                scaler.insert(fresh)
+            }
         };
         tokio::select! {
             _ = stop.cancelled() => return,

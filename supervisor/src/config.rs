@@ -26,7 +26,7 @@ pub enum LogFormat {
 }
 
 /// Per-plugin settings in the supervisor config, layered over the manifest.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginOverride {
     /// `false` keeps a discovered plugin from starting.

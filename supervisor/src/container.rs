@@ -120,6 +120,31 @@ impl Drop for ContainerGuard {
     }
 }
 
+/// The guard of the container that instance `instance_id` of `m` runs,
+/// taken over from a previous supervisor image (see [`crate::handover`]):
+/// the container keeps running; it is removed, as any other, once the
+/// instance has ended.
+pub(crate) fn reattached(
+    m: &Manifest,
+    runtime_dir: &Path,
+    instance_id: &str,
+    processes: &ProcessManager,
+    tasks: &tokio_util::task::TaskTracker,
+) -> Option<ContainerGuard> {
+    let c = m.container.as_ref()?;
+    Some(ContainerGuard {
+        runtime: c.runtime,
+        program: m.exec.clone(),
+        name: name(runtime_dir, instance_id),
+        bundle: (c.runtime == ContainerRuntime::Runc)
+            .then(|| runtime_dir.join("containers").join(instance_id)),
+        observed: None,
+        init_end: None,
+        processes: Some(processes.handle()),
+        tasks: tasks.clone(),
+    })
+}
+
 /// What the supervisor runs for a container plugin, and the guard that
 /// removes the container.
 pub(crate) struct Plan {
@@ -591,8 +616,11 @@ pub(crate) async fn sweep_stale(
     runtime_dir: &Path,
     runtime: ContainerRuntime,
     program: &Path,
+    keep: &[String],
 ) -> Result<Vec<String>, String> {
     let prefix = prefix(runtime_dir);
+    // Instances taken over from a previous supervisor image run on.
+    let kept: Vec<String> = keep.iter().map(|id| name(runtime_dir, id)).collect();
     let names: Vec<String> = match runtime {
         ContainerRuntime::Podman => {
             let label = format!("label={LABEL_SUPERVISOR}={}", supervisor_tag(runtime_dir));
@@ -624,12 +652,21 @@ pub(crate) async fn sweep_stale(
         }
     };
     let mut removed = Vec::new();
-    for name in names {
+    for name in names.into_iter().filter(|n| !kept.contains(n)) {
         remove(processes, runtime, program, &name).await?;
         removed.push(name);
     }
     if runtime == ContainerRuntime::Runc {
-        let _ = std::fs::remove_dir_all(runtime_dir.join("containers"));
+        let bundles = runtime_dir.join("containers");
+        if keep.is_empty() {
+            let _ = std::fs::remove_dir_all(bundles);
+        } else if let Ok(dir) = std::fs::read_dir(&bundles) {
+            for entry in dir.flatten() {
+                if !keep.iter().any(|id| entry.file_name() == id.as_str()) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
     }
     Ok(removed)
 }

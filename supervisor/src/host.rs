@@ -30,6 +30,9 @@ pub struct SupervisorOptions {
     /// cgroups (off by default when embedded: see [`crate::isolation::CgroupMode`])
     /// and whether writable executables may run.
     pub isolation: IsolationOptions,
+    /// Instances taken over from a previous supervisor image: their socket
+    /// directories and cgroups are not swept at start.
+    pub keep_instances: Vec<String>,
     /// Calls by capability try local providers before remote ones (else
     /// load alone decides).
     pub prefer_local: bool,
@@ -48,6 +51,7 @@ impl SupervisorOptions {
             log_lines: 2000,
             state_dir: None,
             isolation: IsolationOptions::default(),
+            keep_instances: Vec::new(),
             prefer_local: true,
             survive_supervisor: crate::manifest::SurvivePolicy::OFF,
         }
@@ -111,6 +115,7 @@ impl Host {
                 &self.opts.runtime_dir,
                 runtime,
                 program,
+                &self.opts.keep_instances,
             )
             .await
             {

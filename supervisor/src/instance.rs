@@ -91,6 +91,9 @@ pub struct Instance {
     pub cgroup: Option<CgroupLease>,
     /// Its `Session` streams, once it said in Initialize that it serves them.
     pub(crate) sessions: Option<Arc<crate::session::Sessions>>,
+    /// Copies of the read ends of its stdout and stderr pipes, close-on-exec,
+    /// for a hand-over to a new supervisor image (see [`crate::handover`]).
+    pub(crate) output: [Option<Arc<std::os::fd::OwnedFd>>; 2],
     /// A container plugin's container: removed when the instance is
     /// dropped.
     pub container: Option<crate::container::ContainerGuard>,
@@ -389,6 +392,7 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
         }
     };
     let (handshake_tx, handshake_rx) = oneshot::channel();
+    let output = output_copies(&child);
     match &survival {
         Some(s) => crate::adopt::start_tails(
             ctx.tasks,
@@ -401,7 +405,7 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
             &child,
             Some(handshake_tx),
         ),
-        None => forward_output(&ctx, &mut child, handshake_tx),
+        None => forward_output(&ctx, &mut child, Some(handshake_tx)),
     }
     let instance_id = ctx.instance_id.clone();
     let result = await_handshake(&ctx, &child, &socket, handshake_rx).await;
@@ -464,6 +468,7 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
             spawned_at,
             cgroup,
             sessions: None,
+            output,
             container,
             identity,
             survival,
@@ -509,19 +514,32 @@ fn survive_output(
     Ok(Some(crate::adopt::Survival { paths, policy }))
 }
 
+/// Close-on-exec copies of the read ends of the child's output pipes.
+pub(crate) fn output_copies(child: &Child) -> [Option<Arc<std::os::fd::OwnedFd>>; 2] {
+    use std::os::fd::AsFd;
+    let copy = |fd: Option<std::os::fd::BorrowedFd<'_>>| {
+        fd.and_then(|fd| fd.try_clone_to_owned().ok()).map(Arc::new)
+    };
+    [
+        copy(child.stdout.as_ref().map(|p| p.as_fd())),
+        copy(child.stderr.as_ref().map(|p| p.as_fd())),
+    ]
+}
+
 /// Starts the tasks that read the child's stdout and stderr. The first valid
-/// handshake line on stdout goes to `handshake`; every other line is log output.
-fn forward_output(
+/// handshake line on stdout goes to `handshake` (when one is awaited); every
+/// other line is log output.
+pub(crate) fn forward_output(
     ctx: &StartContext<'_>,
     child: &mut Child,
-    handshake: oneshot::Sender<Result<Handshake, String>>,
+    handshake: Option<oneshot::Sender<Result<Handshake, String>>>,
 ) {
     let plugin = ctx.manifest.name.clone();
     if let Some(stdout) = child.stdout.take() {
         let (plugin, instance, logs) = (plugin.clone(), ctx.instance_id.clone(), ctx.logs.clone());
         ctx.tasks.spawn(async move {
             let mut reader = LineReader::new(stdout);
-            let mut handshake = Some(handshake);
+            let mut handshake = handshake;
             while let Some(line) = reader.next_line().await {
                 if handshake.is_some() {
                     match Handshake::parse(&line) {

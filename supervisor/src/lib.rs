@@ -33,6 +33,8 @@
 //! - [`metrics`]: the Prometheus registry the supervisor feeds.
 //! - [`state`]: atomic state snapshots.
 //! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets.
+//! - [`handover`]: handing the running supervisor over to a new image of
+//!   itself (`plugvisor upgrade-self`), every plugin left running.
 //! - [`dependencies`]: `requires:`, start order, waiting, crash propagation.
 //! - [`signature`]: signed plugins (minisign over a list of sha256 sums).
 //! - [`rundir`]: the runtime directory, created and checked so no other
@@ -66,6 +68,7 @@ pub mod container;
 pub mod dependencies;
 pub mod error;
 pub mod guard;
+pub mod handover;
 pub mod hooks;
 mod host;
 pub mod instance;

@@ -171,7 +171,7 @@ impl Default for StateSpec {
 /// `limits:` — resources a plugin instance may use. Memory, cpu and pids are
 /// enforced by the instance's cgroup; the rest are rlimits set before exec.
 /// See [`crate::isolation`].
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Hard memory limit: beyond it the kernel's OOM killer ends the plugin
@@ -398,6 +398,9 @@ pub struct Manifest {
     pub autoscale: Option<crate::autoscale::AutoscaleSpec>,
     pub calls: CallLimits,
     pub upgrade: UpgradeSpec,
+    /// The text this was parsed from: what a hand-over to a new supervisor
+    /// image carries (the file may have changed since).
+    pub source: std::sync::Arc<str>,
     /// Set for a plugin on another host (`remote:`): it is connected to,
     /// not spawned, and `exec` is empty.
     pub remote: Option<RemoteSpec>,
@@ -626,6 +629,7 @@ impl Manifest {
             autoscale,
             calls: raw.calls,
             upgrade: raw.upgrade,
+            source: text.into(),
             remote,
             capabilities: raw.capabilities,
             hooks: raw.hooks,

@@ -12,7 +12,7 @@
 
 mod scale;
 
-use crate::actor::{Command, run_replica};
+use crate::actor::{Command, run_replica, run_replica_resumed};
 use crate::config::PluginOverride;
 use crate::error::Error;
 use crate::host::Host;
@@ -57,6 +57,9 @@ pub(crate) enum Op {
     },
     /// Stop every replica (with a last snapshot) and stop supervising.
     Remove(Reply),
+    /// What a hand-over to a new supervisor image carries of the
+    /// coordinator: the overrides and the runtime config.
+    Handover(Reply<(PluginOverride, serde_json::Map<String, serde_json::Value>)>),
     /// Autoscaling: run `to` replicas (kept within the manifest's
     /// `replicas.min`/`max`), adding or draining replicas; `reason` goes
     /// into the events.
@@ -99,10 +102,32 @@ pub(crate) fn spawn(
     manifest: Manifest,
     overrides: PluginOverride,
 ) -> Arc<PluginHandle> {
+    spawn_resumed(host, registry, manifest, overrides, None)
+}
+
+/// [`spawn`], for a plugin taken over from a previous supervisor image with
+/// its runtime config, history, output and replicas (see
+/// [`crate::handover`]).
+pub(crate) fn spawn_resumed(
+    host: &Arc<Host>,
+    registry: &Arc<Registry>,
+    manifest: Manifest,
+    overrides: PluginOverride,
+    mut restore: Option<crate::handover::Restore>,
+) -> Arc<PluginHandle> {
     let name = manifest.name.clone();
-    let replicas = manifest.replicas as usize;
+    let mut replicas = manifest.replicas as usize;
+    if let (Some(policy), Some(restore)) = (&manifest.autoscale, &restore) {
+        // As many as ran: replicas added by scaling keep running.
+        replicas = restore
+            .replicas()
+            .clamp(policy.min as usize, policy.max as usize);
+    }
     let manifest = Arc::new(manifest);
-    let runtime = serde_json::Map::new();
+    let runtime = restore
+        .as_mut()
+        .map(|r| std::mem::take(&mut r.runtime))
+        .unwrap_or_default();
     let spec = Arc::new(Spec::new(manifest.clone(), &overrides, &runtime));
     let (in_flight, queued) = host.metrics.call_gauges(&name);
     let common = Arc::new(Common {
@@ -128,10 +153,18 @@ pub(crate) fn spawn(
         crate::capability::Locality::of(&manifest),
         &manifest.capabilities,
     );
+    let mut resumed = match restore {
+        Some(restore) => crate::handover::restore_board(&common, restore)
+            .into_iter()
+            .map(Some)
+            .collect(),
+        None => Vec::new(),
+    };
+    resumed.resize_with(replicas, || None);
     let mut orders = Vec::with_capacity(replicas);
     let mut tasks = Vec::with_capacity(replicas);
-    for index in 0..replicas {
-        let (tx, task) = start_replica(host, &common, &spec, index, None);
+    for (index, resumed) in resumed.into_iter().enumerate() {
+        let (tx, task) = start_replica_resumed(host, &common, &spec, index, None, resumed);
         orders.push(tx);
         tasks.push(task);
     }
@@ -164,6 +197,19 @@ fn start_replica(
     index: usize,
     added: Option<(String, crate::status::EventDetail)>,
 ) -> (mpsc::Sender<Command>, tokio::task::JoinHandle<()>) {
+    start_replica_resumed(host, common, spec, index, added, None)
+}
+
+/// [`start_replica`], for a replica taken over from a previous supervisor
+/// image when `resumed` is set (see [`crate::handover`]).
+fn start_replica_resumed(
+    host: &Arc<Host>,
+    common: &Arc<Common>,
+    spec: &Arc<Spec>,
+    index: usize,
+    added: Option<(String, crate::status::EventDetail)>,
+    resumed: Option<crate::actor::Resumed>,
+) -> (mpsc::Sender<Command>, tokio::task::JoinHandle<()>) {
     let name = &common.name;
     let (tx, rx) = mpsc::channel(REPLICA_QUEUE);
     let snapshots = host.opts.state_dir.as_deref().map(|dir| {
@@ -185,7 +231,12 @@ fn start_replica(
     if let Some((reason, detail)) = added {
         replica.event(crate::status::PluginState::Starting, "", reason, detail);
     }
-    let task = host.tasks.spawn(run_replica(replica, spec.clone(), rx));
+    let task = match resumed {
+        Some(resumed) => host
+            .tasks
+            .spawn(run_replica_resumed(replica, spec.clone(), rx, resumed)),
+        None => host.tasks.spawn(run_replica(replica, spec.clone(), rx)),
+    };
     (tx, task)
 }
 
@@ -282,6 +333,9 @@ impl Coordinator {
                         Err(refused) => Err(refused),
                     };
                     let _ = reply.send(result);
+                }
+                Op::Handover(reply) => {
+                    let _ = reply.send(Ok((self.overrides.clone(), self.runtime.clone())));
                 }
                 Op::Scale { to, reason, reply } => {
                     let _ = reply.send(self.scale(to, reason).await);

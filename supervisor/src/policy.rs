@@ -66,6 +66,26 @@ impl RestartTracker {
         self.attempt
     }
 
+    /// What a hand-over carries: the attempt count and how long ago each
+    /// recent restart was decided (an `Instant` does not survive an exec).
+    pub fn export(&self, now: Instant) -> (u32, Vec<Duration>) {
+        let ages = self
+            .recent
+            .iter()
+            .map(|t| now.saturating_duration_since(*t))
+            .collect();
+        (self.attempt, ages)
+    }
+
+    /// A tracker with the history [`Self::export`] gave, as of `now`.
+    pub fn restore(spec: RestartSpec, attempt: u32, ages: &[Duration], now: Instant) -> Self {
+        RestartTracker {
+            spec,
+            attempt,
+            recent: ages.iter().filter_map(|a| now.checked_sub(*a)).collect(),
+        }
+    }
+
     /// Forgets all history: after an operator's `restart`, or a config change.
     pub fn clear(&mut self) {
         self.attempt = 0;

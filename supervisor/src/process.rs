@@ -214,6 +214,11 @@ impl Child {
         self.leader.pid
     }
 
+    /// The child's pidfd (handed to the next image at a hand-over).
+    pub fn pidfd(&self) -> &Arc<OwnedFd> {
+        &self.pidfd
+    }
+
     /// A receiver that turns `Some` when the child has exited and was reaped.
     pub fn exit_watch(&self) -> watch::Receiver<Option<ExitStatus>> {
         self.exit.clone()
@@ -316,10 +321,51 @@ pub async fn wait_exit(mut exit: watch::Receiver<Option<ExitStatus>>) -> ExitSta
 
 /// What the process thread hands back for a spawn.
 struct Spawned {
-    child: std::process::Child,
+    /// `None` for a tracked inherited child.
+    child: Option<std::process::Child>,
     pidfd: Arc<OwnedFd>,
     leader: Arc<Leader>,
     exit: watch::Receiver<Option<ExitStatus>>,
+}
+
+/// What the process thread is asked to do.
+enum Job {
+    Spawn(SpawnJob),
+    /// Track a child inherited across a hand-over (see [`crate::handover`]).
+    Track(TrackJob),
+    /// Replace this process's image (see [`ProcessManager::exec`]).
+    Exec(ExecJob),
+}
+
+struct TrackJob {
+    pid: i32,
+    pidfd: OwnedFd,
+    reply: oneshot::Sender<io::Result<Spawned>>,
+}
+
+/// An `execve` of a new supervisor image, performed by the process thread:
+/// the thread whose children the plugins are. The kernel kills every other
+/// thread at exec, and a child's parent-death signal fires when the thread
+/// that forked it exits; the exec'ing thread does not exit, so no plugin
+/// gets the signal, and its children stay its (now the new image's main
+/// thread's) children.
+pub struct ExecRequest {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    pub env: Vec<(OsString, OsString)>,
+    /// Descriptors the new image inherits: their close-on-exec flag is
+    /// cleared just before the exec (and set again if it fails). Every other
+    /// descriptor stays close-on-exec.
+    pub keep_fds: Vec<i32>,
+    /// The PIDs of the children the new image is told about. The exec is
+    /// refused if the thread tracks any other set (a child spawned or reaped
+    /// after the state was taken), so none goes unsupervised.
+    pub expected: Vec<i32>,
+}
+
+struct ExecJob {
+    request: ExecRequest,
+    reply: oneshot::Sender<io::Error>,
 }
 
 struct SpawnJob {
@@ -337,7 +383,7 @@ const ORPHAN_POLL_MS: libc::c_int = 1000;
 /// Spawns children from one long-lived thread, which also reaps them.
 pub struct ProcessManager {
     /// `None` only while dropping: the thread then finds the channel closed.
-    jobs: Option<std::sync::mpsc::Sender<SpawnJob>>,
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
     /// An eventfd the thread polls with its children's pidfds: written to
     /// hand it work.
     wake: Arc<OwnedFd>,
@@ -352,7 +398,20 @@ impl ProcessManager {
     /// every child it spawned has been reaped. (`_tasks` is no longer used:
     /// no task is spawned per child.)
     pub fn new() -> io::Result<ProcessManager> {
-        let (jobs, rx) = std::sync::mpsc::channel::<SpawnJob>();
+        let (manager, thread) = Self::detached()?;
+        std::thread::Builder::new()
+            .name("plugvisor-procs".into())
+            .spawn(move || thread.run())?;
+        Ok(manager)
+    }
+
+    /// The manager and its process thread, which the caller runs on a
+    /// thread of its choice with [`ProcessThread::run`]. The daemon runs it
+    /// on its main thread, so that every plugin is a child of the main
+    /// thread before and after a hand-over's exec (which that thread
+    /// performs).
+    pub fn detached() -> io::Result<(ProcessManager, ProcessThread)> {
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         // SAFETY: eventfd takes an initial value and flags and returns a new
         // descriptor, which nobody else owns.
         let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -371,15 +430,72 @@ impl ProcessManager {
             children: HashMap::new(),
             pid_ns: None,
         };
-        std::thread::Builder::new()
-            .name("plugvisor-procs".into())
-            .spawn(move || reaper.run())?;
-        Ok(ProcessManager {
-            jobs: Some(jobs),
-            wake,
-            adopt,
-            orphans,
-        })
+        Ok((
+            ProcessManager {
+                jobs: Some(jobs),
+                wake,
+                adopt,
+                orphans,
+            },
+            ProcessThread(reaper),
+        ))
+    }
+
+    fn send(&self, job: Job) -> io::Result<()> {
+        let stopped = || io::Error::other("the process thread has stopped");
+        self.jobs
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(job)
+            .map_err(|_| stopped())?;
+        wake(&self.wake);
+        Ok(())
+    }
+
+    /// Tracks a child this process inherited across an exec (its PID and
+    /// pidfd), with its output pipes: the reaper reaps it like one it
+    /// spawned. It must be a child of the thread running the process thread.
+    pub async fn track(
+        &self,
+        pid: i32,
+        pidfd: OwnedFd,
+        stdout: Option<OwnedFd>,
+        stderr: Option<OwnedFd>,
+    ) -> io::Result<Child> {
+        let (reply, result) = oneshot::channel();
+        self.send(Job::Track(TrackJob { pid, pidfd, reply }))?;
+        let Spawned {
+            pidfd,
+            leader,
+            exit,
+            ..
+        } = result
+            .await
+            .map_err(|_| io::Error::other("the process thread has stopped"))??;
+        let mut child = Child {
+            leader,
+            pidfd,
+            exit,
+            stdout: None,
+            stderr: None,
+        };
+        child.stdout = stdout.map(pipe::Receiver::from_owned_fd).transpose()?;
+        child.stderr = stderr.map(pipe::Receiver::from_owned_fd).transpose()?;
+        Ok(child)
+    }
+
+    /// Replaces this process's image by `request.program`, from the process
+    /// thread, keeping every child. Returns only on failure (nothing
+    /// changed then: the children are still tracked, and the kept
+    /// descriptors are close-on-exec again).
+    pub async fn exec(&self, request: ExecRequest) -> io::Error {
+        let (reply, result) = oneshot::channel();
+        if let Err(e) = self.send(Job::Exec(ExecJob { request, reply })) {
+            return e;
+        }
+        result
+            .await
+            .unwrap_or_else(|_| io::Error::other("the process thread has stopped"))
     }
 
     /// Another handle on the same process thread, for work that must spawn
@@ -479,18 +595,13 @@ impl ProcessManager {
         }
         let stopped = || io::Error::other("the process thread has stopped");
         let (reply, result) = oneshot::channel();
-        self.jobs
-            .as_ref()
-            .ok_or_else(stopped)?
-            .send(SpawnJob {
-                command,
-                new_pid_ns,
-                reply,
-            })
-            .map_err(|_| stopped())?;
-        wake(&self.wake);
+        self.send(Job::Spawn(SpawnJob {
+            command,
+            new_pid_ns,
+            reply,
+        }))?;
         let Spawned {
-            child: mut std_child,
+            child: std_child,
             pidfd,
             leader,
             exit,
@@ -505,6 +616,11 @@ impl ProcessManager {
             exit,
             stdout: None,
             stderr: None,
+        };
+        let Some(mut std_child) = std_child else {
+            return Err(io::Error::other(
+                "the process thread answered a spawn without a child",
+            ));
         };
         child.stdout = std_child
             .stdout
@@ -555,9 +671,21 @@ enum Peek {
     Gone,
 }
 
+/// The process thread's loop, to run on a thread of the caller's choice
+/// (see [`ProcessManager::detached`]). Every child is forked by, and a child
+/// of, the thread that runs it.
+pub struct ProcessThread(Reaper);
+
+impl ProcessThread {
+    /// Runs until the manager is dropped and every child was reaped.
+    pub fn run(self) {
+        self.0.run()
+    }
+}
+
 /// The process thread: forks every child and reaps them.
 struct Reaper {
-    jobs: std::sync::mpsc::Receiver<SpawnJob>,
+    jobs: std::sync::mpsc::Receiver<Job>,
     wake: Arc<OwnedFd>,
     adopt: Arc<AtomicBool>,
     orphans: Arc<AtomicUsize>,
@@ -575,7 +703,9 @@ impl Reaper {
         loop {
             while open {
                 match self.jobs.try_recv() {
-                    Ok(job) => self.spawn(job),
+                    Ok(Job::Spawn(job)) => self.spawn(job),
+                    Ok(Job::Track(job)) => self.track(job),
+                    Ok(Job::Exec(job)) => self.exec(job),
                     Err(std::sync::mpsc::TryRecvError::Empty) => break,
                     Err(std::sync::mpsc::TryRecvError::Disconnected) => open = false,
                 }
@@ -643,7 +773,7 @@ impl Reaper {
                 },
             );
             Spawned {
-                child,
+                child: Some(child),
                 pidfd,
                 leader,
                 exit,
@@ -654,6 +784,101 @@ impl Reaper {
             let _ = abandoned.leader.signal_group(libc::SIGKILL);
             let _ = pidfd_send_signal(&abandoned.pidfd, libc::SIGKILL);
         }
+    }
+
+    /// Starts tracking an inherited child.
+    fn track(&mut self, job: TrackJob) {
+        let result = match self.children.entry(job.pid) {
+            std::collections::hash_map::Entry::Occupied(_) => Err(io::Error::other(format!(
+                "pid {} is already tracked",
+                job.pid
+            ))),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                let pidfd = Arc::new(job.pidfd);
+                let leader = Arc::new(Leader::new(job.pid));
+                let (tx, exit) = watch::channel(None);
+                slot.insert(Tracked {
+                    leader: leader.clone(),
+                    pidfd: pidfd.clone(),
+                    exit: tx,
+                });
+                Ok(Spawned {
+                    child: None,
+                    pidfd,
+                    leader,
+                    exit,
+                })
+            }
+        };
+        // A caller that is gone drops the `Child`, which kills it.
+        let _ = job.reply.send(result);
+    }
+
+    /// Execs a new image (see [`ProcessManager::exec`]); answers only on
+    /// failure.
+    fn exec(&mut self, job: ExecJob) {
+        let error = self.try_exec(&job.request);
+        let _ = job.reply.send(error);
+    }
+
+    fn try_exec(&mut self, request: &ExecRequest) -> io::Error {
+        use std::os::unix::ffi::OsStrExt;
+        let mut tracked: Vec<i32> = self.children.keys().copied().collect();
+        let mut expected = request.expected.clone();
+        tracked.sort_unstable();
+        expected.sort_unstable();
+        if tracked != expected {
+            return io::Error::other(format!(
+                "the children changed while the hand-over state was taken (tracked {tracked:?}, in the state {expected:?}); nothing was replaced, try again"
+            ));
+        }
+        let cstring = |s: &std::ffi::OsStr| {
+            std::ffi::CString::new(s.as_bytes())
+                .map_err(|_| io::Error::other(format!("{s:?} contains a NUL byte")))
+        };
+        let prepared = (|| -> io::Result<_> {
+            let program = cstring(request.program.as_os_str())?;
+            let args = request
+                .args
+                .iter()
+                .map(|a| cstring(a))
+                .collect::<io::Result<Vec<_>>>()?;
+            let env = request
+                .env
+                .iter()
+                .map(|(k, v)| {
+                    let mut kv = k.clone();
+                    kv.push("=");
+                    kv.push(v);
+                    cstring(&kv)
+                })
+                .collect::<io::Result<Vec<_>>>()?;
+            Ok((program, args, env))
+        })();
+        let (program, args, env) = match prepared {
+            Ok(p) => p,
+            Err(e) => return e,
+        };
+        let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+        envp.push(std::ptr::null());
+        for fd in &request.keep_fds {
+            set_cloexec(*fd, false);
+        }
+        // SAFETY: execve with NUL-terminated strings and NULL-terminated
+        // arrays that outlive the call. On success it does not return: the
+        // kernel kills every other thread, and this one (the parent of every
+        // plugin) continues as the new image's main thread.
+        unsafe { libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        let error = io::Error::last_os_error();
+        for fd in &request.keep_fds {
+            set_cloexec(*fd, true);
+        }
+        io::Error::new(
+            error.kind(),
+            format!("cannot exec {}: {error}", request.program.display()),
+        )
     }
 
     /// Reaps every child that has exited: tracked ones one by one; in
@@ -815,6 +1040,23 @@ fn finish(t: Tracked, how: Peek) {
     t.leader.record(GroupEvent::Reaped);
     drop(reaped);
     t.exit.send_replace(Some(status));
+}
+
+/// Sets or clears a descriptor's close-on-exec flag.
+pub fn set_cloexec(fd: i32, on: bool) {
+    // SAFETY: fcntl F_GETFD/F_SETFD on a descriptor number; an invalid one
+    // just fails.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags >= 0 {
+            let flags = if on {
+                flags | libc::FD_CLOEXEC
+            } else {
+                flags & !libc::FD_CLOEXEC
+            };
+            libc::fcntl(fd, libc::F_SETFD, flags);
+        }
+    }
 }
 
 fn pidfd_send_signal(pidfd: &OwnedFd, signal: i32) -> io::Result<()> {

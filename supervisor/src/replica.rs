@@ -302,6 +302,7 @@ impl Replica {
                 r.instance = instance.id.clone();
                 r.pid = Some(pid);
                 r.identity = instance.identity.clone();
+                r.attached = Some(Arc::new(crate::handover::Attached::of(instance)));
             }
         }
         self.route(Route::Ready(ReadyInstance::new(

@@ -97,15 +97,12 @@ fn open_nofollow(path: &Path) -> io::Result<OwnedFd> {
 /// allowed to, but not list) and `<runtime_dir>/plugins`, and removes the
 /// socket directories an earlier run left in it. Returns how many it swept.
 pub fn prepare(runtime_dir: &Path) -> Result<usize, RunDirError> {
-    prepare_keeping(runtime_dir, &Default::default())
+    prepare_keeping(runtime_dir, &[])
 }
 
-/// [`prepare`], sparing the socket directories named in `keep` (those of
-/// survivors to re-adopt; see [`crate::adopt`]).
-pub fn prepare_keeping(
-    runtime_dir: &Path,
-    keep: &std::collections::HashSet<String>,
-) -> Result<usize, RunDirError> {
+/// [`prepare`], keeping the socket directories named in `keep`: those of
+/// instances taken over from a previous supervisor image.
+pub fn prepare_keeping(runtime_dir: &Path, keep: &[String]) -> Result<usize, RunDirError> {
     secure_dir(runtime_dir, 0o711)?;
     let plugins = runtime_dir.join("plugins");
     secure_dir(&plugins, 0o711)?;
@@ -118,7 +115,7 @@ pub fn prepare_keeping(
         // remove_dir_all does not follow symlinks: a planted link is removed
         // itself, not what it points to.
         let path = entry.path();
-        if keep.contains(&*entry.file_name().to_string_lossy())
+        if keep.iter().any(|k| entry.file_name() == k.as_str())
             && entry.file_type().is_ok_and(|t| t.is_dir())
         {
             continue;

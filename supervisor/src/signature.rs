@@ -73,6 +73,7 @@ fn key_id_of(b64: &str, len: usize) -> Option<String> {
 
 /// What an instance runs, as `inspect`, health answers and metrics show it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RunIdentity {
     /// The executable's SHA-256: of the bytes executed when `sealed`, else
     /// of the file as opened for the start.

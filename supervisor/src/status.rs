@@ -316,6 +316,11 @@ pub(crate) struct ReplicaStatus {
     pub restarts: u32,
     pub last_exit: Option<String>,
     pub ready_since: Option<Instant>,
+    /// What a hand-over needs of the running instance (see
+    /// [`crate::handover`]); current only while `instance` and `pid` match.
+    pub attached: Option<Arc<crate::handover::Attached>>,
+    /// The actor's restart history as of its last exit, for a hand-over.
+    pub tracker: Option<crate::policy::RestartTracker>,
     /// What its last instance ran.
     pub identity: crate::signature::RunIdentity,
     /// A zero-downtime upgrade of its ready instance is under way: calls
@@ -333,6 +338,8 @@ impl ReplicaStatus {
             restarts: 0,
             last_exit: None,
             ready_since: None,
+            attached: None,
+            tracker: None,
             identity: Default::default(),
             upgrading: false,
         }

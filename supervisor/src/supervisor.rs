@@ -44,8 +44,8 @@ pub use crate::status::{
 /// Supervises a set of plugins. Cheap to clone; all clones share one state.
 #[derive(Clone)]
 pub struct Supervisor {
-    host: Arc<Host>,
-    plugins: Arc<Registry>,
+    pub(crate) host: Arc<Host>,
+    pub(crate) plugins: Arc<Registry>,
 }
 
 impl Supervisor {
@@ -55,9 +55,12 @@ impl Supervisor {
     /// blocking pool instead.
     pub fn new(opts: SupervisorOptions) -> std::io::Result<Supervisor> {
         let survivors = Self::survivors(&opts)?;
-        let isolation =
-            Isolation::start_keeping(&opts.isolation, &opts.proc_root, &survivors.keep())
-                .map_err(std::io::Error::other)?;
+        let isolation = Isolation::start_keeping(
+            &opts.isolation,
+            &opts.proc_root,
+            &Self::keep(&opts, &survivors),
+        )
+        .map_err(std::io::Error::other)?;
         Self::with_isolation(opts, isolation, survivors)
     }
 
@@ -74,15 +77,34 @@ impl Supervisor {
     /// [`Self::new`], with the cgroup probing and stale-cgroup cleanup on
     /// the blocking pool (what the daemon uses).
     pub async fn launch(opts: SupervisorOptions) -> std::io::Result<Supervisor> {
+        Self::launch_with(opts, None).await
+    }
+
+    /// [`Self::launch`], spawning children through `processes` (a manager
+    /// whose process thread the caller runs; see
+    /// [`ProcessManager::detached`]) instead of a manager of its own.
+    pub async fn launch_with(
+        opts: SupervisorOptions,
+        processes: Option<ProcessManager>,
+    ) -> std::io::Result<Supervisor> {
         let o = opts.clone();
         let survivors = tokio::task::spawn_blocking(move || Self::survivors(&o))
             .await
             .map_err(std::io::Error::other)??;
-        let isolation =
-            Isolation::start_async_keeping(&opts.isolation, &opts.proc_root, survivors.keep())
-                .await
-                .map_err(std::io::Error::other)?;
-        Self::with_isolation(opts, isolation, survivors)
+        let keep = Self::keep(&opts, &survivors);
+        let isolation = Isolation::start_async_keeping(&opts.isolation, &opts.proc_root, &keep)
+            .await
+            .map_err(std::io::Error::other)?;
+        Self::with_isolation_and(opts, isolation, processes, survivors)
+    }
+
+    /// The instances whose cgroups and socket directories an earlier run
+    /// left and this one keeps: those taken over from a previous image of
+    /// this supervisor, and survivors of a crashed one to re-adopt.
+    fn keep(opts: &SupervisorOptions, survivors: &crate::adopt::Survivors) -> Vec<String> {
+        let mut keep = opts.keep_instances.clone();
+        keep.extend(survivors.keep());
+        keep
     }
 
     fn with_isolation(
@@ -90,10 +112,21 @@ impl Supervisor {
         isolation: Isolation,
         survivors: Arc<crate::adopt::Survivors>,
     ) -> std::io::Result<Supervisor> {
+        Self::with_isolation_and(opts, isolation, None, survivors)
+    }
+
+    fn with_isolation_and(
+        opts: SupervisorOptions,
+        isolation: Isolation,
+        processes: Option<ProcessManager>,
+        survivors: Arc<crate::adopt::Survivors>,
+    ) -> std::io::Result<Supervisor> {
         // Sockets live there: refuse a directory others could write in, and
-        // clear what an earlier run left (but survivors' sockets).
-        let swept = crate::rundir::prepare_keeping(&opts.runtime_dir, &survivors.keep())
-            .map_err(std::io::Error::other)?;
+        // clear what an earlier run left (but the sockets of instances
+        // taken over or to re-adopt).
+        let swept =
+            crate::rundir::prepare_keeping(&opts.runtime_dir, &Self::keep(&opts, &survivors))
+                .map_err(std::io::Error::other)?;
         if swept > 0 {
             tracing::info!(
                 "removed {swept} stale socket director{} of an earlier run",
@@ -101,7 +134,10 @@ impl Supervisor {
             );
         }
         let io_tasks = TaskTracker::new();
-        let processes = ProcessManager::new()?;
+        let processes = match processes {
+            Some(p) => p,
+            None => ProcessManager::new()?,
+        };
         let plugins: Arc<Registry> = Arc::default();
         let host = Arc::new(Host {
             registry: Arc::downgrade(&plugins),
@@ -247,6 +283,13 @@ impl Supervisor {
     /// One plugin's status.
     pub fn info(&self, name: &str) -> Result<PluginInfo, Error> {
         Ok(self.info_of(&*self.common(name)?))
+    }
+
+    /// The process manager: every child of this supervisor, helpers
+    /// included, must be spawned through it (in daemon mode its reaper
+    /// reaps every child of the process).
+    pub fn processes(&self) -> &ProcessManager {
+        &self.host.processes
     }
 
     /// Every future state transition of every plugin.

@@ -33,7 +33,7 @@ pub const TENANT_ENV: &str = "PLUGVISOR_TENANT";
 /// One tenant of a plugin: what it runs with on top of the plugin's own
 /// settings (the supervisor config's `plugins.<name>.tenants.<tenant>`, or
 /// `plugvisor tenant add`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenantSpec {
     /// `false`: declared, but not started.

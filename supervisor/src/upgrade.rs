@@ -273,6 +273,7 @@ fn restore_old(
     replica.update(|r| {
         r.instance = old.id.clone();
         r.pid = Some(pid);
+        r.attached = Some(Arc::new(crate::handover::Attached::of(old)));
     });
     if let Some(route) = old_route {
         replica.route(Route::Ready(route.clone()));

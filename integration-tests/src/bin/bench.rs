@@ -18,6 +18,8 @@ mod daemon;
 mod fleet;
 #[path = "bench/floor.rs"]
 mod floor;
+#[path = "bench/handover.rs"]
+mod handover;
 #[path = "bench/remote.rs"]
 mod remote;
 #[path = "bench/spin.rs"]
@@ -67,6 +69,8 @@ struct Counts {
     /// how many times `plugvisor ps` is run.
     fleet_rest: Duration,
     fleet_ps_runs: usize,
+    /// Section 11: `upgrade-self` hand-overs under load.
+    upgrades: usize,
 }
 
 impl Counts {
@@ -81,6 +85,7 @@ impl Counts {
             memory_plugins: 50,
             fleet_rest: Duration::from_secs(10),
             fleet_ps_runs: 10,
+            upgrades: 10,
         }
     }
 
@@ -95,6 +100,7 @@ impl Counts {
             memory_plugins: 10,
             fleet_rest: Duration::from_secs(3),
             fleet_ps_runs: 3,
+            upgrades: 3,
         }
     }
 }
@@ -108,6 +114,17 @@ struct Options {
     cpus: CpuMode,
     /// `--plugins N`: section 10's plugin count (default 1,000; 50 quick).
     plugins: Option<usize>,
+    /// `--only 1,11`: the sections to run (default: all).
+    only: Option<Vec<u32>>,
+}
+
+impl Options {
+    /// Whether any of `sections` is to run.
+    fn runs(&self, sections: &[u32]) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| sections.iter().any(|s| only.contains(s)))
+    }
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -117,6 +134,7 @@ fn parse_args() -> Result<Options, String> {
         plugin_env: Vec::new(),
         cpus: CpuMode::Idle,
         plugins: None,
+        only: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -134,6 +152,21 @@ fn parse_args() -> Result<Options, String> {
                 }
                 opts.plugins = Some(n);
             }
+            "--only" => {
+                let list = args
+                    .next()
+                    .ok_or("--only needs section numbers, e.g. 1,11")?;
+                let sections = list
+                    .split(',')
+                    .map(|n| match n.trim().parse::<u32>() {
+                        Ok(n @ 1..=11) => Ok(n),
+                        _ => Err(format!(
+                            "--only `{list}`: `{n}` is not a section number (1 to 11)"
+                        )),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                opts.only = Some(sections);
+            }
             "--plugin-env" => {
                 let kv = args
                     .next()
@@ -146,12 +179,13 @@ fn parse_args() -> Result<Options, String> {
             "-h" | "--help" => {
                 println!(
                     "plugvisor-bench: measures the SPEC §8 performance figures in one run.\n\n\
-                     usage: plugvisor-bench [--quick] [--json] [--spin] [--plugins N] [--plugin-env KEY=VALUE]...\n\n  \
+                     usage: plugvisor-bench [--quick] [--json] [--spin] [--plugins N] [--only 1,11] [--plugin-env KEY=VALUE]...\n\n  \
                      --quick       small sample counts (a smoke run, not a measurement)\n  \
                      --json        also print the figures as one JSON object\n  \
                      --spin        latency figures with a SCHED_IDLE spinner thread per CPU, so\n                \
                      idle vCPUs do not sleep between hops (the `cpus` column says which)\n  \
                      --plugins N   plugins of section 10, in one daemon (default 1000; 50 with --quick)\n  \
+                     --only LIST   run only these sections, e.g. `--only 11` (2-7 run together)\n  \
                      --plugin-env  set a variable in every benchmarked plugin's environment\n                \
                      (e.g. TOKIO_WORKER_THREADS=1); repeatable\n\n\
                      TOKIO_WORKER_THREADS in the bench's own environment sets the worker count of\n\
@@ -261,70 +295,77 @@ async fn run(opts: Options, bins: Setup) -> Result<bool> {
     );
 
     // 1. The floors.
-    eprintln!("[1/10] raw Unix-socket ping-pong and copy ...");
-    let floor = match floor::raw_floor(&root, counts, cpus_mode).await {
-        Ok((floor, blocking)) => {
-            table.push(
-                Row::new(
-                    "1  raw UDS ping-pong 64 B (tokio client <-> echo thread)",
-                    floor.p50_p99(),
-                    "the floor",
-                    Verdict::Info,
-                )
-                .cpus(cpus_mode.label()),
-            );
-            table.push(
-                Row::new(
-                    "   raw UDS ping-pong 64 B (blocking std, both ends)",
-                    blocking.p50_p99(),
-                    "kernel floor, info",
-                    Verdict::Info,
-                )
-                .cpus(cpus_mode.label()),
-            );
-            table.json("raw_p50_us", floor.p50_us());
-            table.json("raw_p99_us", floor.p99_us());
-            table.json("raw_blocking_p50_us", blocking.p50_us());
-            table.json("raw_blocking_p99_us", blocking.p99_us());
-            Some(floor)
-        }
-        Err(e) => {
-            table.error("1  raw UDS ping-pong 64 B", &e);
-            None
-        }
-    };
-    let copy_floor = match floor::raw_copy(counts).await {
-        Ok((median, best)) => {
-            table.push(
-                Row::new(
-                    "   raw UDS copy 64 MiB (1 MiB writes) round trip, socketpair",
-                    format!(
-                        "{median:.2} GB/s median, {best:.2} best of {}",
-                        counts.stream_reps
-                    ),
-                    "the stream floor",
-                    Verdict::Info,
-                )
-                .cpus(CpuMode::Idle.label()),
-            );
-            table.json("raw_copy_gb_per_s", median);
-            Some(median)
-        }
-        Err(e) => {
-            table.error("   raw UDS copy 64 MiB", &e);
-            None
-        }
+    let (floor, copy_floor) = if !opts.runs(&[1]) {
+        (None, None)
+    } else {
+        eprintln!("[1/11] raw Unix-socket ping-pong and copy ...");
+        let floor = match floor::raw_floor(&root, counts, cpus_mode).await {
+            Ok((floor, blocking)) => {
+                table.push(
+                    Row::new(
+                        "1  raw UDS ping-pong 64 B (tokio client <-> echo thread)",
+                        floor.p50_p99(),
+                        "the floor",
+                        Verdict::Info,
+                    )
+                    .cpus(cpus_mode.label()),
+                );
+                table.push(
+                    Row::new(
+                        "   raw UDS ping-pong 64 B (blocking std, both ends)",
+                        blocking.p50_p99(),
+                        "kernel floor, info",
+                        Verdict::Info,
+                    )
+                    .cpus(cpus_mode.label()),
+                );
+                table.json("raw_p50_us", floor.p50_us());
+                table.json("raw_p99_us", floor.p99_us());
+                table.json("raw_blocking_p50_us", blocking.p50_us());
+                table.json("raw_blocking_p99_us", blocking.p99_us());
+                Some(floor)
+            }
+            Err(e) => {
+                table.error("1  raw UDS ping-pong 64 B", &e);
+                None
+            }
+        };
+        let copy_floor = match floor::raw_copy(counts).await {
+            Ok((median, best)) => {
+                table.push(
+                    Row::new(
+                        "   raw UDS copy 64 MiB (1 MiB writes) round trip, socketpair",
+                        format!(
+                            "{median:.2} GB/s median, {best:.2} best of {}",
+                            counts.stream_reps
+                        ),
+                        "the stream floor",
+                        Verdict::Info,
+                    )
+                    .cpus(CpuMode::Idle.label()),
+                );
+                table.json("raw_copy_gb_per_s", median);
+                Some(median)
+            }
+            Err(e) => {
+                table.error("   raw UDS copy 64 MiB", &e);
+                None
+            }
+        };
+        (floor, copy_floor)
     };
 
     // 8. Memory first, on its own supervisor, before any other figure has
     // grown the heap (a 64 MiB stream leaves the allocator bigger).
-    eprintln!(
-        "[8/10] supervisor memory with {} plugins ...",
-        counts.memory_plugins
-    );
-    match memory(&root, &bins, counts).await {
-        Ok(m) => m.report(&mut table),
-        Err(e) => table.error("8  supervisor memory", &e),
+    if opts.runs(&[8]) {
+        eprintln!(
+            "[8/11] supervisor memory with {} plugins ...",
+            counts.memory_plugins
+        );
+        match memory(&root, &bins, counts).await {
+            Ok(m) => m.report(&mut table),
+            Err(e) => table.error("8  supervisor memory", &e),
+        }
     }
 
     // The embedded supervisor of figures 2, 4-7.
@@ -333,58 +374,76 @@ async fn run(opts: Options, bins: Setup) -> Result<bool> {
         copy_gb_s: copy_floor,
         cpus: cpus_mode,
     };
-    let sup = Supervisor::new(SupervisorOptions::new(root.join("e")))?;
-    let result = embedded_and_daemon(&root, &bins, counts, &sup, floors, &mut table).await;
-    sup.shutdown().await;
-    let daemon_p50 = match result {
-        Ok(p50) => p50,
-        Err(e) => {
-            table.error("embedded supervisor", &e);
-            None
+    let daemon_p50 = if opts.runs(&[2, 3, 4, 5, 6, 7]) {
+        let sup = Supervisor::new(SupervisorOptions::new(root.join("e")))?;
+        let result = embedded_and_daemon(&root, &bins, counts, &sup, floors, &mut table).await;
+        sup.shutdown().await;
+        match result {
+            Ok(p50) => p50,
+            Err(e) => {
+                table.error("embedded supervisor", &e);
+                None
+            }
         }
+    } else {
+        None
     };
 
     // 9. The price of per-call snapshots (state.snapshot_on_change).
-    eprintln!("[9/10] kv set with and without per-call snapshots ...");
-    match snapshot_cost(&root, &bins, counts).await {
-        Ok((off, on, fs)) => {
-            table.push(Row::new(
-                "9  kv `set`, 64 B, snapshots periodic only: p50 / p99",
-                off.p50_p99(),
-                "info",
-                Verdict::Info,
-            ));
-            table.push(Row::new(
-                format!("   kv `set` with a snapshot before every reply ({fs})"),
-                on.p50_p99(),
-                "info: cost of no loss",
-                Verdict::Info,
-            ));
-            table.json("kv_set_p50_us", off.p50_us());
-            table.json("kv_set_snapshot_each_p50_us", on.p50_us());
-            table.json("kv_set_snapshot_each_p99_us", on.p99_us());
+    if opts.runs(&[9]) {
+        eprintln!("[9/11] kv set with and without per-call snapshots ...");
+        match snapshot_cost(&root, &bins, counts).await {
+            Ok((off, on, fs)) => {
+                table.push(Row::new(
+                    "9  kv `set`, 64 B, snapshots periodic only: p50 / p99",
+                    off.p50_p99(),
+                    "info",
+                    Verdict::Info,
+                ));
+                table.push(Row::new(
+                    format!("   kv `set` with a snapshot before every reply ({fs})"),
+                    on.p50_p99(),
+                    "info: cost of no loss",
+                    Verdict::Info,
+                ));
+                table.json("kv_set_p50_us", off.p50_us());
+                table.json("kv_set_snapshot_each_p50_us", on.p50_us());
+                table.json("kv_set_snapshot_each_p99_us", on.p99_us());
+            }
+            Err(e) => table.error("9  kv set with per-call snapshots", &e),
         }
-        Err(e) => table.error("9  kv set with per-call snapshots", &e),
     }
-
     // 10. Many plugins in one daemon.
-    let plan = fleet::FleetPlan {
-        plugins: opts.plugins.unwrap_or(if opts.quick { 50 } else { 1000 }),
-        rest: counts.fleet_rest,
-        ps_runs: counts.fleet_ps_runs,
-        calls: counts.latency / 4,
-        warmup: counts.latency_warmup / 4,
-        cpus: cpus_mode,
-    };
-    eprintln!(
-        "[10/10] {} echo plugins in one daemon, health every 1 s ...",
-        plan.plugins
-    );
-    match fleet::run(&root, &bins, plan).await {
-        Ok(f) => report_fleet(&f, daemon_p50, cpus_mode, &mut table),
-        Err(e) => table.error(&format!("10 {} plugins in one daemon", plan.plugins), &e),
+    if opts.runs(&[10]) {
+        let plan = fleet::FleetPlan {
+            plugins: opts.plugins.unwrap_or(if opts.quick { 50 } else { 1000 }),
+            rest: counts.fleet_rest,
+            ps_runs: counts.fleet_ps_runs,
+            calls: counts.latency / 4,
+            warmup: counts.latency_warmup / 4,
+            cpus: cpus_mode,
+        };
+        eprintln!(
+            "[10/11] {} echo plugins in one daemon, health every 1 s ...",
+            plan.plugins
+        );
+        match fleet::run(&root, &bins, plan).await {
+            Ok(f) => report_fleet(&f, daemon_p50, cpus_mode, &mut table),
+            Err(e) => table.error(&format!("10 {} plugins in one daemon", plan.plugins), &e),
+        }
     }
 
+    // 11. upgrade-self under load.
+    if opts.runs(&[11]) {
+        eprintln!(
+            "[11/11] upgrade-self {} times, callers calling all the time ...",
+            counts.upgrades
+        );
+        match handover::run(&root, &bins, counts.upgrades).await {
+            Ok(h) => report_handover(&h, &mut table),
+            Err(e) => table.error("11 upgrade-self under load", &e),
+        }
+    }
     table.sort();
     println!();
     println!(
@@ -418,6 +477,63 @@ async fn run(opts: Options, bins: Setup) -> Result<bool> {
         println!("{}", table.json_text());
     }
     Ok(!table.has_errors())
+}
+
+fn report_handover(h: &handover::Handover, table: &mut Table) {
+    table.push(Row::new(
+        format!(
+            "11 upgrade-self: request -> new daemon answers ({} hand-overs, 1 plugin)",
+            h.upgrades
+        ),
+        format!(
+            "p50 {} / max {}",
+            stats::fmt_ms(h.total.p50),
+            stats::fmt_ms(h.total.p99)
+        ),
+        "info",
+        Verdict::Info,
+    ));
+    table.push(Row::new(
+        "   of which, by the daemon: request -> serving / socket not accepted",
+        format!(
+            "p50 {} / {}",
+            stats::fmt_ms(h.daemon_total.p50),
+            stats::fmt_ms(h.daemon_paused.p50)
+        ),
+        "info",
+        Verdict::Info,
+    ));
+    table.push(Row::new(
+        "   longest control call during the hand-overs (4 callers)",
+        stats::fmt_ms(h.longest_call),
+        "info: the pause a caller sees",
+        Verdict::Info,
+    ));
+    table.push(Row::new(
+        format!(
+            "   failed calls of {} ({} sent again by the client, never processed)",
+            h.calls + h.failed,
+            h.resent
+        ),
+        h.failed.to_string(),
+        "0",
+        Verdict::at_most(h.failed as f64, 0.0),
+    ));
+    table.json("handover_p50_ms", h.total.p50.as_secs_f64() * 1e3);
+    table.json("handover_max_ms", h.total.p99.as_secs_f64() * 1e3);
+    table.json(
+        "handover_daemon_p50_ms",
+        h.daemon_total.p50.as_secs_f64() * 1e3,
+    );
+    table.json(
+        "handover_paused_p50_ms",
+        h.daemon_paused.p50.as_secs_f64() * 1e3,
+    );
+    table.json(
+        "handover_longest_call_ms",
+        h.longest_call.as_secs_f64() * 1e3,
+    );
+    table.json("handover_failed_calls", h.failed as f64);
 }
 
 /// The same-run floors the embedded figures are ratios to.
@@ -459,7 +575,7 @@ async fn embedded_and_daemon(
     let mode = floors.cpus.label();
 
     // 2. Handle, one caller, embedded.
-    eprintln!("[2/10] Handle 64 B, one caller, embedded ...");
+    eprintln!("[2/11] Handle 64 B, one caller, embedded ...");
     let embedded = match embedded_latency(sup, counts, floors.cpus).await {
         Ok(s) => {
             let p50 = floors
@@ -551,7 +667,7 @@ async fn embedded_and_daemon(
 
     // 4. Concurrent callers (before the spawn figures, which need the exec
     // floor of section 6 for the daemon's spawn figure as well).
-    eprintln!("[4/10] 1 and {CALLERS} concurrent callers, embedded ...");
+    eprintln!("[4/11] 1 and {CALLERS} concurrent callers, embedded ...");
     match concurrent(sup, counts).await {
         Ok((one, rate)) => {
             let r = Some(rate / one);
@@ -591,7 +707,7 @@ async fn embedded_and_daemon(
     }
 
     // 5. HandleStream throughput.
-    eprintln!("[5/10] HandleStream 64 MiB ...");
+    eprintln!("[5/11] HandleStream 64 MiB ...");
     match stream(sup, counts).await {
         Ok((median, best)) => {
             let r = floors.copy_gb_s.map(|raw| raw / median);
@@ -624,7 +740,7 @@ async fn embedded_and_daemon(
 
     // 6. spawn -> ready, embedded.
     eprintln!(
-        "[6/10] spawn -> ready over {} restarts ...",
+        "[6/11] spawn -> ready over {} restarts ...",
         counts.restarts
     );
     let exec_floor = match spawn_ready(sup, bins, &mut events, counts).await {
@@ -679,7 +795,7 @@ async fn embedded_and_daemon(
     };
 
     // 3. The same through the daemon, and its spawn -> ready.
-    eprintln!("[3/10] Handle 64 B, one caller, and spawn -> ready through the daemon ...");
+    eprintln!("[3/11] Handle 64 B, one caller, and spawn -> ready through the daemon ...");
     let mut daemon_p50 = None;
     match daemon_figures(root, bins, counts, floors.cpus).await {
         Ok(d) => {
@@ -740,7 +856,7 @@ async fn embedded_and_daemon(
 
     // 7. crash -> event, crash -> ready.
     eprintln!(
-        "[7/10] crash -> event / ready over {} crashes ...",
+        "[7/11] crash -> event / ready over {} crashes ...",
         counts.crashes
     );
     match crashes(sup, &mut events, counts).await {

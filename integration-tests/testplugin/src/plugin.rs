@@ -355,6 +355,17 @@ impl Plugin for TestPlugin {
                 eprintln!("testplugin: crashing with exit code {code} as asked");
                 std::process::exit(code)
             }
+            // Exits after the payload's milliseconds, from a thread of its
+            // own: the call answers at once.
+            "crash_in" => {
+                let ms = number(&req, Some(0))?;
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    eprintln!("testplugin: crashing {ms}ms after being asked");
+                    std::process::exit(DEFAULT_CRASH_CODE)
+                });
+                Ok(Response::new("crashing"))
+            }
             "abort" => {
                 eprintln!("testplugin: aborting (SIGABRT) as asked");
                 std::process::abort()

@@ -22,4 +22,5 @@ mod survive;
 mod tenant;
 mod terminal;
 mod top;
+mod upgrade_self;
 mod validate;

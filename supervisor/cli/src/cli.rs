@@ -126,6 +126,29 @@ pub enum Command {
         #[arg(long)]
         upgrade: bool,
     },
+    /// Replace the running daemon with a new plugvisor binary while every
+    /// plugin keeps running with the same pid (like SIGUSR2). Waits until
+    /// the new daemon serves.
+    UpgradeSelf {
+        /// The new binary (default: the path the daemon was started from).
+        #[arg(long, value_name = "FILE")]
+        binary: Option<PathBuf>,
+        /// How long to wait for the new daemon to serve, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The pre-flight a daemon runs on a new binary before `upgrade-self`:
+    /// checks the config and the hand-over state format, then exits.
+    #[command(hide = true)]
+    HandoverCheck {
+        /// The state format the running daemon writes.
+        #[arg(long)]
+        format: u32,
+        #[command(flatten)]
+        args: ConfigArgs,
+    },
     /// Re-read the config and plugins dir: start added plugins, stop removed
     /// ones, upgrade changed ones (like SIGHUP).
     Reload {
@@ -331,6 +354,40 @@ fn init_logging(format: LogFormat) {
 
 /// Runs the CLI; returns the process exit code.
 pub fn main(cli: Cli) -> i32 {
+    if matches!(cli.command, Command::Run(_)) {
+        return run_daemon(cli);
+    }
+    run_on_runtime(cli, None)
+}
+
+/// `plugvisor run`: the process thread (which forks every plugin, and
+/// execs the next image at `upgrade-self`) runs on the main thread, the
+/// daemon on a runtime beside it. Every plugin is then a child of the main
+/// thread, in this image and in every image after an `upgrade-self`.
+fn run_daemon(cli: Cli) -> i32 {
+    let (processes, thread) = match plugvisor::process::ProcessManager::detached() {
+        Ok(pair) => pair,
+        Err(e) => {
+            eprintln!("plugvisor: cannot start the process thread: {e}");
+            return 1;
+        }
+    };
+    let daemon = std::thread::Builder::new()
+        .name("plugvisor-daemon".into())
+        .spawn(move || run_on_runtime(cli, Some(processes)));
+    let daemon = match daemon {
+        Ok(handle) => handle,
+        Err(e) => {
+            eprintln!("plugvisor: cannot start the daemon thread: {e}");
+            return 1;
+        }
+    };
+    // Returns once the daemon dropped the manager and every child is reaped.
+    thread.run();
+    daemon.join().unwrap_or(1)
+}
+
+fn run_on_runtime(cli: Cli, processes: Option<plugvisor::process::ProcessManager>) -> i32 {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -341,7 +398,7 @@ pub fn main(cli: Cli) -> i32 {
             return 1;
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    match runtime.block_on(dispatch(cli, processes)) {
         Ok(code) => code,
         // The daemon's answer, as `plugvisor call` shows it: code and message.
         Err(e) => {
@@ -354,7 +411,33 @@ pub fn main(cli: Cli) -> i32 {
     }
 }
 
-async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+/// The daemon's config flags, as `run` and `handover-check` take them.
+fn config_argv(args: &ConfigArgs) -> Vec<std::ffi::OsString> {
+    let mut argv: Vec<std::ffi::OsString> = Vec::new();
+    let mut flag = |name: &str, value: Option<std::ffi::OsString>| {
+        if let Some(value) = value {
+            argv.push(name.into());
+            argv.push(value);
+        }
+    };
+    flag("--config", args.config.clone().map(Into::into));
+    flag("--plugins-dir", args.plugins_dir.clone().map(Into::into));
+    flag("--runtime-dir", args.runtime_dir.clone().map(Into::into));
+    flag("--state-dir", args.state_dir.clone().map(Into::into));
+    flag(
+        "--metrics-address",
+        args.metrics_address.map(|a| a.to_string().into()),
+    );
+    if args.strict {
+        argv.push("--strict".into());
+    }
+    argv
+}
+
+async fn dispatch(
+    cli: Cli,
+    mut processes: Option<plugvisor::process::ProcessManager>,
+) -> anyhow::Result<i32> {
     let control_path = || match &cli.control {
         Some(p) => p.clone(),
         None => control::resolve(None),
@@ -366,6 +449,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 config.control_socket = Some(control.clone());
             }
             init_logging(config.log_format);
+            let flags = config_argv(args);
             let (args, control) = (args.clone(), cli.control.clone());
             let reload = std::sync::Arc::new(move || {
                 let mut config = load_config(&args)?;
@@ -374,9 +458,45 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 }
                 Ok(config)
             });
-            crate::daemon::run(config, reload, shutdown_signal()).await?;
+            let mut global: Vec<std::ffi::OsString> = Vec::new();
+            if let Some(control) = &cli.control {
+                global.push("--control".into());
+                global.push(control.into());
+            }
+            let mut run_argv = global.clone();
+            run_argv.push("run".into());
+            run_argv.extend(flags.iter().cloned());
+            let mut check_argv = global;
+            check_argv.extend([
+                "handover-check".into(),
+                "--format".into(),
+                plugvisor::handover::FORMAT.to_string().into(),
+            ]);
+            check_argv.extend(flags);
+            let launch = crate::upgrade_self::Launch {
+                processes: processes.take(),
+                run_argv,
+                check_argv,
+            };
+            crate::daemon::run_with(config, reload, shutdown_signal(), launch).await?;
             Ok(0)
         }
+        Command::HandoverCheck { format, args } => {
+            load_config(args)?;
+            plugvisor::handover::check_format(*format).map_err(anyhow::Error::msg)?;
+            println!(
+                "{} format={} version={}",
+                crate::upgrade_self::PREFLIGHT_OK,
+                plugvisor::handover::FORMAT,
+                env!("CARGO_PKG_VERSION")
+            );
+            Ok(0)
+        }
+        Command::UpgradeSelf {
+            binary,
+            timeout,
+            json,
+        } => upgrade_self(&control_path(), binary.clone(), *timeout, *json).await,
         Command::Check { args, json } => check(args, *json),
         Command::Config { name, set } => {
             let mut changes = serde_json::Map::new();
@@ -611,47 +731,48 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             tail,
             json,
         } => {
-            let mut client = control::connect(&control_path()).await?;
-            let mut stream = client
-                .logs(pb::LogsRequest {
-                    plugin: name.clone(),
-                    tail: *tail,
-                    follow: *follow,
-                })
-                .await?
-                .into_inner();
             let mut out = std::io::stdout();
             let color = crate::progress::stdout_color();
-            while let Some(line) = stream.message().await? {
+            let request = pb::LogsRequest {
+                plugin: name.clone(),
+                tail: *tail,
+                follow: *follow,
+            };
+            let again = pb::LogsRequest {
+                tail: 0,
+                ..request.clone()
+            };
+            crate::follow::run(&control_path(), request, again, *follow, |line: &pb::LogLine| {
                 if *json {
                     let v = serde_json::json!({"time_ms": line.time_ms, "instance": line.instance, "stream": line.stream, "line": line.line});
                     writeln!(out, "{v}")?;
                 } else {
-                    writeln!(out, "{}", crate::progress::log_line(&line, color))?;
+                    writeln!(out, "{}", crate::progress::log_line(line, color))?;
                 }
                 out.flush()?;
-            }
+                Ok(())
+            })
+            .await?;
             Ok(0)
         }
         Command::Events { name, follow, json } => {
-            let mut client = control::connect(&control_path()).await?;
-            let mut stream = client
-                .events(pb::EventsRequest {
-                    plugin: name.clone().unwrap_or_default(),
-                    follow: *follow,
-                })
-                .await?
-                .into_inner();
             let mut out = std::io::stdout();
             let color = crate::progress::stdout_color();
-            while let Some(e) = stream.message().await? {
+            let request = pb::EventsRequest {
+                plugin: name.clone().unwrap_or_default(),
+                follow: *follow,
+            };
+            let again = request.clone();
+            crate::follow::run(&control_path(), request, again, *follow, |e: &pb::Event| {
                 if *json {
-                    writeln!(out, "{}", event_json(&e))?;
+                    writeln!(out, "{}", event_json(e))?;
                 } else {
-                    writeln!(out, "{}", crate::progress::event_line(&e, color))?;
+                    writeln!(out, "{}", crate::progress::event_line(e, color))?;
                 }
                 out.flush()?;
-            }
+                Ok(())
+            })
+            .await?;
             Ok(0)
         }
         Command::Reload { json } => {
@@ -973,6 +1094,83 @@ fn check(args: &ConfigArgs, json: bool) -> anyhow::Result<i32> {
         println!("{} plugin(s), {} error(s)", plugins.len(), errors.len());
     }
     Ok(if errors.is_empty() { 0 } else { 1 })
+}
+
+/// `plugvisor upgrade-self`: asks for the switch, then waits until the new
+/// image serves (its generation), or the old one reports why it could not.
+async fn upgrade_self(
+    control_path: &std::path::Path,
+    binary: Option<PathBuf>,
+    timeout: u64,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let started = std::time::Instant::now();
+    let mut client = control::connect(control_path).await?;
+    let before = client
+        .daemon_info(pb::DaemonInfoRequest {})
+        .await?
+        .into_inner();
+    let binary = binary
+        .map(|b| std::path::absolute(&b).unwrap_or(b))
+        .map(|b| b.display().to_string())
+        .unwrap_or_default();
+    let accepted = client
+        .upgrade_self(pb::UpgradeSelfRequest { binary })
+        .await?
+        .into_inner();
+    drop(client);
+    let deadline = started + Duration::from_secs(timeout);
+    loop {
+        // A new connection each time: the old image closes its connections.
+        let info = match control::connect(control_path).await {
+            Ok(mut client) => client
+                .daemon_info(pb::DaemonInfoRequest {})
+                .await
+                .ok()
+                .map(|r| r.into_inner()),
+            Err(_) => None,
+        };
+        if let Some(info) = info {
+            if info.generation >= accepted.generation {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "pid": info.pid,
+                            "binary": info.binary,
+                            "version": info.version,
+                            "generation": info.generation,
+                            "previous_binary": before.binary,
+                            "handover_ms": info.last_handover_ms,
+                            "pause_ms": info.last_pause_ms,
+                        })
+                    );
+                } else {
+                    println!(
+                        "upgraded in place: pid {} now runs {} (version {}, generation {}); hand-over {}ms, control socket paused {}ms",
+                        info.pid,
+                        info.binary,
+                        info.version,
+                        info.generation,
+                        info.last_handover_ms,
+                        info.last_pause_ms
+                    );
+                }
+                return Ok(0);
+            }
+            if !info.last_upgrade_error.is_empty() {
+                bail!(
+                    "not upgraded; the daemon keeps running {}: {}",
+                    info.binary,
+                    info.last_upgrade_error
+                );
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("the daemon did not report the new image within {timeout}s (see its log)");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn shutdown_signal() {

@@ -182,6 +182,9 @@ pub struct ControlService {
     /// Reloads and upgrades from the plugins directory; `None` when the
     /// service runs without a daemon config.
     reloader: Option<Arc<Reloader>>,
+    /// Hands the daemon over to a new binary (`upgrade-self`); `None` when
+    /// the service runs without a daemon.
+    upgrader: Option<Arc<crate::upgrade_self::Upgrader>>,
 }
 
 fn millis(t: std::time::SystemTime) -> u64 {
@@ -321,6 +324,34 @@ fn event_of(e: &Event) -> pb::Event {
 
 #[tonic::async_trait]
 impl Control for ControlService {
+    async fn upgrade_self(
+        &self,
+        request: Request<pb::UpgradeSelfRequest>,
+    ) -> Result<Response<pb::UpgradeSelfResponse>, Status> {
+        self.access.borrow().check(&request)?;
+        let upgrader = self.upgrader.as_ref().ok_or_else(|| {
+            Status::failed_precondition("this control service runs without a daemon to upgrade")
+        })?;
+        let binary = request.into_inner().binary;
+        let binary = (!binary.is_empty()).then(|| std::path::PathBuf::from(binary));
+        upgrader.request(binary).await.map(Response::new)
+    }
+
+    async fn daemon_info(
+        &self,
+        request: Request<pb::DaemonInfoRequest>,
+    ) -> Result<Response<pb::DaemonInfoResponse>, Status> {
+        self.access.borrow().check(&request)?;
+        Ok(Response::new(match &self.upgrader {
+            Some(upgrader) => upgrader.info(),
+            None => pb::DaemonInfoResponse {
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                ..Default::default()
+            },
+        }))
+    }
+
     async fn list(
         &self,
         request: Request<pb::ListRequest>,
@@ -459,6 +490,7 @@ impl Control for ControlService {
             .last()
             .map(|e| (e.time, e.plugin.clone(), e.reason.clone()));
         let cancel = self.cancel.clone();
+        let handing_over = self.handing_over();
         let stream = async_stream::stream! {
             for e in &past {
                 yield Ok(event_of(e));
@@ -468,8 +500,14 @@ impl Control for ControlService {
             }
             loop {
                 let next = tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    next = live.recv() => next,
+                    _ = cancel.cancelled() => None,
+                    next = live.recv() => Some(next),
+                };
+                let Some(next) = next else {
+                    if handing_over() {
+                        yield Err(crate::follow::handover_status());
+                    }
+                    break;
                 };
                 match next {
                     Ok(e) => {
@@ -509,6 +547,7 @@ impl Control for ControlService {
             r.tail as usize
         });
         let cancel = self.cancel.clone();
+        let handing_over = self.handing_over();
         let line_of = |l: &plugvisor::logs::LogLine| pb::LogLine {
             time_ms: millis(l.time),
             instance: l.instance.clone(),
@@ -524,8 +563,14 @@ impl Control for ControlService {
             }
             loop {
                 let next = tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    next = live.recv() => next,
+                    _ = cancel.cancelled() => None,
+                    next = live.recv() => Some(next),
+                };
+                let Some(next) = next else {
+                    if handing_over() {
+                        yield Err(crate::follow::handover_status());
+                    }
+                    break;
                 };
                 match next {
                     Ok(l) => yield Ok(line_of(&l)),
@@ -689,6 +734,13 @@ impl Control for ControlService {
 }
 
 impl ControlService {
+    /// Whether the server is stopping for a hand-over to a new binary
+    /// (rather than for the daemon's shutdown), asked when it stops.
+    fn handing_over(&self) -> impl Fn() -> bool + Send + 'static {
+        let upgrader = self.upgrader.clone();
+        move || upgrader.as_ref().is_some_and(|u| u.switching())
+    }
+
     /// The `Tenant` RPC: see [`crate::tenant`].
     async fn tenant_request(
         &self,
@@ -815,44 +867,49 @@ pub async fn serve(
     cancel: CancellationToken,
     grace: Duration,
 ) -> Result<(), tonic::transport::Error> {
+    serve_shared(
+        supervisor,
+        Arc::new(listener),
+        access,
+        reloader,
+        None,
+        cancel,
+        grace,
+    )
+    .await
+}
+
+/// [`serve`] on a listener the caller keeps: when `cancel` fires, this
+/// server stops accepting (the caller's listener stays open, so new clients
+/// wait in its backlog for whoever accepts next: a new daemon image after
+/// `upgrade-self`), sends every connection HTTP/2 GOAWAY and lets the calls
+/// in flight finish within `grace`.
+pub async fn serve_shared(
+    supervisor: Supervisor,
+    listener: Arc<tokio::net::UnixListener>,
+    access: tokio::sync::watch::Receiver<Access>,
+    reloader: Option<Arc<Reloader>>,
+    upgrader: Option<Arc<crate::upgrade_self::Upgrader>>,
+    cancel: CancellationToken,
+    grace: Duration,
+) -> Result<(), tonic::transport::Error> {
     let service = ControlService {
         supervisor,
         access,
         cancel: cancel.clone(),
         reloader,
+        upgrader,
     };
     let connections = Connections::default();
-    let (accepted, incoming) = tokio::sync::mpsc::channel(16);
-    // Owns the listener, so that it is closed as soon as shutdown begins
-    // (tonic would hold an incoming stream until every connection is gone).
-    let acceptor = tokio::spawn({
-        let (cancel, connections) = (cancel.clone(), connections.clone());
-        async move {
-            loop {
-                let stream = tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => stream,
-                        Err(e) => {
-                            // Out of descriptors, say: let some close first.
-                            tracing::warn!("control socket: cannot accept a connection: {e}");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let stream = connections.track(stream);
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    sent = accepted.send(Ok::<_, std::io::Error>(stream)) => {
-                        if sent.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-    });
+    // Accepts only when tonic asks for the next connection, so a connection
+    // is either served (and closed with a graceful GOAWAY at shutdown) or
+    // left in the listen backlog: never accepted and then dropped unserved.
+    let incoming = Incoming {
+        listener: Some(listener),
+        cancelled: Box::pin(cancel.clone().cancelled_owned()),
+        connections: connections.clone(),
+        pause: None,
+    };
     let server = tonic::transport::Server::builder()
         .initial_stream_window_size(plugvisor::transport::STREAM_WINDOW)
         .initial_connection_window_size(plugvisor::transport::CONNECTION_WINDOW)
@@ -861,10 +918,7 @@ pub async fn serve(
                 .max_decoding_message_size(plugvisor::transport::MAX_MESSAGE)
                 .max_encoding_message_size(plugvisor::transport::MAX_MESSAGE),
         )
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::ReceiverStream::new(incoming),
-            cancel.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned());
     tokio::pin!(server);
     let result = tokio::select! {
         ended = &mut server => ended,
@@ -880,27 +934,79 @@ pub async fn serve(
             }
         },
     };
-    // Ended already when shutdown began; else the server failed.
-    acceptor.abort();
-    let _ = acceptor.await;
     result
 }
 
-/// A client of a daemon's control socket.
-pub async fn connect(
-    path: &Path,
-) -> anyhow::Result<pb::control_client::ControlClient<plugvisor::transport::Connection>> {
-    let channel = plugvisor::transport::connect_unix(path).await.map_err(|e| {
+/// The control server's incoming connections. Once shutdown begins it lets
+/// go of the listener at once (closing it, unless the caller keeps it open
+/// for the next daemon image) and ends.
+struct Incoming {
+    listener: Option<Arc<tokio::net::UnixListener>>,
+    cancelled: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    connections: Connections,
+    /// After a failed accept, the pause before the next.
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio_stream::Stream for Incoming {
+    type Item = std::io::Result<crate::connections::Tracked>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.cancelled.as_mut().poll(cx).is_ready() {
+            self.listener = None;
+            return Poll::Ready(None);
+        }
+        if let Some(pause) = self.pause.as_mut() {
+            if pause.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.pause = None;
+        }
+        let Some(listener) = self.listener.clone() else {
+            return Poll::Ready(None);
+        };
+        match listener.poll_accept(cx) {
+            Poll::Ready(Ok((stream, _))) => Poll::Ready(Some(Ok(self.connections.track(stream)))),
+            Poll::Ready(Err(e)) => {
+                // Out of descriptors, say: let some close first.
+                tracing::warn!("control socket: cannot accept a connection: {e}");
+                let mut pause = Box::pin(tokio::time::sleep(Duration::from_millis(50)));
+                if pause.as_mut().poll(cx).is_ready() {
+                    cx.waker().wake_by_ref();
+                }
+                self.pause = Some(pause);
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// A client of a daemon's control socket (see [`crate::control_client`]).
+pub type Client = pb::control_client::ControlClient<crate::control_client::ControlConnection>;
+
+/// A client of a daemon's control socket: it reconnects when the daemon
+/// closes the connection, and sends a call the daemon never processed
+/// (refused with GOAWAY or REFUSED_STREAM, or never written) again, once.
+pub async fn connect(path: &Path) -> anyhow::Result<Client> {
+    let channel = crate::control_client::ControlConnection::connect(path).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot reach the plugvisor daemon at {}: {e}\nStart one with `plugvisor run --plugins-dir DIR`, or point --control (or PLUGVISOR_CONTROL) at its socket.",
             path.display()
         )
     })?;
-    Ok(
-        pb::control_client::ControlClient::with_origin(channel, plugvisor::transport::origin())
-            .max_decoding_message_size(plugvisor::transport::MAX_MESSAGE)
-            .max_encoding_message_size(plugvisor::transport::MAX_MESSAGE),
-    )
+    Ok(client(channel))
+}
+
+/// A client on `connection` (a clone keeps counting its calls sent again).
+pub fn client(connection: crate::control_client::ControlConnection) -> Client {
+    pb::control_client::ControlClient::with_origin(connection, plugvisor::transport::origin())
+        .max_decoding_message_size(plugvisor::transport::MAX_MESSAGE)
+        .max_encoding_message_size(plugvisor::transport::MAX_MESSAGE)
 }
 
 /// The path a socket should be looked for at.

@@ -5,6 +5,7 @@
 use crate::control::{self, Access};
 use crate::notify::Notifier;
 use crate::reload::{LoadConfig, Reloader};
+use crate::upgrade_self::{Launch, Upgrader};
 use anyhow::Context;
 use plugvisor::config::Config;
 use plugvisor::manifest;
@@ -21,8 +22,21 @@ pub async fn run(
     load_config: LoadConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    run_with(config, load_config, shutdown, Launch::default()).await
+}
+
+/// [`run`], launched as `launch` says; carries on from a previous image's
+/// state when this one was started by `upgrade-self`.
+pub async fn run_with(
+    config: Config,
+    load_config: LoadConfig,
+    shutdown: impl Future<Output = ()>,
+    mut launch: Launch,
+) -> anyhow::Result<()> {
     let notifier = Notifier::from_env().context("NOTIFY_SOCKET is set but unusable")?;
-    if config.strict {
+    let resumed = crate::upgrade_self::resume_env()
+        .context("cannot carry on from the previous daemon image's hand-over")?;
+    if config.strict && resumed.is_none() {
         let discovery = manifest::discover(&config.plugins_dir)?;
         for error in &discovery.errors {
             tracing::error!("plugin not loaded: {error}");
@@ -37,8 +51,24 @@ pub async fn run(
     // The control socket and every plugin socket live here: it must be
     // ours alone (not a symlink, not writable by others).
     plugvisor::rundir::secure_dir(&config.runtime_dir, 0o711)?;
-    let listener = control::bind(&config.control_socket()).await?;
-    control::give_socket_to_group(&config.control_socket(), &config.control_gids)?;
+    let (resumed, inherited, inherited_metrics, inherited_health) = match resumed {
+        Some(r) => (
+            Some((r.state, r.app)),
+            Some(r.listener),
+            r.metrics,
+            r.health,
+        ),
+        None => (None, None, None, None),
+    };
+    let listener = match inherited {
+        // Inherited, never closed: clients waited in its backlog.
+        Some(listener) => listener,
+        None => {
+            let listener = control::bind(&config.control_socket()).await?;
+            control::give_socket_to_group(&config.control_socket(), &config.control_gids)?;
+            listener
+        }
+    };
 
     let mut options = SupervisorOptions::new(&config.runtime_dir);
     options.subreaper = true;
@@ -51,9 +81,26 @@ pub async fn run(
         .context("trusted_keys")?;
     options.survive_supervisor = config.survive_supervisor;
     let survivors_dir = options.survivors_dir();
-    let supervisor = Supervisor::launch(options)
-        .await
-        .context("cannot start the supervisor")?;
+    let (supervisor, state) = match resumed {
+        Some((handed, app)) => {
+            let processes = launch.processes.take().ok_or_else(|| {
+                anyhow::anyhow!("a hand-over needs the process thread on the main thread")
+            })?;
+            let (supervisor, errors) = Supervisor::resume(options, processes, handed)
+                .await
+                .context("cannot start the supervisor from the hand-over state")?;
+            for error in errors {
+                tracing::error!("{error}");
+            }
+            (supervisor, Some(app))
+        }
+        None => {
+            let supervisor = Supervisor::launch_with(options, launch.processes.take())
+                .await
+                .context("cannot start the supervisor")?;
+            (supervisor, None)
+        }
+    };
     // Bounds survivors (max_unsupervised, max_output) if this daemon dies.
     let guard = match crate::survivors::Guard::start(&survivors_dir) {
         Ok(guard) => Some(guard),
@@ -75,11 +122,26 @@ pub async fn run(
         config.clone(),
         access,
     ));
-    let (started, errors) = reloader.start().await?;
-    for error in &errors {
-        tracing::error!("plugin not loaded: {error}");
-    }
-    supervisor.release_survivors().await;
+    let started = match &state {
+        Some(app) => {
+            reloader.resume(app.fingerprints.clone()).await;
+            let started = supervisor.names().len();
+            tracing::info!(
+                generation = app.generation,
+                plugins = started,
+                "took over from the previous daemon image; every plugin kept running"
+            );
+            started
+        }
+        None => {
+            let (started, errors) = reloader.start().await?;
+            for error in &errors {
+                tracing::error!("plugin not loaded: {error}");
+            }
+            supervisor.release_survivors().await;
+            started
+        }
+    };
     for name in config.plugins.keys() {
         if supervisor.info(name).is_err() && config.plugins[name].enabled != Some(false) {
             tracing::warn!(plugin = %name, "the supervisor config has settings for `{name}`, but no such plugin was found in {}", config.plugins_dir.display());
@@ -95,16 +157,18 @@ pub async fn run(
     let cancel = CancellationToken::new();
     let metrics = match config.metrics_address {
         Some(address) => {
-            let listener = tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| format!("cannot serve metrics on {address}"))?;
+            let listener = match inherited_metrics {
+                // Handed over, never closed: scrapers waited in its backlog.
+                Some(listener) if same_address(&listener, address) => {
+                    listener.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(listener)?
+                }
+                _ => tokio::net::TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("cannot serve metrics on {address}"))?,
+            };
             tracing::info!("metrics on http://{address}/metrics");
-            Some(tokio::spawn(crate::metrics_http::serve(
-                listener,
-                supervisor.clone(),
-                crate::metrics_http::Limits::default(),
-                cancel.clone(),
-            )))
+            Some(listener)
         }
         None => None,
     };
@@ -121,11 +185,25 @@ pub async fn run(
         )),
         None => None,
     };
+    let mut health_copy = None;
     let health = match config.health.address {
         Some(address) => {
-            let listener = tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| format!("cannot serve gRPC health on {address}"))?;
+            let listener = match inherited_health {
+                // Handed over, never closed: probes waited in its backlog.
+                Some(listener) if same_address(&listener, address) => {
+                    listener.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(listener)?
+                }
+                _ => tokio::net::TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("cannot serve gRPC health on {address}"))?,
+            };
+            health_copy = Some(
+                std::os::fd::AsFd::as_fd(&listener)
+                    .try_clone_to_owned()
+                    .map(std::net::TcpListener::from)
+                    .context("cannot keep the gRPC health listener for a hand-over")?,
+            );
             tracing::info!("gRPC health (grpc.health.v1) on {address}");
             Some(tokio::spawn(crate::health_tcp::serve(
                 listener,
@@ -139,14 +217,29 @@ pub async fn run(
         }
         None => None,
     };
-    let server = tokio::spawn(control::serve(
+    let upgrader = Upgrader::new(
         supervisor.clone(),
+        reloader.clone(),
         listener,
         access_now,
-        Some(reloader.clone()),
         cancel.clone(),
-        control::SHUTDOWN_GRACE,
-    ));
+        &launch,
+        state.as_ref(),
+        metrics,
+    );
+    if let Some(listener) = health_copy {
+        upgrader.keep_health_listener(listener);
+    }
+    upgrader.start_server();
+    if let Some(app) = &state {
+        let info = upgrader.info();
+        tracing::info!(
+            generation = app.generation,
+            "serving after a hand-over of {}ms ({}ms without accepting control connections)",
+            info.last_handover_ms,
+            info.last_pause_ms
+        );
+    }
     let _ = notifier
         .announce(&format!("READY=1\nSTATUS=supervising {started} plugin(s)"))
         .await;
@@ -172,11 +265,26 @@ pub async fn run(
             let _ = notifier.announce("READY=1").await;
         }
     };
+    let upgrade_loop = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+            tracing::warn!("cannot listen for SIGUSR2; upgrade with `plugvisor upgrade-self`");
+            return std::future::pending().await;
+        };
+        while usr2.recv().await.is_some() {
+            tracing::info!("SIGUSR2 received: upgrading the daemon in place");
+            if let Err(e) = upgrader.request(None).await {
+                tracing::error!("{}", e.message());
+            }
+        }
+    };
     tokio::select! {
         _ = shutdown => {}
         _ = status_loop => {}
         _ = reload_loop => {}
+        _ = upgrade_loop => {}
     }
+    upgrader.finish().await;
     tracing::info!("shutting down: stopping plugins");
     let _ = notifier
         .announce("STOPPING=1\nSTATUS=stopping plugins")
@@ -194,9 +302,8 @@ pub async fn run(
         guard.stop();
     }
     cancel.cancel();
-    if let Some(metrics) = metrics {
-        let _ = metrics.await;
-    }
+    // The control server and the metrics endpoint.
+    upgrader.stop_server().await;
     if let Some(health) = health {
         match health.await {
             Ok(Ok(())) => {}
@@ -204,14 +311,17 @@ pub async fn run(
             Err(e) => tracing::warn!("gRPC health task: {e}"),
         }
     }
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("control socket: {e}"),
-        Err(e) => tracing::warn!("control socket task: {e}"),
-    }
     let _ = std::fs::remove_file(config.control_socket());
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Whether a handed-over listener listens where the config says (any port
+/// when the config asks for port 0).
+fn same_address(listener: &std::net::TcpListener, address: std::net::SocketAddr) -> bool {
+    listener.local_addr().is_ok_and(|bound| {
+        bound.ip() == address.ip() && (address.port() == 0 || bound.port() == address.port())
+    })
 }
 
 /// The supervisor's isolation settings from the config: cgroups probed at

@@ -6,12 +6,17 @@
 //! - [`cli`]: the command line (clap), one function per verb.
 //! - [`daemon`]: `plugvisor run`: discovery, the control server, signals.
 //! - [`control`]: the gRPC control API the CLI talks to, and its client.
+//! - [`control_client`]: the client's transport: reconnects, and sends a
+//!   call the daemon never processed again, once.
+//! - [`follow`]: `logs -f` / `events -f` carrying on across `upgrade-self`.
 //! - [`connections`]: the control server's open connections, closed at shutdown.
 //! - [`reload`]: re-reading plugins_dir and the config on `reload` / SIGHUP.
 //! - [`metrics_http`]: the Prometheus `/metrics` endpoint.
 //! - [`notify`]: sd_notify for systemd's `Type=notify` and watchdog.
 //! - [`conformance`]: checks one plugin against the protocol, rule by rule.
 //! - [`stream`]: `call --stream`, chunked through `Control.CallStream`.
+//! - [`upgrade_self`]: `plugvisor upgrade-self` / SIGUSR2, replacing the
+//!   daemon with a new binary while every plugin keeps running.
 //! - [`top`]: `plugvisor top`, the live full-screen view.
 //! - [`new`]: `plugvisor new`, plugin skeletons in Rust, Python and Go.
 //! - [`sign`]: `plugvisor keygen` and `plugvisor sign`, signed plugins.
@@ -23,7 +28,9 @@ pub mod cli;
 pub mod conformance;
 pub mod connections;
 pub mod control;
+pub mod control_client;
 pub mod daemon;
+pub mod follow;
 pub mod health_tcp;
 pub mod metrics_http;
 pub mod new;
@@ -37,3 +44,4 @@ pub mod survivors;
 pub mod tenant;
 pub mod tenant_cmd;
 pub mod top;
+pub mod upgrade_self;

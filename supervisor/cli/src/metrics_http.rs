@@ -50,6 +50,18 @@ pub async fn serve(
     limits: Limits,
     cancel: CancellationToken,
 ) {
+    serve_shared(Arc::new(listener), supervisor, limits, cancel).await
+}
+
+/// [`serve`] on a listener the caller may keep open after `cancel` (for
+/// the next daemon image after `upgrade-self`: scrapers then wait in its
+/// backlog rather than being refused).
+pub async fn serve_shared(
+    listener: Arc<tokio::net::TcpListener>,
+    supervisor: plugvisor::Supervisor,
+    limits: Limits,
+    cancel: CancellationToken,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut connections = tokio::task::JoinSet::new();
     let mut http = hyper::server::conn::http1::Builder::new();

@@ -486,6 +486,18 @@ impl Reloader {
         Ok((started, errors))
     }
 
+    /// What each running plugin was started from, for a hand-over to a new
+    /// daemon image (see [`crate::upgrade_self`]).
+    pub async fn fingerprints(&self) -> BTreeMap<String, String> {
+        self.known.lock().await.fingerprints.clone()
+    }
+
+    /// Carries on from a previous daemon image's [`Self::fingerprints`]:
+    /// its plugins run already, so a reload compares against them.
+    pub async fn resume(&self, fingerprints: BTreeMap<String, String>) {
+        self.known.lock().await.fingerprints = fingerprints;
+    }
+
     /// Upgrades one plugin to what its directory holds now (`restart
     /// --upgrade`), even if nothing seems changed.
     pub async fn upgrade(&self, name: &str) -> Result<(), Error> {

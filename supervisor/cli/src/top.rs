@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-type Client = pb::control_client::ControlClient<plugvisor::transport::Connection>;
+type Client = crate::control::Client;
 
 /// How many events and log lines the detail pane asks for.
 const DETAIL_LINES: u32 = 50;

@@ -79,6 +79,11 @@ impl Actor {
             r = started => r,
             _ = self.replica.host.cancel.cancelled() => return Ok(Outcome::Decided(Next::Exit)),
         };
+        // A replica taken over from a previous supervisor image counted as
+        // up (for its dependents) while it connected again: no longer.
+        if launched.is_err() {
+            self.replica.update(|r| r.upgrading = false);
+        }
         let (mut instance, info) = launched.map_err(ExitReason::Remote)?;
         if info.sessions {
             let timeout = instance.connected_at.elapsed().max(Duration::from_secs(1));
@@ -94,6 +99,7 @@ impl Actor {
             }
         }
         let ready_since = publish(&self.replica, &instance, &info, &spec.address);
+        self.replica.update(|r| r.upgrading = false);
         loop {
             let manifest = self.spec.manifest.clone();
             let end = watch(&self.replica, &manifest, &mut instance, &mut self.commands).await;

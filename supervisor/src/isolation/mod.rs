@@ -269,24 +269,17 @@ pub trait CgroupTree: Send + Sync + fmt::Debug {
     /// Kills and removes what an earlier run left below the parent; returns
     /// the names removed.
     fn clean_stale(&self) -> Result<Vec<String>, CgroupError>;
-    /// [`Self::clean_stale`], sparing the cgroups named in `keep` (those
-    /// of survivors to re-adopt; see [`crate::adopt`]). Trees that cannot
-    /// spare any refuse a non-empty `keep`.
-    fn clean_stale_except(
-        &self,
-        keep: &std::collections::HashSet<String>,
-    ) -> Result<Vec<String>, CgroupError> {
+    /// [`Self::clean_stale`], sparing the cgroups named in `keep`: those of
+    /// instances taken over from a previous supervisor image.
+    fn clean_stale_keeping(&self, keep: &[String]) -> Result<Vec<String>, CgroupError> {
         if keep.is_empty() {
-            return self.clean_stale();
+            self.clean_stale()
+        } else {
+            Ok(Vec::new())
         }
-        Err(CgroupError::io(
-            "cannot spare survivors' cgroups in",
-            Path::new(&self.describe()),
-            io::Error::from(io::ErrorKind::Unsupported),
-        ))
     }
-    /// The instance cgroup `name` an earlier run made, if it exists:
-    /// neither created nor emptied (a survivor's, to re-adopt).
+    /// The cgroup of an instance that already exists (taken over from a
+    /// previous supervisor image), without creating or changing it.
     fn existing(&self, _name: &str) -> Option<Arc<dyn CgroupManager>> {
         None
     }
@@ -846,15 +839,15 @@ impl Isolation {
     /// Blocks (cgroupfs, and waiting for stale processes to die): call it
     /// from a blocking context, or use [`Self::start_async`].
     pub fn start(opts: &IsolationOptions, proc_root: &Path) -> Result<Isolation, String> {
-        Self::start_keeping(opts, proc_root, &Default::default())
+        Self::start_keeping(opts, proc_root, &[])
     }
 
-    /// [`Self::start`], sparing the stale cgroups named in `keep`: those of
-    /// survivors of an earlier run, which are re-adopted or killed later.
+    /// [`Self::start`], keeping the cgroups of the instances named in
+    /// `keep` (taken over from a previous supervisor image).
     pub fn start_keeping(
         opts: &IsolationOptions,
         proc_root: &Path,
-        keep: &std::collections::HashSet<String>,
+        keep: &[String],
     ) -> Result<Isolation, String> {
         let (tree, require) = match &opts.cgroups {
             CgroupMode::Off => (
@@ -879,7 +872,7 @@ impl Isolation {
         };
         let tree = tree.and_then(|tree| {
             tree.setup().map_err(|e| e.to_string())?;
-            let stale = tree.clean_stale_except(keep).map_err(|e| e.to_string())?;
+            let stale = tree.clean_stale_keeping(keep).map_err(|e| e.to_string())?;
             if !stale.is_empty() {
                 tracing::info!(
                     "removed {} stale cgroup(s) of an earlier run: {}",
@@ -930,17 +923,18 @@ impl Isolation {
         opts: &IsolationOptions,
         proc_root: &Path,
     ) -> Result<Isolation, String> {
-        Self::start_async_keeping(opts, proc_root, Default::default()).await
+        Self::start_async_keeping(opts, proc_root, &[]).await
     }
 
-    /// [`Self::start_keeping`] on the blocking pool.
+    /// [`Self::start_async`] with [`Self::start_keeping`]'s `keep`.
     pub async fn start_async_keeping(
         opts: &IsolationOptions,
         proc_root: &Path,
-        keep: std::collections::HashSet<String>,
+        keep: &[String],
     ) -> Result<Isolation, String> {
         let opts = opts.clone();
         let proc_root = proc_root.to_path_buf();
+        let keep = keep.to_vec();
         tokio::task::spawn_blocking(move || Isolation::start_keeping(&opts, &proc_root, &keep))
             .await
             .map_err(|e| format!("starting isolation stopped before it finished: {e}"))?
@@ -1090,6 +1084,20 @@ impl Isolation {
             live: self.live.clone(),
             tasks: tasks.clone(),
         }
+    }
+
+    /// The lease of a live instance's existing cgroup, taken over from a
+    /// previous supervisor image; `None` without cgroups.
+    pub fn relet(
+        &self,
+        instance_id: &str,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> Option<CgroupLease> {
+        let Enforcement::Cgroups(tree) = &self.enforcement else {
+            return None;
+        };
+        let cgroup = tree.existing(instance_id)?;
+        Some(self.lease(instance_id, cgroup, tasks))
     }
 
     /// `inspect`'s view of a plugin whose live instances (one per replica)

@@ -140,7 +140,7 @@ impl CgroupTree for V1Tree {
     }
 
     fn clean_stale(&self) -> Result<Vec<String>, CgroupError> {
-        self.clean_stale_except(&Default::default())
+        self.clean_stale_keeping(&[])
     }
 
     fn existing(&self, name: &str) -> Option<Arc<dyn CgroupManager>> {
@@ -149,10 +149,7 @@ impl CgroupTree for V1Tree {
         found.then(|| Arc::new(cgroup) as Arc<dyn CgroupManager>)
     }
 
-    fn clean_stale_except(
-        &self,
-        keep: &std::collections::HashSet<String>,
-    ) -> Result<Vec<String>, CgroupError> {
+    fn clean_stale_keeping(&self, keep: &[String]) -> Result<Vec<String>, CgroupError> {
         let mut names = BTreeSet::new();
         for dir in self.parent_dirs() {
             match self.fs.subdirs(&dir) {
@@ -161,7 +158,7 @@ impl CgroupTree for V1Tree {
                 Err(e) => return Err(CgroupError::io("cannot list", &dir, e)),
             }
         }
-        names.retain(|name| !keep.contains(name));
+        names.retain(|n| !keep.contains(n));
         for name in &names {
             kill_and_remove_blocking(&self.cgroup(name), Duration::from_secs(2))?;
         }

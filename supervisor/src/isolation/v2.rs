@@ -272,7 +272,7 @@ impl CgroupTree for V2Tree {
     }
 
     fn clean_stale(&self) -> Result<Vec<String>, CgroupError> {
-        self.clean_stale_except(&Default::default())
+        self.clean_stale_keeping(&[])
     }
 
     fn existing(&self, name: &str) -> Option<Arc<dyn CgroupManager>> {
@@ -282,16 +282,13 @@ impl CgroupTree for V2Tree {
             .then(|| Arc::new(cgroup) as Arc<dyn CgroupManager>)
     }
 
-    fn clean_stale_except(
-        &self,
-        keep: &std::collections::HashSet<String>,
-    ) -> Result<Vec<String>, CgroupError> {
+    fn clean_stale_keeping(&self, keep: &[String]) -> Result<Vec<String>, CgroupError> {
         let mut names = match self.fs.subdirs(&self.parent) {
             Ok(names) => names,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(CgroupError::io("cannot list", &self.parent, e)),
         };
-        names.retain(|name| !keep.contains(name));
+        names.retain(|n| !keep.contains(n));
         for name in &names {
             kill_and_remove_blocking(&self.cgroup(name), Duration::from_secs(2))?;
         }

@@ -3,12 +3,11 @@
 
 use super::{Result, Setup, write_manifest};
 use plugvisor_cli::control::connect;
-use plugvisor_proto::control_client::ControlClient;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub type Client = ControlClient<plugvisor::transport::Connection>;
+pub type Client = plugvisor_cli::control::Client;
 
 /// The daemon as a child process, with cgroups on (the daemon's default);
 /// stopped with SIGTERM (then SIGKILL after `grace`) when dropped, so every
