@@ -367,6 +367,8 @@ fn a_broken_new_binary_is_refused_and_the_old_daemon_serves_on() {
 }
 
 /// The pids of the daemon's children, from /proc.
+/// The daemon's children, but for its survivor guards (`plugvisor
+/// survivor-guard`, one per image until the previous one steps aside).
 fn children_of(pid: i32) -> Vec<i32> {
     let mut children: Vec<i32> = std::fs::read_dir("/proc")
         .unwrap()
@@ -379,6 +381,10 @@ fn children_of(pid: i32) -> Vec<i32> {
                     .and_then(|ppid| ppid.parse::<i32>().ok())
                     == Some(pid)
             })
+        })
+        .filter(|p| {
+            !std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"survivor-guard"))
         })
         .collect();
     children.sort_unstable();

@@ -312,6 +312,14 @@ async fn deadline<T>(
 ) -> Result<T, CallError> {
     match tokio::time::timeout(limit, call).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
+        // The request's own deadline (grpc-timeout, the same limit) may
+        // fire first: that is no answer in time too.
+        Ok(Err(status))
+            if matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded)
+                && status.message() == "Timeout expired" =>
+        {
+            Err(CallError::Timeout(limit))
+        }
         Ok(Err(status)) => Err(CallError::Status(status)),
         Err(_) => Err(CallError::Timeout(limit)),
     }
