@@ -385,6 +385,27 @@ fn children_of(pid: i32) -> Vec<i32> {
     children
 }
 
+fn is_guard(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"survivor-guard"))
+}
+
+/// The daemon's children but its survivors' guard: its plugins.
+fn plugin_children_of(pid: i32) -> Vec<i32> {
+    children_of(pid)
+        .into_iter()
+        .filter(|p| !is_guard(*p))
+        .collect()
+}
+
+/// The daemon's survivors' guards (one, kept across switches).
+fn guards_of(pid: i32) -> Vec<i32> {
+    children_of(pid)
+        .into_iter()
+        .filter(|p| is_guard(*p))
+        .collect()
+}
+
 fn pid_of(v: &serde_json::Value) -> i32 {
     v["pid"].as_i64().unwrap_or_default() as i32
 }
@@ -406,6 +427,8 @@ fn a_plugin_crashing_during_the_hand_over_is_restarted_never_orphaned() {
     );
     let daemon = Daemon::start(&sandbox, &[]);
     let echo_pid = pid_of(&daemon.wait_ready("echo"));
+    let guard = guards_of(daemon.pid());
+    assert_eq!(guard.len(), 1, "one survivors' guard");
     let (mut completed, mut refused) = (0, 0);
     for delay in [0, 15, 30, 45, 60, 80, 100, 130, 160, 200] {
         let flaky = pid_of(&daemon.wait_ready("flaky"));
@@ -435,7 +458,9 @@ fn a_plugin_crashing_during_the_hand_over_is_restarted_never_orphaned() {
         assert_eq!(pid_of(&daemon.plugin("echo")), echo_pid);
         let mut expected = vec![echo_pid, pid_of(&now)];
         expected.sort_unstable();
-        assert_eq!(children_of(daemon.pid()), expected);
+        assert_eq!(plugin_children_of(daemon.pid()), expected);
+        // The survivors' guard is one, the same, all along.
+        assert_eq!(guards_of(daemon.pid()), guard);
         assert_eq!(
             daemon.cli_ok(&["call", "echo", "upper", "--data", "ok"]),
             "OK"
@@ -766,10 +791,15 @@ fn tenants_dependents_hooks_and_survivors_are_kept_across_a_switch() {
     let events_before = daemon.cli_ok(&["events", "--json"]).lines().count();
     let ticks_before = ticks(&daemon, "survivor");
 
+    let guard = guards_of(daemon.pid());
+    assert_eq!(guard.len(), 1, "one survivors' guard");
+
     let out = daemon.cli_ok(&["upgrade-self"]);
     assert!(out.contains("upgraded in place"), "{out}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     assert_eq!(daemon_info(&daemon, &rt).generation, 1);
+    // The guard goes on watching the new image: the same one, no second.
+    assert_eq!(guards_of(daemon.pid()), guard);
 
     for name in names {
         daemon.wait_ready(name);
