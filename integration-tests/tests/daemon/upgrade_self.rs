@@ -847,3 +847,133 @@ fn tenants_dependents_hooks_and_survivors_are_kept_across_a_switch() {
     );
     assert_eq!(new_events.len(), names.len(), "{new_events:#?}");
 }
+
+/// Every replica's pid of `name`, in replica order.
+fn replica_pids(daemon: &Daemon, name: &str) -> Vec<i32> {
+    daemon.plugin(name)["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(pid_of)
+        .collect()
+}
+
+/// An autoscaled plugin at two replicas and a remote plugin over mutual
+/// TLS across a switch: the replica count and every replica's pid kept;
+/// the remote plugin (not a child) connected to again, called through the
+/// new image, its process untouched.
+#[test]
+fn autoscaled_replicas_and_a_remote_mtls_plugin_are_kept_across_a_switch() {
+    use plugvisor_integration_tests::tls::Pki;
+    use std::io::BufRead;
+    let sandbox = Sandbox::new();
+    let dir = sandbox.dir.path();
+    sandbox.plugin(
+        "scaled",
+        &bin("testplugin"),
+        "replicas: {min: 2, max: 4, scale_up: {in_flight_per_replica: 2}, scale_down: {in_flight_per_replica: 0.5}, cooldown: 1s, interval: 100ms}",
+    );
+    let pki = Pki::new(dir, "good");
+    let daemon_cert = pki.issue("daemon", &["plugvisor-daemon"]);
+    let plugin_cert = pki.issue("plugin", &["echo.remote"]);
+    let mut remote = KillOnDrop(
+        std::process::Command::new(bin("echo-plugin"))
+            .env_clear()
+            .env("PLUGVISOR_TLS_LISTEN", "127.0.0.1:0")
+            .env("PLUGVISOR_TLS_CERT", &plugin_cert.cert)
+            .env("PLUGVISOR_TLS_KEY", &plugin_cert.key)
+            .env("PLUGVISOR_TLS_CLIENT_CA", &pki.ca)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the remote plugin starts"),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(remote.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .trim()
+        .strip_prefix("plugvisor|1|tls|")
+        .unwrap_or_else(|| panic!("a tls handshake line, got {line:?}"))
+        .to_string();
+    let remote_dir = sandbox.plugins_dir().join("far");
+    std::fs::create_dir_all(&remote_dir).unwrap();
+    std::fs::write(
+        remote_dir.join("plugin.yaml"),
+        format!(
+            "name: far\nversion: 1.0.0\nremote:\n  address: {address}\n  ca: {}\n  cert: {}\n  key: {}\n  identity: echo.remote\n\
+             restart: {{initial_backoff: 100ms, max_backoff: 400ms, max_restarts: 1000}}\n\
+             health: {{interval: 200ms, timeout: 500ms}}\ntimeouts: {{start: 2s}}\n",
+            pki.ca.display(),
+            daemon_cert.cert.display(),
+            daemon_cert.key.display()
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("far");
+    wait_until_blocking(Duration::from_secs(15), "two ready replicas", || {
+        let p = daemon.plugin("scaled");
+        let replicas = p["replicas"].as_array().unwrap();
+        replicas.len() == 2 && replicas.iter().all(|r| r["state"] == "ready")
+    });
+    let pids = replica_pids(&daemon, "scaled");
+    assert!(
+        pids.iter().all(|p| *p > 0) && pids[0] != pids[1],
+        "{pids:?}"
+    );
+    assert_eq!(
+        daemon.cli_ok(&["call", "far", "upper", "--data", "before"]),
+        "BEFORE"
+    );
+
+    let out = daemon.cli_ok(&["upgrade-self"]);
+    assert!(out.contains("upgraded in place"), "{out}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(daemon_info(&daemon, &rt).generation, 1);
+
+    // The replicas: the same two processes, ready, still bounded 2-4.
+    wait_until_blocking(Duration::from_secs(15), "both replicas ready", || {
+        daemon.plugin("scaled")["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["state"] == "ready")
+    });
+    assert_eq!(replica_pids(&daemon, "scaled"), pids);
+    let scaling = daemon.plugin("scaled")["scaling"].clone();
+    assert_eq!(scaling["current"], 2, "{scaling}");
+    assert_eq!(scaling["min"], 2, "{scaling}");
+    assert_eq!(scaling["max"], 4, "{scaling}");
+    for _ in 0..4 {
+        assert_eq!(
+            daemon
+                .cli_ok(&["call", "scaled", "echo", "--data", "x"])
+                .trim(),
+            "x"
+        );
+    }
+    // The remote plugin: connected to again over mTLS and called.
+    let far = daemon.wait_ready("far");
+    assert_eq!(far["state"], "ready", "{far}");
+    assert_eq!(
+        daemon.cli_ok(&["call", "far", "upper", "--data", "after"]),
+        "AFTER"
+    );
+    assert!(
+        remote.0.try_wait().unwrap().is_none(),
+        "the remote plugin's process ended"
+    );
+}
+
+/// A process of the test's own, killed whatever the test's outcome.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
