@@ -148,12 +148,56 @@ impl Record {
 pub struct Paths {
     /// `<survivors>/<instance>/`.
     pub dir: PathBuf,
+    /// Shared by the instance and its tails: what they have emitted, and
+    /// whether a hand-over holds them (see [`TailGate`]).
+    pub(crate) gate: Arc<TailGate>,
+}
+
+/// Between a survivor's tails and a hand-over: the offsets up to which the
+/// tails have put lines into the log buffer, moved only under this lock;
+/// frozen, the tails emit nothing more. A hand-over freezes them, saves
+/// these offsets, then takes the log buffer: the new image reads on from
+/// exactly the line after the last one carried (nothing twice, nothing
+/// lost). A hand-over that does not happen thaws them.
+#[derive(Debug, Default)]
+pub(crate) struct TailGate {
+    state: Mutex<GateState>,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    frozen: bool,
+    /// Per stream (stdout, stderr): the offset emitted up to.
+    emitted: [Option<u64>; 2],
+}
+
+fn stream_index(stream: &str) -> usize {
+    usize::from(stream != "stdout")
+}
+
+impl TailGate {
+    /// Stops the tails of `paths` emitting and saves how far they got.
+    pub(crate) fn freeze(&self, paths: &Paths) -> io::Result<()> {
+        let mut state = lock(&self.state);
+        state.frozen = true;
+        for stream in ["stdout", "stderr"] {
+            if let Some(offset) = state.emitted[stream_index(stream)] {
+                write_atomic(&paths.offset(stream), offset.to_string().as_bytes())?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn thaw(&self) {
+        lock(&self.state).frozen = false;
+    }
 }
 
 impl Paths {
     pub fn new(survivors: &Path, instance: &str) -> Paths {
         Paths {
             dir: survivors.join(instance),
+            gate: Arc::default(),
         }
     }
     pub fn record(&self) -> PathBuf {
@@ -678,67 +722,87 @@ pub(crate) async fn tail(
     let mut chunk = vec![0u8; 64 << 10];
     loop {
         let exited = exit.borrow_and_update().is_some();
-        // Over the cap: skip to the newest `max_output / 2`.
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let read_to = offset + pending.len() as u64;
-        if size.saturating_sub(read_to) > max_output {
-            let skip_to = size - max_output / 2;
-            let dropped = skip_to - read_to;
-            // A flood before the handshake must not drop the handshake.
-            if let Some(tx) = handshake.take() {
-                match find_handshake(&file, offset, skip_to) {
-                    Some(found) => {
-                        let _ = tx.send(found);
+        // Read and emit under the gate; frozen by a hand-over, wait.
+        let n = {
+            let mut gate = lock(&paths.gate.state);
+            if gate.frozen {
+                None
+            } else {
+                // Over the cap: skip to the newest `max_output / 2`.
+                let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+                let read_to = offset + pending.len() as u64;
+                if size.saturating_sub(read_to) > max_output {
+                    let skip_to = size - max_output / 2;
+                    let dropped = skip_to - read_to;
+                    // A flood before the handshake must not drop the handshake.
+                    if let Some(tx) = handshake.take() {
+                        match find_handshake(&file, offset, skip_to) {
+                            Some(found) => {
+                                let _ = tx.send(found);
+                            }
+                            None => handshake = Some(tx),
+                        }
                     }
-                    None => handshake = Some(tx),
-                }
-            }
-            pending.clear();
-            offset = skip_to;
-            let total = read_number(&paths.dropped(stream)) + dropped;
-            let _ = write_atomic(&paths.dropped(stream), total.to_string().as_bytes());
-            sink.line(
+                    pending.clear();
+                    offset = skip_to;
+                    let total = read_number(&paths.dropped(stream)) + dropped;
+                    let _ = write_atomic(&paths.dropped(stream), total.to_string().as_bytes());
+                    sink.line(
                 stream,
                 format!("[plugvisor: {dropped} bytes of {stream} dropped unread: over survive_supervisor.max_output ({max_output} bytes)]"),
             );
-        }
-        let n = pread(&file, &mut chunk, offset + pending.len() as u64).unwrap_or(0);
-        if n > 0 {
-            idle = Duration::from_millis(1);
-            pending.extend_from_slice(&chunk[..n]);
-            let mut start = 0;
-            while let Some(pos) = pending[start..]
-                .iter()
-                .take(MAX_LINE + 1)
-                .position(|b| *b == b'\n')
-                .map(|p| p + start)
-                .or_else(|| (pending.len() - start > MAX_LINE).then_some(start + MAX_LINE - 1))
-            {
-                let mut line = &pending[start..=pos];
-                if line.last() == Some(&b'\n') {
-                    line = &line[..line.len() - 1];
                 }
-                if line.last() == Some(&b'\r') {
-                    line = &line[..line.len() - 1];
-                }
-                let text = String::from_utf8_lossy(line).into_owned();
-                start = pos + 1;
-                if let Some(tx) = handshake.take() {
-                    match Handshake::parse(&text) {
-                        Ok(h) => {
-                            let _ = tx.send(Ok(h));
-                            continue;
+                let n = pread(&file, &mut chunk, offset + pending.len() as u64).unwrap_or(0);
+                if n > 0 {
+                    idle = Duration::from_millis(1);
+                    pending.extend_from_slice(&chunk[..n]);
+                    let mut start = 0;
+                    while let Some(pos) = pending[start..]
+                        .iter()
+                        .take(MAX_LINE + 1)
+                        .position(|b| *b == b'\n')
+                        .map(|p| p + start)
+                        .or_else(|| {
+                            (pending.len() - start > MAX_LINE).then_some(start + MAX_LINE - 1)
+                        })
+                    {
+                        let mut line = &pending[start..=pos];
+                        if line.last() == Some(&b'\n') {
+                            line = &line[..line.len() - 1];
                         }
-                        Err(handshake::HandshakeError::Malformed(why)) => {
-                            let _ = tx.send(Err(why));
+                        if line.last() == Some(&b'\r') {
+                            line = &line[..line.len() - 1];
                         }
-                        Err(handshake::HandshakeError::NotAHandshake) => handshake = Some(tx),
+                        let text = String::from_utf8_lossy(line).into_owned();
+                        start = pos + 1;
+                        if let Some(tx) = handshake.take() {
+                            match Handshake::parse(&text) {
+                                Ok(h) => {
+                                    let _ = tx.send(Ok(h));
+                                    continue;
+                                }
+                                Err(handshake::HandshakeError::Malformed(why)) => {
+                                    let _ = tx.send(Err(why));
+                                }
+                                Err(handshake::HandshakeError::NotAHandshake) => {
+                                    handshake = Some(tx)
+                                }
+                            }
+                        }
+                        sink.line(stream, text);
                     }
+                    offset += start as u64;
+                    pending.drain(..start);
                 }
-                sink.line(stream, text);
+                gate.emitted[stream_index(stream)] = Some(offset);
+                Some(n)
             }
-            offset += start as u64;
-            pending.drain(..start);
+        };
+        let Some(n) = n else {
+            tokio::time::sleep(TAIL_IDLE).await;
+            continue;
+        };
+        if n > 0 {
             // A flood never idles: let other tasks run between chunks, and
             // save the offset on the way as well.
             tokio::task::yield_now().await;

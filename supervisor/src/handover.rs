@@ -61,6 +61,8 @@ pub struct Attached {
     sessions: bool,
     cgroup: bool,
     identity: crate::signature::RunIdentity,
+    /// A survivor's files, whose tails a hand-over freezes.
+    survivor: Option<crate::adopt::Paths>,
 }
 
 impl Attached {
@@ -74,6 +76,20 @@ impl Attached {
             sessions: instance.sessions.is_some(),
             cgroup: instance.cgroup.is_some(),
             identity: instance.identity.clone(),
+            survivor: instance.survival.as_ref().map(|s| s.paths.clone()),
+        }
+    }
+}
+
+/// Survivors' tails frozen for a hand-over: thawed when it does not happen
+/// (the old image serves on and reads on).
+#[derive(Default)]
+struct Frozen(Vec<crate::adopt::Paths>);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for paths in &self.0 {
+            paths.gate.thaw();
         }
     }
 }
@@ -206,6 +222,7 @@ pub struct Taken {
     /// The PIDs of the running instances.
     pub pids: Vec<i32>,
     _hold: Vec<Arc<OwnedFd>>,
+    _frozen: Frozen,
 }
 
 /// Why a hand-over cannot be done now, or the state cannot be read.
@@ -291,6 +308,7 @@ impl Supervisor {
         let mut keep_fds = Vec::new();
         let mut pids = Vec::new();
         let mut hold = Vec::new();
+        let mut frozen = Frozen::default();
         for handle in plugins {
             let name = handle.common.name.clone();
             // Answered by the coordinator between operations: none runs now.
@@ -351,6 +369,16 @@ impl Supervisor {
                         hold.push(fd.clone());
                     }
                     pids.push(attached.pid);
+                    // Its output read on by the new image from exactly
+                    // after the last line carried in the log buffer below.
+                    if let Some(paths) = &attached.survivor {
+                        frozen.0.push(paths.clone());
+                        paths.gate.freeze(paths).map_err(|e| {
+                            HandoverError::Busy(format!(
+                                "plugin `{name}` replica {index}: cannot save how far its output was read: {e}"
+                            ))
+                        })?;
+                    }
                     Some(SavedInstanceFds {
                         id: attached.id.clone(),
                         pid: attached.pid,
@@ -454,6 +482,7 @@ impl Supervisor {
             keep_fds,
             pids,
             _hold: hold,
+            _frozen: frozen,
         })
     }
 

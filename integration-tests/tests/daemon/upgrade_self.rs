@@ -391,6 +391,27 @@ fn children_of(pid: i32) -> Vec<i32> {
     children
 }
 
+fn is_guard(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"survivor-guard"))
+}
+
+/// The daemon's children but its survivors' guard: its plugins.
+fn plugin_children_of(pid: i32) -> Vec<i32> {
+    children_of(pid)
+        .into_iter()
+        .filter(|p| !is_guard(*p))
+        .collect()
+}
+
+/// The daemon's survivors' guards (one, kept across switches).
+fn guards_of(pid: i32) -> Vec<i32> {
+    children_of(pid)
+        .into_iter()
+        .filter(|p| is_guard(*p))
+        .collect()
+}
+
 fn pid_of(v: &serde_json::Value) -> i32 {
     v["pid"].as_i64().unwrap_or_default() as i32
 }
@@ -412,6 +433,8 @@ fn a_plugin_crashing_during_the_hand_over_is_restarted_never_orphaned() {
     );
     let daemon = Daemon::start(&sandbox, &[]);
     let echo_pid = pid_of(&daemon.wait_ready("echo"));
+    let guard = guards_of(daemon.pid());
+    assert_eq!(guard.len(), 1, "one survivors' guard");
     let (mut completed, mut refused) = (0, 0);
     for delay in [0, 15, 30, 45, 60, 80, 100, 130, 160, 200] {
         let flaky = pid_of(&daemon.wait_ready("flaky"));
@@ -441,7 +464,9 @@ fn a_plugin_crashing_during_the_hand_over_is_restarted_never_orphaned() {
         assert_eq!(pid_of(&daemon.plugin("echo")), echo_pid);
         let mut expected = vec![echo_pid, pid_of(&now)];
         expected.sort_unstable();
-        assert_eq!(children_of(daemon.pid()), expected);
+        assert_eq!(plugin_children_of(daemon.pid()), expected);
+        // The survivors' guard is one, the same, all along.
+        assert_eq!(guards_of(daemon.pid()), guard);
         assert_eq!(
             daemon.cli_ok(&["call", "echo", "upper", "--data", "ok"]),
             "OK"
@@ -653,4 +678,308 @@ fn an_operator_restart_clears_the_carried_backoff_history() {
         [1, 2, 3, 1],
         "the restart's clean slate was lost"
     );
+}
+
+/// The `sha256:` line of `inspect NAME`.
+fn inspect_sha256(daemon: &Daemon, name: &str) -> String {
+    let inspect = daemon.cli_ok(&["inspect", name]);
+    inspect
+        .lines()
+        .find(|l| l.trim_start().starts_with("sha256:"))
+        .unwrap_or_else(|| panic!("no sha256 line: {inspect}"))
+        .to_string()
+}
+
+/// The `tick <n>` numbers in `plugvisor logs NAME`.
+fn ticks(daemon: &Daemon, name: &str) -> Vec<u64> {
+    daemon
+        .cli_ok(&["logs", name, "--tail", "5000"])
+        .lines()
+        .filter_map(|l| l.split("tick ").nth(1))
+        .filter_map(|n| {
+            let digits: String = n.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+/// Every kind of plugin at once across a switch: a tenant entry, a bound
+/// dependent, a plugin with hooks, a survivor (where cgroups exist). The
+/// same processes in the same states with the same identity; no hook runs,
+/// no requirement seen going down; the tenant answers with its own config;
+/// the survivor's output written after the switch reaches `logs`.
+#[test]
+fn tenants_dependents_hooks_and_survivors_are_kept_across_a_switch() {
+    let sandbox = Sandbox::new();
+    let tp = bin("testplugin");
+    let shared = sandbox.dir.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let record = shared.join("hooks.log");
+    std::fs::create_dir_all(sandbox.plugins_dir().join("hooked")).unwrap();
+    script(
+        &sandbox.plugins_dir().join("hooked"),
+        "record.sh",
+        &format!(
+            "echo \"$PLUGVISOR_HOOK $PLUGVISOR_INSTANCE_ID\" >> {}",
+            record.display()
+        ),
+    );
+    sandbox.plugin("base", &tp, "config: {greeting: base}");
+    std::fs::write(
+        sandbox.dir.path().join("plugvisor.yaml"),
+        "plugins:\n  base:\n    tenants:\n      acme: {config: {greeting: acme}}\n",
+    )
+    .unwrap();
+    sandbox.plugin("store", &tp, "");
+    sandbox.plugin("api", &tp, "requires: [{name: store, on_crash: restart}]");
+    sandbox.plugin(
+        "hooked",
+        &tp,
+        "hooks:\n  \
+           pre_start: {command: [./record.sh]}\n  \
+           post_ready: {command: [./record.sh]}\n  \
+           pre_stop: {command: [./record.sh]}\n  \
+           post_exit: {command: [./record.sh]}",
+    );
+    sandbox.plugin(
+        "survivor",
+        &tp,
+        "args: [--tick-ms, '10']\nsurvive_supervisor: true",
+    );
+    let config = sandbox.dir.path().join("plugvisor.yaml");
+    let daemon = Daemon::start(&sandbox, &["--config", config.to_str().unwrap()]);
+    let names = ["base", "base@acme", "store", "api", "hooked", "survivor"];
+    for name in names {
+        daemon.wait_ready(name);
+    }
+    wait_until_blocking(Duration::from_secs(10), "pre_start and post_ready", || {
+        std::fs::read_to_string(&record).is_ok_and(|r| r.lines().count() >= 2)
+    });
+    // A survivor needs cgroups; without them it runs as a plain plugin
+    // (checked the same), and its output is only checked where it is one.
+    let survives = !daemon.log_text().contains("runs without cgroups");
+    if survives {
+        wait_until_blocking(Duration::from_secs(10), "the survivor's record", || {
+            sandbox
+                .dir
+                .path()
+                .join("state/.survivors/survivor-0-1/record.json")
+                .exists()
+        });
+    } else {
+        eprintln!("no cgroups here: the survivor's output is not checked");
+    }
+    let rows = |daemon: &Daemon| -> Vec<(String, i32, String, String)> {
+        let mut rows: Vec<_> = daemon
+            .ps()
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap().to_string(),
+                    pid_of(p),
+                    p["state"].as_str().unwrap().to_string(),
+                    p["sha256"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    let before = rows(&daemon);
+    assert_eq!(before.len(), names.len(), "{before:?}");
+    assert!(
+        before.iter().all(|r| r.1 > 0 && r.2 == "ready"),
+        "{before:?}"
+    );
+    let inspected: Vec<String> = names.iter().map(|n| inspect_sha256(&daemon, n)).collect();
+    let hooks_before = std::fs::read_to_string(&record).unwrap();
+    let events_before = daemon.cli_ok(&["events", "--json"]).lines().count();
+    let ticks_before = ticks(&daemon, "survivor");
+
+    let guard = guards_of(daemon.pid());
+    assert_eq!(guard.len(), 1, "one survivors' guard");
+
+    let out = daemon.cli_ok(&["upgrade-self"]);
+    assert!(out.contains("upgraded in place"), "{out}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(daemon_info(&daemon, &rt).generation, 1);
+    // The guard goes on watching the new image: the same one, no second.
+    assert_eq!(guards_of(daemon.pid()), guard);
+
+    for name in names {
+        daemon.wait_ready(name);
+    }
+    assert_eq!(rows(&daemon), before, "pids, states or digests changed");
+    let inspected_after: Vec<String> = names.iter().map(|n| inspect_sha256(&daemon, n)).collect();
+    assert_eq!(inspected_after, inspected);
+    // The tenant answers with its own config, the plugin with its own.
+    let greeting = |name: &str| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(&daemon.cli_ok(&["call", name, "config"]))
+            .unwrap()["greeting"]
+            .clone()
+    };
+    assert_eq!(greeting("base@acme"), "acme");
+    assert_eq!(greeting("base"), "base");
+    assert_eq!(
+        daemon.cli_ok(&["call", "api", "echo", "--data", "up"]),
+        "up"
+    );
+    // The survivor's output written after the switch reaches `logs`.
+    if survives {
+        let last = ticks_before.iter().max().copied().unwrap_or(0);
+        wait_until_blocking(Duration::from_secs(10), "ticks after the switch", || {
+            ticks(&daemon, "survivor").iter().any(|t| *t > last + 50)
+        });
+        // Each tick once, none missing: read on from exactly where the
+        // old image's lines stopped.
+        let after = ticks(&daemon, "survivor");
+        let expected: Vec<u64> = (0..after.len() as u64).collect();
+        assert_eq!(after, expected, "a tick shown twice or lost");
+    }
+    // A switch is no stop, no exit, no start: no hook ran.
+    assert_eq!(std::fs::read_to_string(&record).unwrap(), hooks_before);
+    let events = daemon.cli_ok(&["events", "--json"]);
+    let new_events: Vec<&str> = events.lines().skip(events_before).collect();
+    assert!(
+        !events.contains("went down") && !events.contains("is ready again"),
+        "{events}"
+    );
+    assert!(
+        new_events
+            .iter()
+            .all(|e| e.contains("taken over by the new supervisor image")),
+        "events other than the take-over: {new_events:#?}"
+    );
+    assert_eq!(new_events.len(), names.len(), "{new_events:#?}");
+}
+
+/// Every replica's pid of `name`, in replica order.
+fn replica_pids(daemon: &Daemon, name: &str) -> Vec<i32> {
+    daemon.plugin(name)["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(pid_of)
+        .collect()
+}
+
+/// An autoscaled plugin at two replicas and a remote plugin over mutual
+/// TLS across a switch: the replica count and every replica's pid kept;
+/// the remote plugin (not a child) connected to again, called through the
+/// new image, its process untouched.
+#[test]
+fn autoscaled_replicas_and_a_remote_mtls_plugin_are_kept_across_a_switch() {
+    use plugvisor_integration_tests::tls::Pki;
+    use std::io::BufRead;
+    let sandbox = Sandbox::new();
+    let dir = sandbox.dir.path();
+    sandbox.plugin(
+        "scaled",
+        &bin("testplugin"),
+        "replicas: {min: 2, max: 4, scale_up: {in_flight_per_replica: 2}, scale_down: {in_flight_per_replica: 0.5}, cooldown: 1s, interval: 100ms}",
+    );
+    let pki = Pki::new(dir, "good");
+    let daemon_cert = pki.issue("daemon", &["plugvisor-daemon"]);
+    let plugin_cert = pki.issue("plugin", &["echo.remote"]);
+    let mut remote = KillOnDrop(
+        std::process::Command::new(bin("echo-plugin"))
+            .env_clear()
+            .env("PLUGVISOR_TLS_LISTEN", "127.0.0.1:0")
+            .env("PLUGVISOR_TLS_CERT", &plugin_cert.cert)
+            .env("PLUGVISOR_TLS_KEY", &plugin_cert.key)
+            .env("PLUGVISOR_TLS_CLIENT_CA", &pki.ca)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the remote plugin starts"),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(remote.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .trim()
+        .strip_prefix("plugvisor|1|tls|")
+        .unwrap_or_else(|| panic!("a tls handshake line, got {line:?}"))
+        .to_string();
+    let remote_dir = sandbox.plugins_dir().join("far");
+    std::fs::create_dir_all(&remote_dir).unwrap();
+    std::fs::write(
+        remote_dir.join("plugin.yaml"),
+        format!(
+            "name: far\nversion: 1.0.0\nremote:\n  address: {address}\n  ca: {}\n  cert: {}\n  key: {}\n  identity: echo.remote\n\
+             restart: {{initial_backoff: 100ms, max_backoff: 400ms, max_restarts: 1000}}\n\
+             health: {{interval: 200ms, timeout: 500ms}}\ntimeouts: {{start: 2s}}\n",
+            pki.ca.display(),
+            daemon_cert.cert.display(),
+            daemon_cert.key.display()
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("far");
+    wait_until_blocking(Duration::from_secs(15), "two ready replicas", || {
+        let p = daemon.plugin("scaled");
+        let replicas = p["replicas"].as_array().unwrap();
+        replicas.len() == 2 && replicas.iter().all(|r| r["state"] == "ready")
+    });
+    let pids = replica_pids(&daemon, "scaled");
+    assert!(
+        pids.iter().all(|p| *p > 0) && pids[0] != pids[1],
+        "{pids:?}"
+    );
+    assert_eq!(
+        daemon.cli_ok(&["call", "far", "upper", "--data", "before"]),
+        "BEFORE"
+    );
+
+    let out = daemon.cli_ok(&["upgrade-self"]);
+    assert!(out.contains("upgraded in place"), "{out}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(daemon_info(&daemon, &rt).generation, 1);
+
+    // The replicas: the same two processes, ready, still bounded 2-4.
+    wait_until_blocking(Duration::from_secs(15), "both replicas ready", || {
+        daemon.plugin("scaled")["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["state"] == "ready")
+    });
+    assert_eq!(replica_pids(&daemon, "scaled"), pids);
+    let scaling = daemon.plugin("scaled")["scaling"].clone();
+    assert_eq!(scaling["current"], 2, "{scaling}");
+    assert_eq!(scaling["min"], 2, "{scaling}");
+    assert_eq!(scaling["max"], 4, "{scaling}");
+    for _ in 0..4 {
+        assert_eq!(
+            daemon
+                .cli_ok(&["call", "scaled", "echo", "--data", "x"])
+                .trim(),
+            "x"
+        );
+    }
+    // The remote plugin: connected to again over mTLS and called.
+    let far = daemon.wait_ready("far");
+    assert_eq!(far["state"], "ready", "{far}");
+    assert_eq!(
+        daemon.cli_ok(&["call", "far", "upper", "--data", "after"]),
+        "AFTER"
+    );
+    assert!(
+        remote.0.try_wait().unwrap().is_none(),
+        "the remote plugin's process ended"
+    );
+}
+
+/// A process of the test's own, killed whatever the test's outcome.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -51,14 +51,15 @@ pub async fn run_with(
     // The control socket and every plugin socket live here: it must be
     // ours alone (not a symlink, not writable by others).
     plugvisor::rundir::secure_dir(&config.runtime_dir, 0o711)?;
-    let (resumed, inherited, inherited_metrics, inherited_health) = match resumed {
+    let (resumed, inherited, inherited_metrics, inherited_health, inherited_guard) = match resumed {
         Some(r) => (
             Some((r.state, r.app)),
             Some(r.listener),
             r.metrics,
             r.health,
+            r.guard,
         ),
-        None => (None, None, None, None),
+        None => (None, None, None, None, None),
     };
     let listener = match inherited {
         // Inherited, never closed: clients waited in its backlog.
@@ -102,7 +103,12 @@ pub async fn run_with(
         }
     };
     // Bounds survivors (max_unsupervised, max_output) if this daemon dies.
-    let guard = match crate::survivors::Guard::start(&survivors_dir) {
+    // The previous image's guard, if handed over, goes on watching this one.
+    let started_guard = match inherited_guard {
+        Some(pipe) => Ok(crate::survivors::Guard::from_pipe(pipe)),
+        None => crate::survivors::Guard::start(&survivors_dir),
+    };
+    let guard = match started_guard {
         Ok(guard) => Some(guard),
         Err(e) => {
             tracing::warn!(
@@ -229,6 +235,9 @@ pub async fn run_with(
     );
     if let Some(listener) = health_copy {
         upgrader.keep_health_listener(listener);
+    }
+    if let Some(guard) = &guard {
+        upgrader.keep_guard_pipe(guard.raw_fd());
     }
     upgrader.start_server();
     if let Some(app) = &state {

@@ -38,6 +38,20 @@ impl Guard {
         Ok(Guard { pipe })
     }
 
+    /// The guard a previous image started and handed over (the write end
+    /// of its pipe).
+    pub fn from_pipe(pipe: std::os::fd::OwnedFd) -> Guard {
+        Guard {
+            pipe: std::io::PipeWriter::from(pipe),
+        }
+    }
+
+    /// The pipe's descriptor, to hand over at a switch.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.pipe.as_raw_fd()
+    }
+
     /// A clean shutdown: every plugin is stopped, the guard has nothing to
     /// bound.
     pub fn stop(mut self) {

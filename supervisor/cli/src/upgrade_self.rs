@@ -66,6 +66,11 @@ pub struct AppState {
     /// The gRPC health listener (`health.address`), if served.
     #[serde(default)]
     pub health_fd: Option<i32>,
+    /// The write end of the survivors' guard's pipe: the same guard goes on
+    /// watching the new image (closing it would tell the guard the daemon
+    /// died).
+    #[serde(default)]
+    pub guard_fd: Option<i32>,
     pub generation: u64,
     pub fingerprints: BTreeMap<String, String>,
     /// When `upgrade-self` was asked for, and when the old image stopped
@@ -93,6 +98,7 @@ pub struct Resumed {
     pub listener: tokio::net::UnixListener,
     pub metrics: Option<std::net::TcpListener>,
     pub health: Option<std::net::TcpListener>,
+    pub guard: Option<OwnedFd>,
 }
 
 /// Reads the state a previous image handed over, if this image was started
@@ -125,12 +131,18 @@ pub fn resume_env() -> anyhow::Result<Option<Resumed>> {
         // SAFETY: the gRPC health listener, handed over by number, ours alone.
         unsafe { std::net::TcpListener::from_raw_fd(fd) }
     });
+    let guard = app.guard_fd.map(|fd| {
+        plugvisor::process::set_cloexec(fd, true);
+        // SAFETY: the guard's pipe, handed over by number, ours alone.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    });
     Ok(Some(Resumed {
         state,
         app,
         listener,
         metrics,
         health,
+        guard,
     }))
 }
 
@@ -161,6 +173,9 @@ pub struct Upgrader {
     /// server runs until the exec, and probes that arrive during the
     /// switch wait in its backlog for the new image.
     health: Mutex<Option<std::net::TcpListener>>,
+    /// The survivors' guard's pipe (owned by the daemon, which outlives
+    /// every switch), handed over so the guard goes on.
+    guard_fd: Mutex<Option<std::os::fd::RawFd>>,
     run_argv: Vec<OsString>,
     check_argv: Vec<OsString>,
     /// The binary this image runs from: the default new binary.
@@ -213,6 +228,7 @@ impl Upgrader {
             metrics: metrics.map(Arc::new),
             metrics_server: Mutex::new(None),
             health: Mutex::new(None),
+            guard_fd: Mutex::new(None),
             run_argv: launch.run_argv.clone(),
             check_argv: launch.check_argv.clone(),
             binary: std::env::current_exe().unwrap_or_default(),
@@ -230,6 +246,12 @@ impl Upgrader {
     /// switch.
     pub fn keep_health_listener(&self, listener: std::net::TcpListener) {
         *lock(&self.health) = Some(listener);
+    }
+
+    /// Hands the survivors' guard's pipe (`fd`, held by the daemon for as
+    /// long as it runs) over at every switch.
+    pub fn keep_guard_pipe(&self, fd: std::os::fd::RawFd) {
+        *lock(&self.guard_fd) = Some(fd);
     }
 
     /// Starts serving the control socket.
@@ -461,10 +483,12 @@ impl Upgrader {
             }
         };
         let health_fd = lock(&self.health).as_ref().map(|l| l.as_raw_fd());
+        let guard_fd = *lock(&self.guard_fd);
         let app = AppState {
             control_fd: self.listener.as_raw_fd(),
             metrics_fd: self.metrics.as_ref().map(|l| l.as_raw_fd()),
             health_fd,
+            guard_fd,
             generation: self.generation + 1,
             fingerprints: self.reloader.fingerprints().await,
             requested_unix_ms: unix_ms(requested),
@@ -486,6 +510,7 @@ impl Upgrader {
         let mut extra = vec![self.listener.as_raw_fd(), memfd.as_raw_fd()];
         extra.extend(self.metrics.as_ref().map(|l| l.as_raw_fd()));
         extra.extend(health_fd);
+        extra.extend(guard_fd);
         let error = self
             .supervisor
             .exec_handover(&taken, &extra, binary.to_path_buf(), args, env)
