@@ -366,9 +366,8 @@ fn a_broken_new_binary_is_refused_and_the_old_daemon_serves_on() {
     assert_eq!(daemon_info(&daemon, &rt).generation, 0);
 }
 
-/// The pids of the daemon's children, from /proc.
-/// The daemon's children, but for its survivor guards (`plugvisor
-/// survivor-guard`, one per image until the previous one steps aside).
+/// The pids of the daemon's children, from /proc: its plugins and its
+/// survivors' guard.
 fn children_of(pid: i32) -> Vec<i32> {
     let mut children: Vec<i32> = std::fs::read_dir("/proc")
         .unwrap()
@@ -381,10 +380,6 @@ fn children_of(pid: i32) -> Vec<i32> {
                     .and_then(|ppid| ppid.parse::<i32>().ok())
                     == Some(pid)
             })
-        })
-        .filter(|p| {
-            !std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"survivor-guard"))
         })
         .collect();
     children.sort_unstable();

@@ -108,7 +108,12 @@ pub async fn serve_shared(
             let ended = tokio::select! {
                 ended = &mut connection => ended,
                 _ = cancel.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
+                    // Keep-alive is off, so a connection ends after its one
+                    // answer: it is let finish, even when its request has
+                    // not arrived yet (a graceful shutdown would close such
+                    // an idle connection unanswered, a failed scrape at an
+                    // upgrade-self). The header timeout bounds a client that
+                    // says nothing; the grace bounds the rest.
                     match tokio::time::timeout(limits.shutdown_grace, &mut connection).await {
                         Ok(ended) => ended,
                         Err(_) => return,
