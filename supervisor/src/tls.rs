@@ -134,6 +134,15 @@ fn roots(path: &Path) -> Result<Arc<rustls::RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
+/// A certificate and key that rustls will not present together.
+fn mismatched(files: &TlsFiles, e: rustls::Error) -> TlsError {
+    TlsError::Config(format!(
+        "certificate {} and key {} do not go together: {e}",
+        files.cert.display(),
+        files.key.display()
+    ))
+}
+
 /// The client side: trusts `files.ca` only and presents `files.cert`.
 pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = provider();
@@ -151,13 +160,7 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, TlsE
             load_certs(&files.cert, "certificate")?,
             load_key(&files.key)?,
         )
-        .map_err(|e| {
-            TlsError::Config(format!(
-                "certificate {} and key {} do not go together: {e}",
-                files.cert.display(),
-                files.key.display()
-            ))
-        })?;
+        .map_err(|e| mismatched(files, e))?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
@@ -179,13 +182,7 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
             load_certs(&files.cert, "certificate")?,
             load_key(&files.key)?,
         )
-        .map_err(|e| {
-            TlsError::Config(format!(
-                "certificate {} and key {} do not go together: {e}",
-                files.cert.display(),
-                files.key.display()
-            ))
-        })?;
+        .map_err(|e| mismatched(files, e))?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
