@@ -11,6 +11,7 @@ pub mod v1 {
     tonic::include_proto!("plugvisor.v1");
 }
 
+pub mod framing;
 pub mod handshake;
 
 pub use v1::*;

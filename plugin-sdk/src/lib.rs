@@ -48,6 +48,7 @@
 mod plugin;
 mod serve;
 mod service;
+mod stream_wire;
 pub mod testing;
 pub mod tls;
 

@@ -32,8 +32,9 @@ use crate::service::{Routes, Shared};
 pub(crate) const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// See [`STREAM_WINDOW`].
 pub(crate) const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
-/// Largest HTTP/2 frame the server accepts: fewer frames per 1 MiB chunk.
-pub(crate) const MAX_FRAME_SIZE: u32 = 1024 * 1024;
+/// Largest HTTP/2 frame the server accepts: a whole 1 MiB chunk, prefix
+/// included, fits in one frame, so its data is read without a copy.
+pub(crate) const MAX_FRAME_SIZE: u32 = 2 * 1024 * 1024;
 
 /// How [`serve_with`] and [`serve_listener`] behave. `Default` is what a
 /// normal plugin wants.

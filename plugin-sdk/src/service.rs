@@ -56,7 +56,7 @@ pub(crate) struct PluginAdapter<P> {
     pub(crate) shared: Arc<Shared>,
 }
 
-type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send + 'static>>;
+pub(crate) type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send + 'static>>;
 type SessionStream = Pin<Box<dyn Stream<Item = Result<SessionResponse, Status>> + Send + 'static>>;
 
 /// Serves one session: reads calls, runs each in its own task, and sends
@@ -250,45 +250,11 @@ impl<P: Plugin> PluginService for PluginAdapter<P> {
         &self,
         request: tonic::Request<Streaming<Chunk>>,
     ) -> Result<tonic::Response<Self::HandleStreamStream>, Status> {
-        let mut chunks = request.into_inner();
-        let first = chunks.message().await?.ok_or_else(|| {
-            Status::invalid_argument(
-                "HandleStream: the request stream ended before its first chunk, \
-                 which must name the method",
-            )
-        })?;
-        if first.method.is_empty() {
-            return Err(Status::invalid_argument(
-                "HandleStream: the first chunk must name the method",
-            ));
-        }
-        // The first chunk's data is part of the payload unless it is only a header.
-        let head = (!first.data.is_empty()).then_some(Ok(first.data));
-        let input: ByteStream =
-            Box::pin(tokio_stream::iter(head).chain(chunks.map(|c| c.map(|c| c.data))));
-        let changes_state = self.plugin.stream_changes_state(&first.method);
-        let output = self
-            .plugin
-            .handle_stream(&first.method, first.metadata, input)
-            .await?;
-        let output = output.map(|data| {
-            data.map(|data| Chunk {
-                method: String::new(),
-                data,
-                metadata: HashMap::new(),
-                state_changed: false,
-            })
-        });
-        // A stream that ended well and changed state says so in one last,
-        // empty chunk; an error ends the stream before it.
-        let last = changes_state.then(|| {
-            Ok(Chunk {
-                state_changed: true,
-                ..Chunk::default()
-            })
-        });
-        let output: ChunkStream = Box::pin(output.chain(tokio_stream::iter(last)));
-        Ok(tonic::Response::new(output))
+        // `Routes` serves this path itself (see `stream_wire`); this is the
+        // same call through tonic's codec.
+        open_stream(&*self.plugin, request.into_inner())
+            .await
+            .map(tonic::Response::new)
     }
 
     async fn health_check(
@@ -441,10 +407,58 @@ impl<P: Plugin> StdHealthService for StdHealth<P> {
     }
 }
 
+/// Starts a `HandleStream` call on `chunks` (the first one names the
+/// method): the plugin's reply chunks, ending with an empty chunk that says
+/// the state changed when the method changes state.
+pub(crate) async fn open_stream<P, S>(plugin: &P, mut chunks: S) -> Result<ChunkStream, Status>
+where
+    P: Plugin,
+    S: Stream<Item = Result<Chunk, Status>> + Send + Unpin + 'static,
+{
+    let first = chunks.next().await.transpose()?.ok_or_else(|| {
+        Status::invalid_argument(
+            "HandleStream: the request stream ended before its first chunk, \
+             which must name the method",
+        )
+    })?;
+    if first.method.is_empty() {
+        return Err(Status::invalid_argument(
+            "HandleStream: the first chunk must name the method",
+        ));
+    }
+    // The first chunk's data is part of the payload unless it is only a header.
+    let head = (!first.data.is_empty()).then_some(Ok(first.data));
+    let input: ByteStream =
+        Box::pin(tokio_stream::iter(head).chain(chunks.map(|c| c.map(|c| c.data))));
+    let changes_state = plugin.stream_changes_state(&first.method);
+    let output = plugin
+        .handle_stream(&first.method, first.metadata, input)
+        .await?;
+    let output = output.map(|data| {
+        data.map(|data| Chunk {
+            method: String::new(),
+            data,
+            metadata: HashMap::new(),
+            state_changed: false,
+        })
+    });
+    // A stream that ended well and changed state says so in one last,
+    // empty chunk; an error ends the stream before it.
+    let last = changes_state.then(|| {
+        Ok(Chunk {
+            state_changed: true,
+            ..Chunk::default()
+        })
+    });
+    Ok(Box::pin(output.chain(tokio_stream::iter(last))))
+}
+
 /// Routes requests to the plugin service or the standard health service.
 pub(crate) struct Routes<P: Plugin> {
     plugin: PluginServer<PluginAdapter<P>>,
     health: HealthServer<StdHealth<P>>,
+    /// For `HandleStream`, served here without tonic's codec.
+    streams: Arc<P>,
 }
 
 impl<P: Plugin> Clone for Routes<P> {
@@ -452,6 +466,7 @@ impl<P: Plugin> Clone for Routes<P> {
         Routes {
             plugin: self.plugin.clone(),
             health: self.health.clone(),
+            streams: Arc::clone(&self.streams),
         }
     }
 }
@@ -466,10 +481,15 @@ impl<P: Plugin> Routes<P> {
             plugin: Arc::clone(&plugin),
             shared: Arc::clone(&shared),
         });
+        let streams = Arc::clone(&plugin);
         let plugin = PluginServer::new(PluginAdapter { plugin, shared })
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        Routes { plugin, health }
+        Routes {
+            plugin,
+            health,
+            streams,
+        }
     }
 }
 
@@ -484,7 +504,19 @@ impl<P: Plugin> Service<http::Request<Body>> for Routes<P> {
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        if req.uri().path().starts_with(HEALTH_PATH_PREFIX) {
+        if req.uri().path() == crate::stream_wire::PATH {
+            let plugin = Arc::clone(&self.streams);
+            Box::pin(async move {
+                let started = match crate::stream_wire::RequestChunks::new(req) {
+                    Ok(chunks) => open_stream(&*plugin, chunks).await,
+                    Err(status) => Err(status),
+                };
+                Ok(match started {
+                    Ok(chunks) => crate::stream_wire::reply(chunks),
+                    Err(status) => status.into_http(),
+                })
+            })
+        } else if req.uri().path().starts_with(HEALTH_PATH_PREFIX) {
             self.health.call(req)
         } else {
             // Unknown paths get the generated server's UNIMPLEMENTED reply.

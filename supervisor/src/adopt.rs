@@ -38,7 +38,6 @@ use crate::manifest::SurvivePolicy;
 use crate::process::{Child, ExitStatus};
 use plugvisor_proto::InitializeResponse;
 use plugvisor_proto::handshake::{self, Handshake};
-use plugvisor_proto::plugin_client::PluginClient;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -1094,9 +1093,7 @@ pub(crate) async fn readopt(
     start_tails(&host.io_tasks, &survival, sink, &child, None);
     Ok(Instance {
         id: instance_id.clone(),
-        client: PluginClient::with_origin(channel, crate::transport::origin())
-            .max_decoding_message_size(crate::transport::MAX_MESSAGE)
-            .max_encoding_message_size(crate::transport::MAX_MESSAGE),
+        client: crate::instance::Client::new(channel),
         child,
         socket_dir,
         spawned_at: Instant::now(),

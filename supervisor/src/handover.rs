@@ -34,7 +34,6 @@ use crate::replica::{Common, Replica, Spec};
 use crate::routing::{ReadyInstance, Route};
 use crate::status::{Event, EventDetail, ExitReason, PluginState};
 use crate::supervisor::Supervisor;
-use plugvisor_proto::plugin_client::PluginClient;
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -839,9 +838,7 @@ pub(crate) async fn reattach(
                 ))));
             }
         };
-    let client = PluginClient::with_origin(channel, crate::transport::origin())
-        .max_decoding_message_size(crate::transport::MAX_MESSAGE)
-        .max_encoding_message_size(crate::transport::MAX_MESSAGE);
+    let client = crate::instance::Client::new(channel);
     let mut instance = Instance {
         id: id.clone(),
         child,

@@ -82,7 +82,7 @@ pub struct Instance {
     /// `<plugin>-<replica>-<start number>`, unique per start.
     pub id: String,
     pub child: Child,
-    pub client: PluginClient<Connection>,
+    pub client: Client,
     /// The 0700 directory holding the socket; removed on drop.
     pub socket_dir: PathBuf,
     pub spawned_at: Instant,
@@ -460,9 +460,7 @@ pub async fn spawn(ctx: StartContext<'_>) -> Result<Instance, StartError> {
     match result {
         Ok(channel) => Ok(Instance {
             id: instance_id,
-            client: PluginClient::with_origin(channel, crate::transport::origin())
-                .max_decoding_message_size(crate::transport::MAX_MESSAGE)
-                .max_encoding_message_size(crate::transport::MAX_MESSAGE),
+            client: Client::new(channel),
             child,
             socket_dir: dir,
             spawned_at,
@@ -801,8 +799,45 @@ mod tests {
     }
 }
 
-/// A connection to one instance's `Plugin` service.
-pub type Client = PluginClient<Connection>;
+/// A connection to one instance's `Plugin` service: the generated client
+/// (through `Deref`), and the connection itself for the calls made without
+/// tonic's codec (`HandleStream`, see `stream_wire`). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Client {
+    grpc: PluginClient<Connection>,
+    connection: Connection,
+}
+
+impl Client {
+    /// A client on `connection`, with the message size limits every
+    /// plugin call uses.
+    pub fn new(connection: Connection) -> Self {
+        Client {
+            grpc: PluginClient::with_origin(connection.clone(), crate::transport::origin())
+                .max_decoding_message_size(crate::transport::MAX_MESSAGE)
+                .max_encoding_message_size(crate::transport::MAX_MESSAGE),
+            connection,
+        }
+    }
+
+    /// The connection, for a call made without the generated client.
+    pub fn connection(&self) -> Connection {
+        self.connection.clone()
+    }
+}
+
+impl std::ops::Deref for Client {
+    type Target = PluginClient<Connection>;
+    fn deref(&self) -> &Self::Target {
+        &self.grpc
+    }
+}
+
+impl std::ops::DerefMut for Client {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.grpc
+    }
+}
 
 /// One HealthCheck with a deadline.
 pub async fn probe(

@@ -32,7 +32,8 @@
 //!   post-exit).
 //! - [`metrics`]: the Prometheus registry the supervisor feeds.
 //! - [`state`]: atomic state snapshots.
-//! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets.
+//! - [`logs`]: plugin output capture; [`transport`]: gRPC over Unix sockets;
+//!   `stream_wire`: `HandleStream` without copying chunks.
 //! - [`handover`]: handing the running supervisor over to a new image of
 //!   itself (`plugvisor upgrade-self`), every plugin left running.
 //! - [`dependencies`]: `requires:`, start order, waiting, crash propagation.
@@ -90,6 +91,7 @@ pub mod signature;
 mod spec;
 pub mod state;
 pub mod status;
+mod stream_wire;
 pub mod supervisor;
 pub mod tenant;
 pub mod tls;

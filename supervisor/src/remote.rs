@@ -8,9 +8,8 @@
 
 use crate::manifest::{Manifest, RemoteSpec};
 use crate::tls::{ConnectError, TlsError};
-use crate::transport::{self, Connection};
+use crate::transport;
 use plugvisor_proto::handshake;
-use plugvisor_proto::plugin_client::PluginClient;
 use plugvisor_proto::{InitializeRequest, InitializeResponse, RestoredState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -98,7 +97,7 @@ pub(crate) fn check(spec: &RemoteSpec) -> Result<(), String> {
 /// One connected remote instance: its connections and what ends them.
 pub(crate) struct RemoteInstance {
     pub id: String,
-    pub client: PluginClient<Connection>,
+    pub client: crate::instance::Client,
     /// Gets why as soon as one of its connections ends.
     pub closed: mpsc::Receiver<transport::Closed>,
     pub connected_at: Instant,
@@ -133,9 +132,7 @@ pub(crate) async fn connect(
                 address: spec.address.clone(),
                 why: format!("HTTP/2 handshake failed: {e}"),
             })?;
-    let client = PluginClient::with_origin(connection, transport::origin())
-        .max_decoding_message_size(transport::MAX_MESSAGE)
-        .max_encoding_message_size(transport::MAX_MESSAGE);
+    let client = crate::instance::Client::new(connection);
     Ok(RemoteInstance {
         id: id.to_string(),
         client,

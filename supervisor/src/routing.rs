@@ -370,7 +370,7 @@ mod tests {
         ReadyInstance::new(
             id.to_string(),
             0,
-            plugvisor_proto::plugin_client::PluginClient::new(connection),
+            crate::instance::Client::new(connection),
             None,
             None,
         )

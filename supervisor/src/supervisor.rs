@@ -405,19 +405,18 @@ impl Supervisor {
             abort: abort.clone(),
             failed: false,
         });
-        let mut request = tonic::Request::new(upload);
-        request.extensions_mut().insert(abort.body.clone());
-        let mut client = ready.client.clone();
+        // Chunks go as they are, without tonic's codec: see `stream_wire`.
+        let call = crate::stream_wire::call(ready.client.connection(), upload, abort.body.clone());
         let started = tokio::select! {
             // An upload that broke off also fails the reply: say why first.
             biased;
             why = abort.wait() => {
                 return Err(fail(&mut record, cancelled(&common.name, method, why)));
             }
-            r = tokio::time::timeout_at(deadline.into(), client.handle_stream(request)) => r,
+            r = tokio::time::timeout_at(deadline.into(), call) => r,
         };
         let response = match started {
-            Ok(Ok(response)) => response.into_inner(),
+            Ok(Ok(replies)) => replies,
             Ok(Err(status)) => {
                 // The upload breaking off (on another thread, after the
                 // biased look above) resets the stream: that is the cause.
@@ -993,7 +992,7 @@ type Saving = Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Se
 /// metrics until it ends or is dropped; dropping it early resets the
 /// plugin's stream (the plugin sees the call cancelled).
 struct Download {
-    inner: Option<tonic::Streaming<Chunk>>,
+    inner: Option<crate::stream_wire::Replies>,
     abort: Arc<Abort>,
     method: String,
     record: CallRecord,

@@ -24,8 +24,10 @@ use tonic::codegen::http;
 /// throttled by window updates on a local socket.
 pub const STREAM_WINDOW: u32 = 4 << 20;
 pub const CONNECTION_WINDOW: u32 = 8 << 20;
-/// Largest HTTP/2 frame we accept: big frames move streams in fewer pieces.
-pub const MAX_FRAME: u32 = 1 << 20;
+/// Largest HTTP/2 frame we accept: big frames move streams in fewer pieces,
+/// and a whole 1 MiB gRPC message (with its prefix) fits in one, so its
+/// data can be read without copying (see `stream_wire`).
+pub const MAX_FRAME: u32 = 2 << 20;
 /// Largest single gRPC message accepted either way.
 pub const MAX_MESSAGE: usize = 64 << 20;
 

@@ -12,6 +12,7 @@ mod isolation;
 mod privileges;
 mod routing;
 mod state;
+mod streams;
 mod supervision;
 mod upgrade;
 mod version_match;

@@ -18,7 +18,7 @@ fn repo() -> PathBuf {
 
 /// Builds go-echo once per test process into `<target>/go-echo/go-echo`;
 /// `Err` says why it cannot be built here (no Go toolchain or packages).
-fn go_echo() -> Result<PathBuf, String> {
+pub(crate) fn go_echo() -> Result<PathBuf, String> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BUILT
         .get_or_init(|| {

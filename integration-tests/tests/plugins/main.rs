@@ -6,3 +6,4 @@ mod conformance;
 mod go_plugin;
 mod new;
 mod python_helper;
+mod streams;

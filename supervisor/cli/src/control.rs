@@ -913,6 +913,7 @@ pub async fn serve_shared(
     let server = tonic::transport::Server::builder()
         .initial_stream_window_size(plugvisor::transport::STREAM_WINDOW)
         .initial_connection_window_size(plugvisor::transport::CONNECTION_WINDOW)
+        .max_frame_size(plugvisor::transport::MAX_FRAME)
         .add_service(
             ControlServer::new(service)
                 .max_decoding_message_size(plugvisor::transport::MAX_MESSAGE)
