@@ -224,6 +224,17 @@ impl Metrics {
             .inc();
     }
 
+    /// The call series of `plugin`, for the plugin to keep: a finished
+    /// call is then recorded without building label strings or looking its
+    /// series up in the families.
+    pub fn call_series(&self, plugin: &str) -> CallSeries {
+        CallSeries {
+            metrics: self.clone(),
+            plugin: plugin.to_string(),
+            methods: Default::default(),
+        }
+    }
+
     /// One call of `plugin` is in flight (admitted, not yet answered) until
     /// the guard is dropped.
     pub fn in_flight(&self, plugin: &str) -> GaugeGuard {
@@ -406,6 +417,96 @@ impl Metrics {
     }
 }
 
+/// The call series of one plugin (`plugvisor_calls_total`,
+/// `plugvisor_call_errors_total`, `plugvisor_call_duration_seconds`), each
+/// method's handles looked up once and kept. The methods are bounded (the
+/// listed ones and `other`), and so is this cache.
+pub struct CallSeries {
+    metrics: Metrics,
+    plugin: String,
+    /// Read-mostly: written once per method.
+    methods: std::sync::RwLock<std::collections::HashMap<String, std::sync::Arc<MethodSeries>>>,
+}
+
+impl std::fmt::Debug for CallSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallSeries")
+            .field("plugin", &self.plugin)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One method's call series; `calls_total` by code, made on first use.
+pub struct MethodSeries {
+    duration: Histogram,
+    errors: Counter,
+    by_code: [std::sync::OnceLock<Counter>; 17],
+    metrics: Metrics,
+    plugin: String,
+    method: String,
+}
+
+impl CallSeries {
+    /// The series of `method` (which must already be bounded: a listed
+    /// method or `other`).
+    pub fn method(&self, method: &str) -> std::sync::Arc<MethodSeries> {
+        if let Some(series) = self
+            .methods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(method)
+        {
+            return series.clone();
+        }
+        let labels = MethodLabels {
+            plugin: self.plugin.clone(),
+            method: method.to_string(),
+        };
+        let series = std::sync::Arc::new(MethodSeries {
+            duration: self.metrics.call_duration.get_or_create(&labels).clone(),
+            errors: self.metrics.call_errors.get_or_create(&labels).clone(),
+            by_code: Default::default(),
+            metrics: self.metrics.clone(),
+            plugin: labels.plugin,
+            method: labels.method,
+        });
+        // A single insert: a poisoned map is still consistent.
+        self.methods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(method.to_string())
+            .or_insert(series)
+            .clone()
+    }
+}
+
+impl MethodSeries {
+    /// The plugin these series are of.
+    pub fn plugin(&self) -> &str {
+        &self.plugin
+    }
+
+    /// One finished call; the same series as [`Metrics::call`].
+    pub fn record(&self, code: tonic::Code, took: Duration) {
+        self.duration.observe(took.as_secs_f64());
+        if code != tonic::Code::Ok {
+            self.errors.inc();
+        }
+        let slot = &self.by_code[(code as usize).min(16)];
+        slot.get_or_init(|| {
+            self.metrics
+                .calls
+                .get_or_create(&CallLabels {
+                    plugin: self.plugin.clone(),
+                    method: self.method.clone(),
+                    code: format!("{code:?}"),
+                })
+                .clone()
+        })
+        .inc();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,5 +617,42 @@ mod tests {
             assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
         }
         assert!(!text.contains("plugvisor_plugin_cpu_seconds"), "{text}");
+    }
+
+    #[test]
+    fn kept_call_series_record_what_a_looked_up_call_records() {
+        let looked_up = Metrics::default();
+        let kept = Metrics::default();
+        let series = kept.call_series("echo");
+        for (code, us) in [
+            (tonic::Code::Ok, 80),
+            (tonic::Code::Ok, 900),
+            (tonic::Code::NotFound, 40),
+        ] {
+            looked_up.call("echo", "upper", code, Duration::from_micros(us));
+            series
+                .method("upper")
+                .record(code, Duration::from_micros(us));
+        }
+        assert!(std::sync::Arc::ptr_eq(
+            &series.method("upper"),
+            &series.method("upper")
+        ));
+        assert_eq!(series.method("upper").plugin(), "echo");
+        let (a, b) = (looked_up.encode(&[]), kept.encode(&[]));
+        // The same series and values (a family lists its series in no
+        // particular order).
+        let sorted = |text: &str| {
+            let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+            lines.sort();
+            lines
+        };
+        assert_eq!(sorted(&a), sorted(&b));
+        assert!(
+            b.contains(
+                "plugvisor_calls_total{plugin=\"echo\",method=\"upper\",code=\"NotFound\"} 1"
+            ),
+            "{b}"
+        );
     }
 }

@@ -145,6 +145,7 @@ pub(crate) fn spawn_resumed(
             &host.metrics,
         )),
         in_flight,
+        call_series: host.metrics.call_series(&name),
         board: Board::new(spec.clone(), replicas, host.opts.history),
         logs: Arc::new(LogBuffer::new(host.opts.log_lines)),
     });

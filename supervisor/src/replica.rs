@@ -23,6 +23,8 @@ pub(crate) struct Common {
     pub rate_limits: crate::ratelimit::RateLimitSlot,
     /// The plugin's `plugvisor_calls_in_flight` gauge.
     pub in_flight: prometheus_client::metrics::gauge::Gauge,
+    /// The plugin's call series, kept per method.
+    pub call_series: crate::metrics::CallSeries,
     pub board: Board,
     pub logs: Arc<LogBuffer>,
 }

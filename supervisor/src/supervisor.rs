@@ -865,10 +865,9 @@ async fn send(
 /// ended, a caller that went away included (counted as cancelled).
 struct CallRecord {
     host: Arc<Host>,
-    plugin: String,
-    /// The method, or `other` for one the plugin does not list: callers
-    /// cannot grow the label set without bound.
-    method: String,
+    /// The method's series (the method, or `other` for one the plugin does
+    /// not list: callers cannot grow the label set without bound).
+    series: Arc<crate::metrics::MethodSeries>,
     started: Instant,
     code: tonic::Code,
     /// Counts the call in `plugvisor_calls_in_flight` until it ends.
@@ -877,12 +876,12 @@ struct CallRecord {
 
 impl CallRecord {
     fn new(host: &Arc<Host>, common: &Common, method: &str, listed: bool) -> Self {
-        let plugin = common.name.as_str();
         CallRecord {
-            _in_flight: crate::metrics::GaugeGuard::hold(common.in_flight.clone()),
             host: host.clone(),
-            plugin: plugin.to_string(),
-            method: if listed { method } else { "other" }.to_string(),
+            _in_flight: crate::metrics::GaugeGuard::hold(common.in_flight.clone()),
+            series: common
+                .call_series
+                .method(if listed { method } else { "other" }),
             started: Instant::now(),
             code: tonic::Code::Cancelled,
         }
@@ -891,12 +890,7 @@ impl CallRecord {
 
 impl Drop for CallRecord {
     fn drop(&mut self) {
-        self.host.metrics.call(
-            &self.plugin,
-            &self.method,
-            self.code,
-            self.started.elapsed(),
-        );
+        self.series.record(self.code, self.started.elapsed());
     }
 }
 
@@ -1030,7 +1024,7 @@ impl Stream for Download {
                         &why,
                     );
                     let e = Error::NotPersisted {
-                        plugin: this.record.plugin.clone(),
+                        plugin: this.record.series.plugin().to_string(),
                         instance: this.ready.id.clone(),
                         reason: why,
                     };
@@ -1047,7 +1041,11 @@ impl Stream for Download {
             // Dropping the response resets the plugin's stream now.
             this.inner = None;
             this.record.code = tonic::Code::Cancelled;
-            return Poll::Ready(Some(Err(cancelled(&this.record.plugin, &this.method, why))));
+            return Poll::Ready(Some(Err(cancelled(
+                this.record.series.plugin(),
+                &this.method,
+                why,
+            ))));
         }
         loop {
             let Some(inner) = this.inner.as_mut() else {
@@ -1066,8 +1064,8 @@ impl Stream for Download {
                     this.inner = None;
                     // The upload breaking off resets the stream: that is the cause.
                     let e = match this.abort.get() {
-                        Some(why) => cancelled(&this.record.plugin, &this.method, why),
-                        None => call_error(status, &this.record.plugin, &this.ready.id),
+                        Some(why) => cancelled(this.record.series.plugin(), &this.method, why),
+                        None => call_error(status, this.record.series.plugin(), &this.ready.id),
                     };
                     this.record.code = e.code();
                     return Poll::Ready(Some(Err(e)));

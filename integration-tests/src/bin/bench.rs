@@ -802,9 +802,25 @@ async fn embedded_and_daemon(
             let s = d.latency;
             daemon_p50 = Some(s.p50);
             let ratio = embedded.map(|e| s.p50.as_secs_f64() / e.p50.as_secs_f64());
+            let unary_ratio = embedded.map(|e| d.unary.p50.as_secs_f64() / e.p50.as_secs_f64());
             table.push(
                 Row::new(
-                    "3  Handle 64 B, 1 caller, daemon `call`: p50 / p99",
+                    "3  Handle 64 B, 1 caller, daemon unary `Call`: p50 / p99",
+                    format!(
+                        "{} (p50 {})",
+                        d.unary.p50_p99(),
+                        ratio_text(unary_ratio, "embedded")
+                    ),
+                    "-",
+                    Verdict::Info,
+                )
+                .cpus(mode),
+            );
+            table.json("daemon_unary_p50_us", d.unary.p50_us());
+            table.json("daemon_unary_p99_us", d.unary.p99_us());
+            table.push(
+                Row::new(
+                    "3  Handle 64 B, 1 caller, daemon call session: p50 / p99",
                     s.p50_p99(),
                     "-",
                     Verdict::Info,
@@ -852,6 +868,24 @@ async fn embedded_and_daemon(
             }
         }
         Err(e) => table.error("3  Handle 64 B through the daemon", &e),
+    }
+    match floor::chained_floor(root, counts, floors.cpus).await {
+        Ok((one, two)) => {
+            let r = two.p50.as_secs_f64() / one.p50.as_secs_f64();
+            table.push(
+                Row::new(
+                    "   floor: raw UDS 2 hops chained p50 / 1 hop p50",
+                    format!("{:.2}x ({} / {})", r, two.p50_p99(), one.p50_p99()),
+                    "-",
+                    Verdict::Info,
+                )
+                .cpus(mode),
+            );
+            table.json("raw_two_hops_p50_us", two.p50_us());
+            table.json("raw_one_hop_p50_us", one.p50_us());
+            table.json("raw_two_hops_over_one_p50", r);
+        }
+        Err(e) => table.error("   floor: raw UDS 2 hops chained", &e),
     }
 
     // 7. crash -> event, crash -> ready.
@@ -1076,7 +1110,10 @@ async fn embedded_latency(sup: &Supervisor, counts: Counts, cpus: CpuMode) -> Re
 // 3. Through the daemon.
 
 struct DaemonFigures {
+    /// Calls through a long-lived call session (`Control.CallSession`).
     latency: Stats,
+    /// Unary `Control.Call`, one HTTP/2 stream per call.
+    unary: Stats,
     /// starting -> ready of restarts through the control API, as the
     /// control client receives the events.
     spawn: Result<Stats>,
@@ -1108,7 +1145,17 @@ async fn daemon_figures(
         .call(request(30_000))
         .await
         .map_err(|s| format!("{s}; daemon log:\n    {}", daemon.log_tail()))?;
-    let latency = {
+    let check = |reply: &pb::CallResponse| -> Result<()> {
+        if reply.payload.len() != PAYLOAD {
+            return Err(format!(
+                "the daemon answered {} bytes instead of {PAYLOAD}",
+                reply.payload.len()
+            )
+            .into());
+        }
+        Ok(())
+    };
+    let unary = {
         let _spin = cpus.hold()?;
         let mut samples = Vec::with_capacity(counts.latency);
         for i in 0..counts.latency_warmup + counts.latency {
@@ -1117,13 +1164,22 @@ async fn daemon_figures(
             if i >= counts.latency_warmup {
                 samples.push(t.elapsed());
             }
-            if reply.payload.len() != PAYLOAD {
-                return Err(format!(
-                    "the daemon answered {} bytes instead of {PAYLOAD}",
-                    reply.payload.len()
-                )
-                .into());
+            check(&reply)?;
+        }
+        Stats::of(samples)?
+    };
+    // A long-lived control client: one call session for every call.
+    let session = plugvisor_cli::control_client::CallSession::connect(daemon.socket()).await?;
+    let latency = {
+        let _spin = cpus.hold()?;
+        let mut samples = Vec::with_capacity(counts.latency);
+        for i in 0..counts.latency_warmup + counts.latency {
+            let t = Instant::now();
+            let reply = session.call(request(0)).await?;
+            if i >= counts.latency_warmup {
+                samples.push(t.elapsed());
             }
+            check(&reply)?;
         }
         Stats::of(samples)?
     };
@@ -1148,6 +1204,7 @@ async fn daemon_figures(
     let spawn = daemon_spawn_ready(&mut client, counts).await;
     Ok(DaemonFigures {
         latency,
+        unary,
         spawn,
         isolation,
     })

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use plugvisor_sdk::{
@@ -52,6 +52,23 @@ pub struct Faults {
     pub validate_silent: bool,
 }
 
+/// Adds one to its counter when dropped, unless disarmed first.
+struct CountOnDrop(Option<Arc<AtomicU64>>);
+
+impl CountOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CountOnDrop {
+    fn drop(&mut self) {
+        if let Some(counter) = self.0.take() {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct TestPlugin {
     faults: Faults,
@@ -67,6 +84,9 @@ pub struct TestPlugin {
     config: Mutex<Option<serde_json::Value>>,
     /// Memory from `alloc`, kept so it stays resident.
     hoard: Mutex<Vec<Vec<u8>>>,
+    /// `sleep` calls dropped before they finished (the caller cancelled),
+    /// read by `sleeps_cancelled`.
+    sleeps_cancelled: Arc<AtomicU64>,
 }
 
 /// Locks `m`, ignoring poisoning: every critical section here is a single
@@ -196,6 +216,7 @@ impl TestPlugin {
             health: Mutex::new(health),
             config: Mutex::new(None),
             hoard: Mutex::new(Vec::new()),
+            sleeps_cancelled: Arc::default(),
         }
     }
 
@@ -272,6 +293,7 @@ impl Plugin for TestPlugin {
             "crash",
             "abort",
             "sleep",
+            "sleeps_cancelled",
             "pid",
             "sleep_pid",
             "grandchild",
@@ -372,9 +394,15 @@ impl Plugin for TestPlugin {
             }
             "sleep" => {
                 let ms = number(&req, Some(0))?;
+                // Counts the sleep as cancelled unless it finishes.
+                let guard = CountOnDrop(Some(self.sleeps_cancelled.clone()));
                 tokio::time::sleep(Duration::from_millis(ms)).await;
+                guard.disarm();
                 Ok(Response::new("slept"))
             }
+            "sleeps_cancelled" => Ok(Response::new(
+                self.sleeps_cancelled.load(Ordering::SeqCst).to_string(),
+            )),
             // The pid as the supervisor sees it (getpid is 1 in the plugin's
             // own PID namespace).
             "pid" => Ok(Response::new(crate::fork::host_pid().to_string())),

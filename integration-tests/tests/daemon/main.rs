@@ -3,6 +3,7 @@
 //! real terminal, the Grafana dashboard. One test binary for all of them.
 
 mod autoscale;
+mod call_session;
 mod cli;
 mod containers;
 mod daemon;

@@ -107,6 +107,40 @@ async fn call_on_one_connection(control: PathBuf, stop: Arc<AtomicBool>, tally: 
         .fetch_add(connection.resent(), Ordering::SeqCst);
 }
 
+/// Calls and calls on one call session (`Control.CallSession`) shared by
+/// every caller; `method` on `plugin` with `payload`, answered `expect`.
+/// Calls in flight when the daemon drains finish there; calls it did not
+/// process are sent again on a new session. Any error is a failed call.
+async fn call_on_a_session(
+    session: plugvisor_cli::control_client::CallSession,
+    call: (&'static str, &'static str, &'static str, &'static str),
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) {
+    let (plugin, method, payload, expect) = call;
+    while !stop.load(Ordering::SeqCst) {
+        let started = Instant::now();
+        let result = session
+            .call(pb::CallRequest {
+                plugin: plugin.into(),
+                method: method.into(),
+                payload: payload.as_bytes().to_vec().into(),
+                ..Default::default()
+            })
+            .await;
+        tally.took(started);
+        match result {
+            Ok(reply) if reply.payload == expect.as_bytes() => {
+                tally.ok.fetch_add(1, Ordering::SeqCst)
+            }
+            other => {
+                eprintln!("session call failed: {other:?}");
+                tally.failed.fetch_add(1, Ordering::SeqCst)
+            }
+        };
+    }
+}
+
 fn lines(text: &str) -> Vec<String> {
     text.lines().map(str::to_string).collect()
 }
@@ -192,7 +226,20 @@ fn two_upgrades_under_concurrent_callers_keep_every_plugin_and_fail_no_call() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let (per_call, long_lived) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
+    let (on_session, slow_on_session) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
+    let session = rt
+        .block_on(plugvisor_cli::control_client::CallSession::connect(
+            &daemon.control,
+        ))
+        .unwrap();
     let mut callers = Vec::new();
+    // Slow calls on the session, so that some are in flight at each switch.
+    callers.push(rt.spawn(call_on_a_session(
+        session.clone(),
+        ("talker", "sleep", "150", "slept"),
+        stop.clone(),
+        slow_on_session.clone(),
+    )));
     for _ in 0..3 {
         callers.push(rt.spawn(call_per_connection(
             daemon.control.clone(),
@@ -203,6 +250,12 @@ fn two_upgrades_under_concurrent_callers_keep_every_plugin_and_fail_no_call() {
             daemon.control.clone(),
             stop.clone(),
             long_lived.clone(),
+        )));
+        callers.push(rt.spawn(call_on_a_session(
+            session.clone(),
+            ("echo", "upper", "hi", "HI"),
+            stop.clone(),
+            on_session.clone(),
         )));
     }
     let wait_calls = |tally: &Tally, n: u64| {
@@ -220,6 +273,8 @@ fn two_upgrades_under_concurrent_callers_keep_every_plugin_and_fail_no_call() {
         // Calls go on through the new image, on both kinds of connection.
         wait_calls(&per_call, 20);
         wait_calls(&long_lived, 20);
+        wait_calls(&on_session, 20);
+        wait_calls(&slow_on_session, 2);
         // New output between the hand-overs: the followers must show it.
         daemon.cli_ok(&["restart", "talker"]);
         daemon.wait_ready("talker");
@@ -228,7 +283,10 @@ fn two_upgrades_under_concurrent_callers_keep_every_plugin_and_fail_no_call() {
     for caller in callers {
         rt.block_on(caller).unwrap();
     }
-    let failed = per_call.failed.load(Ordering::SeqCst) + long_lived.failed.load(Ordering::SeqCst);
+    let failed = per_call.failed.load(Ordering::SeqCst)
+        + long_lived.failed.load(Ordering::SeqCst)
+        + on_session.failed.load(Ordering::SeqCst)
+        + slow_on_session.failed.load(Ordering::SeqCst);
     eprintln!(
         "per-connection: {} ok, {} sent again, longest {}us; long-lived: {} ok, {} sent again, longest {}us",
         per_call.ok.load(Ordering::SeqCst),
@@ -237,6 +295,14 @@ fn two_upgrades_under_concurrent_callers_keep_every_plugin_and_fail_no_call() {
         long_lived.ok.load(Ordering::SeqCst),
         long_lived.resent.load(Ordering::SeqCst),
         long_lived.longest_us.load(Ordering::SeqCst),
+    );
+    eprintln!(
+        "on a session: {} ok, {} slow ok, {} sent again, longest {}us / slow {}us",
+        on_session.ok.load(Ordering::SeqCst),
+        slow_on_session.ok.load(Ordering::SeqCst),
+        session.resent(),
+        on_session.longest_us.load(Ordering::SeqCst),
+        slow_on_session.longest_us.load(Ordering::SeqCst),
     );
     assert_eq!(failed, 0, "calls failed during the hand-overs");
 

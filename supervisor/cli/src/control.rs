@@ -324,6 +324,21 @@ fn event_of(e: &Event) -> pb::Event {
 
 #[tonic::async_trait]
 impl Control for ControlService {
+    type CallSessionStream = BoxStream<pb::CallSessionResponse>;
+
+    async fn call_session(
+        &self,
+        request: Request<Streaming<pb::CallSessionRequest>>,
+    ) -> Result<Response<Self::CallSessionStream>, Status> {
+        // Once for the stream's every call.
+        self.access.borrow().check(&request)?;
+        Ok(Response::new(Box::pin(crate::call_session::serve(
+            self.supervisor.clone(),
+            request.into_inner(),
+            self.cancel.clone(),
+        ))))
+    }
+
     async fn upgrade_self(
         &self,
         request: Request<pb::UpgradeSelfRequest>,
@@ -396,32 +411,9 @@ impl Control for ControlService {
         request: Request<pb::CallRequest>,
     ) -> Result<Response<pb::CallResponse>, Status> {
         self.access.borrow().check(&request)?;
-        let r = request.into_inner();
-        let timeout = (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms));
-        let (plugin, reply) = match (r.plugin.is_empty(), r.capability.is_empty()) {
-            (false, true) => {
-                let reply = self
-                    .supervisor
-                    .call(&r.plugin, &r.method, r.payload, r.metadata, timeout)
-                    .await?;
-                (r.plugin, reply)
-            }
-            (true, false) => {
-                self.supervisor
-                    .call_capability(&r.capability, &r.method, r.payload, r.metadata, timeout)
-                    .await?
-            }
-            _ => {
-                return Err(Status::invalid_argument(
-                    "name either a plugin or a capability to call",
-                ));
-            }
-        };
-        Ok(Response::new(pb::CallResponse {
-            payload: reply.payload,
-            metadata: reply.metadata,
-            plugin,
-        }))
+        crate::call_session::call_one(&self.supervisor, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     type CallStreamStream = BoxStream<pb::CallChunk>;

@@ -48,7 +48,13 @@ pub const BACKLOG_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Client-streaming methods: their request bodies are not kept for a
 /// second send.
-const CLIENT_STREAMING: &[&str] = &["/plugvisor.v1.Control/CallStream"];
+const CLIENT_STREAMING: &[&str] = &[
+    "/plugvisor.v1.Control/CallStream",
+    "/plugvisor.v1.Control/CallSession",
+];
+
+/// The client of `Control.CallSession` (many calls on one stream).
+pub use crate::call_session::CallSession;
 
 /// A connection to the daemon's control socket, used as a tonic transport.
 /// Cheap to clone: clones share the connection (and its replacement).
@@ -78,6 +84,20 @@ impl ControlConnection {
                 resent: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Which connection calls go to now: it changes each time one is
+    /// replaced.
+    pub fn generation(&self) -> u64 {
+        lock(&self.shared.current).0
+    }
+
+    /// Opens a fresh connection in place of connection `generation`, unless
+    /// it was replaced already: for a client that knows the daemon is
+    /// draining that one (it told a call session so), so that its next
+    /// stream goes to whoever accepts next.
+    pub async fn replace(&self, generation: u64) -> io::Result<()> {
+        self.shared.replace(generation).await.map(|_| ())
     }
 
     /// How many calls were sent a second time because the daemon never
@@ -176,6 +196,13 @@ impl Shared {
             Some(request) => request,
             None => match &kept {
                 Some(kept) if never_processed(error.error()) => kept.request(),
+                None if never_processed(error.error()) => {
+                    // A streaming request is not kept, so it fails; but
+                    // this connection refuses new streams: the caller's
+                    // next one goes to a fresh connection.
+                    self.replace(generation).await?;
+                    return Err(error.into_error().into());
+                }
                 _ => return Err(error.into_error().into()),
             },
         };

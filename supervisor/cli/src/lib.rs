@@ -8,6 +8,8 @@
 //! - [`control`]: the gRPC control API the CLI talks to, and its client.
 //! - [`control_client`]: the client's transport: reconnects, and sends a
 //!   call the daemon never processed again, once.
+//! - [`call_session`]: `Control.CallSession`, many calls on one stream:
+//!   the daemon's side and the client.
 //! - [`follow`]: `logs -f` / `events -f` carrying on across `upgrade-self`.
 //! - [`connections`]: the control server's open connections, closed at shutdown.
 //! - [`reload`]: re-reading plugins_dir and the config on `reload` / SIGHUP.
@@ -23,6 +25,7 @@
 //! - [`progress`]: live step lines for long verbs, and terminal colours.
 //! - [`survivors`]: the guard the daemon leaves behind for its survivors.
 
+pub mod call_session;
 pub mod capability;
 pub mod cli;
 pub mod conformance;

@@ -155,3 +155,115 @@ pub async fn raw_copy(counts: Counts) -> Result<(f64, f64)> {
     rates.sort_by(f64::total_cmp);
     Ok((rates[rates.len() / 2], rates[rates.len() - 1]))
 }
+
+/// The structural floor of a call through the daemon: round trips of a
+/// 64 B payload from a tokio task through a relay thread to an echo thread
+/// and back (two Unix-socket hops chained, each thread with its own
+/// current-thread tokio runtime, as the daemon and a plugin have), and the
+/// same with one hop, the two alternating call by call so that both see the
+/// same moments of a noisy machine. Their ratio is the best a two-hop call
+/// can do against a one-hop one here.
+pub async fn chained_floor(root: &Path, counts: Counts, cpus: CpuMode) -> Result<(Stats, Stats)> {
+    let _spin = cpus.hold()?;
+    let (one_path, mut threads) = echo_chain(root, "hop1", false)?;
+    let (two_path, more) = echo_chain(root, "hop2", true)?;
+    threads.extend(more);
+    let (n, warm) = (counts.latency, counts.latency_warmup);
+    let samples = tokio::spawn(async move {
+        let mut one = tokio::net::UnixStream::connect(&one_path).await?;
+        let mut two = tokio::net::UnixStream::connect(&two_path).await?;
+        let out = [7u8; PAYLOAD];
+        let mut back = [0u8; PAYLOAD];
+        let mut samples = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for i in 0..warm + n {
+            let t = Instant::now();
+            one.write_all(&out).await?;
+            one.read_exact(&mut back).await?;
+            let took_one = t.elapsed();
+            let t = Instant::now();
+            two.write_all(&out).await?;
+            two.read_exact(&mut back).await?;
+            let took_two = t.elapsed();
+            if i >= warm {
+                samples.0.push(took_one);
+                samples.1.push(took_two);
+            }
+        }
+        Ok::<_, std::io::Error>(samples)
+    })
+    .await??;
+    // The client's streams are closed: each relay closes its upstream in
+    // turn, and every thread ends.
+    for thread in threads.into_iter().rev() {
+        thread.join().map_err(|_| "a raw hop thread panicked")??;
+    }
+    Ok((Stats::of(samples.0)?, Stats::of(samples.1)?))
+}
+
+/// Serves one connection on `listener` in a thread with its own tokio
+/// runtime, with `answer`.
+fn serve_one<F, Fut>(
+    listener: std::os::unix::net::UnixListener,
+    answer: F,
+) -> std::thread::JoinHandle<std::io::Result<()>>
+where
+    F: FnOnce(tokio::net::UnixStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = std::io::Result<()>>,
+{
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        rt.block_on(async move {
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::UnixListener::from_std(listener)?;
+            let (stream, _) = listener.accept().await?;
+            answer(stream).await
+        })
+    })
+}
+
+type Threads = Vec<std::thread::JoinHandle<std::io::Result<()>>>;
+
+/// An echo thread, behind a relay thread if `relay`: the socket to call
+/// and the threads (echo first).
+fn echo_chain(root: &Path, name: &str, relay: bool) -> Result<(std::path::PathBuf, Threads)> {
+    let echo_path = root.join(format!("{name}-echo.sock"));
+    let echo = serve_one(
+        std::os::unix::net::UnixListener::bind(&echo_path)?,
+        |mut stream| async move {
+            let mut buf = [0u8; PAYLOAD];
+            loop {
+                match stream.read_exact(&mut buf).await {
+                    Ok(_) => stream.write_all(&buf).await?,
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+            }
+        },
+    );
+    if !relay {
+        return Ok((echo_path, vec![echo]));
+    }
+    let relay_path = root.join(format!("{name}-relay.sock"));
+    let upstream = echo_path.clone();
+    let relay = serve_one(
+        std::os::unix::net::UnixListener::bind(&relay_path)?,
+        move |mut stream| async move {
+            let mut next = tokio::net::UnixStream::connect(&upstream).await?;
+            let mut buf = [0u8; PAYLOAD];
+            loop {
+                match stream.read_exact(&mut buf).await {
+                    Ok(_) => {
+                        next.write_all(&buf).await?;
+                        next.read_exact(&mut buf).await?;
+                        stream.write_all(&buf).await?;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+            }
+        },
+    );
+    Ok((relay_path, vec![echo, relay]))
+}
