@@ -5,7 +5,7 @@
 //! process.
 //!
 //! In order, the child:
-//! 1. joins its cgroup(s), writing `0` to each pre-opened `cgroup.procs`,
+//! 1. joins its cgroup(s), writing `0` to each pre-opened `cgroup.procs` (v1: `tasks`),
 //!    before anything else it does is charged elsewhere;
 //! 2. starts a new session (own process group, no controlling terminal);
 //! 3. sets its rlimits;
