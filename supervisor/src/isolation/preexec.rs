@@ -217,14 +217,19 @@ impl Step {
 }
 
 /// A NULL-terminated array of C strings, for `execveat`.
-struct CStringArray {
+pub(crate) struct CStringArray {
     /// Owns what `ptrs` points into; never changed after construction.
     _strings: Vec<CString>,
     ptrs: Vec<*const libc::c_char>,
 }
 
 impl CStringArray {
-    fn new(items: impl IntoIterator<Item = Vec<u8>>) -> io::Result<Self> {
+    /// The NULL-terminated array of pointers, as `execve` takes it.
+    pub(crate) fn as_ptr(&self) -> *const *const libc::c_char {
+        self.ptrs.as_ptr()
+    }
+
+    pub(crate) fn new(items: impl IntoIterator<Item = Vec<u8>>) -> io::Result<Self> {
         let strings = items
             .into_iter()
             .map(|b| CString::new(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e)))
