@@ -99,6 +99,7 @@ pub mod transport;
 pub mod units;
 mod upgrade;
 mod validate;
+mod vfork;
 
 pub use error::Error;
 pub use supervisor::{

@@ -5,8 +5,9 @@
 //!   also the one reaper. The parent-death signal (`PR_SET_PDEATHSIG`) fires
 //!   when the thread that forked exits, not the process, so forking from a
 //!   short-lived thread would kill children at random. Forking and reaping
-//!   on the same thread means a PID is never reaped while the standard
-//!   library is still waiting for its exec to succeed or fail.
+//!   on the same thread means a PID is never reaped while its spawn is
+//!   still waiting for its exec to succeed or fail. Children are cloned
+//!   without copying the supervisor's memory (see [`crate::vfork`]).
 //! - Each child gets a pidfd right after fork. The thread sleeps in `poll`
 //!   on the pidfds of its children (and an eventfd for new work), so no
 //!   blocking wait ever runs on a runtime worker and no task per child is
@@ -34,9 +35,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::net::unix::pipe;
@@ -321,8 +320,9 @@ pub async fn wait_exit(mut exit: watch::Receiver<Option<ExitStatus>>) -> ExitSta
 
 /// What the process thread hands back for a spawn.
 struct Spawned {
-    /// `None` for a tracked inherited child.
-    child: Option<std::process::Child>,
+    /// The read ends of its output pipes (`None` for a tracked inherited
+    /// child, or a survivor writing to files).
+    output: Option<(Option<OwnedFd>, Option<OwnedFd>)>,
     pidfd: Arc<OwnedFd>,
     leader: Arc<Leader>,
     exit: watch::Receiver<Option<ExitStatus>>,
@@ -369,7 +369,7 @@ struct ExecJob {
 }
 
 struct SpawnJob {
-    command: Command,
+    command: Box<crate::vfork::Launch>,
     /// Fork it as PID 1 of a new PID namespace (see `isolation::pidns`).
     new_pid_ns: bool,
     reply: oneshot::Sender<io::Result<Spawned>>,
@@ -564,17 +564,10 @@ impl ProcessManager {
         exec: Option<ExecFd>,
     ) -> io::Result<Child> {
         let mut setup = setup;
-        let mut command = Command::new(&spec.program);
-        command
-            .args(&spec.args)
-            .env_clear()
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&spec.cwd)
-            .stdin(Stdio::null());
         // A survivor writes to files that outlive us; others to pipes.
-        match setup.output.take() {
-            Some((out, err)) => command.stdout(Stdio::from(out)).stderr(Stdio::from(err)),
-            None => command.stdout(Stdio::piped()).stderr(Stdio::piped()),
+        let output = match setup.output.take() {
+            Some((out, err)) => crate::vfork::Output::Files(out, err),
+            None => crate::vfork::Output::Piped,
         };
         let exec = exec.map(|fd| ExecArgs {
             fd,
@@ -584,24 +577,30 @@ impl ProcessManager {
         });
         let new_pid_ns = setup.pid_namespace;
         let (pre_exec, report) = PreExec::new(setup, exec)?;
-        // SAFETY: the closure runs between fork and exec; `PreExec::run` only
-        // makes raw system calls on data prepared before fork (no allocation,
-        // no locks), so it is async-signal-safe. It joins the cgroups, starts
-        // a new session, sets the parent-death signal, marks every
-        // descriptor beyond 0-2 close-on-exec, and so on; with a descriptor
-        // to execute it execs itself and returns only on failure.
-        unsafe {
-            command.pre_exec(move || pre_exec.run());
-        }
+        // The child runs `PreExec::run` between clone and exec: it only
+        // makes raw system calls on data prepared before the clone (no
+        // allocation, no locks), so it is async-signal-safe, and it shares
+        // nothing it changes with us (see `crate::vfork`). It joins the
+        // cgroups, starts a new session, sets the parent-death signal,
+        // marks every descriptor beyond 0-2 close-on-exec, and so on; with
+        // a descriptor to execute it execs itself.
+        let command = crate::vfork::Launch::new(
+            &spec.program,
+            &spec.args,
+            &spec.env,
+            &spec.cwd,
+            output,
+            pre_exec,
+        )?;
         let stopped = || io::Error::other("the process thread has stopped");
         let (reply, result) = oneshot::channel();
         self.send(Job::Spawn(SpawnJob {
-            command,
+            command: Box::new(command),
             new_pid_ns,
             reply,
         }))?;
         let Spawned {
-            child: std_child,
+            output,
             pidfd,
             leader,
             exit,
@@ -617,23 +616,13 @@ impl ProcessManager {
             stdout: None,
             stderr: None,
         };
-        let Some(mut std_child) = std_child else {
+        let Some((stdout, stderr)) = output else {
             return Err(io::Error::other(
                 "the process thread answered a spawn without a child",
             ));
         };
-        child.stdout = std_child
-            .stdout
-            .take()
-            .map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s)))
-            .transpose()?;
-        child.stderr = std_child
-            .stderr
-            .take()
-            .map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s)))
-            .transpose()?;
-        // The std Child is dropped without waiting: the process thread reaps.
-        drop(std_child);
+        child.stdout = stdout.map(pipe::Receiver::from_owned_fd).transpose()?;
+        child.stderr = stderr.map(pipe::Receiver::from_owned_fd).transpose()?;
         Ok(child)
     }
 }
@@ -719,7 +708,7 @@ impl Reaper {
     }
 
     /// Forks one child and starts tracking it.
-    fn spawn(&mut self, mut job: SpawnJob) {
+    fn spawn(&mut self, job: SpawnJob) {
         // Only this thread forks, so only its namespace for children needs
         // to change: into a fresh one for this child, and back right after.
         let entered = if job.new_pid_ns {
@@ -743,7 +732,7 @@ impl Reaper {
             tracing::error!("{e}");
         }
         let result = result.and_then(|child| {
-            let pid = child.id() as i32;
+            let pid = child.pid;
             match pidfd_open(pid) {
                 Ok(fd) => Ok((child, fd)),
                 Err(e) => {
@@ -760,7 +749,7 @@ impl Reaper {
             }
         });
         let result = result.map(|(child, pidfd)| {
-            let pid = child.id() as i32;
+            let pid = child.pid;
             let pidfd = Arc::new(pidfd);
             let leader = Arc::new(Leader::new(pid));
             let (tx, exit) = watch::channel(None);
@@ -773,7 +762,7 @@ impl Reaper {
                 },
             );
             Spawned {
-                child: Some(child),
+                output: Some((child.stdout, child.stderr)),
                 pidfd,
                 leader,
                 exit,
@@ -803,7 +792,7 @@ impl Reaper {
                     exit: tx,
                 });
                 Ok(Spawned {
-                    child: None,
+                    output: None,
                     pidfd,
                     leader,
                     exit,
@@ -1133,6 +1122,87 @@ mod tests {
         // SAFETY: poll on one valid pollfd.
         let n = unsafe { libc::poll(&mut fd, 1, deadline.as_millis() as libc::c_int) };
         n == 1
+    }
+
+    #[tokio::test]
+    async fn a_child_starts_with_default_signals_its_own_cwd_env_and_stdin() {
+        // The supervisor ignores SIGPIPE and catches signals (SIGUSR1
+        // here); the process thread blocks every signal around the clone.
+        let pm = ProcessManager::new().unwrap();
+        let _usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).unwrap();
+        // The shell reads its own status with builtins only.
+        let mut spec = sh(concat!(
+            "while read -r k v; do case \"$k\" in SigBlk:|SigIgn:|SigCgt:) echo \"$k $v\";; esac; ",
+            "done < /proc/$$/status; pwd; echo \"$PATH|$HOME\"; cat; echo end"
+        ));
+        spec.cwd = "/tmp".into();
+        let mut child = pm.spawn(&spec).await.unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut all = Vec::new();
+        while let Ok(Ok(Some(line))) = tokio::time::timeout(DEADLINE, lines.next_line()).await {
+            all.push(line);
+        }
+        let mask = |name: &str| {
+            let line = all.iter().find(|l| l.starts_with(name)).expect(name);
+            u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+        };
+        assert_eq!(mask("SigBlk:"), 0, "nothing blocked: {all:?}");
+        // Our handler (SIGUSR1) is not the child's (the shell catches a
+        // few of its own); SIGPIPE, which we ignore, is default.
+        assert_eq!(mask("SigCgt:") & (1 << (libc::SIGUSR1 - 1)), 0, "{all:?}");
+        assert_eq!(mask("SigIgn:") & (1 << (libc::SIGPIPE - 1)), 0, "{all:?}");
+        // Stdin is /dev/null: `cat` ends at once.
+        assert_eq!(all[3..], ["/tmp", "/usr/bin:/bin|", "end"], "{all:?}");
+        assert!(child.wait().await.success());
+    }
+
+    #[tokio::test]
+    async fn a_program_that_cannot_be_executed_fails_the_spawn_and_leaves_no_child() {
+        let pm = ProcessManager::new().unwrap();
+        let mut spec = sh("true");
+        spec.program = "/nonexistent/plugin".into();
+        let Err(e) = pm.spawn(&spec).await else {
+            panic!("no such program")
+        };
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        spec.program = "no-such-program-in-path".into();
+        let Err(e) = pm.spawn(&spec).await else {
+            panic!("not in PATH")
+        };
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        assert!(e.to_string().contains("not in PATH"), "{e}");
+        spec.program = "/tmp".into();
+        let Err(e) = pm.spawn(&spec).await else {
+            panic!("a directory")
+        };
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+        spec = sh("true");
+        spec.cwd = "/nonexistent-dir".into();
+        let Err(e) = pm.spawn(&spec).await else {
+            panic!("no such cwd")
+        };
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        // Found through PATH, and every failed child was reaped: no zombie
+        // of ours is left.
+        spec = sh("echo ok");
+        spec.program = "sh".into();
+        let mut child = pm.spawn(&spec).await.unwrap();
+        assert_eq!(first_line(&mut child).await, "ok");
+        assert!(child.wait().await.success());
+        // SAFETY: waitid on any child, without waiting or reaping.
+        let none = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_ALL,
+                0,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            ) < 0
+                || info.si_pid() == 0
+        };
+        assert!(none, "a failed spawn left a zombie");
     }
 
     #[tokio::test]

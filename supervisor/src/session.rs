@@ -61,25 +61,61 @@ fn lock(w: &Waiters) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<O
 
 impl Sessions {
     /// Opens `lanes` sessions on `client` (its connections are used in
-    /// turn). Their reader tasks are tracked by `tasks` and end with the
-    /// sessions.
+    /// turn), all at once: each waits for the plugin's response headers, so
+    /// opening them one after another would cost a round trip per lane.
+    /// Their reader tasks are tracked by `tasks` and end with the sessions.
     pub async fn open(
         client: &Client,
         lanes: usize,
         timeout: Duration,
         tasks: &TaskTracker,
     ) -> Result<Sessions, tonic::Status> {
-        let mut opened = Vec::with_capacity(lanes);
+        type Opening = std::pin::Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = Result<
+                            tonic::Response<tonic::Streaming<SessionResponse>>,
+                            tonic::Status,
+                        >,
+                    > + Send,
+            >,
+        >;
+        let mut senders = Vec::with_capacity(lanes);
+        let mut opening: Vec<Opening> = Vec::with_capacity(lanes);
         for _ in 0..lanes {
             let (tx, rx) = mpsc::unbounded_channel();
             let mut client = client.clone();
-            let replies = tokio::time::timeout(
-                timeout,
-                client.session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)),
-            )
+            senders.push(tx);
+            opening.push(Box::pin(async move {
+                client
+                    .session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+                    .await
+            }));
+        }
+        // Dropped (cancelled) together if the deadline passes first.
+        let mut answered: Vec<Option<Result<_, tonic::Status>>> =
+            std::iter::repeat_with(|| None).take(lanes).collect();
+        let all = std::future::poll_fn(|cx| {
+            for (future, slot) in opening.iter_mut().zip(answered.iter_mut()) {
+                if slot.is_none()
+                    && let std::task::Poll::Ready(r) = future.as_mut().poll(cx)
+                {
+                    *slot = Some(r);
+                }
+            }
+            match answered.iter().all(Option::is_some) {
+                true => std::task::Poll::Ready(()),
+                false => std::task::Poll::Pending,
+            }
+        });
+        tokio::time::timeout(timeout, all)
             .await
-            .map_err(|_| tonic::Status::deadline_exceeded("opening a session timed out"))??
-            .into_inner();
+            .map_err(|_| tonic::Status::deadline_exceeded("opening a session timed out"))?;
+        let mut opened = Vec::with_capacity(lanes);
+        for (tx, answer) in senders.into_iter().zip(answered) {
+            let replies = answer
+                .ok_or_else(|| tonic::Status::internal("a session was left unopened"))??
+                .into_inner();
             let waiting: Arc<Waiters> = Arc::default();
             let alive = Arc::new(AtomicBool::new(true));
             tasks.spawn(read_replies(replies, waiting.clone(), alive.clone()));

@@ -945,3 +945,74 @@ async fn limits_apply_to_every_instance_and_refusals_wait_for_an_operator() {
     assert_eq!(id["rlimits"]["nofile"], serde_json::json!([100, 100]));
     sup.shutdown().await;
 }
+
+/// The thread ids of `pid`, from procfs.
+fn threads_of(pid: i32) -> Vec<String> {
+    let mut tids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    tids.sort();
+    tids
+}
+
+#[tokio::test]
+async fn every_thread_of_a_plugin_is_in_its_cgroup_in_each_hierarchy_and_the_supervisor_is_not() {
+    // The child joins between fork and exec, while it has one thread (on
+    // v1 through `tasks`, which moves that thread only): the threads the
+    // plugin starts afterwards, and its forks, must all be inside, and
+    // nothing of the supervisor.
+    let cgroups = or_skip!(real_cgroups("join"));
+    let sandbox = Sandbox::new();
+    let sup = supervisor(&sandbox, cgroups);
+    sup.add(sandbox.manifest("joiner", &tp(), ""), &Default::default())
+        .unwrap();
+    sup.wait_ready("joiner", SECS_10).await.unwrap();
+    // Host pid (it is PID 1 in its own namespace).
+    let pid: i32 = call(&sup, "joiner", "pid", "").await.as_i64().unwrap() as i32;
+    let threads = threads_of(pid);
+    assert!(
+        threads.len() > 1,
+        "the test plugin runs a multi-threaded runtime: {threads:?}"
+    );
+    let info = sup.info("joiner").unwrap();
+    assert!(!info.isolation.cgroup.is_empty(), "{:?}", info.isolation);
+    let me = std::process::id().to_string();
+    let my_threads = threads_of(std::process::id() as i32);
+    for dir in &info.isolation.cgroup {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+        let procs: Vec<&str> = procs.lines().collect();
+        assert!(
+            procs.contains(&pid.to_string().as_str()),
+            "{pid} not in {}: {procs:?}",
+            dir.display()
+        );
+        assert!(
+            !procs.contains(&me.as_str()),
+            "the supervisor joined {}",
+            dir.display()
+        );
+        // v1: each thread, one by one.
+        if let Ok(tasks) = std::fs::read_to_string(dir.join("tasks")) {
+            let tasks: Vec<&str> = tasks.lines().collect();
+            for tid in &threads {
+                assert!(
+                    tasks.contains(&tid.as_str()),
+                    "thread {tid} of {pid} not in {}: {tasks:?}",
+                    dir.display()
+                );
+            }
+            for tid in &my_threads {
+                assert!(
+                    !tasks.contains(&tid.as_str()),
+                    "supervisor thread {tid} in {}",
+                    dir.display()
+                );
+            }
+        }
+    }
+    sup.shutdown().await;
+}

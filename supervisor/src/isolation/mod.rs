@@ -186,8 +186,8 @@ impl OomEvidence {
     }
 }
 
-/// A `cgroup.procs` file opened before fork: the child writes `0` into it
-/// to join the cgroup before it execs.
+/// A `cgroup.procs` file (v1: `tasks`, see [`v1`]) opened before fork: the
+/// child writes `0` into it to join the cgroup before it execs.
 #[derive(Debug)]
 pub struct ProcsFile {
     pub path: PathBuf,

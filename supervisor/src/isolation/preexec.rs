@@ -5,7 +5,7 @@
 //! process.
 //!
 //! In order, the child:
-//! 1. joins its cgroup(s), writing `0` to each pre-opened `cgroup.procs`,
+//! 1. joins its cgroup(s), writing `0` to each pre-opened `cgroup.procs` (v1: `tasks`),
 //!    before anything else it does is charged elsewhere;
 //! 2. starts a new session (own process group, no controlling terminal);
 //! 3. sets its rlimits;
@@ -217,14 +217,19 @@ impl Step {
 }
 
 /// A NULL-terminated array of C strings, for `execveat`.
-struct CStringArray {
+pub(crate) struct CStringArray {
     /// Owns what `ptrs` points into; never changed after construction.
     _strings: Vec<CString>,
     ptrs: Vec<*const libc::c_char>,
 }
 
 impl CStringArray {
-    fn new(items: impl IntoIterator<Item = Vec<u8>>) -> io::Result<Self> {
+    /// The NULL-terminated array of pointers, as `execve` takes it.
+    pub(crate) fn as_ptr(&self) -> *const *const libc::c_char {
+        self.ptrs.as_ptr()
+    }
+
+    pub(crate) fn new(items: impl IntoIterator<Item = Vec<u8>>) -> io::Result<Self> {
         let strings = items
             .into_iter()
             .map(|b| CString::new(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e)))
