@@ -285,7 +285,15 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         for (fd, target) in [(&l.stdin, 0), (&l.stdout, 1), (&l.stderr, 2)] {
-            if libc::dup2(fd.as_raw_fd(), target) < 0 {
+            let fd = fd.as_raw_fd();
+            // dup2 onto itself keeps close-on-exec (a supervisor started
+            // with a standard descriptor closed reuses its number): clear it.
+            let kept = if fd == target {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, target)
+            };
+            if kept < 0 {
                 fail(args.status, last_errno());
             }
         }
