@@ -208,7 +208,7 @@ impl Actor {
                     let id = saved.id.clone();
                     match crate::handover::reattach(&self.replica, &self.spec, saved).await {
                         Ok((instance, ready_since)) => {
-                            (id, self.serve(instance, ready_since).await)
+                            (id, Box::pin(self.serve(instance, ready_since)).await)
                         }
                         Err(reason) => (id, Err(reason)),
                     }
@@ -219,7 +219,7 @@ impl Actor {
                     let (instance, info, _) = survivor.take().expect("checked");
                     let id = instance.id.clone();
                     let ready_since = self.replica.publish(&instance, &info);
-                    (id, self.serve(instance, ready_since).await)
+                    (id, Box::pin(self.serve(instance, ready_since)).await)
                 }
                 None => {
                     match crate::dependencies::wait_for_requirements(
@@ -249,7 +249,9 @@ impl Actor {
                         // force: only its Initialize is left.
                         Some(s) if Arc::ptr_eq(&s.spec, &self.spec) => {
                             let instance_id = s.instance.id.clone();
-                            let outcome = self.initialize_standby(*s).await;
+                            // Boxed: the actor's future would otherwise hold
+                            // two whole starts side by side.
+                            let outcome = Box::pin(self.initialize_standby(*s)).await;
                             (instance_id, outcome)
                         }
                         other => {
@@ -361,7 +363,8 @@ impl Actor {
                 // during the backoff: a start that fails waits it out.
                 let deadline = ended + delay;
                 let prestart = ready_since.is_some() && standby::allowed(&self.spec);
-                self.backoff(deadline, prestart).await
+                // Boxed: it holds a start of its own (the standby's).
+                Box::pin(self.backoff(deadline, prestart)).await
             }
             Decision::Stop { reason: why } => {
                 replica.down(
@@ -625,7 +628,8 @@ impl Actor {
             _ = self.replica.host.cancel.cancelled() => return Ok(Outcome::Decided(Next::Exit)),
         };
         let (instance, info) = launched.map_err(ExitReason::Start)?;
-        self.publish_and_serve(instance, info).await
+        // Boxed: serving is the largest part of the actor's future.
+        Box::pin(self.publish_and_serve(instance, info)).await
     }
 
     /// Runs the post-ready hook of an initialized instance, publishes it

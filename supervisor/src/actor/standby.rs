@@ -192,8 +192,15 @@ pub(super) async fn exited(ready: &Option<Standby>) -> ExitStatus {
 
 /// Kills a standby: its process group and child (reaped), what is left of
 /// its cgroup; its cgroup and socket directory are removed as it drops.
+/// Its post-exit hook runs, as after any instance that was spawned.
 pub(super) async fn discard(replica: &Replica, standby: Standby) {
-    let instance = standby.instance;
+    // Boxed: it holds a hook's run, and the backoff that awaits it is
+    // itself deep in the actor's future.
+    Box::pin(discard_now(replica, standby)).await
+}
+
+async fn discard_now(replica: &Replica, standby: Standby) {
+    let Standby { instance, spec, .. } = standby;
     let status = instance::kill_and_reap(&instance.child).await;
     if let Some(lease) = &instance.cgroup
         && let Err(e) = lease.kill_all().await
@@ -206,6 +213,24 @@ pub(super) async fn discard(replica: &Replica, standby: Standby) {
         }
     });
     tracing::info!(plugin = %replica.name(), instance = %instance.id, "the instance started during the backoff is discarded ({status})");
+    let id = instance.id.clone();
+    drop(instance);
+    let exit = ExitReason::from_status(status);
+    replica
+        .hook_reported(
+            &spec.manifest,
+            &spec.env,
+            "post_exit",
+            &id,
+            &[
+                (
+                    "PLUGVISOR_EXIT_REASON",
+                    format!("started during the backoff and discarded; the plugin {status}"),
+                ),
+                ("PLUGVISOR_EXIT_KIND", exit.kind().to_string()),
+            ],
+        )
+        .await;
 }
 
 /// Removes a socket directory unless disarmed.
@@ -260,6 +285,7 @@ impl Actor {
             _ = self.replica.host.cancel.cancelled() => return Ok(Outcome::Decided(Next::Exit)),
         };
         let (instance, info) = launched.map_err(ExitReason::Start)?;
-        self.publish_and_serve(instance, info).await
+        // Boxed: serving is the largest part of the actor's future.
+        Box::pin(self.publish_and_serve(instance, info)).await
     }
 }
