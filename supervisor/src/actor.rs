@@ -406,20 +406,26 @@ impl Actor {
     }
 
     /// Waits out a backoff until `deadline`; an operator's stop or restart
-    /// cuts it short. With `prestart`, the next instance is spawned at once
+    /// cuts it short. With `prestart`, the next instance is spawned (at
+    /// once, or [`standby::LEAD`] before the deadline of a longer backoff)
     /// and handed on, handshaken, once the deadline has passed (see
     /// [`standby`]); every order but a start discards it first.
     async fn backoff(&mut self, deadline: Instant, prestart: bool) -> Next {
         let sleep = tokio::time::sleep_until(deadline.into());
         tokio::pin!(sleep);
+        let lead = tokio::time::sleep_until(standby::start_at(deadline).into());
+        tokio::pin!(lead);
+        let mut to_start = prestart;
         let mut pending = standby::Pending::default();
-        if prestart {
-            let id = self.next_id();
-            pending.start(&self.replica, &self.spec, id, deadline);
-        }
         let mut elapsed = false;
         loop {
             let cmd = tokio::select! {
+                _ = &mut lead, if to_start && !elapsed => {
+                    to_start = false;
+                    let id = self.next_id();
+                    pending.start(&self.replica, &self.spec, id, deadline);
+                    continue;
+                }
                 _ = &mut sleep, if !elapsed => {
                     elapsed = true;
                     match pending.on_elapsed() {

@@ -261,8 +261,15 @@ async fn stop_during_the_backoff_kills_the_standby_and_its_cgroup() {
     let mut events = sup.events();
     sup.add(sandbox.manifest("tp", &tp(), LONG), &Default::default())
         .unwrap();
-    crash(&sup, &mut events, "tp").await;
+    let (_, _, backoff) = crash(&sup, &mut events, "tp").await;
     let (spawning, pid) = standby(&mut events, "tp").await;
+    // A 3s backoff: started 2s before its end (which counts from the exit,
+    // a little before the event), not idle for all of it.
+    let after = spawning.time.duration_since(backoff.time).unwrap();
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(3),
+        "the standby was spawned {after:?} into a 3s backoff"
+    );
     let cgroups = cgroups_of(pid);
     assert_eq!(!cgroups.is_empty(), with_cgroups, "{cgroups:?}");
     assert!(cgroups.iter().all(|c| c.exists()));
@@ -463,7 +470,14 @@ async fn giving_up_after_max_restarts_leaves_no_standby() {
     for attempt in 1..=2 {
         let (_, _, backoff) = crash(&sup, &mut events, "tp").await;
         assert_eq!(backoff.detail.attempt, Some(attempt));
-        standby(&mut events, "tp").await;
+        // (Its handshake may outlast a 50ms backoff on a busy machine:
+        // then Initialize follows it at once, with no event between.)
+        let spawning = wait_state(&mut events, "tp", PluginState::Starting, SECS_10).await;
+        assert!(
+            spawning.reason.contains("during the backoff"),
+            "{}",
+            spawning.reason
+        );
         wait_state(&mut events, "tp", PluginState::Ready, SECS_10).await;
     }
     sup.wait_ready("tp", SECS_10).await.unwrap();

@@ -1,6 +1,7 @@
 //! Pre-start: the next instance of a replica whose ready instance crashed
-//! is spawned, handshaken and connected during the backoff; Initialize is
-//! sent once the backoff has elapsed. The restart then takes the backoff
+//! is spawned, handshaken and connected during the backoff (at once, or
+//! [`LEAD`] before the end of a longer backoff); Initialize is sent once
+//! the backoff has elapsed. The restart then takes the backoff
 //! plus Initialize instead of the backoff plus a whole start.
 //!
 //! The rules (README, "Restart policy"):
@@ -37,6 +38,18 @@ pub(crate) struct Standby {
     pub spec: Arc<Spec>,
     /// Spawn to handshake.
     handshake: Duration,
+}
+
+/// How long before the end of its backoff a standby is started: at once
+/// for a backoff up to this long, later for a longer one (so that it is not
+/// kept idle, nor refuses a hand-over to a new supervisor image, for the
+/// whole of a long backoff). Longer than most plugins take to handshake.
+pub(super) const LEAD: Duration = Duration::from_secs(2);
+
+/// When the standby of a backoff ending at `deadline` is started.
+pub(super) fn start_at(deadline: Instant) -> Instant {
+    let now = Instant::now();
+    deadline.checked_sub(LEAD).map_or(now, |at| at.max(now))
 }
 
 /// Whether a crash of a ready instance of `spec` may pre-start the next.
