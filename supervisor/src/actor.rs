@@ -411,12 +411,19 @@ impl Actor {
     /// and handed on, handshaken, once the deadline has passed (see
     /// [`standby`]); every order but a start discards it first.
     async fn backoff(&mut self, deadline: Instant, prestart: bool) -> Next {
-        let sleep = tokio::time::sleep_until(deadline.into());
+        let sleep = standby::sleep_until(deadline);
         tokio::pin!(sleep);
-        let lead = tokio::time::sleep_until(standby::start_at(deadline).into());
-        tokio::pin!(lead);
-        let mut to_start = prestart;
         let mut pending = standby::Pending::default();
+        // A start due now starts now, not at the timer's next tick.
+        let start_at = standby::start_at(deadline);
+        let mut to_start = prestart;
+        if to_start && start_at <= Instant::now() {
+            to_start = false;
+            let id = self.next_id();
+            pending.start(&self.replica, &self.spec, id, deadline);
+        }
+        let lead = tokio::time::sleep_until(start_at.into());
+        tokio::pin!(lead);
         let mut elapsed = false;
         loop {
             let cmd = tokio::select! {
