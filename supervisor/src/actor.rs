@@ -6,6 +6,7 @@
 //! the steps of an upgrade in [`crate::upgrade`].
 
 mod remote;
+mod standby;
 
 use crate::instance::{self, Instance, StartError, probe};
 use crate::policy::{Decision, Jitter, RestartTracker};
@@ -46,11 +47,15 @@ enum Next {
     Idle,
     /// The supervisor is shutting down, or the plugin was removed.
     Exit,
+    /// The backoff has elapsed and an instance started during it waits
+    /// for its Initialize (see [`standby`]).
+    Standby(Box<standby::Standby>),
 }
 
 /// How a ready instance's watch ended.
 enum RunEnd {
-    Exited(ExitStatus),
+    /// The child exited, observed at this instant.
+    Exited(ExitStatus, Instant),
     HealthFailed(String),
     /// A requirement with `on_crash: restart` went down: stop, wait for it.
     RequirementDown(String),
@@ -63,6 +68,8 @@ enum Outcome {
     Gone {
         reason: ExitReason,
         ready_since: Option<Instant>,
+        /// When its end was observed: the backoff counts from here.
+        ended: Instant,
     },
     /// Stopped on request or by shutdown; what follows is decided.
     Decided(Next),
@@ -184,6 +191,7 @@ impl Actor {
             self.starts = *start;
         }
         loop {
+            let mut standby = None;
             match next {
                 Next::Exit => return,
                 Next::Idle => {
@@ -191,6 +199,7 @@ impl Actor {
                     continue;
                 }
                 Next::Start => {}
+                Next::Standby(s) => standby = Some(s),
             }
             let (instance_id, outcome) = match adopted.take() {
                 // Taken over running: its requirements were met when it
@@ -199,7 +208,7 @@ impl Actor {
                     let id = saved.id.clone();
                     match crate::handover::reattach(&self.replica, &self.spec, saved).await {
                         Ok((instance, ready_since)) => {
-                            (id, self.serve(instance, ready_since).await)
+                            (id, Box::pin(self.serve(instance, ready_since)).await)
                         }
                         Err(reason) => (id, Err(reason)),
                     }
@@ -210,7 +219,7 @@ impl Actor {
                     let (instance, info, _) = survivor.take().expect("checked");
                     let id = instance.id.clone();
                     let ready_since = self.replica.publish(&instance, &info);
-                    (id, self.serve(instance, ready_since).await)
+                    (id, Box::pin(self.serve(instance, ready_since)).await)
                 }
                 None => {
                     match crate::dependencies::wait_for_requirements(
@@ -221,22 +230,47 @@ impl Actor {
                     .await
                     {
                         crate::dependencies::WaitEnd::Ready => {}
-                        crate::dependencies::WaitEnd::Exit => return,
+                        crate::dependencies::WaitEnd::Exit => {
+                            if let Some(s) = standby {
+                                standby::discard(&self.replica, *s).await;
+                            }
+                            return;
+                        }
                         crate::dependencies::WaitEnd::Command(cmd) => {
+                            if let Some(s) = standby {
+                                standby::discard(&self.replica, *s).await;
+                            }
                             next = self.while_waiting(cmd).await;
                             continue;
                         }
                     }
-                    let instance_id = self.next_id();
-                    let outcome = self.start_and_run(&instance_id).await;
-                    (instance_id, outcome)
+                    match standby {
+                        // Started during the backoff under the spec still in
+                        // force: only its Initialize is left.
+                        Some(s) if Arc::ptr_eq(&s.spec, &self.spec) => {
+                            let instance_id = s.instance.id.clone();
+                            // Boxed: the actor's future would otherwise hold
+                            // two whole starts side by side.
+                            let outcome = Box::pin(self.initialize_standby(*s)).await;
+                            (instance_id, outcome)
+                        }
+                        other => {
+                            if let Some(s) = other {
+                                standby::discard(&self.replica, *s).await;
+                            }
+                            let instance_id = self.next_id();
+                            let outcome = self.start_and_run(&instance_id).await;
+                            (instance_id, outcome)
+                        }
+                    }
                 }
             };
-            let (reason, ready_since) = match outcome {
+            let (reason, ready_since, ended) = match outcome {
                 Ok(Outcome::Gone {
                     reason,
                     ready_since,
-                }) => (reason, ready_since),
+                    ended,
+                }) => (reason, ready_since, ended),
                 Ok(Outcome::Decided(n)) => {
                     if matches!(n, Next::Start) {
                         self.clear_history();
@@ -244,18 +278,22 @@ impl Actor {
                     next = n;
                     continue;
                 }
-                Err(reason) => (reason, None),
+                Err(reason) => (reason, None, Instant::now()),
             };
-            next = self.after_exit(&instance_id, reason, ready_since).await;
+            next = self
+                .after_exit(&instance_id, reason, ready_since, ended)
+                .await;
         }
     }
 
-    /// Decides what follows an instance that ended on its own.
+    /// Decides what follows an instance that ended on its own (observed
+    /// at `ended`).
     async fn after_exit(
         &mut self,
         instance_id: &str,
         reason: ExitReason,
         ready_since: Option<Instant>,
+        ended: Instant,
     ) -> Next {
         if spawned(&reason) {
             self.replica
@@ -319,7 +357,14 @@ impl Actor {
                         ..detail
                     },
                 );
-                self.backoff(delay).await
+                // Counted from the exit, not from this point (the post-exit
+                // hook and the bookkeeping above take time too). Only an
+                // instance that had been ready has its successor started
+                // during the backoff: a start that fails waits it out.
+                let deadline = ended + delay;
+                let prestart = ready_since.is_some() && standby::allowed(&self.spec);
+                // Boxed: it holds a start of its own (the standby's).
+                Box::pin(self.backoff(deadline, prestart)).await
             }
             Decision::Stop { reason: why } => {
                 replica.down(
@@ -360,16 +405,60 @@ impl Actor {
         Some(ExitReason::Start(StartError::Hook(e)))
     }
 
-    /// Waits out a backoff delay; an operator's stop or restart cuts it short.
-    async fn backoff(&mut self, delay: Duration) -> Next {
-        let sleep = tokio::time::sleep(delay);
+    /// Waits out a backoff until `deadline`; an operator's stop or restart
+    /// cuts it short. With `prestart`, the next instance is spawned (at
+    /// once, or [`standby::LEAD`] before the deadline of a longer backoff)
+    /// and handed on, handshaken, once the deadline has passed (see
+    /// [`standby`]); every order but a start discards it first.
+    async fn backoff(&mut self, deadline: Instant, prestart: bool) -> Next {
+        let sleep = standby::sleep_until(deadline);
         tokio::pin!(sleep);
+        let mut pending = standby::Pending::default();
+        // A start due now starts now, not at the timer's next tick.
+        let start_at = standby::start_at(deadline);
+        let mut to_start = prestart;
+        if to_start && start_at <= Instant::now() {
+            to_start = false;
+            let id = self.next_id();
+            pending.start(&self.replica, &self.spec, id, deadline);
+        }
+        let lead = tokio::time::sleep_until(start_at.into());
+        tokio::pin!(lead);
+        let mut elapsed = false;
         loop {
             let cmd = tokio::select! {
-                _ = &mut sleep => return Next::Start,
-                _ = self.replica.host.cancel.cancelled() => return Next::Exit,
+                _ = &mut lead, if to_start && !elapsed => {
+                    to_start = false;
+                    let id = self.next_id();
+                    pending.start(&self.replica, &self.spec, id, deadline);
+                    continue;
+                }
+                _ = &mut sleep, if !elapsed => {
+                    elapsed = true;
+                    match pending.on_elapsed() {
+                        Some(next) => return next,
+                        None => continue,
+                    }
+                }
+                started = standby::started(&mut pending.starting) => {
+                    match pending.on_started(&self.replica, started, elapsed, deadline) {
+                        Some(next) => return next,
+                        None => continue,
+                    }
+                }
+                status = standby::exited(&pending.ready) => {
+                    pending.on_exited(&self.replica, status, deadline).await;
+                    continue;
+                }
+                _ = self.replica.host.cancel.cancelled() => {
+                    pending.discard(&self.replica).await;
+                    return Next::Exit;
+                }
                 cmd = self.commands.recv() => cmd,
             };
+            if !matches!(cmd, Some(Command::Start(_))) {
+                pending.discard(&self.replica).await;
+            }
             match cmd {
                 Some(Command::Start(reply)) => {
                     let _ = reply.send(());
@@ -552,10 +641,22 @@ impl Actor {
             _ = self.replica.host.cancel.cancelled() => return Ok(Outcome::Decided(Next::Exit)),
         };
         let (instance, info) = launched.map_err(ExitReason::Start)?;
+        // Boxed: serving is the largest part of the actor's future.
+        Box::pin(self.publish_and_serve(instance, info)).await
+    }
+
+    /// Runs the post-ready hook of an initialized instance, publishes it
+    /// and serves calls through it until it ends.
+    async fn publish_and_serve(
+        &mut self,
+        instance: Instance,
+        info: plugvisor_proto::InitializeResponse,
+    ) -> Result<Outcome, ExitReason> {
         if let Some(reason) = self.post_ready(&instance).await {
             return Ok(Outcome::Gone {
                 reason,
                 ready_since: None,
+                ended: Instant::now(),
             });
         }
         let ready_since = self.replica.publish(&instance, &info);
@@ -589,12 +690,13 @@ impl Actor {
             let (why, next, reply) = match end {
                 // What the crashed child left in its process group goes with
                 // it when `instance` is dropped (see `Child`'s Drop).
-                RunEnd::Exited(status) => {
+                RunEnd::Exited(status, ended) => {
                     let oom = instance.ended_by_oom(status).await;
                     return Ok(Outcome::Gone {
                         reason: ExitReason::of_exit(status, oom)
                             .or_seccomp_kill(&manifest.isolation.seccomp),
                         ready_since: Some(ready_since),
+                        ended,
                     });
                 }
                 RunEnd::RequirementDown(why) => {
@@ -609,6 +711,7 @@ impl Actor {
                     return Ok(Outcome::Gone {
                         reason: ExitReason::HealthCheck(why),
                         ready_since: Some(ready_since),
+                        ended: Instant::now(),
                     });
                 }
                 RunEnd::Cancelled => ("the supervisor is shutting down", Next::Exit, None),
@@ -747,7 +850,7 @@ async fn watch_ready(
     tokio::pin!(exited);
     loop {
         tokio::select! {
-            status = &mut exited => return RunEnd::Exited(status),
+            status = &mut exited => return RunEnd::Exited(status, Instant::now()),
             change = requirements.next() => {
                 let went = if change.up { "is ready again" } else { "went down" };
                 let detail = EventDetail {

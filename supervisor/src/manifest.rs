@@ -85,6 +85,11 @@ pub struct RestartSpec {
     /// More than this many restarts within `window` and the plugin is `failed`.
     pub max_restarts: u32,
     pub window: HumanDuration,
+    /// After a crash of an instance that had been ready, spawn and
+    /// handshake the next one during the backoff; Initialize is sent once
+    /// the backoff has elapsed (see [`crate::actor`]). `false` starts
+    /// nothing before the backoff has elapsed.
+    pub prestart: bool,
 }
 
 impl Default for RestartSpec {
@@ -98,6 +103,7 @@ impl Default for RestartSpec {
             reset_after: HumanDuration(Duration::from_secs(60)),
             max_restarts: 10,
             window: HumanDuration(Duration::from_secs(60)),
+            prestart: true,
         }
     }
 }

@@ -193,6 +193,7 @@ mod tests {
             reset_after: HumanDuration(Duration::from_secs(60)),
             max_restarts: 5,
             window: HumanDuration(Duration::from_secs(60)),
+            prestart: true,
         }
     }
 

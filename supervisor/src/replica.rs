@@ -29,7 +29,10 @@ pub(crate) struct Common {
     pub logs: Arc<LogBuffer>,
 }
 
-/// One replica of a plugin: the context its actor runs in.
+/// One replica of a plugin: the context its actor runs in. A clone is the
+/// same context (shared handles), for a start its actor runs alongside its
+/// own work (see [`crate::actor`]'s standby).
+#[derive(Clone)]
 pub(crate) struct Replica {
     pub host: Arc<Host>,
     pub plugin: Arc<Common>,
@@ -174,22 +177,46 @@ impl Replica {
         restored: Option<RestoredState>,
         note: &str,
     ) -> Result<(Instance, InitializeResponse), StartError> {
+        let instance = self.spawn_instance(spec, instance_id, "").await?;
+        let reason = format!(
+            "handshake done in {}ms; calling Initialize{note}",
+            instance.spawned_at.elapsed().as_millis()
+        );
+        self.initialize_instance(spec, instance, restored, reason)
+            .await
+    }
+
+    /// The first part of [`Self::launch`]: the `starting` event (its reason
+    /// ends with `during`), the pre-start hook, the spawn, the handshake and
+    /// the connection. On failure the child is already killed and reaped.
+    pub async fn spawn_instance(
+        &self,
+        spec: &Spec,
+        instance_id: &str,
+        during: &str,
+    ) -> Result<Instance, StartError> {
         let manifest = &spec.manifest;
         self.event(
             PluginState::Starting,
             instance_id,
             match &manifest.container {
-                None => format!("spawning {} {}", manifest.exec.display(), manifest.version),
-                Some(c) => format!(
-                    "spawning container {} ({} {}) {}",
-                    crate::container::name(&self.host.opts.runtime_dir, instance_id),
-                    c.runtime.as_str(),
-                    c.image
-                        .clone()
-                        .or_else(|| c.bundle.as_ref().map(|b| b.display().to_string()))
-                        .unwrap_or_default(),
+                None => format!(
+                    "spawning {} {}{during}",
+                    manifest.exec.display(),
                     manifest.version
                 ),
+                Some(c) => {
+                    format!(
+                        "spawning container {} ({} {}) {}",
+                        crate::container::name(&self.host.opts.runtime_dir, instance_id),
+                        c.runtime.as_str(),
+                        c.image
+                            .clone()
+                            .or_else(|| c.bundle.as_ref().map(|b| b.display().to_string()))
+                            .unwrap_or_default(),
+                        manifest.version
+                    ) + during
+                }
             },
             EventDetail {
                 version: Some(manifest.version.to_string()),
@@ -218,19 +245,32 @@ impl Replica {
                 &self.host.survivors,
             )),
         };
-        let mut instance = instance::spawn(ctx).await?;
+        let instance = instance::spawn(ctx).await?;
         let pid = instance.child.pid();
         self.update(|r| {
             r.instance = instance_id.to_string();
             r.pid = Some(pid);
         });
+        Ok(instance)
+    }
+
+    /// The second part of [`Self::launch`]: the `initializing` event (with
+    /// `reason`), Initialize with `restored` state, the checks of its
+    /// answer and its sessions. On failure the child is already killed and
+    /// reaped.
+    pub async fn initialize_instance(
+        &self,
+        spec: &Spec,
+        mut instance: Instance,
+        restored: Option<RestoredState>,
+        reason: String,
+    ) -> Result<(Instance, InitializeResponse), StartError> {
+        let manifest = &spec.manifest;
+        let pid = instance.child.pid();
         self.event(
             PluginState::Initializing,
-            instance_id,
-            format!(
-                "handshake done in {}ms; calling Initialize{note}",
-                instance.spawned_at.elapsed().as_millis()
-            ),
+            &instance.id,
+            reason,
             EventDetail {
                 pid: Some(pid),
                 ..EventDetail::default()

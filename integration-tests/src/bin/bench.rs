@@ -953,6 +953,26 @@ async fn embedded_and_daemon(
                 "info",
                 Verdict::Info,
             ));
+            table.push(Row::new(
+                "   of which SIGKILL -> Initialize sent, past the backoff",
+                c.initialize_late.p50_p99_ms(),
+                "info (timer)",
+                Verdict::Info,
+            ));
+            table.push(Row::new(
+                "   of which Initialize sent -> ready",
+                c.initialized.p50_p99_ms(),
+                "info",
+                Verdict::Info,
+            ));
+            table.json(
+                "crash_initialize_late_p50_ms",
+                c.initialize_late.p50.as_secs_f64() * 1e3,
+            );
+            table.json(
+                "crash_initialized_p50_ms",
+                c.initialized.p50.as_secs_f64() * 1e3,
+            );
             table.json("crash_event_p50_us", c.event.p50_us());
             table.json("crash_event_p99_us", c.event.p99_us());
             table.json(
@@ -1472,6 +1492,12 @@ struct CrashFigures {
     slept: Stats,
     /// Starting until ready, for these restarts.
     restarted: Stats,
+    /// SIGKILL until Initialize was sent (the `initializing` event), minus
+    /// the backoff: how late the backoff's timer fired, and what of the
+    /// start was not done during the backoff.
+    initialize_late: Stats,
+    /// Initialize sent until ready.
+    initialized: Stats,
     ready_minus_backoff: Stats,
 }
 
@@ -1484,6 +1510,7 @@ async fn crashes(
     let (mut to_event, mut to_exit, mut to_ready) = (Vec::new(), Vec::new(), Vec::new());
     let (mut stamped, mut delivered) = (Vec::new(), Vec::new());
     let (mut slept, mut restarted) = (Vec::new(), Vec::new());
+    let (mut initialize_late, mut initialized) = (Vec::new(), Vec::new());
     for _ in 0..counts.crashes {
         sup.wait_ready("echo", wait).await?;
         let pid = sup
@@ -1520,11 +1547,20 @@ async fn crashes(
         delivered.push((at - t0).saturating_sub(stamp));
         let (starting, _) =
             next_event(events, "echo", |e| e.state == PluginState::Starting, wait).await?;
+        let (initializing, _) = next_event(
+            events,
+            "echo",
+            |e| e.state == PluginState::Initializing,
+            wait,
+        )
+        .await?;
         let (ready, ready_at) =
             next_event(events, "echo", |e| e.state == PluginState::Ready, wait).await?;
         slept.push(since(starting.time, first.time));
         restarted.push(since(ready.time, starting.time));
         let backoff = first.detail.delay.unwrap_or(BACKOFF);
+        initialize_late.push(since(initializing.time, t0_wall).saturating_sub(backoff));
+        initialized.push(since(ready.time, initializing.time));
         to_ready.push((ready_at - t0).saturating_sub(backoff));
     }
     Ok(CrashFigures {
@@ -1534,6 +1570,8 @@ async fn crashes(
         delivered: Stats::of(delivered)?,
         slept: Stats::of(slept)?,
         restarted: Stats::of(restarted)?,
+        initialize_late: Stats::of(initialize_late)?,
+        initialized: Stats::of(initialized)?,
         ready_minus_backoff: Stats::of(to_ready)?,
     })
 }

@@ -9,6 +9,7 @@ mod dependencies;
 mod filesystem;
 mod initialize;
 mod isolation;
+mod prestart;
 mod privileges;
 mod routing;
 mod state;

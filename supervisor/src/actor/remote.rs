@@ -109,6 +109,7 @@ impl Actor {
                     return Ok(Outcome::Gone {
                         reason: ExitReason::Remote(lost),
                         ready_since: Some(ready_since),
+                        ended: Instant::now(),
                     });
                 }
                 RemoteEnd::Cancelled => ("the supervisor is shutting down", Next::Exit, None),
