@@ -1827,7 +1827,7 @@ fn report_fleet(
     let r = daemon_p50.map(|d| f.call.p50.as_secs_f64() / d.as_secs_f64());
     table.push(
         Row::new(
-            "   Handle 64 B to one of them, daemon `call`: p50 / p99",
+            "   Handle 64 B to one of them, daemon call session: p50 / p99",
             f.call.p50_p99(),
             "-",
             Verdict::Info,

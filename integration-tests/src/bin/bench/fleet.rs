@@ -205,13 +205,15 @@ async fn measure(
     .await??;
     let ps_worst = ps_times.iter().copied().max().unwrap_or_default();
 
-    // Calls to one plugin among N.
+    // Calls to one plugin among N, by the same kind of client as figure 3
+    // (a long-lived call session), so the two compare.
     let call = {
+        let session = plugvisor_cli::control_client::CallSession::connect(daemon.socket()).await?;
         let _spin = plan.cpus.hold()?;
         let mut samples = Vec::with_capacity(plan.calls);
         for i in 0..plan.warmup + plan.calls {
             let t = Instant::now();
-            let reply = client
+            let reply = session
                 .call(pb::CallRequest {
                     plugin: names[0].clone(),
                     method: "echo".into(),
@@ -220,8 +222,7 @@ async fn measure(
                     timeout_ms: 0,
                     ..Default::default()
                 })
-                .await?
-                .into_inner();
+                .await?;
             if i >= plan.warmup {
                 samples.push(t.elapsed());
             }
