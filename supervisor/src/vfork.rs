@@ -24,7 +24,7 @@
 //! supervisor.
 
 use crate::isolation::preexec::{CStringArray, PreExec};
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -117,16 +117,8 @@ impl Launch {
         pre: PreExec,
     ) -> io::Result<Launch> {
         let path = cstring(resolve(program, env)?.as_os_str().as_bytes())?;
-        let argv = CStringArray::new(
-            std::iter::once(program.as_os_str().as_bytes().to_vec())
-                .chain(args.iter().map(|a| a.as_bytes().to_vec())),
-        )?;
-        let envp = CStringArray::new(env.iter().map(|(k, v)| {
-            let mut kv = k.as_bytes().to_vec();
-            kv.push(b'=');
-            kv.extend_from_slice(OsStr::as_bytes(v));
-            kv
-        }))?;
+        let argv = CStringArray::argv(program.as_os_str(), args)?;
+        let envp = CStringArray::env(env)?;
         let stdin = OwnedFd::from(std::fs::File::open("/dev/null")?);
         let (stdout, stderr, read_ends) = match output {
             Output::Files(out, err) => (out, err, None),

@@ -37,7 +37,7 @@
 use super::ProcsFile;
 use super::privileges::{CapsPlan, CapsStep};
 use super::rlimits::Rlimit;
-use std::ffi::{CString, OsStr};
+use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -241,6 +241,24 @@ impl CStringArray {
             ptrs,
         })
     }
+
+    /// `program` as argument 0, then `args`.
+    pub(crate) fn argv(program: &OsStr, args: &[String]) -> io::Result<Self> {
+        Self::new(
+            std::iter::once(program.as_bytes().to_vec())
+                .chain(args.iter().map(|a| a.as_bytes().to_vec())),
+        )
+    }
+
+    /// `KEY=value` strings of `env`.
+    pub(crate) fn env(env: &[(OsString, OsString)]) -> io::Result<Self> {
+        Self::new(env.iter().map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(OsStr::as_bytes(v));
+            kv
+        }))
+    }
 }
 
 // SAFETY: the pointers point into the CStrings owned by the same struct,
@@ -312,16 +330,8 @@ impl PreExec {
                 args,
                 env,
             }) => {
-                let argv = CStringArray::new(
-                    std::iter::once(path.as_os_str().as_bytes().to_vec())
-                        .chain(args.iter().map(|a| a.as_bytes().to_vec())),
-                )?;
-                let envp = CStringArray::new(env.iter().map(|(k, v)| {
-                    let mut kv = k.as_bytes().to_vec();
-                    kv.push(b'=');
-                    kv.extend_from_slice(OsStr::as_bytes(v));
-                    kv
-                }))?;
+                let argv = CStringArray::argv(path.as_os_str(), args)?;
+                let envp = CStringArray::env(env)?;
                 (
                     Some(Exec {
                         fd: fd.fd,
