@@ -317,3 +317,86 @@ fn a_silent_session_holds_up_neither_calls_nor_shutdown() {
     let drained = rt.block_on(drained).unwrap();
     assert_eq!(drained, 20);
 }
+
+/// uid and gid of `nobody` / `nogroup` on Debian.
+const NOBODY: u32 = 65534;
+
+/// Opens a session and makes one call from a thread of its own whose
+/// credentials are `nobody`'s (set on that thread alone, with the raw
+/// system calls: the rest of the test keeps root's): the reply, or the
+/// error it ended with.
+fn call_as_nobody(daemon: &Daemon) -> Result<String, String> {
+    let control = daemon.control.clone();
+    std::thread::spawn(move || {
+        // SAFETY: setresgid(2) and setresuid(2) as raw system calls change
+        // the credentials of this thread only (glibc's wrappers would
+        // change every thread's); the thread ends with the call.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY),
+                0
+            );
+            assert_eq!(
+                libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY),
+                0
+            );
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let session = CallSession::connect(&control)
+                .await
+                .map_err(|e| format!("opening the session: {e}"))?;
+            session
+                .call(request("echo", "upper", "hi"))
+                .await
+                .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+                .map_err(|s| format!("the call: {s:?}"))
+        })
+    })
+    .join()
+    .expect("the caller thread")
+}
+
+#[test]
+fn a_session_is_refused_to_a_user_not_allowed_and_served_to_an_allowed_one() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return plugvisor_integration_tests::skip("calling as another user needs root");
+    }
+    let sandbox = Sandbox::new();
+    // Reachable by others; the control socket is opened to them below, so
+    // the credential check is what decides.
+    std::fs::set_permissions(sandbox.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the sandbox");
+    sandbox.plugin("echo", &bin("echo-plugin"), "");
+    let open = |daemon: &Daemon| {
+        std::fs::set_permissions(&daemon.control, std::fs::Permissions::from_mode(0o666))
+            .expect("chmod the control socket")
+    };
+    let daemon = Daemon::start(&sandbox, &[]);
+    daemon.wait_ready("echo");
+    open(&daemon);
+    let refused = call_as_nobody(&daemon).expect_err("nobody is not allowed");
+    assert!(
+        refused.contains("permission denied: uid 65534") && refused.contains("control_uids"),
+        "says who was refused and how to allow them: {refused}"
+    );
+    // Root's session is served.
+    runtime().block_on(async {
+        let session = open_session(&daemon).await;
+        let reply = session.call(request("echo", "upper", "hi")).await.unwrap();
+        assert_eq!(&reply.payload[..], b"HI");
+    });
+    drop(daemon);
+
+    let config = sandbox.dir.path().join("plugvisor.yaml");
+    std::fs::write(&config, "control_uids: [65534]\n").expect("write the config");
+    let daemon = Daemon::start(&sandbox, &["--config", config.to_str().unwrap()]);
+    daemon.wait_ready("echo");
+    open(&daemon);
+    assert_eq!(call_as_nobody(&daemon), Ok("HI".to_string()));
+}
