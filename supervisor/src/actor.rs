@@ -499,15 +499,7 @@ impl Actor {
                     scaled_to,
                     reply,
                 }) => {
-                    self.replica.down(
-                        "",
-                        PluginState::Stopped,
-                        reason,
-                        EventDetail {
-                            scaled_to: Some(scaled_to),
-                            ..EventDetail::default()
-                        },
-                    );
+                    self.replica.retired(reason, scaled_to);
                     let _ = reply.send(());
                     return Next::Exit;
                 }
@@ -553,15 +545,7 @@ impl Actor {
                 scaled_to,
                 reply,
             } => {
-                self.replica.down(
-                    "",
-                    PluginState::Stopped,
-                    reason,
-                    EventDetail {
-                        scaled_to: Some(scaled_to),
-                        ..EventDetail::default()
-                    },
-                );
+                self.replica.retired(reason, scaled_to);
                 let _ = reply.send(());
                 Next::Exit
             }

@@ -79,6 +79,20 @@ impl Replica {
         self.event(state, instance, reason, detail);
     }
 
+    /// This replica, running no instance, was retired by a scale-down to
+    /// `scaled_to` replicas.
+    pub fn retired(&self, reason: String, scaled_to: usize) {
+        self.down(
+            "",
+            PluginState::Stopped,
+            reason,
+            EventDetail {
+                scaled_to: Some(scaled_to),
+                ..EventDetail::default()
+            },
+        );
+    }
+
     /// Updates this replica's row of the board.
     pub fn update(&self, f: impl FnOnce(&mut ReplicaStatus)) {
         // A replica removed by scaling down has no row any more.
