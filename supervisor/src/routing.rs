@@ -71,9 +71,16 @@ impl ReadyInstance {
 pub(crate) struct InFlight(Arc<ReadyInstance>);
 
 impl InFlight {
-    fn new(instance: Arc<ReadyInstance>) -> Self {
-        instance.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(instance)
+    /// Counts a call on `instance` if it still has the `seen` calls in
+    /// flight it was chosen with: of concurrent callers that chose the same
+    /// least-loaded instance, one gets it and the others choose again (and
+    /// see it one call busier), so a burst spreads over the replicas.
+    fn claim(instance: &Arc<ReadyInstance>, seen: usize) -> Option<Self> {
+        instance
+            .in_flight
+            .compare_exchange(seen, seen + 1, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()
+            .map(|_| InFlight(instance.clone()))
     }
 }
 
@@ -186,7 +193,11 @@ impl Routes {
         let mut rx = self.routes.subscribe();
         loop {
             match choose(&rx.borrow_and_update(), avoid) {
-                Choice::Ready(instance) => return Ok(InFlight::new(instance)),
+                Choice::Ready(instance, seen) => match InFlight::claim(&instance, seen) {
+                    Some(call) => return Ok(call),
+                    // Another call took it first: choose again at once.
+                    None => continue,
+                },
                 Choice::Down { state, reason } => {
                     return Err(Error::NotRunning {
                         plugin: self.plugin.clone(),
@@ -224,9 +235,13 @@ pub(crate) struct Load {
 }
 
 enum Choice {
-    Ready(Arc<ReadyInstance>),
+    /// The least-loaded ready instance, with the calls it had in flight.
+    Ready(Arc<ReadyInstance>, usize),
     Wait,
-    Down { state: PluginState, reason: String },
+    Down {
+        state: PluginState,
+        reason: String,
+    },
 }
 
 fn choose(routes: &[Route], avoid: Option<&str>) -> Choice {
@@ -236,9 +251,10 @@ fn choose(routes: &[Route], avoid: Option<&str>) -> Choice {
             Route::Ready(i) if Some(i.id.as_str()) != avoid => Some(i),
             _ => None,
         })
-        .min_by_key(|i| i.in_flight.load(Ordering::Relaxed));
-    if let Some(instance) = best {
-        return Choice::Ready(instance.clone());
+        .map(|i| (i, i.in_flight.load(Ordering::Acquire)))
+        .min_by_key(|(_, seen)| *seen);
+    if let Some((instance, seen)) = best {
+        return Choice::Ready(instance.clone(), seen);
     }
     let any_coming = routes.iter().any(|r| match r {
         Route::Pending => true,
@@ -410,6 +426,50 @@ mod tests {
         assert_eq!(third.id, "b", "avoids the lost instance");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_that_chose_the_same_instance_at_once_spread_over_the_replicas() {
+        let routes = Arc::new(Routes::new("p", 2));
+        let (a, b) = (instance("a").await, instance("b").await);
+        routes.set(0, Route::Ready(a.clone()));
+        routes.set(1, Route::Ready(b.clone()));
+        let far = Instant::now() + Duration::from_secs(1);
+        // Two callers both chose `a` with nothing in flight: the first
+        // claims it, the second finds it busier than it saw.
+        let Choice::Ready(chosen, seen) = choose(&routes.routes.borrow(), None) else {
+            panic!("a ready instance")
+        };
+        assert_eq!((chosen.id.as_str(), seen), ("a", 0));
+        let first = InFlight::claim(&chosen, seen).expect("the first claim");
+        assert!(InFlight::claim(&chosen, seen).is_none(), "a stale choice");
+        // Choosing again (as `pick` does) takes the idle one.
+        let second = routes
+            .pick(far, Duration::from_secs(1), None, String::new)
+            .await
+            .unwrap();
+        assert_eq!((first.id.as_str(), second.id.as_str()), ("a", "b"));
+        drop((first, second));
+        // 8 callers at once on both worker threads, each holding its call:
+        // a claim only succeeds on an instance no busier than the other, so
+        // they end up evenly spread.
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let routes = routes.clone();
+                tokio::spawn(async move {
+                    routes
+                        .pick(far, Duration::from_secs(1), None, String::new)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut calls = Vec::new();
+        for t in tasks {
+            calls.push(t.await.unwrap());
+        }
+        let on_a = calls.iter().filter(|c| c.id == "a").count();
+        assert_eq!(on_a, 4, "8 concurrent calls over 2 idle replicas");
+    }
+
     #[tokio::test]
     async fn fails_fast_when_every_replica_is_down_and_waits_while_one_is_pending() {
         let routes = Routes::new("p", 2);
@@ -510,7 +570,7 @@ mod tests {
     #[tokio::test]
     async fn drained_waits_for_in_flight_calls() {
         let i = instance("a").await;
-        let call = InFlight::new(i.clone());
+        let call = InFlight::claim(&i, 0).expect("an idle instance");
         assert!(!i.drained(Duration::from_millis(20)).await);
         let waiter = tokio::spawn({
             let i = i.clone();
